@@ -1,0 +1,147 @@
+"""Admission: takes prompts from the durable intake stream, validates, hands them to runners.
+
+A prompt is acked on the intake stream only once its session runner answered that it is in
+the record log (or refused it for good, with a typed error event). Until then it stays in
+the stream and is redelivered, after a crash too; the runner recognises a redelivery by
+its intake sequence and does not record it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from actors.base import Actor, encode, error_event, parse_reply, validation_sentence
+from schemas.errors import ErrorCode, InferError
+from schemas.internal import AdmitReply, AdmitRequest
+from schemas.messages import PromptRequest
+from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects, is_session_id
+
+
+class Admission(Actor):
+    """Pulls from the intake stream, one prompt at a time."""
+
+    name = "admission"
+
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        max_prompt_bytes: int = 4 << 20,
+        admit_timeout_s: float = 10.0,
+        batch: int = 32,
+    ) -> None:
+        super().__init__(nc, subjects)
+        self.js: JetStreamContext = nc.jetstream()
+        self.max_prompt_bytes = max_prompt_bytes
+        self.admit_timeout_s = admit_timeout_s
+        self.batch = batch
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self.admitted = 0
+        self.rejected = 0
+
+    async def start(self) -> None:
+        """Bind the durable pull consumer and start pulling."""
+        self._sub = await self.js.pull_subscribe(
+            self.subjects.prompt_all(),
+            durable=self.subjects.admission_consumer,
+            stream=self.subjects.prompt_stream,
+        )
+        self._loop_task = asyncio.get_running_loop().create_task(self._pull(), name="admission")
+
+    async def stop(self) -> None:
+        """Finish the prompt in hand, then stop pulling (the rest stays in the stream)."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        await super().stop()
+
+    async def _pull(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=0.5)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as e:  # a reconnect in progress: try again shortly
+                if self._stopping.is_set():
+                    return
+                self.log.warning("intake_fetch_failed", error=str(e))
+                await asyncio.wait([asyncio.ensure_future(self._stopping.wait())], timeout=0.5)
+                continue
+            for msg in msgs:
+                await self._boundary(self.on_prompt, msg)
+
+    async def on_prompt(self, msg: Msg) -> None:
+        """Validate one prompt and have its runner record it."""
+        token = self.subjects.session_of_prompt(msg.subject)
+        if not is_session_id(token):
+            err = InferError(
+                ErrorCode.BAD_REQUEST,
+                f"{token[:64]!r} is not a valid session id: use 1-128 letters, digits, '_' or '-'",
+            )
+            await self.publish(self.subjects.rejected(), error_event(err, None))
+            return await self._settle(msg, rejected=True)
+        try:
+            prompt = self._parse(msg, token)
+        except InferError as e:
+            await self._reject(token, e, None)
+            return await self._settle(msg, rejected=True)
+        key = prompt.idempotency_key or (msg.headers or {}).get(MSG_ID_HEADER)
+        req = AdmitRequest(
+            session=token, prompt=prompt, intake_seq=msg.metadata.sequence.stream,
+            idempotency_key=key, received_at=time.time(),
+        )
+        try:
+            reply = await self.nc.request(
+                self.subjects.admit(token), encode(req), timeout=self.admit_timeout_s
+            )
+            outcome: AdmitReply = parse_reply(reply.data, reply.headers, AdmitReply)
+        except InferError as e:
+            await self._reject(token, e, key)
+            return await self._settle(msg, rejected=True)
+        except Exception as e:  # no runner answered: leave it in the stream for later
+            self.log.warning("admit_deferred", session=token, error=repr(e))
+            await msg.nak(delay=1.0)
+            return
+        if outcome.outcome == "rejected" and outcome.error is not None:
+            err = InferError(outcome.error.code, outcome.error.message, outcome.error.details)
+            await self._reject(token, err, key)
+            return await self._settle(msg, rejected=True)
+        await self._settle(msg, rejected=False)
+
+    def _parse(self, msg: Msg, session: str) -> PromptRequest:
+        if len(msg.data) > self.max_prompt_bytes:
+            raise InferError(
+                ErrorCode.TOO_LARGE,
+                f"the prompt is {len(msg.data)} bytes; the limit is {self.max_prompt_bytes}",
+                {"bytes": len(msg.data), "limit": self.max_prompt_bytes},
+            )
+        try:
+            prompt = PromptRequest.model_validate_json(msg.data)
+        except ValidationError as e:
+            raise InferError(ErrorCode.BAD_REQUEST, f"invalid prompt: {validation_sentence(e)}") from e
+        if prompt.session is not None and prompt.session != session:
+            raise InferError(
+                ErrorCode.BAD_REQUEST,
+                f"the prompt names session {prompt.session!r} but was published for {session!r}",
+            )
+        return prompt
+
+    async def _reject(self, session: str, err: InferError, key: str | None) -> None:
+        self.log.info("prompt_rejected", session=session, code=err.code.value, reason=err.message)
+        event = error_event(err, session, idempotency_key=key)
+        await self.publish(self.subjects.events(session, EventKind.ERROR), event)
+
+    async def _settle(self, msg: Msg, rejected: bool) -> None:
+        if rejected:
+            self.rejected += 1
+        else:
+            self.admitted += 1
+        await msg.ack()

@@ -1,0 +1,154 @@
+"""The engine actor: turns, cancels and snapshots requested over NATS.
+
+Token events go straight from here to the session's public ``token`` subject, in order,
+through one publisher task per turn; the result goes to the runner's reply inbox only after
+the last token was published, so a subscriber sees every token before ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from actors.base import Actor, encode
+from actors.engine.engine import SlotEngine
+from actors.engine.interface import CancelToken, TurnSpec
+from schemas.internal import (
+    CancelRequest,
+    ErrorBody,
+    ForgetRequest,
+    GenerateRequest,
+    GenerateResult,
+    SnapshotReply,
+    SnapshotRequest,
+)
+from schemas.errors import ErrorCode, InferError
+from schemas.messages import TokenEvent
+from schemas.subjects import Subjects
+
+_DONE = object()
+
+
+class EngineActor(Actor):
+    """Serves ``engine.generate`` / ``cancel`` / ``snapshot`` / ``forget`` for one engine."""
+
+    name = "engine"
+
+    def __init__(self, nc: Client, subjects: Subjects, engine: SlotEngine) -> None:
+        super().__init__(nc, subjects)
+        self.engine = engine
+        self._turns: dict[str, str] = {}
+
+    async def start(self) -> None:
+        """Subscribe to the engine's internal subjects."""
+        s = self.subjects
+        await self.subscribe(s.engine_generate(), self.on_generate, queue="engine")
+        await self.subscribe(s.engine_cancel_all(), self.on_cancel)
+        await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
+        await self.subscribe(s.engine_forget(), self.on_forget)
+
+    async def on_generate(self, msg: Msg) -> None:
+        """Run a turn in its own task: turns of different sessions overlap across slots."""
+        req = GenerateRequest.model_validate_json(msg.data)
+        self.spawn(self._generate(req, msg.reply), f"turn:{req.session}")
+
+    async def _generate(self, req: GenerateRequest, reply: str) -> None:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[object] = asyncio.Queue()
+        publisher = loop.create_task(self._publish_tokens(req, pieces))
+        cancel = CancelToken()
+        self._turns[req.session] = req.turn_id
+        tokens = (
+            {int(k): tuple(v) for k, v in req.assistant_tokens.items()}
+            if req.model_id == self.engine.info.model_id
+            else {}
+        )
+        spec = TurnSpec(
+            session=req.session,
+            turn_id=req.turn_id,
+            messages=req.messages,
+            sampling=req.sampling,
+            stop=req.stop,
+            max_tokens=req.max_tokens,
+            assistant_tokens=tokens,
+            queue_ms=max(0.0, (time.time() - req.queued_at) * 1000),
+        )
+        try:
+            out = await self.engine.run_turn(
+                spec, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), cancel
+            )
+            result = GenerateResult(
+                session=req.session,
+                turn_id=req.turn_id,
+                text=out.text,
+                raw_text=out.raw_text,
+                tool_calls=out.tool_calls,
+                finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                usage=out.usage,
+                cache=out.cache,
+                timings=out.timings,
+                completion_ids=out.completion_ids,
+                model_id=self.engine.info.model_id,
+                n_tokens=out.n_tokens,
+                token_hash=out.token_hash,
+            )
+        except InferError as e:
+            result = self._failed(req, e.code, e.message, e.details)
+        except Exception as e:
+            self.errors += 1
+            self.log.exception("turn_failed", session=req.session, error=str(e))
+            result = self._failed(req, ErrorCode.INTERNAL, f"the engine failed: {e}", {})
+        finally:
+            self._turns.pop(req.session, None)
+            pieces.put_nowait(_DONE)
+            await publisher
+        await self.nc.publish(reply, encode(result))
+
+    def _failed(
+        self, req: GenerateRequest, code: ErrorCode, message: str, details: dict
+    ) -> GenerateResult:
+        return GenerateResult(
+            session=req.session,
+            turn_id=req.turn_id,
+            finish_reason="error",
+            error=ErrorBody(code=code, message=message, details=details),
+        )
+
+    async def _publish_tokens(self, req: GenerateRequest, pieces: asyncio.Queue[object]) -> None:
+        index = 0
+        while True:
+            item = await pieces.get()
+            if item is _DONE:
+                return
+            event = TokenEvent(session=req.session, turn_id=req.turn_id, index=index, text=str(item))
+            await self.nc.publish(req.token_subject, encode(event))
+            index += 1
+
+    async def on_cancel(self, msg: Msg) -> None:
+        """Stop the session's turn if it is the one named."""
+        req = CancelRequest.model_validate_json(msg.data)
+        hit = self._turns.get(req.session) == req.turn_id and self.engine.cancel(req.session)
+        if msg.reply:
+            await self.nc.publish(msg.reply, b"1" if hit else b"0")
+
+    async def on_snapshot(self, msg: Msg) -> None:
+        """Bank a session's slot, waiting (bounded) for it to be idle."""
+        req = SnapshotRequest.model_validate_json(msg.data)
+        out = await self.engine.snapshot(req.session, req.token_hash, req.wait_s)
+        await self.respond(
+            msg,
+            SnapshotReply(
+                stored=out.stored, n_tokens=out.n_tokens, nbytes=out.nbytes, ms=out.ms,
+                reason=out.reason,
+            ),
+        )
+
+    async def on_forget(self, msg: Msg) -> None:
+        """Drop a deleted session's state."""
+        req = ForgetRequest.model_validate_json(msg.data)
+        await self.engine.forget(req.session)
+        if msg.reply:
+            await self.nc.publish(msg.reply, b"1")

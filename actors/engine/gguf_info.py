@@ -1,0 +1,185 @@
+"""What a GGUF file says about its model, read from the header before any engine loads it.
+
+The bundled llama.cpp (ctransformers 0.2.27, September 2023) knows only some architectures;
+a file of another one must be refused with a sentence saying what to do, not handed to C
+code that fails obscurely. The ``gguf`` package reads the header through a memory map, so
+the weights are never read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+RUNNABLE_ARCHS = frozenset({"llama", "falcon"})
+"""Architectures the bundled llama.cpp runs."""
+_MAGIC = b"GGUF"
+
+
+class ModelFileError(ValueError):
+    """The model file is missing, not a GGUF file, or damaged."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UnsupportedModelError(ValueError):
+    """The GGUF holds an architecture the bundled llama.cpp cannot run."""
+
+    def __init__(self, path: Path, architecture: str) -> None:
+        super().__init__(
+            f"{path}: {architecture} models need a newer llama.cpp than ctransformers 0.2.27 "
+            "bundles; use --engine llama-cpp (pip install 'infernode[llamacpp]') or a GGUF of "
+            f"an architecture it runs ({', '.join(sorted(RUNNABLE_ARCHS))})"
+        )
+        self.path = path
+        self.architecture = architecture
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """Header facts of one GGUF file."""
+
+    path: Path
+    """The file."""
+    version: int
+    """GGUF format version."""
+    architecture: str
+    """``general.architecture``, e.g. ``llama``."""
+    name: str | None
+    """``general.name``."""
+    file_type: int | None
+    """``general.file_type`` (quantisation), as llama.cpp numbers it."""
+    file_type_name: str | None
+    """The file type's name, e.g. ``MOSTLY_Q4_K_M``."""
+    context_length: int | None
+    """Trained context length."""
+    n_embd: int | None
+    """Embedding width."""
+    n_layer: int
+    """Transformer blocks (0 when the header lacks them)."""
+    n_head: int | None
+    """Attention heads."""
+    n_vocab: int
+    """Tokens in the vocabulary."""
+    tokenizer_model: str | None
+    """``tokenizer.ggml.model``, e.g. ``llama`` (SentencePiece) or ``gpt2`` (BPE)."""
+    bos_id: int | None
+    """Beginning-of-sequence token id."""
+    eos_id: int | None
+    """End-of-sequence token id."""
+    bos_token: str | None
+    """Text of the BOS token."""
+    eos_token: str | None
+    """Text of the EOS token."""
+    chat_template: str | None
+    """``tokenizer.chat_template``, untrusted jinja source."""
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """Read the header of the GGUF at ``path``; ``ModelFileError`` if it is not a sound one."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({e.strerror or e})") from e
+    if not magic:
+        raise ModelFileError(path, "is empty; download the model again")
+    if magic != _MAGIC:
+        raise ModelFileError(
+            path, f"is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}); convert "
+            "the model to GGUF or download a .gguf build of it"
+        )
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, … on damaged headers
+        raise ModelFileError(path, f"is damaged or truncated ({e}); download it again") from e
+    _check_complete(path, reader)
+    arch = _string(reader, gguf.Keys.General.ARCHITECTURE)
+    if not arch:
+        raise ModelFileError(path, "has no general.architecture; it is not a model GGUF")
+    return _info(path, reader, arch)
+
+
+def _info(path: Path, reader: gguf.GGUFReader, arch: str) -> GgufInfo:
+    keys = gguf.Keys
+    bos_id = _int(reader, keys.Tokenizer.BOS_ID)
+    eos_id = _int(reader, keys.Tokenizer.EOS_ID)
+    file_type = _int(reader, keys.General.FILE_TYPE)
+    tokens = reader.fields.get(keys.Tokenizer.LIST)
+    return GgufInfo(
+        path=path,
+        version=int(_int(reader, "GGUF.version") or 0),
+        architecture=arch,
+        name=_string(reader, keys.General.NAME),
+        file_type=file_type,
+        file_type_name=_file_type_name(file_type),
+        context_length=_int(reader, keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
+        n_embd=_int(reader, keys.LLM.EMBEDDING_LENGTH.format(arch=arch)),
+        n_layer=_int(reader, keys.LLM.BLOCK_COUNT.format(arch=arch)) or 0,
+        n_head=_int(reader, keys.Attention.HEAD_COUNT.format(arch=arch)),
+        n_vocab=len(tokens.data) if tokens is not None else 0,
+        tokenizer_model=_string(reader, keys.Tokenizer.MODEL),
+        bos_id=bos_id,
+        eos_id=eos_id,
+        bos_token=_token_text(tokens, bos_id),
+        eos_token=_token_text(tokens, eos_id),
+        chat_template=_string(reader, keys.Tokenizer.CHAT_TEMPLATE),
+    )
+
+
+def check_runnable(info: GgufInfo) -> None:
+    """Refuse, with a sentence, a model the bundled llama.cpp cannot run."""
+    if info.architecture not in RUNNABLE_ARCHS:
+        raise UnsupportedModelError(info.path, info.architecture)
+
+
+def _check_complete(path: Path, reader: gguf.GGUFReader) -> None:
+    # The reader maps tensors lazily; a cut download only shows as data past the file's end.
+    size = path.stat().st_size
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelFileError(
+            path, f"is truncated: its tensors end at byte {end} but the file has {size} bytes; "
+            "download it again"
+        )
+
+
+def _field_value(reader: gguf.GGUFReader, key: str) -> object:
+    field = reader.fields.get(key)
+    if field is None or not field.types:
+        return None
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, IndexError, ValueError):
+        return None
+
+
+def _string(reader: gguf.GGUFReader, key: str) -> str | None:
+    value = _field_value(reader, key)
+    return value if isinstance(value, str) else None
+
+
+def _int(reader: gguf.GGUFReader, key: str) -> int | None:
+    value = _field_value(reader, key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _token_text(tokens: gguf.ReaderField | None, token_id: int | None) -> str | None:
+    if tokens is None or token_id is None or not 0 <= token_id < len(tokens.data):
+        return None
+    return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8", errors="replace")
+
+
+def _file_type_name(file_type: int | None) -> str | None:
+    if file_type is None:
+        return None
+    try:
+        return gguf.LlamaFileType(file_type).name
+    except ValueError:
+        return None

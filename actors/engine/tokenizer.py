@@ -1,0 +1,86 @@
+"""Prompt tokenisation that understands special tokens and splices stored token ids.
+
+The bundled llama.cpp tokenises text only: ``<|im_end|>`` in a prompt would become a run
+of punctuation pieces, and its SentencePiece path prefixes every call with a space. This
+module splits a rendered prompt on the vocabulary's control-token texts (mapping each to
+its id), tokenises the text between them without a spurious leading space, and splices the
+exact token ids a previous turn generated where the prompt repeats that turn. The last
+point is what makes a session's next prompt extend its committed tokens exactly, so the
+whole history is reused from the cache, and a cold recompute sees the same tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+ASSISTANT_MARK = "\ue000{}\ue001"
+"""Placeholder rendered in place of an assistant turn whose token ids are known."""
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_CONTINUATION = "\n"
+"""Prepended to a later text segment so the tokenizer's leading space lands on it."""
+
+
+class PromptTokenizer:
+    """Turns rendered prompt text into token ids."""
+
+    def __init__(
+        self,
+        tokenize: Callable[[str, bool], list[int]],
+        specials: Mapping[str, int],
+        bos_id: int,
+        adds_space_prefix: bool,
+    ) -> None:
+        self._tokenize = tokenize
+        self._specials = dict(specials)
+        self._bos_id = bos_id
+        self._space_prefix = adds_space_prefix
+        names = sorted((re.escape(s) for s in self._specials if s), key=len, reverse=True)
+        self._special_re = re.compile("|".join(names)) if names else None
+        self._cont_prefix = tokenize(_CONTINUATION, False) if adds_space_prefix else []
+
+    def encode(
+        self,
+        text: str,
+        add_bos: bool,
+        spliced: Mapping[int, Sequence[int]] | None = None,
+    ) -> list[int]:
+        """Token ids of ``text``; ``ASSISTANT_MARK`` placeholders become ``spliced[i]``."""
+        out: list[int] = [self._bos_id] if add_bos else []
+        at_start = True
+        pos = 0
+        for mark in _MARK_RE.finditer(text):
+            at_start = self._encode_text(text[pos : mark.start()], out, at_start)
+            ids = (spliced or {}).get(int(mark.group(1)))
+            if ids is None:
+                raise KeyError(f"no token ids for assistant mark {mark.group(1)}")
+            out.extend(ids)
+            at_start = at_start and not ids
+            pos = mark.end()
+        self._encode_text(text[pos:], out, at_start)
+        return out
+
+    def _encode_text(self, text: str, out: list[int], at_start: bool) -> bool:
+        pos = 0
+        if self._special_re is not None:
+            for special in self._special_re.finditer(text):
+                if special.start() > pos:
+                    out.extend(self._plain(text[pos : special.start()], at_start))
+                    at_start = False
+                out.append(self._specials[special.group(0)])
+                at_start = False
+                pos = special.end()
+        if pos < len(text):
+            out.extend(self._plain(text[pos:], at_start))
+            at_start = False
+        return at_start
+
+    def _plain(self, text: str, at_start: bool) -> list[int]:
+        if at_start or not self._space_prefix:
+            return self._tokenize(text, False)
+        ids = self._tokenize(_CONTINUATION + text, False)
+        n = len(self._cont_prefix)
+        if ids[:n] == self._cont_prefix:
+            return ids[n:]
+        # The marker merged with the text; a leading space is the lesser evil.
+        return self._tokenize(text, False)

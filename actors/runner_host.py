@@ -1,0 +1,255 @@
+"""The session-runner host: creates one runner per session and routes to its mailbox.
+
+It owns the record log (JetStream) and rebuilds every session from it at start, turning an
+interrupted turn into an honest provisional/aborted record whose prompts are answered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+from pydantic import BaseModel
+
+from actors.base import Actor, encode, parse_reply
+from actors.session_runner import SessionRunner, new_id
+from actors.session_state import SessionState
+from schemas.chat import ChatMessage
+from schemas.errors import ErrorCode, InferError
+from schemas.internal import (
+    AdmitReply,
+    AdmitRequest,
+    BankCommitRequest,
+    CancelRequest,
+    ForgetRequest,
+    GenerateRequest,
+    GenerateResult,
+)
+from schemas.messages import AbortRequest, PromptRequest
+from schemas.records import RECORD_ADAPTER, AbortRecord, DeleteRecord, ProvisionalRecord, Record
+from schemas.subjects import ABORTED_HEADER, MSG_ID_HEADER, EventKind, Subjects, is_session_id
+
+
+class RunnerHost(Actor):
+    """Routes admits, aborts and session control to per-session runners."""
+
+    name = "session_runners"
+
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        max_pending: int = 64,
+        max_sessions: int = 4096,
+        tombstones: int = 1024,
+        turn_timeout_s: float = 3600.0,
+    ) -> None:
+        super().__init__(nc, subjects)
+        self.js: JetStreamContext = nc.jetstream()
+        self.max_pending = max_pending
+        self.max_sessions = max_sessions
+        self.turn_timeout_s = turn_timeout_s
+        self.runners: dict[str, SessionRunner] = {}
+        self.tombstones: OrderedDict[str, float] = OrderedDict()
+        self.max_tombstones = tombstones
+
+    async def start(self) -> None:
+        """Rebuild sessions from the record log, then subscribe and resume."""
+        await self._rebuild()
+        s = self.subjects
+        await self.subscribe(s.admit_all(), self.on_admit)
+        await self.subscribe(s.abort_all(), self.on_abort)
+        await self.subscribe(s.session_control_all(), self.on_control)
+        for runner in self.runners.values():
+            runner.resume()
+
+    async def stop(self) -> None:
+        """Stop taking work, abort running turns (retried after restart), then drain."""
+        await asyncio.gather(*(r.shutdown() for r in list(self.runners.values())))
+        await super().stop()
+
+    # -- handlers --------------------------------------------------------------------------
+    async def on_admit(self, msg: Msg) -> None:
+        """Admission asks a runner to record a prompt."""
+        req = AdmitRequest.model_validate_json(msg.data)
+        if req.session in self.tombstones:
+            raise InferError(
+                ErrorCode.GONE, f"session {req.session} was deleted; use a new session id"
+            )
+        runner = self.runners.get(req.session)
+        if runner is None:
+            if req.prompt.expect_generation:
+                raise InferError(
+                    ErrorCode.UNKNOWN_SESSION,
+                    f"session {req.session} does not exist, so it cannot be at generation "
+                    f"{req.prompt.expect_generation}",
+                )
+            if len(self.runners) >= self.max_sessions:
+                raise InferError(
+                    ErrorCode.BUSY,
+                    f"the node holds its maximum of {self.max_sessions} sessions; delete one "
+                    "or raise --max-sessions",
+                )
+            runner = self._runner(SessionState(req.session))
+        await self.respond(msg, await runner.admit(req))
+
+    async def on_abort(self, msg: Msg) -> None:
+        """An agent aborts the running turn of a session."""
+        session = self.subjects.session_of_abort(msg.subject)
+        body = AbortRequest.model_validate_json(msg.data) if msg.data.strip() else AbortRequest()
+        runner = self._known(session)
+        await self.respond(msg, await runner.abort(body.reason))
+
+    async def on_control(self, msg: Msg) -> None:
+        """Admin: ``delete`` or ``history`` of one session."""
+        session = msg.subject.rsplit(".", 1)[-1]
+        verb = msg.data.decode(errors="replace").strip() or "history"
+        runner = self._known(session)
+        if verb == "delete":
+            await runner.delete()
+            await self.nc.publish(msg.reply, b'{"deleted": true}')
+        else:
+            raise InferError(ErrorCode.BAD_REQUEST, f"unknown session command {verb!r}")
+
+    def _known(self, session: str) -> SessionRunner:
+        if not is_session_id(session):
+            raise InferError(ErrorCode.BAD_REQUEST, f"{session[:64]!r} is not a valid session id")
+        if session in self.tombstones:
+            raise InferError(ErrorCode.GONE, f"session {session} was deleted")
+        runner = self.runners.get(session)
+        if runner is None:
+            raise InferError(ErrorCode.UNKNOWN_SESSION, f"session {session} does not exist")
+        return runner
+
+    def _runner(self, state: SessionState) -> SessionRunner:
+        runner = SessionRunner(self, state)
+        self.runners[state.session] = runner
+        return runner
+
+    # -- RunnerIO --------------------------------------------------------------------------
+    async def append(self, session: str, record: Record) -> None:
+        """Append a record to the session's durable log (returns once stored)."""
+        await self.js.publish(
+            self.subjects.records(session), encode(record), headers={MSG_ID_HEADER: record.id}
+        )
+
+    async def event(
+        self, session: str, kind: EventKind, model: BaseModel, aborted: bool = False
+    ) -> None:
+        """Publish a session event."""
+        headers = {ABORTED_HEADER: "1"} if aborted else None
+        await self.publish(self.subjects.events(session, kind), model, headers)
+
+    async def generate(self, req: GenerateRequest) -> GenerateResult:
+        """Ask the engine for a turn and wait for its result."""
+        try:
+            reply = await self.nc.request(
+                self.subjects.engine_generate(), encode(req), timeout=self.turn_timeout_s
+            )
+        except Exception as e:
+            raise InferError(ErrorCode.UNAVAILABLE, f"no engine answered: {e!r}") from e
+        return parse_reply(reply.data, reply.headers, GenerateResult)
+
+    async def cancel_engine(self, session: str, turn_id: str) -> None:
+        """Tell the engine to stop a turn."""
+        await self.publish(
+            self.subjects.engine_cancel(session), CancelRequest(session=session, turn_id=turn_id)
+        )
+
+    async def bank_commit(
+        self, session: str, turn_id: str, generation: int, result: GenerateResult
+    ) -> None:
+        """Hand the committed turn to the bank committer (fire and forget)."""
+        await self.publish(self.subjects.bank_commit(), BankCommitRequest(
+            session=session, turn_id=turn_id, generation=generation, n_tokens=result.n_tokens,
+            token_hash=result.token_hash,
+        ))
+
+    async def relay(self, target: str, source: str, text: str) -> None:
+        """Send a finished answer as a prompt to another session, through intake."""
+        prompt = PromptRequest(
+            messages=(ChatMessage(role="user", content=text, name=source),),
+        )
+        await self.js.publish(self.subjects.prompt(target), encode(prompt))
+
+    def token_subject(self, session: str) -> str:
+        """Where the engine publishes this session's tokens."""
+        return self.subjects.events(session, EventKind.TOKEN)
+
+    async def deleted(self, session: str) -> None:
+        """Record the deletion, free engine state, leave a tombstone."""
+        await self.append(session, DeleteRecord(id=new_id("del"), ts=time.time()))
+        try:
+            await self.nc.request(
+                self.subjects.engine_forget(), encode(ForgetRequest(session=session)), timeout=5
+            )
+        except Exception as e:  # the bank keeps stale bytes until LRU; not worth failing
+            self.log.warning("forget_failed", session=session, error=str(e))
+        self.runners.pop(session, None)
+        self.tombstones[session] = time.time()
+        while len(self.tombstones) > self.max_tombstones:
+            self.tombstones.popitem(last=False)
+
+    # -- rebuild ---------------------------------------------------------------------------
+    async def _rebuild(self) -> None:
+        states: dict[str, SessionState] = {}
+        async for session, record in self._read_records():
+            if isinstance(record, DeleteRecord):
+                states.pop(session, None)
+                self.tombstones[session] = record.ts
+                continue
+            self.tombstones.pop(session, None)
+            states.setdefault(session, SessionState(session)).apply(record)
+        for state in states.values():
+            if state.open_turn is not None:
+                await self._close_interrupted(state)
+            self._runner(state)
+        if states:
+            self.log.info("sessions_rebuilt", sessions=len(states))
+
+    async def _close_interrupted(self, state: SessionState) -> None:
+        turn = state.open_turn
+        assert turn is not None
+        provisional = ProvisionalRecord(
+            id=new_id("prov"), turn_id=turn.id, message=ChatMessage(role="assistant", content=""),
+            parent_ids=turn.parent_ids, ts=time.time(),
+        )
+        abort = AbortRecord(
+            id=new_id("abort"), turn_id=turn.id, provisional_id=provisional.id,
+            reason="node_restart", ts=time.time(),
+        )
+        for record in (provisional, abort):
+            await self.append(state.session, record)
+            state.apply(record)
+        self.log.info("interrupted_turn_recorded", session=state.session, turn=turn.id)
+
+    async def _read_records(self):  # type: ignore[no-untyped-def]
+        try:
+            info = await self.js.stream_info(self.subjects.record_stream)
+        except NotFoundError:
+            return
+        last = info.state.last_seq
+        if info.state.messages == 0:
+            return
+        sub = await self.js.subscribe(
+            self.subjects.records_all(), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        prefix = len(self.subjects.records(""))
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=10)
+                session = msg.subject[prefix:]
+                yield session, RECORD_ADAPTER.validate_json(msg.data)
+                if msg.metadata.sequence.stream >= last:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+
+__all__ = ["AdmitReply", "RunnerHost"]

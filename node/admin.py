@@ -1,0 +1,151 @@
+"""Admin subjects: health, sessions, one session's history, metrics, delete.
+
+It reads the actors' state in-process (it is part of the node's wiring, not an actor of the
+data path) and reads history from the record log itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from actors.base import Actor
+from actors.runner_host import RunnerHost
+from schemas.admin import (
+    BankEntryInfo,
+    HealthReply,
+    HistoryItemInfo,
+    HistoryReply,
+    MetricsReply,
+    SessionRequest,
+    SessionsReply,
+    SessionSummary,
+)
+from schemas.errors import ErrorCode, InferError
+from schemas.records import RECORD_ADAPTER, Record
+from schemas.subjects import AdminVerb, Subjects, is_session_id
+
+if TYPE_CHECKING:
+    from node.app import Node
+
+
+class AdminActor(Actor):
+    """Answers ``<prefix>.admin.*``."""
+
+    name = "admin"
+
+    def __init__(self, nc: Client, subjects: Subjects, node: Node) -> None:
+        super().__init__(nc, subjects)
+        self.node = node
+        self.started = time.time()
+
+    async def start(self) -> None:
+        """Subscribe to every admin verb."""
+        s = self.subjects
+        await self.subscribe(s.admin(AdminVerb.HEALTH), self.on_health)
+        await self.subscribe(s.admin(AdminVerb.SESSIONS), self.on_sessions)
+        await self.subscribe(s.admin(AdminVerb.SESSION), self.on_session)
+        await self.subscribe(s.admin(AdminVerb.METRICS), self.on_metrics)
+        await self.subscribe(s.admin(AdminVerb.DELETE), self.on_delete)
+
+    def _host(self) -> RunnerHost:
+        return next(a for a in self.node.actors if isinstance(a, RunnerHost))
+
+    async def on_health(self, msg: Msg) -> None:
+        """Health of the node."""
+        engine = self.node.engine
+        assert engine is not None
+        info = engine.info
+        await self.respond(msg, HealthReply(
+            status="ok" if info.snapshots else "degraded", engine=info.engine, model=info.model,
+            n_ctx=info.n_ctx, slots=info.n_slots, snapshots=info.snapshots,
+            snapshot_note=info.snapshot_note, sessions=len(self._host().runners),
+            uptime_s=time.time() - self.started,
+        ))
+
+    async def on_sessions(self, msg: Msg) -> None:
+        """A summary of every session."""
+        engine = self.node.engine
+        assert engine is not None
+        out = []
+        for sid, runner in sorted(self._host().runners.items()):
+            slot = engine.pool.resident(sid)
+            entries = engine.bank.session_entries(sid) if engine.bank else []
+            out.append(SessionSummary(
+                session=sid, generation=runner.state.generation,
+                records=len(runner.state.history), pending=len(runner.state.pending),
+                busy=runner.turn is not None, slot=slot.index if slot else None,
+                bank=tuple(BankEntryInfo(
+                    tokens=int(e["tokens"]), token_hash=str(e["token_hash"]),
+                    nbytes=int(e["nbytes"]), hits=int(e["hits"]), created=float(e["created"]),
+                    last_access=float(e["last_access"]),
+                ) for e in entries),
+            ))
+        await self.respond(msg, SessionsReply(sessions=tuple(out)))
+
+    async def on_session(self, msg: Msg) -> None:
+        """The record log of one session, honest about aborted turns."""
+        req = SessionRequest.model_validate_json(msg.data)
+        runner = self._host().runners.get(req.session)
+        if runner is None:
+            code = ErrorCode.GONE if req.session in self._host().tombstones else ErrorCode.UNKNOWN_SESSION
+            raise InferError(code, f"session {req.session} does not exist")
+        records = [_describe(r) for r in await self._read(req.session)]
+        await self.respond(msg, HistoryReply(
+            session=req.session, generation=runner.state.generation, records=tuple(records)
+        ))
+
+    async def on_metrics(self, msg: Msg) -> None:
+        """Counters of the engine, bank and actors."""
+        counters: dict[str, float] = {"sessions": len(self._host().runners)}
+        engine = self.node.engine
+        if engine is not None and engine.bank is not None:
+            counters.update({f"bank_{k}": float(v) for k, v in engine.bank.stats().items()})
+        for actor in self.node.actors:
+            counters[f"{actor.name}_errors"] = actor.errors
+            stats = getattr(actor, "stats", None)
+            if callable(stats):
+                counters.update({f"{actor.name}_{k}": float(v) for k, v in stats().items()})
+        await self.respond(msg, MetricsReply(counters=counters))
+
+    async def on_delete(self, msg: Msg) -> None:
+        """Delete a session (waits for an in-flight commit)."""
+        req = SessionRequest.model_validate_json(msg.data)
+        if not is_session_id(req.session):
+            raise InferError(ErrorCode.BAD_REQUEST, f"{req.session[:64]!r} is not a session id")
+        reply = await self.nc.request(
+            self.subjects.session_control(req.session), b"delete", timeout=60
+        )
+        await self.nc.publish(msg.reply, reply.data, headers=reply.headers)
+
+    async def _read(self, session: str) -> list[Record]:
+        js = self.nc.jetstream()
+        sub = await js.subscribe(
+            self.subjects.records(session), ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        out: list[Record] = []
+        try:
+            while True:
+                m = await sub.next_msg(timeout=5)
+                out.append(RECORD_ADAPTER.validate_json(m.data))
+                if m.metadata.num_pending == 0:
+                    return out
+        finally:
+            await sub.unsubscribe()
+
+
+def _describe(r: Record) -> HistoryItemInfo:
+    kind = r.type.split(".")[1]
+    message = getattr(r, "message", None)
+    status = {"assistant": "committed", "provisional": "ABORTED"}.get(kind)
+    return HistoryItemInfo(
+        kind=kind, id=r.id, role=message.role if message else None,
+        content=message.content if message else None, turn_id=getattr(r, "turn_id", None),
+        generation=getattr(r, "generation", None), supersedes=getattr(r, "supersedes", None),
+        reason=getattr(r, "reason", None), status=status,
+    )

@@ -1,0 +1,144 @@
+"""The node: embedded NATS (or a given one), the engine, and the four actors, wired.
+
+Start order follows the data: engine first (it takes longest and everything needs it), then
+the bank committer, the session runners (which rebuild sessions from the record log) and
+last admission, which starts pulling prompts. Stop order is the reverse, so nothing is
+pulled that cannot be recorded and no turn is cut without its abort being recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client
+
+from actors.admission import Admission
+from actors.bank_committer import BankCommitter
+from actors.base import Actor
+from actors.engine.actor import EngineActor
+from actors.engine.engine import SlotEngine
+from actors.engine.loader import EngineSettings, load_engine
+from actors.runner_host import RunnerHost
+from node.admin import AdminActor
+from node.bus import connect
+from node.config import NodeConfig
+from node.demo_model import write_llama_gguf
+from node.nats_server import EmbeddedNats
+from node.streams import ensure_streams
+from schemas.subjects import Subjects
+
+log = structlog.get_logger("node")
+
+
+def demo_model_path(data_dir: Path) -> Path:
+    """Write the demo model into ``data_dir`` once; later starts reuse it."""
+    path = data_dir / "models" / "demo-random-llama.gguf"
+    if not path.exists():
+        log.info("demo_model_writing", path=str(path))
+        write_llama_gguf(path)
+    return path
+
+
+def engine_settings(config: NodeConfig, model: Path) -> EngineSettings:
+    """The engine's part of the configuration."""
+    return EngineSettings(
+        model=model,
+        n_slots=config.n_slots,
+        n_ctx=config.n_ctx,
+        n_batch=config.n_batch,
+        threads=config.threads or (os.cpu_count() or 1),
+        gpu_layers=config.gpu_layers,
+        llama_lib=config.llama_lib,
+        chat_template=config.chat_template,
+        bank_ram_bytes=config.bank_ram_bytes,
+        bank_session_bytes=config.bank_session_bytes,
+        snapshots=config.bank_ram_bytes > 0,
+        verify_restore=config.verify_restore,
+        llama_log=config.llama_log,
+    )
+
+
+class Node:
+    """One infernode process."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.subjects = Subjects(config.prefix)
+        self.nats: EmbeddedNats | None = None
+        self.url = config.nats_url or ""
+        self.engine: SlotEngine | None = None
+        self.actors: list[Actor] = []
+        self._conns: list[Client] = []
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start everything; on failure, stop what was started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.nats_url is None:
+            self.nats = EmbeddedNats(cfg.data_dir / "nats", max_payload=cfg.max_payload)
+            await self.nats.start()
+            self.url = self.nats.url
+            (cfg.data_dir / "nats.url").write_text(self.url + "\n")
+        model = cfg.model or demo_model_path(cfg.data_dir)
+        self.engine = await asyncio.to_thread(load_engine, engine_settings(cfg, model))
+        admin_nc = await self._connect("admin")
+        await ensure_streams(admin_nc.jetstream(), self.subjects, cfg.max_payload)
+        s = self.subjects
+        self.actors = [
+            EngineActor(await self._connect("engine"), s, self.engine),
+            BankCommitter(await self._connect("bank"), s, cfg.commit_wait_s),
+            RunnerHost(
+                await self._connect("runners"), s, cfg.max_pending_per_session,
+                cfg.max_sessions, cfg.tombstones,
+            ),
+            Admission(await self._connect("admission"), s, max_prompt_bytes=cfg.max_payload),
+        ]
+        self.actors.append(AdminActor(admin_nc, s, self))
+        for actor in self.actors:
+            await actor.start()
+        log.info("node_ready", nats=self.url, prefix=cfg.prefix, model=str(model))
+
+    async def _connect(self, name: str) -> Client:
+        nc = await connect(self.config, self.url, f"infernode-{name}")
+        self._conns.append(nc)
+        return nc
+
+    async def stop(self) -> None:
+        """Stop actors in reverse order, free the engine, close connections and NATS."""
+        for actor in reversed(self.actors):
+            try:
+                await actor.stop()
+            except Exception as e:
+                log.warning("actor_stop_failed", actor=actor.name, error=str(e))
+        self.actors = []
+        if self.engine is not None:
+            await self.engine.close()
+            self.engine = None
+        for nc in self._conns:
+            if not nc.is_closed:
+                try:
+                    await nc.drain()
+                except Exception as e:
+                    log.debug("drain_failed", error=str(e))
+        self._conns = []
+        if self.nats is not None:
+            await self.nats.stop()
+            self.nats = None
+        log.info("node_stopped")

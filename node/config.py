@@ -1,0 +1,391 @@
+"""The node's configuration: one frozen object, built once at start and checked when built.
+
+Every setting can come from an ``INFERNODE_<FIELD>`` environment variable; explicit values
+(command-line flags) win over the environment. This is the only module that reads the
+environment, and it only reads the mapping it is handed.
+"""
+
+from __future__ import annotations
+
+import ssl
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from schemas.subjects import Subjects
+
+ENV_PREFIX = "INFERNODE_"
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+# nats-server refuses a max_payload above 64 MiB.
+MAX_NATS_PAYLOAD = 64 * MIB
+
+ENGINES = ("ctransformers", "llama-cpp", "auto")
+CHAT_TEMPLATES = ("auto", "gguf", "chatml", "llama-2", "mistral")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "json", "console")
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one infernode process needs to know, fixed at start."""
+
+    nats_url: str | None = None
+    """NATS server(s), comma-separated; None starts an embedded nats-server."""
+    data_dir: Path = Path(".infernode")
+    """Where the embedded server's JetStream data and the demo model live."""
+    model: Path | None = None
+    """GGUF model file; None writes a random-weight demo model into ``data_dir``."""
+    prefix: str = "infer"
+    """First token(s) of every subject."""
+    engine: str = "ctransformers"
+    """Which engine runs the model: ctransformers, llama-cpp or auto."""
+    n_slots: int = 2
+    """Contexts sharing one copy of the weights; sessions resident at once."""
+    n_ctx: int = 2048
+    """Context length of each slot, in tokens."""
+    n_batch: int = 512
+    """Tokens evaluated per call during prefill."""
+    threads: int = 0
+    """CPU threads per evaluation; 0 uses every core."""
+    gpu_layers: int = 0
+    """Layers offloaded to CUDA; 0 runs on the CPU only."""
+    llama_lib: Path | None = None
+    """A llama.cpp shared library to use instead of the bundled one."""
+    chat_template: str = "auto"
+    """auto, gguf (the model's own), chatml, llama-2 or mistral."""
+    bank_ram_bytes: int = GIB
+    """Host RAM for banked KV snapshots; 0 turns snapshots off."""
+    bank_session_bytes: int = 256 * MIB
+    """Most host RAM one session's snapshots may hold."""
+    bank_dir: Path | None = None
+    """Directory for durable snapshots; None keeps them in RAM only."""
+    bank_object_store: bool = False
+    """Keep durable snapshots in a JetStream object store."""
+    commit_wait_s: float = 30.0
+    """How long the bank committer waits for a slot to go idle before dropping a snapshot."""
+    max_pending_per_session: int = 64
+    """Prompts a session may have waiting before new ones get busy (429)."""
+    max_sessions: int = 4096
+    """Sessions the node keeps runners for."""
+    tombstones: int = 1024
+    """Recently deleted session ids remembered to answer gone (410)."""
+    heartbeat_s: float = 30.0
+    """Seconds between stats heartbeat log lines; 0 turns them off."""
+    log_level: str = "info"
+    """debug, info, warning, error or critical."""
+    log_format: str = "auto"
+    """auto (console on a terminal, JSON otherwise), json or console."""
+    metrics_port: int | None = None
+    """Port for HTTP metrics; None serves none."""
+    verify_restore: bool = True
+    """Check at load that a restored KV state equals the live one."""
+    llama_log: bool = False
+    """Pass llama.cpp's own log lines through to stderr."""
+    nats_user: str | None = None
+    """NATS user name (with ``nats_password``)."""
+    nats_password: str | None = None
+    """NATS password (with ``nats_user``)."""
+    nats_token: str | None = None
+    """NATS authentication token."""
+    nats_creds: str | None = None
+    """Path of a NATS .creds file (JWT and nkey seed)."""
+    nats_nkey_seed: str | None = None
+    """An nkey seed, or the path of a file holding one."""
+    nats_tls_ca: str | None = None
+    """CA bundle that signs the server's certificate."""
+    nats_tls_cert: str | None = None
+    """Client certificate for mutual TLS (with ``nats_tls_key``)."""
+    nats_tls_key: str | None = None
+    """Private key of ``nats_tls_cert``."""
+    max_payload: int = 8 * MIB
+    """Largest message the embedded server accepts; also caps a prompt's size."""
+
+    def __post_init__(self) -> None:
+        for check in _CHECKS:
+            check(self)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: object) -> NodeConfig:
+        """Settings from ``INFERNODE_*`` variables, then ``overrides`` (None ones skipped)."""
+        hints = _field_types()
+        values: dict[str, object] = {}
+        for name, hint in hints.items():
+            var = ENV_PREFIX + name.upper()
+            if var in environ:
+                values[name] = _convert(environ[var], hint, var)
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in hints:
+                raise ConfigError(f"{name!r} is not a setting; known settings are {_names()}")
+            if isinstance(value, str) and hints[name] is not str:
+                value = _convert(value, hints[name], name)
+            values[name] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+    # -- NATS -----------------------------------------------------------------------------
+    def servers(self, url: str | None = None) -> list[str]:
+        """The server URLs to connect to: ``url`` if given, else ``nats_url``."""
+        raw = url or self.nats_url
+        if not raw:
+            raise ConfigError(
+                "no NATS URL is known; pass --nats-url or let `infernode up` start one"
+            )
+        return [u.strip() for u in raw.split(",") if u.strip()]
+
+    def nats_connect_options(
+        self, url: str | None = None, name: str = "infernode"
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``nats.connect``; ``url`` overrides ``nats_url``."""
+        options: dict[str, Any] = {
+            "servers": self.servers(url),
+            "name": name,
+            # The node must outlive a NATS restart, so it never stops reconnecting.
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+        }
+        optional = {
+            "user": self.nats_user,
+            "password": self.nats_password,
+            "token": self.nats_token,
+            "user_credentials": self.nats_creds,
+        }
+        options.update({k: v for k, v in optional.items() if v is not None})
+        if self.nats_nkey_seed is not None:
+            is_file = Path(self.nats_nkey_seed).expanduser().is_file()
+            key = "nkeys_seed" if is_file else "nkeys_seed_str"
+            options[key] = self.nats_nkey_seed
+        tls = self.tls_context()
+        if tls is not None:
+            options["tls"] = tls
+        return options
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """A client TLS context when any TLS setting is given, else None."""
+        if not (self.nats_tls_ca or self.nats_tls_cert):
+            return None
+        context = ssl.create_default_context(cafile=self.nats_tls_ca)
+        if self.nats_tls_cert and self.nats_tls_key:
+            context.load_cert_chain(self.nats_tls_cert, self.nats_tls_key)
+        return context
+
+
+# -- conversion ---------------------------------------------------------------------------
+def _field_types() -> dict[str, object]:
+    hints = typing.get_type_hints(NodeConfig)
+    return {f.name: hints[f.name] for f in fields(NodeConfig)}
+
+
+def _names() -> str:
+    return ", ".join(f.name for f in fields(NodeConfig))
+
+
+def _convert(raw: str, hint: object, source: str) -> object:
+    base, optional = _unwrap_optional(hint)
+    text = raw.strip()
+    if optional and text.lower() in {"", "none", "null"}:
+        return None
+    try:
+        return _CONVERTERS[base](text)
+    except ValueError as e:
+        raise ConfigError(
+            f"{source}={raw!r} is not {_KIND[base]}; set it to {_EXAMPLE[base]}"
+        ) from e
+
+
+def _unwrap_optional(hint: object) -> tuple[object, bool]:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def _to_int(text: str) -> int:
+    # Base 0 also takes 0x1000 and 1_048_576, but refuses a plain leading zero like 08.
+    try:
+        return int(text)
+    except ValueError:
+        return int(text, 0)
+
+
+_CONVERTERS: dict[object, Callable[[str], object]] = {
+    int: _to_int,
+    float: float,
+    bool: _to_bool,
+    str: str,
+    Path: lambda t: Path(t).expanduser(),
+}
+_KIND: dict[object, str] = {
+    int: "a whole number",
+    float: "a number",
+    bool: "a yes/no value",
+    str: "text",
+    Path: "a path",
+}
+_EXAMPLE: dict[object, str] = {
+    int: "digits such as 4",
+    float: "a number such as 2.5",
+    bool: "1, 0, true, false, yes or no",
+    str: "some text",
+    Path: "a file path",
+}
+
+
+# -- validation ---------------------------------------------------------------------------
+def _fail(message: str) -> typing.NoReturn:
+    raise ConfigError(message)
+
+
+def _check_choices(c: NodeConfig) -> None:
+    choices = {
+        ("engine", "--engine"): ENGINES,
+        ("chat_template", "--chat-template"): CHAT_TEMPLATES,
+        ("log_level", "--log-level"): LOG_LEVELS,
+        ("log_format", "--log-format"): LOG_FORMATS,
+    }
+    for (name, flag), allowed in choices.items():
+        value = getattr(c, name)
+        if value not in allowed:
+            _fail(
+                f"{name} must be one of {', '.join(allowed)} (got {value!r}); "
+                f"pass {flag} {allowed[0]}"
+            )
+
+
+def _check_counts(c: NodeConfig) -> None:
+    minimums = {
+        ("n_slots", "--slots"): 1,
+        ("n_ctx", "--ctx"): 16,
+        ("n_batch", "--batch"): 1,
+        ("threads", "--threads"): 0,
+        ("gpu_layers", "--gpu-layers"): 0,
+        ("bank_ram_bytes", "--bank-ram-bytes"): 0,
+        ("bank_session_bytes", "--bank-session-bytes"): 0,
+        ("max_pending_per_session", "--max-pending"): 1,
+        ("max_sessions", "--max-sessions"): 1,
+        ("tombstones", "--tombstones"): 0,
+    }
+    for (name, flag), least in minimums.items():
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(f"{name} must be a whole number (got {value!r}); pass {flag} {max(least, 1)}")
+        if value < least:
+            _fail(f"{name} must be at least {least} (got {value}); pass {flag} {least} or more")
+
+
+def _check_durations(c: NodeConfig) -> None:
+    if not c.commit_wait_s > 0:
+        _fail(
+            f"commit_wait_s must be more than 0 seconds (got {c.commit_wait_s}); "
+            "set INFERNODE_COMMIT_WAIT_S=30"
+        )
+    if not c.heartbeat_s >= 0:
+        _fail(
+            f"heartbeat_s must be 0 (off) or more seconds (got {c.heartbeat_s}); "
+            "set INFERNODE_HEARTBEAT_S=30"
+        )
+
+
+def _check_sizes(c: NodeConfig) -> None:
+    if not KIB <= c.max_payload <= MAX_NATS_PAYLOAD:
+        _fail(
+            f"max_payload must be between {KIB} and {MAX_NATS_PAYLOAD} bytes "
+            f"(got {c.max_payload}); set INFERNODE_MAX_PAYLOAD={8 * MIB}"
+        )
+    if c.metrics_port is not None and not 1 <= c.metrics_port <= 65535:
+        _fail(
+            f"metrics_port must be a port between 1 and 65535 (got {c.metrics_port}); "
+            "pass a free port such as 9464, or leave it unset"
+        )
+
+
+def _check_prefix(c: NodeConfig) -> None:
+    try:
+        Subjects(c.prefix)
+    except ValueError as e:
+        raise ConfigError(f"{e}; pass --prefix infer or another valid prefix") from e
+
+
+def _check_nats_url(c: NodeConfig) -> None:
+    if c.nats_url is None:
+        return
+    urls = [u.strip() for u in c.nats_url.split(",") if u.strip()]
+    if not urls:
+        _fail(
+            "nats_url is empty; pass --nats-url nats://HOST:4222, or leave it unset to "
+            "start an embedded server"
+        )
+    for url in urls:
+        scheme = url.split("://", 1)[0] if "://" in url else "nats"
+        if scheme not in NATS_SCHEMES:
+            _fail(
+                f"NATS URL {url!r} has scheme {scheme!r}; use nats://HOST:4222 "
+                f"(or {', '.join(s + '://' for s in NATS_SCHEMES[1:])})"
+            )
+
+
+def _check_files(c: NodeConfig) -> None:
+    files = {
+        ("model", "--model PATH.gguf"): c.model,
+        ("llama_lib", "--llama-lib PATH"): c.llama_lib,
+        ("nats_creds", "INFERNODE_NATS_CREDS"): c.nats_creds,
+        ("nats_tls_ca", "INFERNODE_NATS_TLS_CA"): c.nats_tls_ca,
+        ("nats_tls_cert", "INFERNODE_NATS_TLS_CERT"): c.nats_tls_cert,
+        ("nats_tls_key", "INFERNODE_NATS_TLS_KEY"): c.nats_tls_key,
+    }
+    for (name, how), value in files.items():
+        if value is not None and not Path(value).is_file():
+            _fail(f"{name} file {str(value)!r} does not exist; fix the path or drop {how}")
+
+
+def _check_auth(c: NodeConfig) -> None:
+    if (c.nats_user is None) != (c.nats_password is None):
+        _fail(
+            "nats_user and nats_password go together; set both INFERNODE_NATS_USER and "
+            "INFERNODE_NATS_PASSWORD, or neither"
+        )
+    if (c.nats_tls_cert is None) != (c.nats_tls_key is None):
+        _fail(
+            "nats_tls_cert and nats_tls_key go together; set both INFERNODE_NATS_TLS_CERT "
+            "and INFERNODE_NATS_TLS_KEY, or neither"
+        )
+    if c.nats_creds is not None and c.nats_nkey_seed is not None:
+        _fail(
+            "nats_creds already holds an nkey seed; set INFERNODE_NATS_CREDS or "
+            "INFERNODE_NATS_NKEY_SEED, not both"
+        )
+
+
+_CHECKS: tuple[Callable[[NodeConfig], None], ...] = (
+    _check_choices,
+    _check_counts,
+    _check_durations,
+    _check_sizes,
+    _check_prefix,
+    _check_nats_url,
+    _check_files,
+    _check_auth,
+)

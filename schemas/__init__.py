@@ -1,0 +1,1 @@
+"""Wire contract of infernode: subjects, messages, error codes. Imports nothing of ours."""

@@ -1,0 +1,123 @@
+"""Chat content in the OpenAI message shape, and sampling parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TEXT = 1_000_000
+"""Longest text of one message, in characters."""
+
+
+class Frozen(BaseModel):
+    """Base of every wire model: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FunctionCall(Frozen):
+    """The function a tool call invokes."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    """Function name."""
+    arguments: Annotated[str, Field(max_length=MAX_TEXT)] = "{}"
+    """Arguments as a JSON object encoded in a string (OpenAI's convention)."""
+
+
+class ToolCall(Frozen):
+    """One tool call made by the assistant."""
+
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    """Call id; the tool result names it in ``tool_call_id``."""
+    type: Literal["function"] = "function"
+    """Always ``function``."""
+    function: FunctionCall
+    """What is called."""
+
+
+class ChatMessage(Frozen):
+    """One message of a conversation."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    """Who speaks."""
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    """Text of the message; may be empty for an assistant turn that only calls tools."""
+    name: Annotated[str, Field(max_length=128)] | None = None
+    """Optional speaker name."""
+    tool_calls: tuple[ToolCall, ...] | None = None
+    """Tool calls of an assistant message."""
+    tool_call_id: Annotated[str, Field(max_length=128)] | None = None
+    """For role ``tool``: the call this message answers."""
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs content or tool_calls")
+        return self
+
+
+class SamplingParams(Frozen):
+    """How the next tokens are chosen."""
+
+    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    """0 means greedy (deterministic)."""
+    top_k: Annotated[int, Field(ge=0, le=100_000)] = 40
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    """Nucleus sampling mass."""
+    repeat_penalty: Annotated[float, Field(ge=0.5, le=2.0)] = 1.1
+    """Penalty on tokens among the last ``repeat_last_n`` (1.0 = off)."""
+    repeat_last_n: Annotated[int, Field(ge=0, le=4096)] = 64
+    """How many recent tokens the penalty looks at."""
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    """Seed of the sampler; same seed and history give the same text."""
+
+
+class Usage(Frozen):
+    """Token counts of one turn."""
+
+    prompt_tokens: int
+    """Tokens of the rendered prompt."""
+    cached_tokens: int
+    """Prompt tokens whose KV state was reused (slot or bank)."""
+    new_prefill_tokens: int
+    """Prompt tokens evaluated this turn."""
+    completion_tokens: int
+    """Tokens generated."""
+
+
+class CacheInfo(Frozen):
+    """Where the reused prefix came from, or why nothing was reused."""
+
+    source: Literal["slot", "bank", "none"]
+    """``slot``: the live context; ``bank``: a restored snapshot; ``none``: cold."""
+    miss_reason: str | None = None
+    """new_session, evicted, prefix_divergence_at_token N, template_mismatch, model_mismatch."""
+    restore_ms: float = 0.0
+    """Time spent restoring a snapshot."""
+
+
+class Timings(Frozen):
+    """Where the time of one turn went, in milliseconds."""
+
+    queue_ms: float = 0.0
+    """From admission to the start of the turn."""
+    lock_wait_ms: float = 0.0
+    """Waiting for a free slot."""
+    tokenize_ms: float = 0.0
+    """Template rendering and tokenisation."""
+    restore_ms: float = 0.0
+    """Restoring a banked snapshot."""
+    prefill_ms: float = 0.0
+    """Evaluating the new prompt tokens."""
+    decode_ms: float = 0.0
+    """Generating the reply."""
+    ttft_ms: float = 0.0
+    """From the start of the turn to the first token."""
+    total_ms: float = 0.0
+    """From the start of the turn to its end."""

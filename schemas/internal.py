@@ -1,0 +1,185 @@
+"""Messages between the actors of one node (internal subjects)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from schemas.chat import CacheInfo, ChatMessage, Frozen, SamplingParams, Timings, ToolCall, Usage
+from schemas.errors import ErrorCode
+from schemas.messages import FinishReason, PromptRequest
+
+
+class ErrorBody(Frozen):
+    """An error carried inside a reply."""
+
+    code: ErrorCode
+    """Error code."""
+    message: str
+    """Human sentence."""
+    details: dict[str, str | int | float] = {}
+    """Data for the client."""
+
+
+class AdmitRequest(Frozen):
+    """Admission → runner: record this prompt, then answer."""
+
+    type: Literal["admit.v1"] = "admit.v1"
+    """Message type and version."""
+    session: str
+    """The session (validated)."""
+    prompt: PromptRequest
+    """The validated prompt."""
+    intake_seq: int | None = None
+    """Stream sequence of the prompt in the intake stream."""
+    idempotency_key: str | None = None
+    """Key from the body or the ``Nats-Msg-Id`` header."""
+    received_at: float
+    """Unix time admission received it."""
+
+
+class AdmitReply(Frozen):
+    """Runner → admission: the prompt's fate."""
+
+    type: Literal["admit_reply.v1"] = "admit_reply.v1"
+    """Message type and version."""
+    outcome: Literal["recorded", "duplicate", "rejected"]
+    """``recorded`` and ``duplicate`` may be acked; ``rejected`` carries an error."""
+    message_ids: tuple[str, ...] = ()
+    """Record ids of the prompt's messages."""
+    generation: int = 0
+    """Committed generation."""
+    error: ErrorBody | None = None
+    """Why it was rejected."""
+
+
+class GenerateRequest(Frozen):
+    """Runner → engine: run one turn over the full history."""
+
+    type: Literal["generate.v1"] = "generate.v1"
+    """Message type and version."""
+    session: str
+    """The session (its slot and bank entries)."""
+    turn_id: str
+    """Id of the turn."""
+    messages: tuple[ChatMessage, ...]
+    """Committed history plus the messages this turn answers."""
+    assistant_tokens: dict[int, tuple[int, ...]] = {}
+    """Exact token ids of assistant messages, by index in ``messages``."""
+    model_id: str | None = None
+    """Model those token ids belong to; other models ignore them."""
+    sampling: SamplingParams
+    """Sampling parameters."""
+    stop: tuple[str, ...] = ()
+    """Stop strings."""
+    max_tokens: int
+    """Most tokens to generate."""
+    token_subject: str
+    """Where to publish token events as they are generated."""
+    queued_at: float
+    """Unix time the oldest answered prompt was recorded (for queue_ms)."""
+
+
+class GenerateResult(Frozen):
+    """Engine → runner: the outcome of a turn."""
+
+    type: Literal["generate_result.v1"] = "generate_result.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    text: str = ""
+    """Reply text (tool-call markup removed when calls were parsed)."""
+    raw_text: str = ""
+    """Reply text exactly as generated."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Parsed tool calls."""
+    finish_reason: FinishReason = "stop"
+    """Why generation stopped."""
+    usage: Usage = Usage(prompt_tokens=0, cached_tokens=0, new_prefill_tokens=0, completion_tokens=0)
+    """Token counts."""
+    cache: CacheInfo = CacheInfo(source="none")
+    """Prefix reuse."""
+    timings: Timings = Timings()
+    """Timing buckets."""
+    completion_ids: tuple[int, ...] | None = None
+    """Generated token ids when they spell ``raw_text`` exactly."""
+    model_id: str = ""
+    """Model that generated them."""
+    n_tokens: int = 0
+    """Tokens in the slot after the turn (prompt + completion)."""
+    token_hash: str = ""
+    """sha256 of those token ids."""
+    error: ErrorBody | None = None
+    """Set when the turn failed."""
+
+
+class CancelRequest(Frozen):
+    """Runner → engine: stop the turn within one token."""
+
+    type: Literal["cancel.v1"] = "cancel.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """The turn to stop (a stale cancel for another turn is ignored)."""
+
+
+class SnapshotRequest(Frozen):
+    """Bank committer → engine: bank the slot of a session once it is idle."""
+
+    type: Literal["snapshot.v1"] = "snapshot.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    generation: int
+    """Generation the snapshot belongs to."""
+    token_hash: str
+    """The state expected in the slot; a mismatch means a newer turn ran, skip."""
+    wait_s: float
+    """How long to wait for the slot to be idle."""
+
+
+class SnapshotReply(Frozen):
+    """Engine → bank committer."""
+
+    type: Literal["snapshot_reply.v1"] = "snapshot_reply.v1"
+    """Message type and version."""
+    stored: bool
+    """True when a snapshot is now in the bank."""
+    n_tokens: int = 0
+    """Tokens in the snapshot."""
+    nbytes: int = 0
+    """Size of the snapshot."""
+    ms: float = 0.0
+    """Time taken to copy the state."""
+    reason: str | None = None
+    """Why nothing was stored."""
+
+
+class BankCommitRequest(Frozen):
+    """Runner → bank committer: a turn was committed; bank its KV state."""
+
+    type: Literal["bank_commit.v1"] = "bank_commit.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """The committed turn."""
+    generation: int
+    """The new generation."""
+    n_tokens: int
+    """Tokens of the final state."""
+    token_hash: str
+    """sha256 of those token ids."""
+
+
+class ForgetRequest(Frozen):
+    """Runner → engine: a session was deleted; free its slot and bank entries."""
+
+    type: Literal["forget.v1"] = "forget.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+
+

@@ -1,0 +1,228 @@
+"""Every message that crosses the bus: prompts, events, internal requests, admin replies.
+
+Each model is frozen, refuses unknown fields, and carries a versioned ``type`` literal.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from schemas.chat import CacheInfo, ChatMessage, Frozen, SamplingParams, Timings, ToolCall, Usage
+from schemas.errors import ErrorCode
+
+SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+FinishReason = Literal["stop", "length", "tool_calls", "aborted", "error"]
+
+
+# -- agents → node ------------------------------------------------------------------------
+class PromptRequest(Frozen):
+    """A prompt, published on ``<prefix>.prompt.<session>``."""
+
+    type: Literal["prompt.v1"] = "prompt.v1"
+    """Message type and version."""
+    session: SessionId | None = None
+    """Optional; must equal the subject's session when given."""
+    messages: Annotated[tuple[ChatMessage, ...], Field(max_length=256)] = ()
+    """Messages to append; empty asks for a turn over what is pending (a retry)."""
+    expect_generation: Annotated[int, Field(ge=0)] | None = None
+    """Refuse (409) unless the session's committed generation equals this."""
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    """A retried publish with the same key is recorded once (also via ``Nats-Msg-Id``)."""
+    sampling: SamplingParams = SamplingParams()
+    """Sampling parameters of the reply."""
+    stop: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=64)], ...], Field(max_length=8)] = ()
+    """Strings that end the reply (not included in it)."""
+    max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
+    """Most tokens the reply may have."""
+    reply: bool = True
+    """False appends the messages without running a turn."""
+    relay_to: SessionId | None = None
+    """Another session that receives this turn's answer as a prompt."""
+
+
+class AbortRequest(Frozen):
+    """Request on ``<prefix>.abort.<session>``; an empty body is accepted too."""
+
+    type: Literal["abort.v1"] = "abort.v1"
+    """Message type and version."""
+    reason: Annotated[str, Field(max_length=256)] = "client"
+    """Why the turn is aborted, recorded with it."""
+
+
+class AbortReply(Frozen):
+    """Reply to an abort request."""
+
+    type: Literal["abort_reply.v1"] = "abort_reply.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    aborted: bool
+    """True when a running turn was stopped."""
+    turn_id: str | None = None
+    """The turn that was stopped."""
+
+
+# -- node → agents: events ----------------------------------------------------------------
+class AcceptedEvent(Frozen):
+    """The prompt is in the session's durable record log."""
+
+    type: Literal["accepted.v1"] = "accepted.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    message_ids: tuple[str, ...]
+    """Record ids given to the prompt's messages; replies name them as parents."""
+    generation: int
+    """Committed generation when the prompt was recorded."""
+    idempotency_key: str | None = None
+    """The prompt's idempotency key, if any."""
+    duplicate: bool = False
+    """True when the prompt had already been recorded (a retried publish)."""
+
+
+class StartedEvent(Frozen):
+    """A turn began."""
+
+    type: Literal["started.v1"] = "started.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    parent_ids: tuple[str, ...]
+    """User message ids this turn answers."""
+    generation: int
+    """Committed generation the turn starts from."""
+
+
+class TokenEvent(Frozen):
+    """A piece of the reply's text."""
+
+    type: Literal["token.v1"] = "token.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    index: int
+    """Position of this piece in the turn, from 0."""
+    text: str
+    """Text of the piece (complete UTF-8)."""
+
+
+class DoneEvent(Frozen):
+    """The reply is complete (before it is committed)."""
+
+    type: Literal["done.v1"] = "done.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    parent_ids: tuple[str, ...]
+    """User message ids this turn answers."""
+    text: str
+    """Whole reply text (tool-call markup removed when calls were parsed)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Tool calls parsed from the reply."""
+    finish_reason: FinishReason
+    """Why generation stopped."""
+    usage: Usage
+    """Token counts."""
+    cache: CacheInfo
+    """Prefix reuse of this turn."""
+    timings: Timings
+    """Timing buckets."""
+
+
+class CommitEvent(Frozen):
+    """The turn is committed to the record log."""
+
+    type: Literal["commit.v1"] = "commit.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    generation: int
+    """New committed generation."""
+    record_id: str
+    """Id of the assistant record."""
+    parent_ids: tuple[str, ...]
+    """User message ids the turn answered."""
+    supersedes: str | None = None
+    """Provisional record this commit replaces (a retry of an aborted turn)."""
+
+
+class ProvisionalEvent(Frozen):
+    """An aborted turn's partial reply, kept as an honest record."""
+
+    type: Literal["provisional.v1"] = "provisional.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    record_id: str
+    """Id of the provisional record."""
+    parent_ids: tuple[str, ...]
+    """User message ids the turn was answering."""
+    text: str
+    """Partial text."""
+    finish_reason: Literal["aborted"] = "aborted"
+    """Always ``aborted``."""
+
+
+class AbortedEvent(Frozen):
+    """The turn was aborted; the generation did not advance."""
+
+    type: Literal["aborted.v1"] = "aborted.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    reason: str
+    """Why."""
+    generation: int
+    """Committed generation (unchanged)."""
+    provisional_id: str
+    """The provisional record holding the partial text."""
+
+
+class ErrorEvent(Frozen):
+    """A typed error with a human sentence."""
+
+    type: Literal["error.v1"] = "error.v1"
+    """Message type and version."""
+    session: str | None = None
+    """The session, when one could be named."""
+    code: ErrorCode
+    """Error code."""
+    status: int
+    """HTTP-like status of the code."""
+    message: str
+    """What went wrong and how to fix it."""
+    turn_id: str | None = None
+    """The turn that failed, if any."""
+    idempotency_key: str | None = None
+    """The refused prompt's idempotency key, if any."""
+    details: dict[str, str | int | float] = {}
+    """Data for the client (e.g. the current generation on a conflict)."""
+
+
+class StatusEvent(Frozen):
+    """A session became busy or idle."""
+
+    type: Literal["status.v1"] = "status.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    state: Literal["busy", "idle"]
+    """Busy while a turn runs."""
+    generation: int
+    """Committed generation."""
+    pending: int
+    """Recorded prompts not yet answered."""

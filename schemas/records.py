@@ -1,0 +1,166 @@
+"""The durable record log of a session (JetStream subject ``<prefix>.records.<session>``).
+
+A session's state is rebuilt from these records after a restart: user messages, committed
+assistant turns, provisional (aborted) turns, and the markers around them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from schemas.chat import ChatMessage, Frozen, SamplingParams
+
+
+class TurnParams(Frozen):
+    """How a prompt asked to be answered; kept so a restarted node answers it alike."""
+
+    sampling: SamplingParams = SamplingParams()
+    """Sampling parameters."""
+    stop: tuple[str, ...] = ()
+    """Stop strings."""
+    max_tokens: int = 256
+    """Most tokens of the reply."""
+    relay_to: str | None = None
+    """Session that receives the answer as a prompt."""
+
+
+class UserRecord(Frozen):
+    """A message an agent sent (any role but assistant)."""
+
+    type: Literal["record.user.v1"] = "record.user.v1"
+    """Record type and version."""
+    id: str
+    """Record id; replies name it as a parent."""
+    message: ChatMessage
+    """The message."""
+    intake_seq: int | None = None
+    """Sequence of the prompt in the intake stream (redeliveries are recognised by it)."""
+    idempotency_key: str | None = None
+    """Idempotency key of the prompt."""
+    reply: bool = True
+    """Whether the prompt asked for a turn."""
+    params: TurnParams = TurnParams()
+    """How the reply was asked for."""
+    ts: float
+    """Unix time of recording."""
+
+
+class TurnStartRecord(Frozen):
+    """A turn began; one without a commit or abort after it was interrupted."""
+
+    type: Literal["record.turn_start.v1"] = "record.turn_start.v1"
+    """Record type and version."""
+    id: str
+    """The turn id."""
+    parent_ids: tuple[str, ...]
+    """User records it answers."""
+    input_ids: tuple[str, ...] = ()
+    """Every pending record the turn takes as input (answered or appended)."""
+    ts: float
+    """Unix time."""
+
+
+class AssistantRecord(Frozen):
+    """A completed assistant reply (committed by the following commit record)."""
+
+    type: Literal["record.assistant.v1"] = "record.assistant.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    turn_id: str
+    """The turn."""
+    message: ChatMessage
+    """The reply, with parsed tool calls."""
+    parent_ids: tuple[str, ...]
+    """User records it answers."""
+    finish_reason: str
+    """Why generation stopped."""
+    token_ids: tuple[int, ...] | None = None
+    """Exact generated token ids, so a later prompt reuses them token for token."""
+    model_id: str | None = None
+    """Model the token ids belong to."""
+    ts: float
+    """Unix time."""
+
+
+class ProvisionalRecord(Frozen):
+    """The partial reply of an aborted turn; never part of the committed history."""
+
+    type: Literal["record.provisional.v1"] = "record.provisional.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    turn_id: str
+    """The turn."""
+    message: ChatMessage
+    """The partial reply."""
+    parent_ids: tuple[str, ...]
+    """User records it was answering."""
+    finish_reason: Literal["aborted"] = "aborted"
+    """Always ``aborted``."""
+    ts: float
+    """Unix time."""
+
+
+class CommitRecord(Frozen):
+    """Commits an assistant record and advances the generation."""
+
+    type: Literal["record.commit.v1"] = "record.commit.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    turn_id: str
+    """The turn."""
+    assistant_id: str
+    """The assistant record committed."""
+    generation: int
+    """The new generation."""
+    parent_ids: tuple[str, ...]
+    """User records answered."""
+    supersedes: str | None = None
+    """A provisional record this commit replaces (retry of an aborted turn)."""
+    ts: float
+    """Unix time."""
+
+
+class AbortRecord(Frozen):
+    """Marks a turn aborted; the generation stays."""
+
+    type: Literal["record.abort.v1"] = "record.abort.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    turn_id: str
+    """The turn."""
+    provisional_id: str
+    """The provisional record of the partial reply."""
+    reason: str
+    """Why (client, engine_error, node_restart, shutdown, …)."""
+    ts: float
+    """Unix time."""
+
+
+class DeleteRecord(Frozen):
+    """The session was deleted; records before it are history no more."""
+
+    type: Literal["record.delete.v1"] = "record.delete.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    ts: float
+    """Unix time."""
+
+
+Record = Annotated[
+    UserRecord
+    | TurnStartRecord
+    | AssistantRecord
+    | ProvisionalRecord
+    | CommitRecord
+    | AbortRecord
+    | DeleteRecord,
+    Field(discriminator="type"),
+]
+RECORD_ADAPTER: TypeAdapter[Record] = TypeAdapter(Record)

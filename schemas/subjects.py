@@ -1,0 +1,199 @@
+"""Every NATS subject, stream and header name of infernode, built from one prefix.
+
+Nothing outside this module spells a subject string; a test enforces it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+ABORTED_HEADER = "Infer-Aborted"
+"""Header set to ``1`` on ``provisional`` and ``aborted`` events."""
+MSG_ID_HEADER = "Nats-Msg-Id"
+"""JetStream's de-duplication header; infernode also reads it as the idempotency key."""
+ERROR_HEADER = "Infer-Error"
+"""Header naming the error code on an error reply."""
+
+
+class EventKind(StrEnum):
+    """The last token of an event subject."""
+
+    ACCEPTED = "accepted"
+    STARTED = "started"
+    TOKEN = "token"
+    PROVISIONAL = "provisional"
+    COMMIT = "commit"
+    ABORTED = "aborted"
+    DONE = "done"
+    ERROR = "error"
+    STATUS = "status"
+
+
+class AdminVerb(StrEnum):
+    """The last token of an admin subject."""
+
+    SESSIONS = "sessions"
+    SESSION = "session"
+    METRICS = "metrics"
+    HEALTH = "health"
+    DELETE = "delete"
+
+
+def is_session_id(value: str) -> bool:
+    """True when ``value`` is a valid session id (one subject token)."""
+    return SESSION_ID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject builders for one prefix (default ``infer``)."""
+
+    prefix: str = "infer"
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.fullmatch(self.prefix):
+            raise ValueError(
+                f"subject prefix {self.prefix!r} must be dot-separated tokens of "
+                "letters, digits, '_' or '-', such as 'infer' or 'team1.infer'"
+            )
+
+    # -- public ---------------------------------------------------------------------------
+    def prompt(self, session: str) -> str:
+        """Where an agent publishes a prompt for ``session``."""
+        return f"{self.prefix}.prompt.{session}"
+
+    def prompt_all(self) -> str:
+        """Every prompt subject (the intake stream's filter)."""
+        return f"{self.prefix}.prompt.>"
+
+    def session_of_prompt(self, subject: str) -> str:
+        """The session token of a prompt subject (possibly invalid; check it)."""
+        return subject[len(self.prefix) + len(".prompt.") :]
+
+    def abort(self, session: str) -> str:
+        """Request-reply subject that aborts the running turn of ``session``."""
+        return f"{self.prefix}.abort.{session}"
+
+    def abort_all(self) -> str:
+        """Every abort subject."""
+        return f"{self.prefix}.abort.*"
+
+    def session_of_abort(self, subject: str) -> str:
+        """The session token of an abort subject."""
+        return subject[len(self.prefix) + len(".abort.") :]
+
+    def events(self, session: str, kind: EventKind | str) -> str:
+        """Where the node publishes one kind of event of ``session``."""
+        return f"{self.prefix}.events.{session}.{kind}"
+
+    def events_all(self, session: str = "*") -> str:
+        """Every event of ``session`` (default: of every session)."""
+        return f"{self.prefix}.events.{session}.>"
+
+    def rejected(self) -> str:
+        """Error events for prompts that name no valid session."""
+        return f"{self.prefix}.rejected"
+
+    def admin(self, verb: AdminVerb | str) -> str:
+        """Operator request-reply subject."""
+        return f"{self.prefix}.admin.{verb}"
+
+    def admin_all(self) -> str:
+        """Every admin subject."""
+        return f"{self.prefix}.admin.>"
+
+    def records(self, session: str) -> str:
+        """The durable record log of ``session``."""
+        return f"{self.prefix}.records.{session}"
+
+    def records_all(self) -> str:
+        """Every record log (the record stream's filter)."""
+        return f"{self.prefix}.records.>"
+
+    # -- internal: actor to actor ---------------------------------------------------------
+    def admit(self, session: str) -> str:
+        """Admission → session runner: record this prompt (request-reply)."""
+        return f"{self.prefix}.internal.admit.{session}"
+
+    def admit_all(self) -> str:
+        """Every admit subject (the runner host's subscription)."""
+        return f"{self.prefix}.internal.admit.*"
+
+    def session_control(self, session: str) -> str:
+        """Admin → session runner: delete / inspect one session (request-reply)."""
+        return f"{self.prefix}.internal.session.{session}"
+
+    def session_control_all(self) -> str:
+        """Every session-control subject."""
+        return f"{self.prefix}.internal.session.*"
+
+    def engine_generate(self) -> str:
+        """Session runner → engine: run one turn (request; result to the reply inbox)."""
+        return f"{self.prefix}.internal.engine.generate"
+
+    def engine_cancel(self, session: str) -> str:
+        """Session runner → engine: stop the running turn of ``session``."""
+        return f"{self.prefix}.internal.engine.cancel.{session}"
+
+    def engine_cancel_all(self) -> str:
+        """Every engine cancel subject."""
+        return f"{self.prefix}.internal.engine.cancel.*"
+
+    def engine_snapshot(self) -> str:
+        """Bank committer → engine: snapshot a session's KV state into the bank."""
+        return f"{self.prefix}.internal.engine.snapshot"
+
+    def engine_forget(self) -> str:
+        """Session runner → engine: drop a deleted session's slot and bank entries."""
+        return f"{self.prefix}.internal.engine.forget"
+
+    def engine_stats(self) -> str:
+        """Admin → engine: slots, bank and timing statistics."""
+        return f"{self.prefix}.internal.engine.stats"
+
+    def bank_commit(self) -> str:
+        """Session runner → bank committer: bank the turn that was just committed."""
+        return f"{self.prefix}.internal.bank.commit"
+
+    def bank_stats(self) -> str:
+        """Admin → bank committer: commit counters."""
+        return f"{self.prefix}.internal.bank.stats"
+
+    def runner_stats(self) -> str:
+        """Admin → session runners: per-session summaries."""
+        return f"{self.prefix}.internal.runner.stats"
+
+    # -- JetStream ------------------------------------------------------------------------
+    @property
+    def _stream_base(self) -> str:
+        return self.prefix.replace(".", "_").replace("-", "_").upper()
+
+    @property
+    def prompt_stream(self) -> str:
+        """Stream capturing prompt intake."""
+        return f"{self._stream_base}_PROMPTS"
+
+    @property
+    def record_stream(self) -> str:
+        """Stream holding every session's record log."""
+        return f"{self._stream_base}_RECORDS"
+
+    @property
+    def bank_bucket(self) -> str:
+        """Object store bucket of the bank's durable tier."""
+        return f"{self._stream_base}_BANK"
+
+    @property
+    def admission_consumer(self) -> str:
+        """Durable consumer name of admission on the prompt stream."""
+        return "admission"
+
+    @property
+    def service_name(self) -> str:
+        """Name under which the node registers as a NATS micro service."""
+        return "infernode"

@@ -1,0 +1,1 @@
+"""infernode tests; a package so tests can import tests.helpers."""

@@ -1,0 +1,77 @@
+"""Test helpers that wait on signals with deadlines, never by sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float = 10.0, what: str = "event") -> None:
+    """Wait until ``event`` is set, failing the test with ``what`` after ``timeout`` s."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not happen within {timeout:g} s") from None
+
+
+class EventCollector:
+    """Collects every message on a subject; tests wait until the list satisfies a predicate."""
+
+    def __init__(self, nc: Client, subject: str) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.messages: list[Msg] = []
+        self._changed = asyncio.Condition()
+        self._sub: Subscription | None = None
+
+    @classmethod
+    async def start(cls, nc: Client, subject: str) -> EventCollector:
+        """Subscribe and return once the server has the subscription (no missed messages)."""
+        collector = cls(nc, subject)
+        collector._sub = await nc.subscribe(subject, cb=collector._on_message)
+        # The flush round-trip proves the server registered the interest.
+        await nc.flush()
+        return collector
+
+    @property
+    def decoded(self) -> list[Any]:
+        """The JSON bodies of the collected messages."""
+        return [json.loads(m.data) for m in self.messages]
+
+    @property
+    def subjects(self) -> list[str]:
+        """The subjects of the collected messages, in arrival order."""
+        return [m.subject for m in self.messages]
+
+    async def wait_until(
+        self, predicate: Callable[[list[Msg]], bool], timeout: float = 10.0
+    ) -> list[Msg]:
+        """Return the messages once ``predicate(messages)`` holds; fail after ``timeout`` s."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: predicate(self.messages)), timeout
+                )
+            except TimeoutError:
+                raise AssertionError(
+                    f"condition on {self.subject!r} not met within {timeout:g} s; "
+                    f"got {len(self.messages)} messages: {self.subjects[-20:]}"
+                ) from None
+        return self.messages
+
+    async def stop(self) -> None:
+        """Unsubscribe; messages collected so far stay."""
+        if self._sub is not None and not self.nc.is_closed:
+            await self._sub.unsubscribe()
+        self._sub = None
+
+    async def _on_message(self, msg: Msg) -> None:
+        async with self._changed:
+            self.messages.append(msg)
+            self._changed.notify_all()

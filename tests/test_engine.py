@@ -1,0 +1,194 @@
+"""The GGUF engine on the tiny model: slots, prefix reuse, snapshots, cancel, limits."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from actors.engine import sampling as sampling_mod
+from actors.engine.interface import CancelToken, TurnSpec
+from actors.engine.llama_api import LlamaLibraryError
+from actors.engine.loader import EngineSettings, load_engine
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.errors import ErrorCode, InferError
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def spec(session: str, messages, tokens=None, max_tokens: int = 8) -> TurnSpec:
+    return TurnSpec(
+        session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
+        max_tokens=max_tokens, assistant_tokens=tokens or {},
+    )
+
+
+@pytest.fixture
+def engine_factory(tiny_model: Path):
+    made = []
+
+    def make(**kw):
+        settings = EngineSettings(model=tiny_model, threads=1, verify_restore=False, **kw)
+        engine = load_engine(settings)
+        made.append(engine)
+        return engine
+
+    yield make
+
+
+async def _close(engine) -> None:
+    await engine.close()
+
+
+async def run(engine, s: TurnSpec, cancel: CancelToken | None = None, emit=None):
+    return await engine.run_turn(s, emit or (lambda text: None), cancel or CancelToken())
+
+
+async def test_second_turn_reuses_every_committed_token(engine_factory):
+    """Turn 2 evaluates only what turn 1 did not: all committed tokens are cached."""
+    engine = engine_factory(n_slots=1)
+    try:
+        first = await run(engine, spec("s", [user("hello there")]))
+        assert first.completion_ids is not None
+        history = [user("hello there"), ChatMessage(role="assistant", content=first.text)]
+        second = await run(engine, spec("s", [*history, user("and then?")], {1: first.completion_ids}))
+        assert second.usage.cached_tokens == first.n_tokens
+        assert second.usage.new_prefill_tokens == second.usage.prompt_tokens - first.n_tokens
+        assert second.cache.source == "slot" and second.cache.miss_reason is None
+    finally:
+        await _close(engine)
+
+
+async def test_tool_call_turn_then_tool_result_hits_cache_before_the_result(engine_factory, monkeypatch):
+    """A tool-call turn is parsed, rendered back identically, and reused up to the result."""
+    engine = engine_factory(n_slots=1)
+    try:
+        raw = '<tool_call>{"name": "read_file", "arguments": {"path": "a.py"}}</tool_call>'
+        script = engine.backend.tokenizer.encode(raw, add_bos=False) + [engine.backend.eos_id]
+        real_sample = sampling_mod.Sampler.sample
+        queue = list(script)
+
+        def scripted(self, logits, recent):  # the model's choices, scripted; KV stays real
+            return queue.pop(0) if queue else real_sample(self, logits, recent)
+
+        monkeypatch.setattr(sampling_mod.Sampler, "sample", scripted)
+        first = await run(engine, spec("tools", [user("open a.py")], max_tokens=64))
+        monkeypatch.setattr(sampling_mod.Sampler, "sample", real_sample)
+        assert first.finish_reason == "tool_calls"
+        (call,) = first.tool_calls
+        assert call.function.name == "read_file"
+        assistant = ChatMessage(role="assistant", content=first.text, tool_calls=first.tool_calls)
+        result = ChatMessage(role="tool", content="print('hi')", tool_call_id=call.id)
+        second = await run(
+            engine,
+            spec("tools", [user("open a.py"), assistant, result], {1: first.completion_ids}),
+        )
+        assert second.usage.cached_tokens == first.n_tokens
+    finally:
+        await _close(engine)
+
+
+async def test_evicted_session_restores_from_bank_with_identical_output(engine_factory):
+    """With one slot, a session evicted by another restores its snapshot, same greedy text."""
+    engine = engine_factory(n_slots=1)
+    cold = engine_factory(n_slots=1, bank_ram_bytes=0, snapshots=False)
+    try:
+        a1 = await run(engine, spec("a", [user("alpha")]))
+        await run(engine, spec("b", [user("beta")]))  # evicts a, banking its state first
+        history = [user("alpha"), ChatMessage(role="assistant", content=a1.text), user("more")]
+        a2 = await run(engine, spec("a", history, {1: a1.completion_ids}))
+        assert a2.cache.source == "bank"
+        assert a2.usage.cached_tokens == a1.n_tokens
+        assert a2.cache.restore_ms > 0
+        c1 = await run(cold, spec("a", [user("alpha")]))
+        c2 = await run(cold, spec("a", history, {1: c1.completion_ids}))
+        assert c1.completion_ids == a1.completion_ids
+        assert c2.text == a2.text
+    finally:
+        await _close(engine)
+        await _close(cold)
+
+
+async def test_without_bank_an_evicted_session_reports_the_eviction(engine_factory):
+    """With snapshots off, the miss reason of an evicted session is 'evicted'."""
+    engine = engine_factory(n_slots=1, snapshots=False)
+    try:
+        await run(engine, spec("a", [user("alpha")]))
+        await run(engine, spec("b", [user("beta")]))
+        again = await run(engine, spec("a", [user("alpha"), user("again")]))
+        assert again.cache.source == "none" and again.cache.miss_reason == "evicted"
+        fresh = await run(engine, spec("c", [user("gamma")]))
+        assert fresh.cache.miss_reason == "new_session"
+    finally:
+        await _close(engine)
+
+
+async def test_cancel_stops_generation_within_one_token(engine_factory):
+    """A cancel set while the first token is emitted stops before a second one."""
+    engine = engine_factory(n_slots=1)
+    cancel = CancelToken()
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        cancel.cancel("client")
+
+    try:
+        out = await run(engine, spec("c", [user("go")], max_tokens=200), cancel, emit)
+        assert out.finish_reason == "aborted"
+        assert out.usage.completion_tokens == 1
+        assert out.raw_text == "".join(pieces)
+    finally:
+        await _close(engine)
+
+
+async def test_prompt_longer_than_the_context_is_a_context_overflow(engine_factory):
+    """A prompt that does not fit the context is refused with context_overflow (422)."""
+    engine = engine_factory(n_slots=1, n_ctx=64)
+    try:
+        with pytest.raises(InferError) as info:
+            await run(engine, spec("o", [user("word " * 200)]))
+        assert info.value.code == ErrorCode.CONTEXT_OVERFLOW and info.value.status == 422
+        ok = await run(engine, spec("o", [user("short")], max_tokens=4))
+        assert ok.usage.completion_tokens > 0
+    finally:
+        await _close(engine)
+
+
+async def test_turns_run_on_long_lived_slot_threads(engine_factory):
+    """Turns create no threads: each slot has one worker for its lifetime."""
+    engine = engine_factory(n_slots=2)
+    try:
+        await run(engine, spec("x", [user("one")]))
+        before = {t.ident for t in threading.enumerate()}
+        for i in range(3):
+            await run(engine, spec(f"x{i}", [user("two")]))
+        assert {t.ident for t in threading.enumerate()} == before
+    finally:
+        await _close(engine)
+    assert not [t for t in threading.enumerate() if t.name.startswith("slot-")]
+
+
+def test_restore_is_verified_in_a_child_process_at_load(tiny_model):
+    """Loading with verification checks restore in a child and enables the bank."""
+    engine = load_engine(EngineSettings(model=tiny_model, n_slots=1, threads=1))
+    assert engine.info.snapshots and "equal" in engine.info.snapshot_note
+
+
+def test_cuda_library_without_a_gpu_fails_with_a_clear_message(tiny_model):
+    """--gpu-layers on a machine without CUDA names what is missing."""
+    pytest.importorskip("ctransformers")
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcudart.so.12")
+        pytest.skip("this machine has a CUDA runtime")
+    except OSError:
+        pass
+    with pytest.raises(LlamaLibraryError, match="libcudart"):
+        load_engine(EngineSettings(model=tiny_model, n_slots=1, gpu_layers=1, verify_restore=False))

@@ -1,0 +1,184 @@
+"""The embedded nats-server and node connections to it: free port, JetStream, stop, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+from structlog.testing import capture_logs
+
+from node.bus import BusError, connect
+from node.config import NodeConfig
+from node.nats_server import EmbeddedNats, NatsServerError, find_nats_server
+
+
+def test_binary_from_the_wheel_is_found_and_executable():
+    """find_nats_server returns an executable file."""
+    binary = find_nats_server()
+    assert binary.is_file() and os.access(binary, os.X_OK)
+
+
+async def test_server_reports_its_own_free_port_and_accepts_clients(nats_server):
+    """The URL carries the port the server chose, and a client can round-trip on it."""
+    assert nats_server.running and nats_server.port and nats_server.port > 0
+    assert nats_server.url == f"nats://127.0.0.1:{nats_server.port}"
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("ping")
+        await nc.publish("ping", b"pong")
+        msg = await sub.next_msg(timeout=5)
+        assert msg.data == b"pong"
+    finally:
+        await nc.drain()
+
+
+async def test_jetstream_stream_acks_a_published_message(nc):
+    """JetStream is on: a stream can be created and a publish is acknowledged."""
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="T", subjects=["t.>"]))
+    ack = await js.publish("t.one", b"hello")
+    assert ack.stream == "T" and ack.seq == 1
+    stored = await js.get_msg("T", 1)
+    assert stored.data == b"hello"
+
+
+async def test_two_servers_started_together_get_different_ports(tmp_path):
+    """Servers launched concurrently never collide on a port."""
+    a, b = EmbeddedNats(tmp_path / "a"), EmbeddedNats(tmp_path / "b")
+    try:
+        await asyncio.gather(a.start(), b.start())
+        assert a.port != b.port
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_jetstream_data_survives_a_restart_in_the_same_directory(tmp_path):
+    """A stream and its messages are still there after the server restarts on its data dir."""
+    async with EmbeddedNats(tmp_path / "nats") as first:
+        nc = await nats.connect(first.url)
+        await nc.jetstream().add_stream(StreamConfig(name="KEEP", subjects=["keep.>"]))
+        await nc.jetstream().publish("keep.it", b"still here")
+        await nc.drain()
+    assert (tmp_path / "nats" / "jetstream").is_dir()
+    async with EmbeddedNats(tmp_path / "nats") as second:
+        nc = await nats.connect(second.url)
+        stored = await nc.jetstream().get_msg("KEEP", 1)
+        await nc.drain()
+    assert stored.data == b"still here"
+
+
+async def test_stop_is_clean_and_idempotent(tmp_path):
+    """stop() ends the process with status 0 and can be called again harmlessly."""
+    server = EmbeddedNats(tmp_path / "nats")
+    await server.start()
+    pid = server.pid
+    await server.stop()
+    await server.stop()
+    assert not server.running and server.pid is None
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert any("Server Exiting" in line for line in server.output)
+
+
+async def test_stop_before_start_does_nothing(tmp_path):
+    """A server that never started can be stopped."""
+    await EmbeddedNats(tmp_path / "nats").stop()
+
+
+async def test_url_before_start_raises_a_clear_error(tmp_path):
+    """Asking for the URL of a server that is not running says to start it."""
+    with pytest.raises(NatsServerError, match="start"):
+        _ = EmbeddedNats(tmp_path / "nats").url
+
+
+async def test_bad_config_file_raises_with_the_server_output(tmp_path):
+    """A config file nats-server cannot parse gives NatsServerError quoting the server."""
+    bad = tmp_path / "bad.conf"
+    bad.write_text("port: [oops\n")
+    server = EmbeddedNats(tmp_path / "nats", config_file=bad)
+    with pytest.raises(NatsServerError) as info:
+        await server.start()
+    message = str(info.value)
+    assert "exited with status" in message and "before it was ready" in message
+    assert "Parse error" in message or "error" in message.lower()
+    assert info.value.output
+    assert not server.running
+
+
+async def test_missing_binary_raises_a_clear_error(tmp_path):
+    """A binary path that does not exist is refused with the path in the message."""
+    server = EmbeddedNats(tmp_path / "nats", binary=tmp_path / "no-such-nats-server")
+    with pytest.raises(NatsServerError, match="no-such-nats-server"):
+        await server.start()
+
+
+async def test_max_payload_is_applied_and_the_user_config_is_included(tmp_path):
+    """max_payload reaches clients, and the user's config file is still honoured."""
+    user_conf = tmp_path / "conf" / "user.conf"
+    user_conf.parent.mkdir()
+    user_conf.write_text("server_name: from_user_config\n")
+    payload = 3 * 1024 * 1024
+    async with EmbeddedNats(
+        tmp_path / "nats", config_file=user_conf, max_payload=payload
+    ) as server:
+        nc = await nats.connect(server.url)
+        try:
+            assert nc.max_payload == payload
+        finally:
+            await nc.drain()
+    assert any("from_user_config" in line for line in server.output)
+
+
+async def test_unexpected_exit_is_logged(tmp_path):
+    """A server killed from outside is noticed and logged as nats_server_exited."""
+    server = EmbeddedNats(tmp_path / "nats")
+    await server.start()
+    with capture_logs() as logs:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        code = await asyncio.wait_for(server.wait(), 10)
+    await server.stop()
+    assert code == -signal.SIGKILL
+    assert any(e["event"] == "nats_server_exited" for e in logs)
+
+
+async def test_data_dir_is_created(tmp_path: Path):
+    """A data directory that does not exist yet is created."""
+    target = tmp_path / "deep" / "er" / "nats"
+    async with EmbeddedNats(target):
+        assert target.is_dir()
+
+
+async def test_server_not_ready_before_the_deadline_is_stopped_and_reported(tmp_path):
+    """A ready deadline that passes stops the process and says how long it waited."""
+    server = EmbeddedNats(tmp_path / "nats", ready_timeout=0.001)
+    with pytest.raises(NatsServerError, match="did not report ready within"):
+        await server.start()
+    assert not server.running
+
+
+async def test_bus_connect_uses_the_node_options(nats_server):
+    """node.bus.connect reaches the server with the configured client name."""
+    nc = await connect(NodeConfig(), nats_server.url, "infernode-test")
+    try:
+        assert nc.is_connected and nc.options["name"] == "infernode-test"
+        assert nc.options["max_reconnect_attempts"] == -1
+    finally:
+        await nc.drain()
+
+
+async def test_bus_connect_to_a_stopped_server_raises_bus_error_with_a_fix(tmp_path):
+    """An unreachable URL gives BusError naming the URL and how to get a server."""
+    async with EmbeddedNats(tmp_path / "nats") as server:
+        url = server.url
+    with pytest.raises(BusError) as info:
+        await connect(NodeConfig(), url, "infernode-test", timeout=1.0)
+    message = str(info.value)
+    assert f"cannot reach NATS at {url}" in message
+    assert "infernode up" in message and "--nats-url" in message
