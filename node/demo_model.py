@@ -25,6 +25,9 @@ _WORDS = (
     "agent session prompt token cache bank turn reply tool user assistant system"
 ).split()
 _CHAT_PIECES = ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "[INST]", "[/INST]")
+_FIRST_TEXT_TOKEN = 3 + 256 + len(_CHAT_PIECES)
+"""Control, byte and chat-markup tokens come first; the demo model never samples them."""
+_BIAS_FEATURE = 4.0
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,19 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     types = [2, 3, 3]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256
+    tokens += list(_CHAT_PIECES)
+    types += [4] * len(_CHAT_PIECES)  # user-defined: the tokenizer keeps them whole
     pieces: list[str] = []
     for ch in string.ascii_letters + string.digits + string.punctuation:
         pieces += [ch, "\u2581" + ch]
     pieces.append("\u2581")
     pieces += ["\u2581" + w for w in _WORDS] + list(_WORDS)
-    pieces += list(_CHAT_PIECES)
     seen = set(tokens)
     unique = [p for p in pieces if not (p in seen or seen.add(p))]
     tokens += unique
     types += [1] * len(unique)
     # SentencePiece merges prefer higher scores: longer pieces win over their parts.
-    scores = [0.0] * 259 + [float(len(p)) for p in unique]
+    scores = [0.0] * _FIRST_TEXT_TOKEN + [float(len(p)) for p in unique]
     return tokens, scores, types
 
 
@@ -108,7 +112,12 @@ def write_llama_gguf(
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(dtype)
 
     n_vocab, d = len(tokens), shape.n_embd
-    writer.add_tensor("token_embd.weight", mat(n_vocab, d))
+    # Column 0 of every embedding is a large constant that survives the random layers, so the
+    # output rows can use it as a bias: control and byte tokens get a strongly negative logit.
+    # The demo then speaks in words and streams to max_tokens instead of stopping at random.
+    embd = mat(n_vocab, d)
+    embd[:, 0] = _BIAS_FEATURE
+    writer.add_tensor("token_embd.weight", embd)
     for i in range(shape.n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, dtype=np.float32))
         for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
@@ -119,9 +128,8 @@ def write_llama_gguf(
         writer.add_tensor(f"blk.{i}.ffn_down.weight", mat(d, shape.n_ff))
     writer.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
     output = mat(n_vocab, d)
-    # Random weights end a reply at random; a damped EOS row lets demos stream to max_tokens.
-    output[2] *= 0
-    output[2] -= 0.5
+    output[:, 0] = 0.0
+    output[:_FIRST_TEXT_TOKEN, 0] = -5 * _BIAS_FEATURE
     writer.add_tensor("output.weight", output)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

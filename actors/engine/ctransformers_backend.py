@@ -40,6 +40,13 @@ class CtransformersBackend:
             probe.close()
         self.bos_text = self._text(self.bos_id)
         self.eos_text = self._text(self.eos_id)
+        # The library spells control tokens as nothing; markup such as <|im_end|> or
+        # <tool_call> must reach the stop matcher and the tool-call parser as text.
+        self._special_pieces = {
+            tok: text.encode("utf-8")
+            for text, tok in specials.items()
+            if tok not in (self.bos_id, self.eos_id)
+        }
         spm = self._text_of_space_prefix()
         self.tokenizer = PromptTokenizer(
             lambda text, bos: self.model.tokenize(text, bos), specials, self.bos_id, spm
@@ -70,7 +77,8 @@ class CtransformersBackend:
 
     def piece(self, token: int) -> bytes:
         """Bytes of one token."""
-        return self.model.piece(token)
+        special = self._special_pieces.get(token)
+        return special if special is not None else self.model.piece(token)
 
     def new_context(self) -> LlamaContext:
         """A fresh context over the shared weights."""

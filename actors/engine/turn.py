@@ -91,7 +91,8 @@ def decode(
     raw = "".join(parts)
     ids = tuple(generated)
     # Only ids that spell the raw text exactly may stand in for it in the next prompt.
-    exact = b"".join(backend.piece(t) for t in ids) == raw.encode("utf-8")
+    spelled = b"".join(backend.piece(t) for t in ids).decode("utf-8", errors="replace")
+    exact = spelled == raw
     return DecodeResult(
         raw_text=raw,
         finish_reason=finish,
