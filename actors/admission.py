@@ -61,6 +61,11 @@ class Admission(Actor):
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
+        # A pull subscription never drains on its own (its fetch inbox stays open): close it.
+        try:
+            await self._sub.unsubscribe()
+        except Exception as e:  # the connection may already be gone
+            self.log.debug("unsubscribe_failed", error=str(e))
         await super().stop()
 
     async def _pull(self) -> None:

@@ -100,17 +100,28 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _prompt(args: argparse.Namespace) -> int:
+    from node.bus import BusError
     from node.client import InfernodeClient, TurnAborted, TurnResult
+    from schemas.subjects import is_session_id
     from schemas.chat import SamplingParams
     from schemas.errors import InferError
 
+    if not is_session_id(args.session):
+        print(
+            f"infernode: session id {args.session!r} is not valid: "
+            "use 1-128 letters, digits, '_' or '-'",
+            file=sys.stderr,
+        )
+        return 2
     url = resolve_url(args.nats_url, args.data_dir)
     sampling = SamplingParams(
         **{k: v for k, v in (("temperature", args.temperature), ("seed", args.seed)) if v is not None}
     )
     result = TurnResult()
     try:
-        async with InfernodeClient(url, prefix=args.prefix or "infer") as client:
+        config = NodeConfig.from_env(os.environ)
+        prefix = args.prefix or config.prefix
+        async with InfernodeClient(url, prefix=prefix, config=config) as client:
             async for token in client.prompt(
                 args.session, args.text, sampling=sampling, max_tokens=args.max_tokens,
                 timeout=args.timeout, result=result,
@@ -122,8 +133,12 @@ async def _prompt(args: argparse.Namespace) -> int:
     except TurnAborted as e:
         print(f"\ninfernode: {e}", file=sys.stderr)
         return 2
+    except BusError as e:
+        print(f"infernode: {e}", file=sys.stderr)
+        return 3
     except (OSError, TimeoutError) as e:
-        print(f"\ninfernode: cannot reach a node at {url}: {e}", file=sys.stderr)
+        print(f"\ninfernode: no answer from the node at {url}: {e or type(e).__name__}",
+              file=sys.stderr)
         return 3
     done = result.done
     if done is not None:

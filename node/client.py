@@ -15,6 +15,9 @@ from typing import TypeVar
 
 import nats
 from nats.aio.client import Client
+
+from node.bus import connect
+from node.config import NodeConfig
 from pydantic import BaseModel
 
 from schemas.admin import (
@@ -25,7 +28,7 @@ from schemas.admin import (
     SessionsReply,
 )
 from schemas.chat import ChatMessage, SamplingParams
-from schemas.errors import InferError
+from schemas.errors import ErrorCode, InferError
 from schemas.messages import (
     AbortedEvent,
     AbortReply,
@@ -38,7 +41,7 @@ from schemas.messages import (
     StartedEvent,
     TokenEvent,
 )
-from schemas.subjects import ERROR_HEADER, MSG_ID_HEADER, AdminVerb, Subjects
+from schemas.subjects import ERROR_HEADER, MSG_ID_HEADER, AdminVerb, Subjects, is_session_id
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,15 +79,27 @@ class TurnResult:
 class InfernodeClient:
     """A connection to a node's subjects."""
 
-    def __init__(self, url: str, prefix: str = "infer", nc: Client | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "infer",
+        nc: Client | None = None,
+        config: NodeConfig | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        """``config`` carries NATS credentials and TLS; ``nc`` reuses an open connection."""
         self.url = url
         self.subjects = Subjects(prefix)
+        self.config = config or NodeConfig()
+        self.connect_timeout = connect_timeout
         self._nc = nc
         self._own = nc is None
 
     async def __aenter__(self) -> InfernodeClient:
         if self._nc is None:
-            self._nc = await nats.connect(self.url, name="infernode-client")
+            self._nc = await connect(
+                self.config, self.url, "infernode-client", timeout=self.connect_timeout
+            )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -99,6 +114,11 @@ class InfernodeClient:
 
     async def send(self, session: str, prompt: PromptRequest) -> str:
         """Publish a prompt durably; returns its idempotency key."""
+        if not is_session_id(session):
+            raise InferError(
+                ErrorCode.BAD_REQUEST,
+                f"session id {session!r} is not valid: use 1-128 letters, digits, '_' or '-'",
+            )
         key = prompt.idempotency_key or uuid.uuid4().hex
         if prompt.idempotency_key is None:
             prompt = prompt.model_copy(update={"idempotency_key": key})

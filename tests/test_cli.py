@@ -1,0 +1,116 @@
+"""The command line, run as real subprocesses: `infernode up`, `infernode prompt`, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+READY = re.compile(r"infernode: ready on (nats://\S+)")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "node.cli", *args]
+
+
+class LineReader:
+    """Reads a pipe on a thread so the test can wait for a line with a deadline."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:  # type: ignore[no-untyped-def]
+        for line in stream:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if m := pattern.search(line):
+                return m
+        raise AssertionError(f"no line matching {pattern.pattern!r} in {timeout} s: {self.seen}")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+    environ["INFERNODE_DATA_DIR"] = str(tmp_path / "data")
+    environ["INFERNODE_THREADS"] = "2"
+    return environ
+
+
+def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Given `infernode up` with no flags, `infernode prompt` streams an answer; SIGTERM exits 0."""
+    up = subprocess.Popen(
+        _cli("up"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out = LineReader(up.stdout)
+        url = out.wait_for(READY, timeout=90).group(1)
+        hint = out.wait_for(re.compile(r"infernode prompt "), timeout=5)
+        assert url in hint.string
+
+        # No --nats-url: the prompt command finds the node through the data dir it wrote.
+        prompt = subprocess.run(
+            _cli("prompt", "cli-demo", "Hello there", "--max-tokens", "8", "--temperature", "0"),
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert prompt.returncode == 0, prompt.stderr
+        assert re.search(r"\[generation 1 \| cached 0 / prompt \d+ tokens \| completion \d+",
+                         prompt.stdout), prompt.stdout
+        streamed = prompt.stdout.split("\n[generation")[0]
+        assert streamed.strip(), "no tokens were streamed"
+
+        again = subprocess.run(
+            _cli("prompt", "cli-demo", "And again", "--max-tokens", "4", "--nats-url", url),
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert again.returncode == 0, again.stderr
+        cached = re.search(r"\[generation 2 \| cached (\d+) / prompt", again.stdout)
+        assert cached and int(cached.group(1)) > 0, again.stdout
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=10)
+
+
+def test_prompt_without_a_node_says_so_and_exits_nonzero(env: dict[str, str]) -> None:
+    """Given no node, `infernode prompt` prints a readable sentence, not a traceback."""
+    done = subprocess.run(
+        _cli("prompt", "s1", "hi", "--nats-url", "nats://127.0.0.1:1", "--timeout", "5"),
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "nats://127.0.0.1:1" in done.stderr
+
+
+def test_invalid_session_id_on_the_cli_is_a_readable_error(env: dict[str, str]) -> None:
+    """Given a session id that is not one subject token, the CLI refuses it before sending."""
+    done = subprocess.run(
+        _cli("prompt", "bad.id", "hi", "--nats-url", "nats://127.0.0.1:1"),
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "bad.id" in done.stderr
