@@ -2,8 +2,9 @@
 
 A prompt is acked on the intake stream only once its session runner answered that it is in
 the record log (or refused it for good, with a typed error event). Until then it stays in
-the stream and is redelivered, after a crash too; the runner recognises a redelivery by
-its intake sequence and does not record it twice.
+the stream and is redelivered — after a crash, or when the record log or the runner is
+unavailable (``unavailable`` is "not now", never a refusal); the runner recognises a
+redelivery by its intake sequence and does not record it twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import PromptRequest
 from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects, is_session_id
 
+TRANSIENT = frozenset({ErrorCode.UNAVAILABLE})
+"""Refusals that say "not now" (the record log or the node is unavailable): offered again."""
+
 
 class Admission(Actor):
     """Pulls from the intake stream, one prompt at a time."""
@@ -36,16 +40,19 @@ class Admission(Actor):
         max_prompt_bytes: int = 4 << 20,
         admit_timeout_s: float = 10.0,
         batch: int = 32,
+        retry_s: float = 1.0,
     ) -> None:
         super().__init__(nc, subjects)
         self.js: JetStreamContext = nc.jetstream()
         self.max_prompt_bytes = max_prompt_bytes
         self.admit_timeout_s = admit_timeout_s
         self.batch = batch
+        self.retry_s = retry_s
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self.admitted = 0
         self.rejected = 0
+        self.deferred = 0
 
     async def start(self) -> None:
         """Bind the durable pull consumer and start pulling."""
@@ -72,7 +79,7 @@ class Admission(Actor):
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=0.5)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception as e:  # a reconnect in progress: try again shortly
                 if self._stopping.is_set():
@@ -108,18 +115,23 @@ class Admission(Actor):
                 self.subjects.admit(token), encode(req), timeout=self.admit_timeout_s
             )
             outcome: AdmitReply = parse_reply(reply.data, reply.headers, AdmitReply)
+            if outcome.outcome == "rejected" and outcome.error is not None:
+                body = outcome.error
+                raise InferError(body.code, body.message, body.details)
         except InferError as e:
+            if e.code in TRANSIENT:
+                return await self._defer(msg, token, e)
             await self._reject(token, e, key)
             return await self._settle(msg, rejected=True)
         except Exception as e:  # no runner answered: leave it in the stream for later
-            self.log.warning("admit_deferred", session=token, error=repr(e))
-            await msg.nak(delay=1.0)
-            return
-        if outcome.outcome == "rejected" and outcome.error is not None:
-            err = InferError(outcome.error.code, outcome.error.message, outcome.error.details)
-            await self._reject(token, err, key)
-            return await self._settle(msg, rejected=True)
+            return await self._defer(msg, token, e)
         await self._settle(msg, rejected=False)
+
+    async def _defer(self, msg: Msg, session: str, error: Exception) -> None:
+        """Not recorded, but not refused either: the stream offers it again shortly."""
+        self.log.warning("admit_deferred", session=session, error=repr(error))
+        self.deferred += 1
+        await msg.nak(delay=self.retry_s)
 
     def _parse(self, msg: Msg, session: str) -> PromptRequest:
         if len(msg.data) > self.max_prompt_bytes:
@@ -131,7 +143,8 @@ class Admission(Actor):
         try:
             prompt = PromptRequest.model_validate_json(msg.data)
         except ValidationError as e:
-            raise InferError(ErrorCode.BAD_REQUEST, f"invalid prompt: {validation_sentence(e)}") from e
+            sentence = validation_sentence(e)
+            raise InferError(ErrorCode.BAD_REQUEST, f"invalid prompt: {sentence}") from e
         if prompt.session is not None and prompt.session != session:
             raise InferError(
                 ErrorCode.BAD_REQUEST,
@@ -149,4 +162,9 @@ class Admission(Actor):
             self.rejected += 1
         else:
             self.admitted += 1
-        await msg.ack()
+        # Confirmed by the server, so "acked" is a fact the next prompt can rely on.
+        await msg.ack_sync()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for admin and metrics."""
+        return {"admitted": self.admitted, "rejected": self.rejected, "deferred": self.deferred}

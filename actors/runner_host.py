@@ -2,6 +2,7 @@
 
 It owns the record log (JetStream) and rebuilds every session from it at start, turning an
 interrupted turn into an honest provisional/aborted record whose prompts are answered again.
+It also logs a periodic stats heartbeat (sessions, turns in flight, RSS).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 
+import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -19,11 +22,10 @@ from pydantic import BaseModel
 
 from actors.base import Actor, encode, parse_reply
 from actors.session_runner import SessionRunner, new_id
-from actors.session_state import SessionState
+from actors.session_state import SessionState, apply
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
-    AdmitReply,
     AdmitRequest,
     BankCommitRequest,
     CancelRequest,
@@ -49,15 +51,20 @@ class RunnerHost(Actor):
         max_sessions: int = 4096,
         tombstones: int = 1024,
         turn_timeout_s: float = 3600.0,
+        heartbeat_s: float = 30.0,
+        stop_wait_s: float = 10.0,
     ) -> None:
         super().__init__(nc, subjects)
         self.js: JetStreamContext = nc.jetstream()
         self.max_pending = max_pending
         self.max_sessions = max_sessions
         self.turn_timeout_s = turn_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.stop_wait_s = stop_wait_s
         self.runners: dict[str, SessionRunner] = {}
         self.tombstones: OrderedDict[str, float] = OrderedDict()
         self.max_tombstones = tombstones
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         """Rebuild sessions from the record log, then subscribe and resume."""
@@ -68,11 +75,18 @@ class RunnerHost(Actor):
         await self.subscribe(s.session_control_all(), self.on_control)
         for runner in self.runners.values():
             runner.resume()
+        if self.heartbeat_s > 0:
+            self.spawn(self._heartbeat(), "heartbeat")
 
     async def stop(self) -> None:
-        """Stop taking work, abort running turns (retried after restart), then drain."""
-        await asyncio.gather(*(r.shutdown() for r in list(self.runners.values())))
+        """Abort running turns (retried after a restart), finish what is queued, close."""
+        self._stopping.set()
+        runners = list(self.runners.values())
+        await asyncio.gather(*(r.stop_turn(self.stop_wait_s) for r in runners))
+        # Requests already delivered are still answered: admits are recorded (no new turn
+        # starts), aborts find nothing running, deletes complete.
         await super().stop()
+        await asyncio.gather(*(r.close() for r in list(self.runners.values())))
 
     # -- handlers --------------------------------------------------------------------------
     async def on_admit(self, msg: Msg) -> None:
@@ -90,6 +104,11 @@ class RunnerHost(Actor):
                     f"session {req.session} does not exist, so it cannot be at generation "
                     f"{req.prompt.expect_generation}",
                 )
+            if not req.prompt.messages:
+                raise InferError(
+                    ErrorCode.UNKNOWN_SESSION,
+                    f"session {req.session} does not exist, so it has no turn to retry",
+                )
             if len(self.runners) >= self.max_sessions:
                 raise InferError(
                     ErrorCode.BUSY,
@@ -100,22 +119,29 @@ class RunnerHost(Actor):
         await self.respond(msg, await runner.admit(req))
 
     async def on_abort(self, msg: Msg) -> None:
-        """An agent aborts the running turn of a session."""
+        """An agent aborts the running turn of a session (answered once it is recorded)."""
         session = self.subjects.session_of_abort(msg.subject)
         body = AbortRequest.model_validate_json(msg.data) if msg.data.strip() else AbortRequest()
         runner = self._known(session)
+        # Waiting for the engine must not hold up other sessions' aborts: answer in a task.
+        self.spawn(self._boundary(lambda m: self._answer_abort(m, runner, body), msg), "abort")
+
+    async def _answer_abort(self, msg: Msg, runner: SessionRunner, body: AbortRequest) -> None:
         await self.respond(msg, await runner.abort(body.reason))
 
     async def on_control(self, msg: Msg) -> None:
-        """Admin: ``delete`` or ``history`` of one session."""
+        """Admin: ``delete`` one session (answered once its records are written)."""
         session = msg.subject.rsplit(".", 1)[-1]
         verb = msg.data.decode(errors="replace").strip() or "history"
         runner = self._known(session)
-        if verb == "delete":
-            await runner.delete()
-            await self.nc.publish(msg.reply, b'{"deleted": true}')
-        else:
+        if verb != "delete":
             raise InferError(ErrorCode.BAD_REQUEST, f"unknown session command {verb!r}")
+        self.spawn(self._boundary(lambda m: self._answer_delete(m, runner), msg), "delete")
+
+    async def _answer_delete(self, msg: Msg, runner: SessionRunner) -> None:
+        await runner.delete()
+        if msg.reply:
+            await self.nc.publish(msg.reply, b'{"deleted": true}')
 
     def _known(self, session: str) -> SessionRunner:
         if not is_session_id(session):
@@ -171,30 +197,61 @@ class RunnerHost(Actor):
             token_hash=result.token_hash,
         ))
 
-    async def relay(self, target: str, source: str, text: str) -> None:
-        """Send a finished answer as a prompt to another session, through intake."""
+    async def relay(self, target: str, source: str, turn_id: str, text: str) -> None:
+        """Send a finished answer as a prompt to another session, through intake, once."""
+        key = f"relay-{turn_id}"
         prompt = PromptRequest(
-            messages=(ChatMessage(role="user", content=text, name=source),),
+            messages=(ChatMessage(role="user", content=text, name=source),), idempotency_key=key,
         )
-        await self.js.publish(self.subjects.prompt(target), encode(prompt))
+        await self.js.publish(
+            self.subjects.prompt(target), encode(prompt), headers={MSG_ID_HEADER: key}
+        )
 
     def token_subject(self, session: str) -> str:
         """Where the engine publishes this session's tokens."""
         return self.subjects.events(session, EventKind.TOKEN)
 
+    def inflight(self) -> int:
+        """Turns running on this node now."""
+        return sum(1 for r in self.runners.values() if r.turn is not None)
+
     async def deleted(self, session: str) -> None:
-        """Record the deletion, free engine state, leave a tombstone."""
+        """Record the deletion and leave a tombstone; then free engine state and old records."""
         await self.append(session, DeleteRecord(id=new_id("del"), ts=time.time()))
+        # From here on the host answers gone (410) itself; the runner is no longer reachable.
+        self.runners.pop(session, None)
+        self.tombstones[session] = time.time()
+        self.tombstones.move_to_end(session)
+        while len(self.tombstones) > self.max_tombstones:
+            self.tombstones.popitem(last=False)
         try:
             await self.nc.request(
                 self.subjects.engine_forget(), encode(ForgetRequest(session=session)), timeout=5
             )
         except Exception as e:  # the bank keeps stale bytes until LRU; not worth failing
-            self.log.warning("forget_failed", session=session, error=str(e))
-        self.runners.pop(session, None)
-        self.tombstones[session] = time.time()
-        while len(self.tombstones) > self.max_tombstones:
-            self.tombstones.popitem(last=False)
+            self.log.warning("forget_failed", session=session, error=repr(e))
+        try:  # the delete record stays: it is the durable tombstone a restart rebuilds from
+            await self.js.purge_stream(
+                self.subjects.record_stream, subject=self.subjects.records(session), keep=1
+            )
+        except Exception as e:  # the records are dead weight, not a wrong state
+            self.log.warning("purge_failed", session=session, error=repr(e))
+
+    # -- heartbeat -------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        process = psutil.Process()
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_s)
+                return
+            except TimeoutError:
+                pass
+            rss = await asyncio.to_thread(lambda: process.memory_info().rss)
+            self.log.info(
+                "stats_heartbeat", sessions=len(self.runners), inflight=self.inflight(),
+                pending=sum(len(r.state.pending) for r in self.runners.values()),
+                tombstones=len(self.tombstones), rss_bytes=rss, errors=self.errors,
+            )
 
     # -- rebuild ---------------------------------------------------------------------------
     async def _rebuild(self) -> None:
@@ -203,9 +260,12 @@ class RunnerHost(Actor):
             if isinstance(record, DeleteRecord):
                 states.pop(session, None)
                 self.tombstones[session] = record.ts
+                self.tombstones.move_to_end(session)
                 continue
             self.tombstones.pop(session, None)
-            states.setdefault(session, SessionState(session)).apply(record)
+            apply(states.setdefault(session, SessionState(session)), record)
+        while len(self.tombstones) > self.max_tombstones:
+            self.tombstones.popitem(last=False)
         for state in states.values():
             if state.open_turn is not None:
                 await self._close_interrupted(state)
@@ -226,10 +286,10 @@ class RunnerHost(Actor):
         )
         for record in (provisional, abort):
             await self.append(state.session, record)
-            state.apply(record)
+            apply(state, record)
         self.log.info("interrupted_turn_recorded", session=state.session, turn=turn.id)
 
-    async def _read_records(self):  # type: ignore[no-untyped-def]
+    async def _read_records(self) -> AsyncIterator[tuple[str, Record]]:
         try:
             info = await self.js.stream_info(self.subjects.record_stream)
         except NotFoundError:
@@ -244,12 +304,11 @@ class RunnerHost(Actor):
         try:
             while True:
                 msg = await sub.next_msg(timeout=10)
-                session = msg.subject[prefix:]
-                yield session, RECORD_ADAPTER.validate_json(msg.data)
+                yield msg.subject[prefix:], RECORD_ADAPTER.validate_json(msg.data)
                 if msg.metadata.sequence.stream >= last:
                     return
         finally:
             await sub.unsubscribe()
 
 
-__all__ = ["AdmitReply", "RunnerHost"]
+__all__ = ["RunnerHost"]

@@ -1,6 +1,16 @@
 """A session's state as its record log defines it; rebuilt from the log after a restart.
 
-Pure data, no I/O: the session runner owns one and is its only writer.
+Pure data, no I/O: the session runner owns one and is its only writer. Replaying the log
+(``apply``) must leave the state the live runner had, so every change the runner makes is
+one that a record implies: a turn start takes every pending message as its input, a commit
+moves them into the history, an abort puts them back.
+
+Pending messages come in three kinds. A message whose prompt asked for a reply waits for
+the next turn. A ``reply: false`` append waits only to be part of the next turn's input (or
+joins the history when no turn is coming). The input of an aborted turn is *deferred*: it
+waits for a retry (a prompt with no messages), which answers it and supersedes the abort's
+provisional record; a new prompt with messages instead keeps it as plain context and leaves
+the provisional as the honest, final ABORTED turn.
 """
 
 from __future__ import annotations
@@ -20,9 +30,10 @@ from schemas.records import (
     UserRecord,
 )
 
-
 RETRIED_REASONS = frozenset({"shutdown", "node_restart"})
 """Abort reasons after which a turn's prompts are answered without being asked again."""
+DROPPED_REASONS = frozenset({"context_overflow"})
+"""Abort reasons after which a turn's input is dropped: it can never be answered."""
 
 
 @dataclass
@@ -37,13 +48,15 @@ class HistoryItem:
 
 @dataclass
 class Pending:
-    """A recorded user message not yet answered."""
+    """A recorded user message not yet in the history."""
 
     record: UserRecord
     wants_reply: bool
-    """False for ``reply: false`` appends and for the parents of a client-aborted turn."""
+    """True when the next turn answers it (it becomes one of the turn's parents)."""
     deferred: bool = False
     """Input of an aborted turn, waiting for a retry (never folded as an append)."""
+    supersedes: str | None = None
+    """The provisional record of the aborted turn that last answered it."""
 
 
 @dataclass
@@ -54,28 +67,33 @@ class SessionState:
     generation: int = 0
     history: list[HistoryItem] = field(default_factory=list)
     pending: list[Pending] = field(default_factory=list)
-    intake_seqs: set[int] = field(default_factory=set)
+    intake_seqs: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    """Record ids written for each intake sequence (a redelivery is recognised by it)."""
     keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    superseded_by_next: str | None = None
-    """Provisional record the next committed turn supersedes."""
+    """Record ids written for each idempotency key."""
     records: int = 0
     last_assistant: dict[str, AssistantRecord] = field(default_factory=dict)
     open_turn: TurnStartRecord | None = None
     """A turn start with no commit or abort yet (only during a rebuild)."""
+    open_taken: list[Pending] = field(default_factory=list)
+    """The input of ``open_turn``."""
 
-    # -- changes ----------------------------------------------------------------------------
+    # -- admits ----------------------------------------------------------------------------
     def add_user(self, record: UserRecord) -> None:
         """A user message was recorded."""
+        if record.reply:
+            self.keep_deferred_as_context()
         self.pending.append(Pending(record, record.reply))
         if record.intake_seq is not None:
-            self.intake_seqs.add(record.intake_seq)
+            ids = self.intake_seqs.get(record.intake_seq, ())
+            self.intake_seqs[record.intake_seq] = (*ids, record.id)
         if record.idempotency_key:
             ids = self.keys.get(record.idempotency_key, ())
             self.keys[record.idempotency_key] = (*ids, record.id)
 
-    def wants_turn(self) -> bool:
-        """True when a pending message asks for a reply."""
-        return any(p.wants_reply for p in self.pending)
+    def has_deferred(self) -> bool:
+        """True while an aborted turn's input waits for a retry."""
+        return any(p.deferred for p in self.pending)
 
     def retry_deferred(self) -> bool:
         """A retry was asked for: deferred inputs want their reply again."""
@@ -85,80 +103,133 @@ class SessionState:
                 p.deferred, p.wants_reply, found = False, True, True
         return found
 
+    def keep_deferred_as_context(self) -> None:
+        """A new question instead of a retry: deferred inputs stay context, unanswered."""
+        for p in self.pending:
+            if p.deferred:
+                p.deferred, p.wants_reply, p.supersedes = False, False, None
+
+    # -- turns -----------------------------------------------------------------------------
+    def wants_turn(self) -> bool:
+        """True when a pending message asks for a reply."""
+        return any(p.wants_reply for p in self.pending)
+
     def fold_unanswered_appends(self) -> None:
-        """With no turn to come, ``reply: false`` messages join the history now."""
-        if not self.wants_turn():
-            for p in self.pending:
-                if not p.deferred:
-                    self.history.append(HistoryItem(p.record.id, p.record.message))
-            self.pending = [p for p in self.pending if p.deferred]
+        """With no turn to come, ``reply: false`` messages join the history now.
+
+        Nothing is folded while a deferred input waits: the history keeps log order.
+        """
+        if self.wants_turn() or self.has_deferred():
+            return
+        self.history.extend(HistoryItem(p.record.id, p.record.message) for p in self.pending)
+        self.pending = []
 
     def take_pending(self) -> list[Pending]:
         """Everything pending becomes the input of the next turn."""
         taken, self.pending = self.pending, []
         return taken
 
-    def commit(self, taken: list[Pending], assistant: AssistantRecord, commit: CommitRecord) -> None:
+    def put_back(self, taken: list[Pending]) -> None:
+        """A turn could not start: its input is pending again, ahead of newer messages."""
+        self.pending = taken + self.pending
+
+    def commit(
+        self, taken: list[Pending], assistant: AssistantRecord, commit: CommitRecord
+    ) -> None:
         """A turn over ``taken`` was committed."""
-        for p in taken:
-            self.history.append(HistoryItem(p.record.id, p.record.message))
+        self.history.extend(HistoryItem(p.record.id, p.record.message) for p in taken)
         self.history.append(
             HistoryItem(assistant.id, assistant.message, assistant.token_ids, assistant.model_id)
         )
         self.generation = commit.generation
-        self.superseded_by_next = None
 
-    def abort(self, taken: list[Pending], provisional_id: str, retry: bool) -> None:
-        """A turn over ``taken`` was aborted: its inputs wait again for a retry."""
-        self.pending = [
-            Pending(p.record, retry and p.record.reply, deferred=not retry) for p in taken
-        ] + self.pending
-        self.superseded_by_next = provisional_id
+    def abort(self, taken: list[Pending], provisional_id: str, reason: str) -> None:
+        """A turn over ``taken`` was aborted; the generation stays."""
+        if reason in DROPPED_REASONS:
+            return
+        retry = reason in RETRIED_REASONS
+        back = []
+        for p in taken:
+            answered = p.wants_reply
+            back.append(Pending(
+                p.record,
+                wants_reply=retry and answered,
+                deferred=not retry and answered,
+                supersedes=provisional_id if answered else None,
+            ))
+        self.pending = back + self.pending
 
-    def messages_for(self, taken: list[Pending]) -> tuple[tuple[ChatMessage, ...], dict[int, tuple[int, ...]], str | None]:
+    def messages_for(
+        self, taken: list[Pending]
+    ) -> tuple[tuple[ChatMessage, ...], dict[int, tuple[int, ...]], str | None]:
         """Conversation for a turn over ``taken``, with known assistant token ids."""
         msgs = [h.message for h in self.history] + [p.record.message for p in taken]
         tokens = {i: h.token_ids for i, h in enumerate(self.history) if h.token_ids}
         model = next((h.model_id for h in reversed(self.history) if h.model_id), None)
-        return tuple(msgs), tokens, model  # type: ignore[return-value]
+        return tuple(msgs), tokens, model
 
-    # -- rebuild ---------------------------------------------------------------------------
-    def apply(self, record: Record) -> None:
-        """Replay one record of the log."""
-        self.records += 1
-        if isinstance(record, UserRecord):
-            self.add_user(record)
-        elif isinstance(record, TurnStartRecord):
-            self.open_turn = record
-        elif isinstance(record, AssistantRecord):
-            self.last_assistant[record.turn_id] = record
-        elif isinstance(record, CommitRecord):
-            assistant = self.last_assistant.pop(record.turn_id)
-            inputs = set(record.parent_ids)
-            if self.open_turn is not None:
-                inputs |= set(self.open_turn.input_ids)
-            taken = [p for p in self.pending if p.record.id in inputs]
-            self.pending = [p for p in self.pending if p not in taken]
-            self.commit(taken, assistant, record)
-            self.open_turn = None
-        elif isinstance(record, AbortRecord):
-            turn = self.open_turn
-            inputs = set(turn.input_ids) | set(turn.parent_ids) if turn else set()
-            taken = [p for p in self.pending if p.record.id in inputs]
-            self.pending = [p for p in self.pending if p not in taken]
-            if record.reason == "context_overflow":
-                taken = []
-            self.abort(taken, record.provisional_id, retry=record.reason in RETRIED_REASONS)
-            self.open_turn = None
-        elif isinstance(record, ProvisionalRecord):
-            pass
-        elif isinstance(record, DeleteRecord):
-            self.__init__(self.session)  # type: ignore[misc]
+
+def parents_of(taken: list[Pending]) -> tuple[str, ...]:
+    """The user messages a turn over ``taken`` answers."""
+    return tuple(p.record.id for p in taken if p.wants_reply)
+
+
+def supersedes_of(taken: list[Pending]) -> str | None:
+    """The provisional record a turn over ``taken`` replaces, when it is a retry."""
+    return next((p.supersedes for p in reversed(taken) if p.wants_reply and p.supersedes), None)
+
+
+# -- rebuild ----------------------------------------------------------------------------------
+def apply(state: SessionState, record: Record) -> None:
+    """Replay one record of the log onto ``state``."""
+    state.records += 1
+    if isinstance(record, UserRecord):
+        state.add_user(record)
+    elif isinstance(record, TurnStartRecord):
+        _replay_turn_start(state, record)
+    elif isinstance(record, AssistantRecord):
+        state.last_assistant[record.turn_id] = record
+    elif isinstance(record, CommitRecord):
+        assistant = state.last_assistant.pop(record.turn_id, None)
+        if assistant is not None:
+            state.commit(_close_open_turn(state, record.parent_ids), assistant, record)
+    elif isinstance(record, AbortRecord):
+        parents = state.open_turn.parent_ids if state.open_turn else ()
+        state.abort(_close_open_turn(state, parents), record.provisional_id, record.reason)
+    elif isinstance(record, ProvisionalRecord):
+        pass
+    elif isinstance(record, DeleteRecord):
+        fresh = SessionState(state.session)
+        state.__dict__.update(fresh.__dict__)
+
+
+def _replay_turn_start(state: SessionState, record: TurnStartRecord) -> None:
+    # The live runner took every pending message; one that is not an input had been folded
+    # into the history before the turn, so it goes there first (log order).
+    inputs, parents = set(record.input_ids) | set(record.parent_ids), set(record.parent_ids)
+    folded = [p for p in state.pending if p.record.id not in inputs]
+    state.history.extend(HistoryItem(p.record.id, p.record.message) for p in folded)
+    taken = [p for p in state.pending if p.record.id in inputs]
+    state.pending = []
+    for p in taken:
+        p.wants_reply, p.deferred = p.record.id in parents, False
+    state.open_turn, state.open_taken = record, taken
+
+
+def _close_open_turn(state: SessionState, parent_ids: tuple[str, ...]) -> list[Pending]:
+    if state.open_turn is not None:
+        taken = state.open_taken
+    else:  # a log without turn starts: the parents are the input
+        ids = set(parent_ids)
+        taken = [p for p in state.pending if p.record.id in ids]
+        state.pending = [p for p in state.pending if p.record.id not in ids]
+    state.open_turn, state.open_taken = None, []
+    return taken
 
 
 def rebuild(session: str, records: Iterable[Record]) -> SessionState:
     """State of ``session`` after replaying its records."""
     state = SessionState(session)
     for r in records:
-        state.apply(r)
+        apply(state, r)
     return state

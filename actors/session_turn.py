@@ -1,0 +1,202 @@
+"""How a session runner records the end of a turn: commit, abort, or failure.
+
+These steps run inside the runner's mailbox, one at a time, so the records of a turn are
+never interleaved with another command of the same session. The state changes only after
+the records that imply it are in the log (``Turn.recorded`` says whether it did).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from actors.session_state import Pending, SessionState
+from schemas.chat import ChatMessage
+from schemas.errors import ErrorCode, InferError
+from schemas.internal import ErrorBody, GenerateRequest, GenerateResult
+from schemas.messages import (
+    AbortedEvent,
+    AbortReply,
+    CommitEvent,
+    DoneEvent,
+    ErrorEvent,
+    ProvisionalEvent,
+)
+from schemas.records import (
+    AbortRecord,
+    AssistantRecord,
+    CommitRecord,
+    ProvisionalRecord,
+    Record,
+    TurnParams,
+)
+from schemas.subjects import EventKind
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+
+def new_id(kind: str) -> str:
+    """A record or turn id."""
+    return f"{kind}_{uuid.uuid4().hex[:20]}"
+
+
+class RunnerIO(Protocol):
+    """What a runner needs from its host: the bus, nothing else."""
+
+    max_pending: int
+
+    async def append(self, session: str, record: Record) -> None: ...
+    async def event(
+        self, session: str, kind: EventKind, model: BaseModel, aborted: bool = False
+    ) -> None: ...
+    async def generate(self, req: GenerateRequest) -> GenerateResult: ...
+    async def cancel_engine(self, session: str, turn_id: str) -> None: ...
+    async def bank_commit(
+        self, session: str, turn_id: str, generation: int, result: GenerateResult
+    ) -> None: ...
+    async def relay(self, target: str, source: str, turn_id: str, text: str) -> None: ...
+    def token_subject(self, session: str) -> str: ...
+    async def deleted(self, session: str) -> None: ...
+    def inflight(self) -> int: ...
+
+
+@dataclass
+class Turn:
+    """A running turn and its clocks (``perf_counter`` seconds)."""
+
+    id: str
+    taken: list[Pending]
+    parent_ids: tuple[str, ...]
+    supersedes: str | None
+    params: TurnParams
+    queue_ms: float
+    """From the oldest answered message's recording to the start of the turn."""
+    started: float = field(default_factory=time.perf_counter)
+    abort_waiters: list[asyncio.Future[AbortReply]] = field(default_factory=list)
+    abort_reason: str = "client"
+    recorded: bool = False
+    """True once the state took in the turn's end (commit or abort)."""
+
+
+async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateResult) -> int:
+    """Publish ``done``, write the assistant and commit records, then ``commit``; new generation."""
+    s = st.session
+    await io.event(s, EventKind.DONE, DoneEvent(
+        session=s, turn_id=turn.id, parent_ids=turn.parent_ids, text=r.text,
+        tool_calls=r.tool_calls, finish_reason=r.finish_reason, usage=r.usage, cache=r.cache,
+        timings=r.timings,
+    ))
+    message = ChatMessage(role="assistant", content=r.text, tool_calls=r.tool_calls or None)
+    assistant = AssistantRecord(
+        id=new_id("msg"), turn_id=turn.id, message=message, parent_ids=turn.parent_ids,
+        finish_reason=r.finish_reason, token_ids=r.completion_ids, model_id=r.model_id or None,
+        ts=time.time(),
+    )
+    commit = CommitRecord(
+        id=new_id("commit"), turn_id=turn.id, assistant_id=assistant.id,
+        generation=st.generation + 1, parent_ids=turn.parent_ids, supersedes=turn.supersedes,
+        ts=time.time(),
+    )
+    await io.append(s, assistant)
+    await io.append(s, commit)
+    st.commit(turn.taken, assistant, commit)
+    turn.recorded = True
+    await io.event(s, EventKind.COMMIT, CommitEvent(
+        session=s, turn_id=turn.id, generation=commit.generation, record_id=assistant.id,
+        parent_ids=turn.parent_ids, supersedes=commit.supersedes,
+    ))
+    # The bank snapshot and the relay come after the commit: neither delays the stream.
+    await io.bank_commit(s, turn.id, commit.generation, r)
+    if turn.params.relay_to and r.text:
+        await io.relay(turn.params.relay_to, s, turn.id, r.text)
+    return commit.generation
+
+
+async def record_abort(io: RunnerIO, st: SessionState, turn: Turn, text: str, reason: str) -> str:
+    """Write the provisional and abort records, publish both events; the provisional's id."""
+    s = st.session
+    provisional = ProvisionalRecord(
+        id=new_id("prov"), turn_id=turn.id, message=ChatMessage(role="assistant", content=text),
+        parent_ids=turn.parent_ids, ts=time.time(),
+    )
+    await io.append(s, provisional)
+    await io.append(s, AbortRecord(
+        id=new_id("abort"), turn_id=turn.id, provisional_id=provisional.id, reason=reason,
+        ts=time.time(),
+    ))
+    st.abort(turn.taken, provisional.id, reason)
+    turn.recorded = True
+    await io.event(s, EventKind.PROVISIONAL, ProvisionalEvent(
+        session=s, turn_id=turn.id, record_id=provisional.id, parent_ids=turn.parent_ids,
+        text=text,
+    ), aborted=True)
+    await io.event(s, EventKind.ABORTED, AbortedEvent(
+        session=s, turn_id=turn.id, reason=reason, generation=st.generation,
+        provisional_id=provisional.id,
+    ), aborted=True)
+    return provisional.id
+
+
+async def record_failure(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateResult) -> str:
+    """Publish the typed error, then record the turn as aborted; the abort reason."""
+    err = r.error
+    assert err is not None
+    await io.event(st.session, EventKind.ERROR, ErrorEvent(
+        session=st.session, code=err.code, status=InferError(err.code, "").status,
+        message=err.message, turn_id=turn.id, details=err.details,
+    ))
+    reason = err.code.value if err.code == ErrorCode.CONTEXT_OVERFLOW else "engine_error"
+    await record_abort(io, st, turn, r.raw_text or r.text, reason)
+    return reason
+
+
+def chat_start_fields(turn: Turn, messages: int, generation: int, inflight: int) -> dict[str, Any]:
+    """The ``chat_start`` log line of a turn."""
+    return {
+        "turn": turn.id, "messages": messages, "parents": len(turn.parent_ids),
+        "generation": generation, "queue_ms": round(turn.queue_ms, 2), "inflight_now": inflight,
+        "retry_of": turn.supersedes,
+    }
+
+
+def chat_done_fields(
+    turn: Turn, r: GenerateResult, outcome: str, generation: int, inflight: int
+) -> dict[str, Any]:
+    """The ``chat_done`` log line: the engine's buckets and the node's own time.
+
+    ``turn_ms`` runs from the turn's start to its last record and event; ``overhead_ms`` is
+    what of it the engine did not spend (runner, records, bus), so
+    ``overhead_ms / total_ms`` is the node's overhead per unit of engine time.
+    """
+    t, u = r.timings, r.usage
+    turn_ms = (time.perf_counter() - turn.started) * 1000
+    engine_ms = t.lock_wait_ms + t.total_ms
+    return {
+        "turn": turn.id, "outcome": outcome, "finish": r.finish_reason, "generation": generation,
+        "queue_ms": round(turn.queue_ms, 2), "lock_wait_ms": round(t.lock_wait_ms, 2),
+        "tokenize_ms": round(t.tokenize_ms, 2), "restore_ms": round(t.restore_ms, 2),
+        "prefill_ms": round(t.prefill_ms, 2), "decode_ms": round(t.decode_ms, 2),
+        "ttft_ms": round(t.ttft_ms, 2), "total_ms": round(t.total_ms, 2),
+        "turn_ms": round(turn_ms, 2), "overhead_ms": round(max(0.0, turn_ms - engine_ms), 2),
+        "inflight_now": inflight, "prompt_tokens": u.prompt_tokens,
+        "cached_tokens": u.cached_tokens, "new_prefill_tokens": u.new_prefill_tokens,
+        "completion_tokens": u.completion_tokens, "cache_source": r.cache.source,
+        "miss_reason": r.cache.miss_reason,
+    }
+
+
+def failed_result(req: GenerateRequest, err: InferError) -> GenerateResult:
+    """The result of a turn the engine could not run."""
+    return GenerateResult(
+        session=req.session, turn_id=req.turn_id, finish_reason="error",
+        error=ErrorBody(code=err.code, message=err.message, details=err.details),
+    )
+
+
+def aborted_result(req: GenerateRequest) -> GenerateResult:
+    """The result of a turn whose engine request was given up (the node is stopping)."""
+    return GenerateResult(session=req.session, turn_id=req.turn_id, finish_reason="aborted")
