@@ -1,0 +1,664 @@
+"""DESIGN.md §4, one test per session-runner invariant, against a real nats-server.
+
+Most tests drive the node's real actors around a scripted engine (``tests/fake_engine.py``)
+so a race can be staged exactly: a turn held at a token, a failure, an overflow. The abort
+and retry path also runs once on the real GGUF engine with the tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+from structlog.testing import capture_logs
+
+from node.client import InfernodeClient
+from node.streams import ensure_streams
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.errors import ErrorCode, InferError
+from schemas.messages import AbortReply, AbortRequest, PromptRequest
+from schemas.records import (
+    RECORD_ADAPTER,
+    AbortRecord,
+    CommitRecord,
+    ProvisionalRecord,
+    Record,
+    UserRecord,
+)
+from schemas.subjects import ABORTED_HEADER, MSG_ID_HEADER, Subjects
+from tests.fake_engine import FakeNode
+from tests.helpers import EventCollector
+
+S = Subjects()
+GREEDY = SamplingParams(temperature=0.0)
+
+
+# -- helpers --------------------------------------------------------------------------------
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+async def send(nc: Client, session: str, *texts: str, **fields: Any) -> str:
+    """Publish a prompt durably; its idempotency key (accepted/error events carry it)."""
+    key = uuid.uuid4().hex
+    prompt = PromptRequest(messages=tuple(user(t) for t in texts), idempotency_key=key, **fields)
+    await nc.jetstream().publish(
+        S.prompt(session), prompt.model_dump_json().encode(), headers={MSG_ID_HEADER: key}
+    )
+    return key
+
+
+async def retry(nc: Client, session: str) -> str:
+    """A prompt with no messages: retry the aborted turn."""
+    return await send(nc, session)
+
+
+async def abort(nc: Client, session: str) -> AbortReply:
+    body = AbortRequest(reason="client").model_dump_json().encode()
+    msg = await nc.request(S.abort(session), body, timeout=10)
+    assert not (msg.headers or {}).get("Infer-Error"), msg.data
+    return AbortReply.model_validate_json(msg.data)
+
+
+async def records(nc: Client, session: str) -> list[Record]:
+    """The session's record log, read from the stream."""
+    js = nc.jetstream()
+    info = await js.stream_info(S.record_stream, subjects_filter=S.records(session))
+    count = (info.state.subjects or {}).get(S.records(session), 0)
+    if not count:
+        return []
+    sub = await js.subscribe(
+        S.records(session), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    try:
+        msgs = [await sub.next_msg(timeout=5) for _ in range(count)]
+        return [RECORD_ADAPTER.validate_json(m.data) for m in msgs]
+    finally:
+        await sub.unsubscribe()
+
+
+class Session:
+    """Every event of one session, decoded, with waits on them."""
+
+    def __init__(self, collector: EventCollector) -> None:
+        self.col = collector
+
+    @classmethod
+    async def watch(cls, nc: Client, session: str) -> Session:
+        return cls(await EventCollector.start(nc, S.events_all(session)))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [json.loads(m.data) for m in self.col.messages if m.subject.endswith("." + kind)]
+
+    def msgs(self, kind: str) -> list[Msg]:
+        return [m for m in self.col.messages if m.subject.endswith("." + kind)]
+
+    def kinds(self) -> list[str]:
+        return [m.subject.rsplit(".", 1)[-1] for m in self.col.messages]
+
+    async def until(self, pred: Callable[[Session], bool], timeout: float = 10.0) -> None:
+        await self.col.wait_until(lambda _: pred(self), timeout)
+
+    async def accepted(self, key: str) -> dict[str, Any]:
+        """The accepted event of the prompt with idempotency key ``key``."""
+        await self.until(lambda s: any(e["idempotency_key"] == key for e in s.of("accepted")))
+        return next(e for e in self.of("accepted") if e["idempotency_key"] == key)
+
+    async def error(self, key: str) -> dict[str, Any]:
+        """The error event of the prompt with idempotency key ``key``."""
+        await self.until(lambda s: any(e.get("idempotency_key") == key for e in s.of("error")))
+        return next(e for e in self.of("error") if e.get("idempotency_key") == key)
+
+    async def commits(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        await self.until(lambda s: len(s.of("commit")) >= n, timeout)
+        return self.of("commit")
+
+    async def aborted(self, n: int = 1) -> list[dict[str, Any]]:
+        await self.until(lambda s: len(s.of("aborted")) >= n)
+        return self.of("aborted")
+
+    async def idle(self) -> dict[str, Any]:
+        """Wait until the last status event says idle; that event."""
+        await self.until(lambda s: bool(s.of("status")) and s.of("status")[-1]["state"] == "idle")
+        return self.of("status")[-1]
+
+
+class LogWatch:
+    """A structlog processor that keeps every event and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        entry = dict(event)
+        self._loop.call_soon_threadsafe(self._add, entry)
+        return event
+
+    def _add(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        for pred, fut in self._waiters:
+            if not fut.done() and pred(entry):
+                fut.set_result(None)
+
+    def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e.get("event") == name
+                and all(e.get(k) == v for k, v in match.items())]
+
+    async def wait(self, name: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """The first ``name`` event whose fields include ``match``; fails after ``timeout``."""
+        def pred(e: dict[str, Any]) -> bool:
+            return e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+
+        if not self.named(name, **match):
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._waiters.append((pred, fut))
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise AssertionError(f"no {name} log {match} within {timeout:g} s") from None
+        return self.named(name, **match)[0]
+
+
+@contextmanager
+def watching_logs() -> Iterator[LogWatch]:
+    watch = LogWatch()
+    with capture_logs(processors=[watch]):
+        yield watch
+
+
+@pytest.fixture
+async def logs() -> AsyncIterator[LogWatch]:
+    with watching_logs() as watch:
+        yield watch
+
+
+@pytest.fixture
+async def node(nats_server, logs) -> AsyncIterator[FakeNode]:
+    """The node's actors around the scripted engine, on this test's nats-server."""
+    async with FakeNode(nats_server.url, heartbeat_s=0) as n:
+        yield n
+
+
+# -- 1. accepted means recorded -----------------------------------------------------------
+async def test_accepted_means_recorded(node: FakeNode, nc: Client, logs: LogWatch):
+    """Given the record log is down, a prompt stays unacked in intake; accepted follows its record.
+
+    Given the record stream is gone, when a prompt arrives, then admission leaves it in the
+    intake stream (no accepted event, no error); when the log is back, then the redelivered
+    prompt is recorded once, accepted naming the stored record, answered, and only then acked.
+    """
+    js = nc.jetstream()
+    watch = await Session.watch(nc, "acc")
+    await js.delete_stream(S.record_stream)
+    key = uuid.uuid4().hex
+    prompt = PromptRequest(messages=(user("keep me"),), idempotency_key=key)
+    ack = await js.publish(S.prompt("acc"), prompt.model_dump_json().encode())
+    await logs.wait("admit_deferred", session="acc")
+    assert watch.of("accepted") == [] and watch.of("error") == []
+    assert (await js.get_msg(S.prompt_stream, ack.seq)).data  # still in intake, unacked
+
+    await ensure_streams(js, S, 8 << 20)
+    accepted = await watch.accepted(key)
+    log = await records(nc, "acc")
+    users = [r for r in log if isinstance(r, UserRecord)]
+    assert [u.id for u in users] == list(accepted["message_ids"])
+    assert users[0].intake_seq == ack.seq and users[0].message.content == "keep me"
+    await watch.commits(1)
+
+    # Admission settles prompts in order: once a later prompt is accepted, the first is acked.
+    await watch.accepted(await send(nc, "acc", "next"))
+    with pytest.raises(NotFoundError):
+        await js.get_msg(S.prompt_stream, ack.seq)
+    assert len([r for r in await records(nc, "acc") if isinstance(r, UserRecord)]) == 2
+
+
+# -- 2. no lost wake-up -------------------------------------------------------------------
+async def test_no_lost_wakeup(node: FakeNode, nc: Client):
+    """A prompt admitted while the runner finishes a turn is answered by a following turn.
+
+    Given a turn held after its last token (its result about to be sent), when a prompt is
+    admitted, then it is answered by the next turn. Given turns that end on their own, when a
+    prompt is published the moment the previous turn's ``done`` or ``commit`` is seen, then
+    every prompt is answered and the session ends idle with nothing pending.
+    """
+    watch = await Session.watch(nc, "wake")
+    gate = node.fake.hold("wake", after=2, tokens=("al", "l"))
+    await send(nc, "wake", "first")
+    await gate.wait_reached()
+    second = (await watch.accepted(await send(nc, "wake", "second")))["message_ids"]
+    gate.release()
+    commits = await watch.commits(2)
+    assert [c["parent_ids"] for c in commits][1] == second
+
+    sent: list[asyncio.Task[str]] = []
+
+    async def publish_now(_: Msg) -> None:
+        sent.append(asyncio.ensure_future(send(nc, "wake", "again")))
+
+    for stage in ("done", "commit", "done", "commit", "done", "commit"):
+        n = len(watch.of("commit"))
+        await nc.subscribe(S.events("wake", stage), cb=publish_now, max_msgs=1)
+        await send(nc, "wake", f"before {stage}")
+        await watch.commits(n + 2)
+    keys = await asyncio.gather(*sent)
+    answered = {p for c in watch.of("commit") for p in c["parent_ids"]}
+    for key in keys:
+        assert set((await watch.accepted(key))["message_ids"]) <= answered
+    status = await watch.idle()
+    assert status["pending"] == 0
+    assert node.fake.overlaps == 0
+
+
+# -- 3. one turn at a time ----------------------------------------------------------------
+async def test_one_turn_at_a_time_coalesces_and_names_parents(node: FakeNode, nc: Client):
+    """Prompts during a turn are coalesced into the next; each is answered exactly once.
+
+    Given a running turn, when six prompts arrive, then one following turn answers all six,
+    naming them as parents in order, over the whole history. Given an idle session, when
+    twelve prompts arrive at once, then turns never overlap, every prompt is a parent of
+    exactly one commit, and no two replies share a parent.
+    """
+    watch = await Session.watch(nc, "co")
+    gate = node.fake.hold("co", after=1)
+    await send(nc, "co", "p0")
+    await gate.wait_reached()
+    keys = await asyncio.gather(*(send(nc, "co", f"p{i}") for i in range(1, 7)))
+    ids = [(await watch.accepted(k))["message_ids"][0] for k in keys]
+    gate.release()
+    commits = await watch.commits(2)
+    assert len(watch.of("started")) == 2
+    accepted_order = [e["message_ids"][0] for e in watch.of("accepted")][1:]
+    assert commits[1]["parent_ids"] == accepted_order and set(ids) == set(accepted_order)
+    second = [m.content for m in node.fake.requests[1].messages]
+    users = [r for r in await records(nc, "co") if isinstance(r, UserRecord)]
+    assert [u.id for u in users[1:]] == accepted_order
+    assert second == ["p0", "partial rest", *(u.message.content for u in users[1:])]
+
+    burst = await Session.watch(nc, "burst")
+    keys = await asyncio.gather(*(send(nc, "burst", f"q{i}") for i in range(12)))
+    ids = [(await burst.accepted(k))["message_ids"][0] for k in keys]
+    await burst.until(lambda s: {p for c in s.of("commit") for p in c["parent_ids"]} >= set(ids))
+    parents = [p for c in burst.of("commit") for p in c["parent_ids"]]
+    assert sorted(parents) == sorted(ids)  # each once: disjoint, none twice
+    flow = [k for k in burst.kinds() if k in ("started", "commit")]
+    assert flow == ["started", "commit"] * (len(flow) // 2)
+    assert len(burst.of("done")) == len(burst.of("commit")) <= 12
+    assert node.fake.overlaps == 0
+
+
+async def test_reply_false_appends_without_a_turn(node: FakeNode, nc: Client):
+    """A ``reply: false`` prompt is recorded and joins the context; no turn answers it.
+
+    Given an idle session, when a prompt with ``reply: false`` arrives, then it is accepted
+    and no turn starts; when a question follows, then its turn sees the note before it and
+    names only the question as its parent.
+    """
+    watch = await Session.watch(nc, "note")
+    note = (await watch.accepted(await send(nc, "note", "a note", reply=False)))["message_ids"]
+    question = (await watch.accepted(await send(nc, "note", "a question")))["message_ids"]
+    commit = (await watch.commits(1))[0]
+    assert commit["parent_ids"] == question and note[0] not in commit["parent_ids"]
+    assert len(watch.of("started")) == 1 and len(node.fake.requests) == 1
+    assert [m.content for m in node.fake.requests[0].messages] == ["a note", "a question"]
+    assert (await watch.idle())["pending"] == 0
+
+
+async def test_a_republished_prompt_is_recorded_once(node: FakeNode, nc: Client):
+    """Given a prompt published twice with one idempotency key, it is recorded and answered once."""
+    watch = await Session.watch(nc, "idem")
+    prompt = PromptRequest(messages=(user("once"),), idempotency_key="k-1")
+    for msg_id in ("a", "b"):  # two intake messages, one key
+        await nc.jetstream().publish(S.prompt("idem"), prompt.model_dump_json().encode(),
+                                     headers={MSG_ID_HEADER: msg_id})
+    await watch.commits(1)
+    await watch.accepted(await send(nc, "idem", "barrier"))
+    await watch.commits(2)
+    users = [r for r in await records(nc, "idem") if isinstance(r, UserRecord)]
+    assert [u.message.content for u in users] == ["once", "barrier"]
+    assert len(watch.of("accepted")) == 2
+
+
+# -- 4. generation counter ----------------------------------------------------------------
+async def test_generation_counter_expect_generation_conflict(node: FakeNode, nc: Client):
+    """A mismatched ``expect_generation`` is a 409 naming the generation; nothing changes.
+
+    Given a session at generation 1, when a prompt expects 0, then it gets conflict (409)
+    with the current generation in the details, and no record, event or turn follows. An
+    aborted turn leaves the generation where it was; the next commit makes it 2, and a
+    prompt still expecting 1 is refused. A new session expecting a generation is unknown.
+    """
+    watch = await Session.watch(nc, "gen")
+    await send(nc, "gen", "one")
+    assert (await watch.commits(1))[0]["generation"] == 1
+    before = await records(nc, "gen")
+
+    error = await watch.error(await send(nc, "gen", "stale", expect_generation=0))
+    assert error["code"] == "conflict" and error["status"] == 409
+    assert error["details"] == {"generation": 1, "expected": 0}
+    assert await records(nc, "gen") == before
+    assert len(watch.of("accepted")) == 1 and len(node.fake.requests) == 1
+    assert node.host.runners["gen"].state.pending == []
+
+    gate = node.fake.hold("gen", after=1)
+    await send(nc, "gen", "two", expect_generation=1)
+    await gate.wait_reached()
+    await abort(nc, "gen")
+    assert (await watch.aborted())[0]["generation"] == 1
+    await send(nc, "gen", "three", expect_generation=1)
+    assert (await watch.commits(2))[1]["generation"] == 2
+
+    error = await watch.error(await send(nc, "gen", "late", expect_generation=1))
+    assert error["code"] == "conflict" and error["details"]["generation"] == 2
+    assert node.host.runners["gen"].state.generation == 2
+
+    fresh = await Session.watch(nc, "gen-new")
+    error = await fresh.error(await send(nc, "gen-new", "hi", expect_generation=3))
+    assert error["code"] == "unknown_session" and error["status"] == 404
+
+
+# -- 5. abort -----------------------------------------------------------------------------
+async def test_abort_stops_within_one_token_records_provisional(node: FakeNode, nc: Client):
+    """An abort stops the turn at once and records its partial text; no commit, no banking.
+
+    Given a turn held after two tokens, when the agent requests an abort, then the reply
+    comes once the provisional (partial text, finish ``aborted``) and abort records are in
+    the log; ``provisional`` and ``aborted`` carry ``Infer-Aborted: 1``; no token follows
+    the cancel; the generation stays; and the bank committer is never asked to bank it.
+    """
+    watch = await Session.watch(nc, "ab")
+    banked = await EventCollector.start(nc, S.bank_commit())
+    await send(nc, "ab", "warm up")
+    await watch.commits(1)
+    gate = node.fake.hold("ab", after=2, tokens=("par", "tial", " never", " sent"))
+    await send(nc, "ab", "stop me")
+    turn = await gate.wait_reached()
+
+    reply = await abort(nc, "ab")
+    assert reply.aborted and reply.turn_id == turn
+    log = [r for r in await records(nc, "ab") if getattr(r, "turn_id", None) == turn]
+    prov, ended = log
+    assert isinstance(prov, ProvisionalRecord) and isinstance(ended, AbortRecord)
+    assert prov.message.content == "partial" and ended.reason == "client"
+    assert [c.turn_id for c in node.fake.cancels] == [turn]
+
+    await watch.aborted()
+    for kind in ("provisional", "aborted"):
+        (msg,) = watch.msgs(kind)
+        assert (msg.headers or {}).get(ABORTED_HEADER) == "1"
+    provisional, aborted = watch.of("provisional")[0], watch.of("aborted")[0]
+    assert provisional["text"] == "partial" and provisional["finish_reason"] == "aborted"
+    assert aborted["generation"] == 1 and aborted["provisional_id"] == prov.id
+    tokens = [e["text"] for e in watch.of("token") if e["turn_id"] == turn]
+    assert tokens == ["par", "tial"]
+    assert not [c for c in watch.of("commit") if c["turn_id"] == turn]
+    assert not [d for d in watch.of("done") if d["turn_id"] == turn]
+
+    await send(nc, "ab", "after")  # a later commit is the barrier for any bank request
+    await watch.commits(2)
+    await banked.wait_until(lambda ms: len(ms) >= 2)
+    assert [json.loads(m.data)["generation"] for m in banked.messages] == [1, 2]
+    assert turn not in {json.loads(m.data)["turn_id"] for m in banked.messages}
+    assert (await abort(nc, "ab")).aborted is False  # nothing runs now
+
+
+# -- 6. retry -----------------------------------------------------------------------------
+async def test_retry_supersedes_provisional(node: FakeNode, nc: Client):
+    """A retry runs from the last committed checkpoint; its commit names the provisional.
+
+    Given an aborted turn, when a prompt with no messages asks for a retry, then the turn
+    sees the committed history and the aborted question (never the partial text), answers
+    that question, and its commit record and event name the provisional it supersedes.
+    """
+    watch = await Session.watch(nc, "re")
+    await send(nc, "re", "one")
+    await watch.commits(1)
+    gate = node.fake.hold("re", after=1)
+    two = (await watch.accepted(await send(nc, "re", "two")))["message_ids"]
+    await gate.wait_reached()
+    await abort(nc, "re")
+    provisional = (await watch.aborted())[0]["provisional_id"]
+
+    await watch.accepted(await retry(nc, "re"))
+    commit = (await watch.commits(2))[1]
+    assert commit["supersedes"] == provisional and commit["parent_ids"] == two
+    assert commit["generation"] == 2
+    assert [m.content for m in node.fake.requests[-1].messages] == ["one", "re: one", "two"]
+    log = await records(nc, "re")
+    (record,) = [r for r in log if isinstance(r, CommitRecord) and r.turn_id == commit["turn_id"]]
+    assert record.supersedes == provisional
+    assert any(isinstance(r, ProvisionalRecord) and r.id == provisional for r in log)
+
+
+async def test_unretried_abort_stays_in_history(node: FakeNode, nc: Client):
+    """Without a retry, the provisional stays as the final ABORTED turn in the history.
+
+    Given an aborted turn, when the agent asks something new instead, then the new turn
+    answers only the new question, supersedes nothing, and keeps the aborted question as
+    context without the partial text; the history shows the provisional as ABORTED, and a
+    retry now finds nothing to retry.
+    """
+    watch = await Session.watch(nc, "un")
+    await send(nc, "un", "one")
+    await watch.commits(1)
+    gate = node.fake.hold("un", after=1)
+    await send(nc, "un", "two")
+    await gate.wait_reached()
+    await abort(nc, "un")
+    provisional = (await watch.aborted())[0]["provisional_id"]
+
+    three = (await watch.accepted(await send(nc, "un", "three")))["message_ids"]
+    commit = (await watch.commits(2))[1]
+    assert commit["parent_ids"] == three and commit["supersedes"] is None
+    seen = [m.content for m in node.fake.requests[-1].messages]
+    assert seen == ["one", "re: one", "two", "three"]
+    async with InfernodeClient(node.url, nc=nc) as client:
+        history = await client.history("un")
+    aborted = [r for r in history.records if r.kind == "provisional"]
+    assert [(r.id, r.status, r.content) for r in aborted] == [(provisional, "ABORTED", "par")]
+    assert [r.status for r in history.records if r.kind == "assistant"] == ["committed"] * 2
+    error = await watch.error(await retry(nc, "un"))
+    assert error["code"] == "bad_request"
+
+
+# -- 7. status ----------------------------------------------------------------------------
+async def test_status_idle_restored_on_every_failure_path(node: FakeNode, nc: Client, nats_server):
+    """Status goes busy then idle on engine error, overflow, abort, shutdown and no engine.
+
+    Given a turn that fails in the engine, overflows the context, is aborted, is cut by a
+    node shutdown, or finds no engine, then a typed error or abort is published and the
+    session's last status is idle; a shutdown-cut turn is answered after the restart, its
+    commit superseding the shutdown's provisional.
+    """
+    async def ends_idle(watch: Session) -> dict[str, Any]:
+        status = await watch.idle()
+        assert [s["state"] for s in watch.of("status")].count("busy") >= 1
+        return status
+
+    err = await Session.watch(nc, "err")
+    node.fake.fail("err")
+    await send(nc, "err", "boom")
+    await err.until(lambda s: bool(s.of("error")) and bool(s.of("aborted")))
+    error = err.of("error")[0]
+    assert error["code"] == "internal" and error["status"] == 500 and error["turn_id"]
+    assert err.of("aborted")[0]["reason"] == "engine_error"
+    await ends_idle(err)
+    await send(nc, "err", "fine")
+    assert (await err.commits(1))[0]["generation"] == 1
+
+    ovf = await Session.watch(nc, "ovf")
+    node.fake.fail("ovf", ErrorCode.CONTEXT_OVERFLOW)
+    await send(nc, "ovf", "too long")
+    await ovf.until(lambda s: bool(s.of("aborted")))
+    error = ovf.of("error")[0]
+    assert error["code"] == "context_overflow" and error["status"] == 422
+    assert error["details"]["n_ctx"] > 0
+    assert (await ends_idle(ovf))["pending"] == 0  # the input that cannot fit is dropped
+
+    abt = await Session.watch(nc, "abt")
+    gate = node.fake.hold("abt")
+    await send(nc, "abt", "wait")
+    await gate.wait_reached()
+    await abort(nc, "abt")
+    await ends_idle(abt)
+
+    bye = await Session.watch(nc, "bye")
+    gate = node.fake.hold("bye")
+    asked = (await bye.accepted(await send(nc, "bye", "cut short")))["message_ids"]
+    await gate.wait_reached()
+    await node.stop()
+    assert bye.of("aborted")[0]["reason"] == "shutdown"
+    await ends_idle(bye)
+    provisional = bye.of("aborted")[0]["provisional_id"]
+
+    async with FakeNode(nats_server.url, heartbeat_s=0) as again:
+        commit = (await bye.commits(1))[0]
+        assert commit["parent_ids"] == asked and commit["supersedes"] == provisional
+        await ends_idle(bye)
+        await again.fake.stop()  # no engine answers now
+        lost = await Session.watch(nc, "lost")
+        await send(nc, "lost", "anyone?")
+        await lost.until(lambda s: bool(s.of("error")))
+        assert lost.of("error")[0]["code"] == "unavailable"
+        await ends_idle(lost)
+
+
+# -- 8. delete ----------------------------------------------------------------------------
+async def test_delete_waits_for_commit_then_404_and_410(nats_server, nc: Client, logs: LogWatch):
+    """Deletion waits for the in-flight commit; then 410 while remembered, 404 after.
+
+    Given a turn whose result is already on its way (it ignores the cancel), when the
+    session is deleted, then the delete answers only after the turn's commit; prompts
+    meanwhile are refused gone (410) and not recorded; afterwards prompts, aborts and
+    history are gone (410) and the log keeps only the delete record. Once the bounded
+    tombstones forget the id, aborts, history and prompts expecting a generation are 404.
+    """
+    async with FakeNode(nats_server.url, heartbeat_s=0, tombstones=1) as node:
+        watch = await Session.watch(nc, "del")
+        await send(nc, "del", "one")
+        await watch.commits(1)
+        gate = node.fake.hold("del", after=3, tokens=("a", "b", "c"), ignore_cancel=True)
+        await send(nc, "del", "two")
+        turn = await gate.wait_reached()
+        async with InfernodeClient(node.url, nc=nc) as client:
+            deleting = asyncio.ensure_future(client.delete("del"))
+            await node.fake.wait_cancel(turn)
+            error = await watch.error(await send(nc, "del", "during"))
+            assert error["code"] == "gone" and error["status"] == 410
+            assert not deleting.done()
+            gate.release()
+            await deleting
+            assert [c["turn_id"] for c in watch.of("commit")][-1] == turn
+            assert [r.type for r in await records(nc, "del")] == ["record.delete.v1"]
+            assert [f.session for f in node.fake.forgets] == ["del"]
+
+            error = await watch.error(await send(nc, "del", "after"))
+            assert error["code"] == "gone"
+            for call in (client.abort("del"), client.history("del"), client.delete("del")):
+                with pytest.raises(InferError) as gone:
+                    await call
+                assert gone.value.code == ErrorCode.GONE
+
+            other = await Session.watch(nc, "other")
+            await send(nc, "other", "x")
+            await other.commits(1)
+            await client.delete("other")  # tombstones=1: "del" is forgotten
+            for call in (client.abort("del"), client.history("del")):
+                with pytest.raises(InferError) as unknown:
+                    await call
+                assert unknown.value.code == ErrorCode.UNKNOWN_SESSION
+            error = await watch.error(await send(nc, "del", "back?", expect_generation=2))
+            assert error["code"] == "unknown_session" and error["status"] == 404
+
+
+# -- logs ---------------------------------------------------------------------------------
+BUCKETS = ("queue_ms", "lock_wait_ms", "tokenize_ms", "restore_ms", "prefill_ms", "decode_ms",
+           "total_ms", "turn_ms", "overhead_ms")
+COUNTS = ("inflight_now", "prompt_tokens", "cached_tokens", "completion_tokens")
+
+
+async def test_every_turn_logs_chat_start_and_chat_done_with_timing_buckets(
+    node: FakeNode, nc: Client, logs: LogWatch
+):
+    """Given a committed and an aborted turn, each logs chat_start and chat_done with buckets."""
+    watch = await Session.watch(nc, "logs")
+    await send(nc, "logs", "hello")
+    turn = (await watch.commits(1))[0]["turn_id"]
+    start = await logs.wait("chat_start", turn=turn)
+    assert start["session"] == "logs" and start["inflight_now"] == 1 and start["queue_ms"] >= 0
+    done = await logs.wait("chat_done", turn=turn)
+    assert done["outcome"] == "committed" and done["session"] == "logs"
+    assert all(isinstance(done[k], float | int) and done[k] >= 0 for k in BUCKETS + COUNTS)
+    assert done["completion_tokens"] == 2 and done["turn_ms"] >= done["total_ms"]
+
+    gate = node.fake.hold("logs")
+    await send(nc, "logs", "again")
+    held = await gate.wait_reached()
+    await abort(nc, "logs")
+    assert (await logs.wait("chat_done", turn=held))["outcome"] == "aborted"
+    assert logs.named("chat_start", turn=held)
+
+
+async def test_stats_heartbeat_logs_sessions_inflight_and_rss(
+    nats_server, nc: Client, logs: LogWatch
+):
+    """Given a heartbeat period, the host logs sessions, turns in flight and RSS every period."""
+    async with FakeNode(nats_server.url, heartbeat_s=0.05) as node:
+        watch = await Session.watch(nc, "beat")
+        gate = node.fake.hold("beat")
+        await send(nc, "beat", "hi")
+        await gate.wait_reached()
+        beat = await logs.wait("stats_heartbeat", sessions=1, inflight=1)
+        assert beat["rss_bytes"] > 0 and beat["pending"] == 0
+        gate.release()
+        await watch.commits(1)
+        await logs.wait("stats_heartbeat", sessions=1, inflight=0)
+
+
+# -- the real engine ----------------------------------------------------------------------
+async def test_abort_and_retry_on_the_real_engine(make_node, nc: Client):
+    """On the tiny GGUF model: abort stops the turn mid-stream, the retry starts afresh.
+
+    Given a long greedy turn, when it is aborted after its first token, then the provisional
+    holds exactly the streamed text, fewer tokens than asked for, and the generation stays 0;
+    when the agent retries, then the commit supersedes that provisional and, greedy from the
+    committed checkpoint, its text begins with the aborted partial text.
+    """
+    node = await make_node(threads=1)
+    watch = await Session.watch(nc, "real")
+    key = await send(nc, "real", "tell me everything", sampling=GREEDY, max_tokens=1800)
+    asked = (await watch.accepted(key))["message_ids"]
+    await watch.until(lambda s: bool(s.of("token")), timeout=30)
+    async with InfernodeClient(node.url, nc=nc) as client:
+        reply = await client.abort("real")
+        assert reply.aborted
+        aborted = (await watch.aborted())[0]
+        assert aborted["generation"] == 0 and aborted["reason"] == "client"
+        provisional = watch.of("provisional")[0]
+        streamed = [e["text"] for e in watch.of("token") if e["turn_id"] == reply.turn_id]
+        assert provisional["text"] == "".join(streamed) and 0 < len(streamed) < 1800
+        assert (watch.msgs("aborted")[0].headers or {}).get(ABORTED_HEADER) == "1"
+        assert watch.of("commit") == []
+
+        await watch.accepted(await retry(nc, "real"))
+        commit = (await watch.commits(1, timeout=60))[0]
+        done = watch.of("done")[0]
+        assert commit["supersedes"] == aborted["provisional_id"]
+        assert commit["parent_ids"] == asked and commit["generation"] == 1
+        partial = provisional["text"]
+        assert done["text"].startswith(partial) and len(done["text"]) > len(partial)
+        history = await client.history("real")
+    kinds = [(r.kind, r.status) for r in history.records if r.kind in ("provisional", "assistant")]
+    assert kinds == [("provisional", "ABORTED"), ("assistant", "committed")]
