@@ -106,7 +106,7 @@ class Node:
             BankCommitter(await self._connect("bank"), s, cfg.commit_wait_s),
             RunnerHost(
                 await self._connect("runners"), s, cfg.max_pending_per_session,
-                cfg.max_sessions, cfg.tombstones,
+                cfg.max_sessions, cfg.tombstones, heartbeat_s=cfg.heartbeat_s,
             ),
             Admission(await self._connect("admission"), s, max_prompt_bytes=cfg.max_payload),
         ]
