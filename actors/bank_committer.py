@@ -1,12 +1,18 @@
 """The bank committer: banks the KV state of every committed turn, after ``done``.
 
 It never delays a turn's stream: the runner hands it the commit after publishing ``done``
-and moves on. It asks the engine to snapshot the slot once the slot is idle (bounded wait);
-on a deadline or an error it logs why and drops only that snapshot, never the record.
+and moves on. For each commit it asks the engine to snapshot the slot once the slot is idle
+(bounded by ``wait_s``); on a deadline or an error it logs why and drops only that snapshot,
+never the record (records live in the session's log, which it never touches).
+
+Commits are handled concurrently: one commit waiting for a busy slot must not hold back the
+commits of other sessions. A later turn of the same session simply supersedes an earlier
+snapshot that has not been taken yet.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from nats.aio.client import Client
@@ -15,6 +21,9 @@ from nats.aio.msg import Msg
 from actors.base import Actor, encode, parse_reply
 from schemas.internal import BankCommitRequest, SnapshotReply, SnapshotRequest
 from schemas.subjects import Subjects
+
+_REPLY_MARGIN_S = 5.0
+"""Extra time for the engine's reply on top of its own bounded wait."""
 
 
 class BankCommitter(Actor):
@@ -27,28 +36,42 @@ class BankCommitter(Actor):
         self.wait_s = wait_s
         self.committed = 0
         self.stored = 0
+        self.handled = 0
         self.dropped: Counter[str] = Counter()
         self.bytes_stored = 0
+        self._progress = asyncio.Condition()
 
     async def start(self) -> None:
-        """Subscribe to commit notices (one at a time: the mailbox)."""
+        """Subscribe to commit notices."""
         await self.subscribe(self.subjects.bank_commit(), self.on_commit, queue="bank")
 
     async def on_commit(self, msg: Msg) -> None:
-        """Bank one committed turn."""
+        """Start banking one committed turn; the mailbox moves on at once."""
         req = BankCommitRequest.model_validate_json(msg.data)
         self.committed += 1
+        self.spawn(self._bank(req), f"commit:{req.session}:{req.generation}")
+
+    async def _bank(self, req: BankCommitRequest) -> None:
         snap = SnapshotRequest(
             session=req.session, generation=req.generation, token_hash=req.token_hash,
             wait_s=self.wait_s,
         )
         try:
             reply = await self.nc.request(
-                self.subjects.engine_snapshot(), encode(snap), timeout=self.wait_s + 5
+                self.subjects.engine_snapshot(), encode(snap),
+                timeout=self.wait_s + _REPLY_MARGIN_S,
             )
             out: SnapshotReply = parse_reply(reply.data, reply.headers, SnapshotReply)
-        except Exception as e:
+        except Exception as e:  # the engine failed or never answered: drop the snapshot
             out = SnapshotReply(stored=False, reason=f"error: {e!r}")
+        try:
+            self._account(req, out)
+        finally:
+            async with self._progress:
+                self.handled += 1
+                self._progress.notify_all()
+
+    def _account(self, req: BankCommitRequest, out: SnapshotReply) -> None:
         if out.stored:
             self.stored += 1
             self.bytes_stored += out.nbytes
@@ -57,12 +80,19 @@ class BankCommitter(Actor):
                 tokens=out.n_tokens, nbytes=out.nbytes, snapshot_ms=round(out.ms, 2),
                 note=out.reason,
             )
-        else:
-            reason = out.reason or "unknown"
-            self.dropped[reason.split(":")[0]] += 1
-            self.log.info(
-                "bank_commit_dropped", session=req.session, generation=req.generation,
-                reason=reason,
+            return
+        reason = out.reason or "unknown"
+        self.dropped[reason.split(":")[0]] += 1
+        self.log.warning(
+            "bank_commit_dropped", session=req.session, generation=req.generation,
+            tokens=req.n_tokens, reason=reason,
+        )
+
+    async def wait_handled(self, count: int, timeout: float = 30.0) -> None:
+        """Return once ``count`` commits were handled (stored or dropped); for tests and drains."""
+        async with self._progress:
+            await asyncio.wait_for(
+                self._progress.wait_for(lambda: self.handled >= count), timeout
             )
 
     def stats(self) -> dict[str, int]:
@@ -70,6 +100,7 @@ class BankCommitter(Actor):
         return {
             "committed": self.committed,
             "stored": self.stored,
+            "handled": self.handled,
             "bytes_stored": self.bytes_stored,
             **{f"dropped_{k}": v for k, v in self.dropped.items()},
         }

@@ -1,8 +1,13 @@
-"""The bank: KV snapshots of sessions, kept in host RAM under byte caps, LRU.
+"""The bank: KV snapshots of sessions in host RAM (byte caps, LRU) over an optional durable tier.
 
 Shared by the engine (which restores from it and snapshots into it when it evicts a slot)
-and the bank committer (which banks every committed turn). Bytes never cross the bus: a
-snapshot can be tens of megabytes. Thread-safe: slot worker threads call it.
+and the bank committer's requests (which bank every committed turn). Bytes never cross the
+bus: a snapshot can be tens of megabytes. Thread-safe: slot worker threads call it.
+
+Tiers: a resident slot, then this RAM tier, then the durable tier (a directory and/or a
+JetStream object store, ``bank_durable``) when one is attached. A lookup that finds a longer
+prefix in the durable tier than in RAM loads it (on the calling slot thread) and keeps a copy
+in RAM. Only committed turns are written to the durable tier.
 """
 
 from __future__ import annotations
@@ -13,6 +18,16 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+if TYPE_CHECKING:
+    from actors.bank_durable import DurableTier
+
+log = structlog.get_logger("bank")
+
+EntryInfo = dict[str, str | int | float | bool]
 
 
 def token_hash(tokens: Sequence[int]) -> str:
@@ -33,18 +48,34 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+@dataclass(frozen=True)
+class Compat:
+    """What a snapshot must share with the running engine to be restored."""
+
+    model_id: str
+    """Identity of the model file; a state of another model is never restored."""
+    n_ctx: int = 0
+    """Context length of the slots: a state's layout depends on it."""
+    template: str = ""
+    """Chat template the tokens were rendered with."""
+
+
 @dataclass
-class BankEntry:
-    """One snapshot: the KV state after ``tokens``."""
+class SnapshotMeta:
+    """Everything about a snapshot except its bytes (what the durable index keeps)."""
 
     session: str
     """Session it belongs to."""
     tokens: tuple[int, ...]
     """Tokens whose KV state the snapshot holds."""
-    data: bytes = field(repr=False)
-    """The state bytes."""
+    nbytes: int
+    """Size of the state."""
     model_id: str
     """Model the state belongs to."""
+    n_ctx: int = 0
+    """Context length of the slot it was taken from."""
+    template: str = ""
+    """Chat template of the tokens."""
     token_hash: str = ""
     """sha256 of ``tokens``."""
     created: float = field(default_factory=time.time)
@@ -58,22 +89,38 @@ class BankEntry:
         if not self.token_hash:
             self.token_hash = token_hash(self.tokens)
 
+    def fits(self, compat: Compat) -> str | None:
+        """None when restorable under ``compat``, else the miss reason."""
+        if self.model_id != compat.model_id or self.n_ctx != compat.n_ctx:
+            return "model_mismatch"
+        if self.template != compat.template:
+            return "template_mismatch"
+        return None
+
+    def describe(self) -> EntryInfo:
+        """Metadata for admin."""
+        return {
+            "session": self.session, "tokens": len(self.tokens), "token_hash": self.token_hash,
+            "nbytes": self.nbytes, "created": self.created, "last_access": self.last_access,
+            "hits": self.hits, "model_id": self.model_id,
+        }
+
+
+@dataclass
+class BankEntry:
+    """One snapshot in RAM: its metadata and the state bytes."""
+
+    meta: SnapshotMeta
+    """Metadata."""
+    data: bytes = field(repr=False)
+    """The state bytes."""
+    durable: bool = False
+    """Also held by the durable tier."""
+
     @property
     def nbytes(self) -> int:
         """Size of the state."""
         return len(self.data)
-
-    def describe(self) -> dict[str, str | int | float]:
-        """Metadata without the bytes."""
-        return {
-            "session": self.session,
-            "tokens": len(self.tokens),
-            "token_hash": self.token_hash,
-            "nbytes": self.nbytes,
-            "created": self.created,
-            "last_access": self.last_access,
-            "hits": self.hits,
-        }
 
 
 @dataclass(frozen=True)
@@ -86,6 +133,8 @@ class BankMatch:
     """Prompt tokens it covers."""
     miss_reason: str | None
     """Why nothing (or only part) was reusable."""
+    tier: str = ""
+    """``ram`` or ``durable``: where the entry came from."""
 
 
 class BankStore:
@@ -94,102 +143,165 @@ class BankStore:
     def __init__(self, max_bytes: int, max_session_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.max_session_bytes = max_session_bytes
+        self.durable: DurableTier | None = None
         self._entries: dict[str, list[BankEntry]] = {}
+        self._lost: set[str] = set()
         self._lock = threading.Lock()
         self._bytes = 0
         self.evictions = 0
         self.hits = 0
+        self.durable_hits = 0
         self.stored = 0
+
+    def attach(self, durable: DurableTier | None) -> None:
+        """Put a durable tier under this one (None detaches it)."""
+        self.durable = durable
 
     def put(self, entry: BankEntry) -> bool:
         """Store ``entry``; drops superseded shorter prefixes; False if it can never fit."""
         if entry.nbytes > min(self.max_bytes, self.max_session_bytes):
             return False
         with self._lock:
-            mine = self._entries.setdefault(entry.session, [])
-            for old in list(mine):
-                if old.token_hash == entry.token_hash or _is_prefix(old.tokens, entry.tokens):
+            for old in list(self._entries.get(entry.meta.session, ())):
+                same = old.meta.token_hash == entry.meta.token_hash
+                if same or _is_prefix(old.meta.tokens, entry.meta.tokens):
+                    entry.durable = entry.durable or (same and old.durable)
                     self._drop(old)
-            mine = self._entries.setdefault(entry.session, [])
-            mine.append(entry)
+            self._entries.setdefault(entry.meta.session, []).append(entry)
             self._bytes += entry.nbytes
             self.stored += 1
-            self._enforce_caps(entry.session)
+            self._enforce_caps(entry.meta.session)
         return True
 
-    def has(self, session: str, digest: str) -> bool:
-        """True when ``session`` has an entry with this token hash."""
+    def get(self, session: str, digest: str) -> BankEntry | None:
+        """The RAM entry of ``session`` with this token hash."""
         with self._lock:
-            return any(e.token_hash == digest for e in self._entries.get(session, ()))
+            return next(
+                (e for e in self._entries.get(session, ()) if e.meta.token_hash == digest), None
+            )
 
-    def best_match(self, session: str, tokens: Sequence[int], model_id: str) -> BankMatch:
-        """The entry sharing the longest token prefix with ``tokens`` (own session first)."""
+    def has(self, session: str, digest: str) -> bool:
+        """True when ``session`` has a RAM entry with this token hash."""
+        return self.get(session, digest) is not None
+
+    def persist(self, entry: BankEntry) -> bool:
+        """Queue ``entry`` for the durable tier (off the calling thread); False if none."""
+        if self.durable is None:
+            return False
+        if not entry.durable:
+            entry.durable = True
+            self.durable.persist(entry.meta, entry.data)
+        return True
+
+    def best_match(self, session: str, tokens: Sequence[int], compat: Compat) -> BankMatch:
+        """The snapshot of ``session`` sharing the longest token prefix with ``tokens``.
+
+        Blocking when the best one lies in the durable tier: call on a slot thread.
+        """
         with self._lock:
-            own = self._entries.get(session, [])
-            best, best_n = None, 0
-            wrong_model = False
-            for entry in own:
-                if entry.model_id != model_id:
-                    wrong_model = True
-                    continue
-                n = common_prefix(entry.tokens, tokens)
-                if n > best_n:
-                    best, best_n = entry, n
-            if best is None:
-                reason = "model_mismatch" if wrong_model else "new_session"
-                return BankMatch(None, 0, reason)
-            best.hits += 1
-            best.last_access = time.time()
+            ram = [(e.meta, e) for e in self._entries.get(session, ())]
+            lost = session in self._lost
+        durable = self.durable.entries(session) if self.durable else []
+        best: tuple[SnapshotMeta, BankEntry | None] | None = None
+        best_n, refused = 0, None
+        for meta, entry in [*ram, *((m, None) for m in durable)]:
+            reason = meta.fits(compat)
+            if reason is not None:
+                refused = refused or reason
+                continue
+            n = common_prefix(meta.tokens, tokens)
+            if best is None or n > best_n:
+                best, best_n = (meta, entry), n
+        if best is None:
+            return BankMatch(None, 0, refused or ("evicted" if lost else "new_session"))
+        if best_n == 0:
+            return BankMatch(None, 0, "prefix_divergence_at_token 0")
+        meta, entry = best
+        tier = "ram"
+        if entry is None:
+            entry = self._load(meta)
+            if entry is None:
+                return BankMatch(None, 0, "evicted")
+            tier = "durable"
+        with self._lock:
+            meta.hits += 1
+            meta.last_access = time.time()
             self.hits += 1
-            partial = best_n < len(best.tokens)
-            reason = f"prefix_divergence_at_token {best_n}" if partial else None
-            return BankMatch(best, best_n, reason)
+            self.durable_hits += tier == "durable"
+        partial = best_n < len(meta.tokens)
+        reason = f"prefix_divergence_at_token {best_n}" if partial else None
+        return BankMatch(entry, best_n, reason, tier)
+
+    def _load(self, meta: SnapshotMeta) -> BankEntry | None:
+        assert self.durable is not None
+        try:
+            data = self.durable.load(meta)
+        except Exception as e:  # a damaged or vanished snapshot is a miss, never a crash
+            log.warning("bank_durable_load_failed", session=meta.session, error=str(e))
+            return None
+        entry = BankEntry(meta, data, durable=True)
+        self.put(entry)
+        return entry
 
     def forget(self, session: str) -> int:
-        """Drop every entry of ``session``; returns how many."""
+        """Drop every RAM entry of ``session`` (the durable tier is the caller's); how many."""
         with self._lock:
             entries = list(self._entries.get(session, ()))
             for e in entries:
                 self._drop(e)
+            self._lost.discard(session)
             return len(entries)
 
-    def session_entries(self, session: str) -> list[dict[str, str | int | float]]:
-        """Metadata of a session's entries."""
+    def session_entries(self, session: str) -> list[EntryInfo]:
+        """Metadata of a session's entries in every tier (``tier``: ram, durable or both)."""
         with self._lock:
-            return [e.describe() for e in self._entries.get(session, ())]
+            out = {e.meta.token_hash: {**e.meta.describe(), "tier": "ram"}
+                   for e in self._entries.get(session, ())}
+        for meta in self.durable.entries(session) if self.durable else []:
+            known = out.get(meta.token_hash)
+            if known is not None:
+                known["tier"] = "ram+durable"
+            else:
+                out[meta.token_hash] = {**meta.describe(), "tier": "durable"}
+        return sorted(out.values(), key=lambda e: int(e["tokens"]))
 
     def stats(self) -> dict[str, int]:
-        """Totals of the tier."""
+        """Totals of the tier (and of the durable tier under it)."""
         with self._lock:
             n = sum(len(v) for v in self._entries.values())
-            return {
-                "entries": n,
-                "bytes": self._bytes,
-                "max_bytes": self.max_bytes,
-                "hits": self.hits,
-                "evictions": self.evictions,
-                "stored": self.stored,
+            out = {
+                "entries": n, "bytes": self._bytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "durable_hits": self.durable_hits,
+                "evictions": self.evictions, "stored": self.stored,
             }
+        if self.durable is not None:
+            out.update({f"durable_{k}": v for k, v in self.durable.stats().items()})
+        return out
 
     def _drop(self, entry: BankEntry) -> None:
-        mine = self._entries.get(entry.session, [])
+        mine = self._entries.get(entry.meta.session, [])
         if entry in mine:
             mine.remove(entry)
             self._bytes -= entry.nbytes
         if not mine:
-            self._entries.pop(entry.session, None)
+            self._entries.pop(entry.meta.session, None)
+
+    def _evict(self, entry: BankEntry) -> None:
+        self._drop(entry)
+        self.evictions += 1
+        if not entry.durable:
+            self._lost.add(entry.meta.session)
 
     def _enforce_caps(self, session: str) -> None:
         mine = self._entries.get(session, [])
         while sum(e.nbytes for e in mine) > self.max_session_bytes and len(mine) > 1:
-            self._drop(min(mine, key=lambda e: e.last_access))
-            self.evictions += 1
+            self._evict(min(mine, key=lambda e: e.meta.last_access))
         while self._bytes > self.max_bytes:
             victim = min(
-                (e for es in self._entries.values() for e in es), key=lambda e: e.last_access
+                (e for es in self._entries.values() for e in es),
+                key=lambda e: e.meta.last_access,
             )
-            self._drop(victim)
-            self.evictions += 1
+            self._evict(victim)
 
 
 def _is_prefix(short: Sequence[int], long: Sequence[int]) -> bool:

@@ -102,7 +102,9 @@ class Node:
         await ensure_streams(admin_nc.jetstream(), self.subjects, cfg.max_payload)
         s = self.subjects
         self.actors = [
-            EngineActor(await self._connect("engine"), s, self.engine),
+            EngineActor(
+                await self._connect("engine"), s, self.engine, cfg.bank_dir, cfg.bank_object_store
+            ),
             BankCommitter(await self._connect("bank"), s, cfg.commit_wait_s),
             RunnerHost(
                 await self._connect("runners"), s, cfg.max_pending_per_session,

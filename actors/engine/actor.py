@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from actors.bank_durable import DirectoryBackend, DurableBackend, DurableTier
+from actors.bank_objects import ObjectStoreBackend, open_object_store
 from actors.base import Actor, encode
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnSpec
+from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
     CancelRequest,
     ErrorBody,
@@ -25,7 +29,6 @@ from schemas.internal import (
     SnapshotReply,
     SnapshotRequest,
 )
-from schemas.errors import ErrorCode, InferError
 from schemas.messages import TokenEvent
 from schemas.subjects import Subjects
 
@@ -37,18 +40,60 @@ class EngineActor(Actor):
 
     name = "engine"
 
-    def __init__(self, nc: Client, subjects: Subjects, engine: SlotEngine) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        engine: SlotEngine,
+        bank_dir: Path | None = None,
+        bank_object_store: bool = False,
+    ) -> None:
         super().__init__(nc, subjects)
         self.engine = engine
+        self.bank_dir = bank_dir
+        self.bank_object_store = bank_object_store
+        self.durable: DurableTier | None = None
         self._turns: dict[str, str] = {}
 
     async def start(self) -> None:
-        """Subscribe to the engine's internal subjects."""
+        """Open the bank's durable tier (rebuilding its index), then subscribe."""
+        await self._open_durable()
         s = self.subjects
         await self.subscribe(s.engine_generate(), self.on_generate, queue="engine")
         await self.subscribe(s.engine_cancel_all(), self.on_cancel)
         await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
         await self.subscribe(s.engine_forget(), self.on_forget)
+
+    async def stop(self) -> None:
+        """Drain, then finish queued durable writes and close the tier."""
+        await super().stop()
+        if self.durable is not None:
+            if self.engine.bank is not None:
+                self.engine.bank.attach(None)
+            await asyncio.to_thread(self.durable.close)
+            self.durable = None
+
+    async def _open_durable(self) -> None:
+        bank = self.engine.bank
+        if not (self.bank_dir or self.bank_object_store):
+            return
+        if bank is None:
+            self.log.warning("bank_durable_skipped", reason="snapshots are off")
+            return
+        backends: list[DurableBackend] = []
+        if self.bank_dir is not None:
+            backends.append(DirectoryBackend(self.bank_dir))
+        if self.bank_object_store:
+            store = await open_object_store(self.nc.jetstream(), self.subjects.bank_bucket)
+            backends.append(ObjectStoreBackend(store, asyncio.get_running_loop()))
+        tier = DurableTier(backends)
+        try:
+            await asyncio.to_thread(tier.open)
+        except BaseException:
+            await asyncio.to_thread(tier.close)
+            raise
+        self.durable = tier
+        bank.attach(tier)
 
     async def on_generate(self, msg: Msg) -> None:
         """Run a turn in its own task: turns of different sessions overlap across slots."""
@@ -76,10 +121,11 @@ class EngineActor(Actor):
             assistant_tokens=tokens,
             queue_ms=max(0.0, (time.time() - req.queued_at) * 1000),
         )
+        def emit(text: str) -> None:  # called on the slot's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
         try:
-            out = await self.engine.run_turn(
-                spec, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), cancel
-            )
+            out = await self.engine.run_turn(spec, emit, cancel)
             result = GenerateResult(
                 session=req.session,
                 turn_id=req.turn_id,
@@ -123,7 +169,9 @@ class EngineActor(Actor):
             item = await pieces.get()
             if item is _DONE:
                 return
-            event = TokenEvent(session=req.session, turn_id=req.turn_id, index=index, text=str(item))
+            event = TokenEvent(
+                session=req.session, turn_id=req.turn_id, index=index, text=str(item)
+            )
             await self.nc.publish(req.token_subject, encode(event))
             index += 1
 

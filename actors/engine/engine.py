@@ -7,13 +7,15 @@ runs on the slot's worker thread.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 import structlog
 
-from actors.bank_store import BankEntry, BankStore, token_hash
+from actors.bank_store import BankEntry, BankStore, Compat, SnapshotMeta, token_hash
 from actors.engine.interface import (
     Backend,
     CancelToken,
@@ -23,13 +25,17 @@ from actors.engine.interface import (
     TurnSpec,
 )
 from actors.engine.slots import Slot, SlotPool
+from actors.engine.stats import EngineStats
 from actors.engine.templates import ChatTemplate, parse_tool_calls
 from actors.engine.tokenizer import ASSISTANT_MARK
 from actors.engine.turn import decode, prefill
-from schemas.chat import CacheInfo, ChatMessage, Timings, Usage
+from schemas.chat import CacheInfo, ChatMessage, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode, InferError
 
 log = structlog.get_logger("engine")
+
+CacheSource = Literal["slot", "bank", "none"]
+NO_CALLS: tuple[ToolCall, ...] = ()
 
 
 class SlotEngine:
@@ -50,6 +56,8 @@ class SlotEngine:
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
         self._evicted: set[str] = set()
         self._running: dict[str, CancelToken] = {}
+        self.compat = Compat(backend.model_id, backend.n_ctx, template_name)
+        self.turn_stats = EngineStats()
         self.info = EngineInfo(
             engine=backend.name,
             model=backend.description,
@@ -110,23 +118,24 @@ class SlotEngine:
                 "--ctx",
                 {"prompt_tokens": len(tokens), "n_ctx": self.backend.n_ctx},
             )
-        source, miss, restore_ms = self._prepare(slot, spec.session, tokens)
+        resumed = any(m.role == "assistant" for m in spec.messages)
+        source, miss, restore_ms, tier = self._prepare(slot, spec.session, tokens, resumed)
         had = len(slot.tokens)
         reused, prefill_ms = prefill(slot, tokens)
         if source == "slot" and reused < had and miss is None:
             miss = f"prefix_divergence_at_token {reused}"
         if reused == 0:
-            source = "none"
+            source, tier = "none", ""
         out = decode(
             self.backend, slot, spec.sampling, spec.stop, spec.max_tokens, emit, cancel
         )
         end = time.perf_counter()
-        text, calls = out.raw_text, ()
+        text, calls = out.raw_text, NO_CALLS
         if "<tool_call>" in out.raw_text:
             text, calls = parse_tool_calls(out.raw_text, lambda: f"call_{uuid.uuid4().hex[:12]}")
         finish = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
         ttft = ((out.first_token_at or end) - t0) * 1000
-        return TurnOutcome(
+        outcome = TurnOutcome(
             raw_text=out.raw_text,
             text=text,
             tool_calls=tuple(calls),
@@ -152,6 +161,10 @@ class SlotEngine:
             n_tokens=len(slot.tokens),
             token_hash=token_hash(slot.tokens),
         )
+        self.turn_stats.record(
+            spec.session, outcome.usage, outcome.cache, outcome.timings, tier
+        )
+        return outcome
 
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
         """Render the conversation and tokenise it, splicing known assistant token ids."""
@@ -172,93 +185,142 @@ class SlotEngine:
         add_bos = not (bos and text.startswith(bos))
         return self.backend.tokenizer.encode(text, add_bos, spliced)
 
-    def _prepare(self, slot: Slot, session: str, tokens: list[int]) -> tuple[str, str | None, float]:
-        """Make ``slot`` hold the best state for ``session``: (source, miss reason, ms)."""
+    def _prepare(
+        self, slot: Slot, session: str, tokens: list[int], resumed: bool
+    ) -> tuple[CacheSource, str | None, float, str]:
+        """Make ``slot`` hold the best state for ``session``: (source, miss, ms, tier)."""
         if slot.session == session:
-            return "slot", None, 0.0
+            return "slot", None, 0.0, "slot"
         if slot.session is not None:
             self._evict(slot)
         slot.session, slot.tokens = session, []
+        lost = "evicted" if session in self._evicted or resumed else "new_session"
         if self.bank is None:
-            return "none", "evicted" if session in self._evicted else "new_session", 0.0
-        match = self.bank.best_match(session, tokens, self.backend.model_id)
+            return "none", lost, 0.0, ""
+        match = self.bank.best_match(session, tokens, self.compat)
         if match.entry is None:
-            reason = "evicted" if session in self._evicted else match.miss_reason
-            return "none", reason, 0.0
+            reason = lost if match.miss_reason == "new_session" else match.miss_reason
+            return "none", reason, 0.0, ""
         start = time.perf_counter()
-        slot.ctx.set_state(match.entry.data)
-        slot.tokens = list(match.entry.tokens)
-        return "bank", match.miss_reason, (time.perf_counter() - start) * 1000
+        try:
+            slot.ctx.set_state(match.entry.data)
+        except Exception as e:  # a state this context cannot take is never a failed turn
+            log.warning("bank_restore_failed", session=session, error=str(e))
+            self.bank.forget(session)
+            slot.tokens = []
+            return "none", "model_mismatch", 0.0, ""
+        slot.tokens = list(match.entry.meta.tokens)
+        ms = (time.perf_counter() - start) * 1000
+        return "bank", match.miss_reason, ms, match.tier
 
+    # -- bank -----------------------------------------------------------------------------
     def _evict(self, slot: Slot) -> None:
         old = slot.session
         assert old is not None
         self._evicted.add(old)
+        self.turn_stats.slot_evictions += 1
         if self.bank is not None and slot.tokens:
-            self._bank_slot(slot)
+            self._bank_slot(slot, persist=False)
         log.info("slot_evicted", slot=slot.index, session=old, tokens=len(slot.tokens))
         slot.session, slot.tokens = None, []
 
-    def _bank_slot(self, slot: Slot) -> SnapshotOutcome:
+    def _bank_slot(self, slot: Slot, persist: bool) -> SnapshotOutcome:
+        """Copy the slot's state into RAM (and, for commits, queue it for the durable tier)."""
         assert self.bank is not None and slot.session is not None
-        digest = token_hash(slot.tokens)
-        if self.bank.has(slot.session, digest):
-            return SnapshotOutcome(True, len(slot.tokens), 0, 0.0, "already_banked")
+        n = len(slot.tokens)
+        existing = self.bank.get(slot.session, token_hash(slot.tokens))
+        if existing is not None:
+            if persist:
+                self.bank.persist(existing)
+            return SnapshotOutcome(True, n, existing.nbytes, 0.0, "already_banked")
         start = time.perf_counter()
         data = slot.ctx.state_bytes()
         ms = (time.perf_counter() - start) * 1000
-        entry = BankEntry(
-            session=slot.session,
-            tokens=tuple(slot.tokens),
-            data=data,
-            model_id=self.backend.model_id,
-            token_hash=digest,
+        meta = SnapshotMeta(
+            session=slot.session, tokens=tuple(slot.tokens), nbytes=len(data),
+            model_id=self.compat.model_id, n_ctx=self.compat.n_ctx,
+            template=self.compat.template,
         )
-        if not self.bank.put(entry):
-            return SnapshotOutcome(False, len(slot.tokens), len(data), ms, "too_large_for_bank")
-        return SnapshotOutcome(True, len(slot.tokens), len(data), ms)
+        entry = BankEntry(meta, data)
+        in_ram = self.bank.put(entry)
+        durable = persist and self.bank.persist(entry)
+        if not (in_ram or durable):
+            return SnapshotOutcome(False, n, len(data), ms, "too_large_for_bank")
+        return SnapshotOutcome(True, n, len(data), ms, None if in_ram else "durable_only")
 
-    # -- bank -----------------------------------------------------------------------------
+    def _bank_known(self, session: str, digest: str, why: str) -> SnapshotOutcome:
+        """The slot moved on: make durable what an eviction already banked, if anything."""
+        assert self.bank is not None
+        entry = self.bank.get(session, digest)
+        if entry is None:
+            return SnapshotOutcome(False, reason=why)
+        self.bank.persist(entry)
+        n = len(entry.meta.tokens)
+        return SnapshotOutcome(True, n, entry.nbytes, 0.0, "banked_at_eviction")
+
     async def snapshot(self, session: str, digest: str, wait_s: float) -> SnapshotOutcome:
-        """Bank the slot of ``session`` if it still holds the state ``digest``."""
+        """Bank the exact state ``digest`` of ``session`` once its slot is idle (bounded)."""
         if self.bank is None:
             return SnapshotOutcome(False, reason="snapshots_disabled")
         slot = self.pool.resident(session)
         if slot is None:
-            return SnapshotOutcome(False, reason="not_resident")
-        expired = False
+            return self._bank_known(session, digest, "not_resident")
+        gate = threading.Lock()
+        state = {"expired": False, "started": False}
 
         def job() -> SnapshotOutcome:
-            if expired:
-                return SnapshotOutcome(False, reason="deadline")
+            with gate:
+                if state["expired"]:
+                    return SnapshotOutcome(False, reason="deadline")
+                state["started"] = True
             if slot.session != session or token_hash(slot.tokens) != digest:
-                return SnapshotOutcome(False, reason="superseded")
-            return self._bank_slot(slot)
+                return self._bank_known(session, digest, "superseded")
+            return self._bank_slot(slot, persist=True)
 
         fut = slot.worker.submit(job)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except TimeoutError:
-            expired = True
-            return SnapshotOutcome(False, reason="deadline")
+            with gate:
+                state["expired"] = True
+                started = state["started"]
+            if not started:
+                return SnapshotOutcome(
+                    False, reason=f"deadline: the slot stayed busy for {wait_s:g} s"
+                )
+            try:  # already copying: that ends in moments, keep it
+                return await fut
+            except Exception as e:
+                return _failed_snapshot(session, e)
+        except Exception as e:
+            return _failed_snapshot(session, e)
 
     async def forget(self, session: str) -> None:
-        """Drop the slot state and bank entries of a deleted session."""
+        """Drop the slot state and every bank entry (RAM and durable) of a deleted session."""
         slot = self.pool.resident(session)
-        if slot is not None and not slot.busy:
-            slot.session, slot.tokens = None, []
+        if slot is not None:
+
+            def clear() -> None:
+                if slot.session == session:
+                    slot.session, slot.tokens = None, []
+
+            await slot.worker.submit(clear)
         self._evicted.discard(session)
+        self.turn_stats.forget(session)
         if self.bank is not None:
             self.bank.forget(session)
+            if self.bank.durable is not None:
+                await asyncio.wrap_future(self.bank.durable.forget(session))
 
     def stats(self) -> dict[str, object]:
-        """Slots and bank, for admin and metrics."""
+        """Slots, bank and turn counters, for admin and metrics."""
         return {
             "slots": [
                 {"index": s.index, "session": s.session, "tokens": len(s.tokens), "busy": s.busy}
                 for s in self.pool.slots
             ],
             "bank": self.bank.stats() if self.bank else None,
+            "turns": self.turn_stats.counters(),
         }
 
     async def close(self) -> None:
@@ -267,3 +329,9 @@ class SlotEngine:
             token.cancel("shutdown")
         await asyncio.to_thread(self.pool.close)
         self.backend.close()
+
+
+def _failed_snapshot(session: str, e: Exception) -> SnapshotOutcome:
+    """A failed copy costs this snapshot only, never the turn or its record."""
+    log.warning("bank_snapshot_failed", session=session, error=str(e))
+    return SnapshotOutcome(False, reason=f"error: {e}")

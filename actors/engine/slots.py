@@ -11,19 +11,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from actors.engine.interface import BackendContext
 
 T = TypeVar("T")
-_STOP = object()
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 class SlotWorker:
     """A thread that runs a slot's jobs in order."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -37,9 +37,9 @@ class SlotWorker:
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is _STOP:
+            if job is None:  # stop
                 return
-            fn, fut, loop = job  # type: ignore[misc]
+            fn, fut, loop = job
             try:
                 result = fn()
             except BaseException as e:  # handed to the awaiting coroutine
@@ -49,7 +49,7 @@ class SlotWorker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued jobs, then end the thread."""
-        self._jobs.put(_STOP)
+        self._jobs.put(None)
         self._thread.join(timeout)
 
 

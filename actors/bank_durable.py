@@ -1,0 +1,281 @@
+"""The bank's durable tier: committed snapshots in a directory and/or a JetStream object store.
+
+Writes and deletes run in order on one long-lived writer thread, never on the event loop and
+never on a slot thread (a turn must not wait for a disk). Reads run on the slot thread that
+restores. The index (metadata and token ids of every snapshot, no bytes) lives in memory and
+is rebuilt from the backends when the node starts, so a restarted node restores old sessions.
+A snapshot is written whole or not at all (temporary name, then rename), so a node killed
+mid-write leaves nothing half-written to restore.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import queue
+import re
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from actors.bank_store import SnapshotMeta
+from schemas.subjects import is_session_id
+
+log = structlog.get_logger("bank_durable")
+
+MAGIC = b"INFKV001"
+"""First bytes of a snapshot file: format and version."""
+_HEADER = struct.Struct("<8sI")
+_Job = tuple[Callable[[], None], "concurrent.futures.Future[None]"]
+_STOP = None
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def meta_to_json(meta: SnapshotMeta) -> bytes:
+    """Wire form of a snapshot's metadata."""
+    body = asdict(meta)
+    body["tokens"] = list(meta.tokens)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def meta_from_json(raw: bytes) -> SnapshotMeta:
+    """Metadata from ``meta_to_json``; raises ValueError when it is not that."""
+    try:
+        body = json.loads(raw)
+        body["tokens"] = tuple(int(t) for t in body["tokens"])
+        return SnapshotMeta(**body)
+    except (TypeError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"not snapshot metadata: {e}") from e
+
+
+class DurableBackend(Protocol):
+    """Where durable snapshots live. Every method blocks; none may run on the event loop."""
+
+    name: str
+
+    def write(self, meta: SnapshotMeta, data: bytes) -> None:
+        """Store one snapshot whole."""
+
+    def read(self, meta: SnapshotMeta) -> bytes:
+        """The bytes of one snapshot."""
+
+    def delete(self, meta: SnapshotMeta) -> None:
+        """Remove one snapshot (absent is fine)."""
+
+    def scan(self) -> list[SnapshotMeta]:
+        """Metadata of every stored snapshot."""
+
+
+class DirectoryBackend:
+    """One file per snapshot: ``<dir>/<session>/<token hash>.kv`` (header, metadata, bytes)."""
+
+    name = "dir"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, meta: SnapshotMeta) -> Path:
+        if not is_session_id(meta.session) or not _HEX.fullmatch(meta.token_hash):
+            raise ValueError(f"refusing a snapshot path for {meta.session[:64]!r}")
+        return self.root / meta.session / f"{meta.token_hash}.kv"
+
+    def write(self, meta: SnapshotMeta, data: bytes) -> None:
+        """Write to a temporary name, fsync, then rename into place."""
+        path = self._path(meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = meta_to_json(meta)
+        tmp = path.with_suffix(".part")
+        with tmp.open("wb") as f:
+            f.write(_HEADER.pack(MAGIC, len(head)))
+            f.write(head)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    def read(self, meta: SnapshotMeta) -> bytes:
+        """The state bytes after the header; checks the size."""
+        with self._path(meta).open("rb") as f:
+            _, head_len = _HEADER.unpack(f.read(_HEADER.size))
+            f.seek(head_len, os.SEEK_CUR)
+            data = f.read()
+        if len(data) != meta.nbytes:
+            raise ValueError(f"snapshot file holds {len(data)} bytes, expected {meta.nbytes}")
+        return data
+
+    def delete(self, meta: SnapshotMeta) -> None:
+        """Remove the file and, when empty, the session's directory."""
+        path = self._path(meta)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other snapshots of the session remain
+            path.parent.rmdir()
+
+    def scan(self) -> list[SnapshotMeta]:
+        """Read the header of every snapshot file; skip (and log) what is not one."""
+        found: list[SnapshotMeta] = []
+        for path in sorted(self.root.glob("*/*.kv")):
+            try:
+                with path.open("rb") as f:
+                    magic, head_len = _HEADER.unpack(f.read(_HEADER.size))
+                    if magic != MAGIC:
+                        raise ValueError("unknown format")
+                    found.append(meta_from_json(f.read(head_len)))
+            except (OSError, ValueError, struct.error) as e:
+                log.warning("bank_file_skipped", path=str(path), error=str(e))
+        for stale in self.root.glob("*/*.part"):  # left by a node killed mid-write
+            stale.unlink(missing_ok=True)
+        return found
+
+
+class DurableTier:
+    """The index over one or more backends, and the thread that writes to them."""
+
+    def __init__(self, backends: list[DurableBackend]) -> None:
+        if not backends:
+            raise ValueError("a durable tier needs at least one backend")
+        self.backends = backends
+        self._index: dict[str, dict[str, SnapshotMeta]] = {}
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="bank-writer", daemon=True)
+        self._closed = False
+        self.written = 0
+        self.write_failures = 0
+        self.bytes_written = 0
+        self.loads = 0
+        self._thread.start()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the backends, e.g. ('dir', 'object_store')."""
+        return tuple(b.name for b in self.backends)
+
+    # -- index ----------------------------------------------------------------------------
+    def open(self) -> int:
+        """Rebuild the index from every backend (blocking); returns the snapshots found."""
+        with self._lock:
+            for backend in self.backends:
+                for meta in backend.scan():
+                    self._index.setdefault(meta.session, {})[meta.token_hash] = meta
+            n = sum(len(v) for v in self._index.values())
+        log.info("bank_durable_opened", backends=self.names, snapshots=n)
+        return n
+
+    def entries(self, session: str) -> list[SnapshotMeta]:
+        """Metadata of the session's durable snapshots."""
+        with self._lock:
+            return list(self._index.get(session, {}).values())
+
+    # -- reads ----------------------------------------------------------------------------
+    def load(self, meta: SnapshotMeta) -> bytes:
+        """The bytes of a snapshot from the first backend that has them (blocking)."""
+        errors = []
+        for backend in self.backends:
+            try:
+                data = backend.read(meta)
+            except Exception as e:
+                errors.append(f"{backend.name}: {e}")
+                continue
+            self.loads += 1
+            return data
+        with self._lock:  # unreadable everywhere: forget it rather than fail again
+            self._index.get(meta.session, {}).pop(meta.token_hash, None)
+        raise OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
+
+    # -- writes (on the writer thread) ----------------------------------------------------
+    def persist(self, meta: SnapshotMeta, data: bytes) -> concurrent.futures.Future[None]:
+        """Queue a write; it joins the index once every backend has it."""
+        return self._submit(lambda: self._write(meta, data))
+
+    def forget(self, session: str) -> concurrent.futures.Future[None]:
+        """Drop a session's snapshots (after any write already queued for it)."""
+        with self._lock:
+            known = list(self._index.pop(session, {}).values())
+        return self._submit(lambda: self._forget(session, known))
+
+    def flush(self) -> concurrent.futures.Future[None]:
+        """Resolves once every job queued so far is done."""
+        return self._submit(lambda: None)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish queued writes, then end the writer thread."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(_STOP)
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the tier."""
+        with self._lock:
+            metas = [m for v in self._index.values() for m in v.values()]
+        return {
+            "entries": len(metas), "bytes": sum(m.nbytes for m in metas),
+            "written": self.written, "write_failures": self.write_failures,
+            "loads": self.loads,
+        }
+
+    def _submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._closed:
+            fut.set_exception(RuntimeError("the durable bank tier is closed"))
+        else:
+            self._jobs.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            fn, fut = job
+            try:
+                fn()
+            except Exception as e:  # handed to whoever waits; the writer keeps going
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+    def _write(self, meta: SnapshotMeta, data: bytes) -> None:
+        try:
+            for backend in self.backends:
+                backend.write(meta, data)
+        except Exception as e:
+            self.write_failures += 1
+            log.warning("bank_durable_write_failed", session=meta.session, error=str(e))
+            raise
+        with self._lock:
+            mine = self._index.setdefault(meta.session, {})
+            superseded = [
+                m for m in mine.values()
+                if len(m.tokens) < len(meta.tokens) and meta.tokens[: len(m.tokens)] == m.tokens
+            ]
+            for m in superseded:
+                mine.pop(m.token_hash, None)
+            mine[meta.token_hash] = meta
+        self.written += 1
+        self.bytes_written += len(data)
+        for m in superseded:
+            self._delete(m)
+        log.debug("bank_durable_written", session=meta.session, tokens=len(meta.tokens),
+                  nbytes=len(data), dropped=len(superseded))
+
+    def _forget(self, session: str, known: list[SnapshotMeta]) -> None:
+        with self._lock:  # written by jobs queued before the forget
+            later = list(self._index.pop(session, {}).values())
+        for meta in {m.token_hash: m for m in [*known, *later]}.values():
+            self._delete(meta)
+
+    def _delete(self, meta: SnapshotMeta) -> None:
+        for backend in self.backends:
+            try:
+                backend.delete(meta)
+            except Exception as e:
+                log.warning("bank_durable_delete_failed", backend=backend.name, error=str(e))

@@ -1,0 +1,102 @@
+"""A durable bank backend in a JetStream object store (bucket ``Subjects.bank_bucket``).
+
+Each snapshot is two objects: ``<session>/<token hash>.kv`` (the state bytes) and, written
+after it, ``<session>/<token hash>.meta`` (metadata and token ids). The index is rebuilt from
+the ``.meta`` objects only, and a ``.meta`` exists only once its bytes are stored.
+
+The ``DurableBackend`` methods block: they run the client's coroutines on the node's event
+loop from the bank's writer thread or a slot thread, never from the loop itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from nats.js import JetStreamContext
+from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
+
+from actors.bank_durable import meta_from_json, meta_to_json
+from actors.bank_store import SnapshotMeta
+
+T = TypeVar("T")
+CALL_TIMEOUT_S = 120.0
+"""Longest one object-store call may take before the bank gives up on it."""
+
+
+async def open_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
+    """The bank's bucket, created (file storage) when it does not exist yet."""
+    try:
+        return await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        config = ObjectStoreConfig(
+            bucket=bucket, description="infernode KV snapshots", storage=StorageType.FILE
+        )
+        return await js.create_object_store(bucket, config=config)
+
+
+class ObjectStoreBackend:
+    """Snapshots as objects; blocking wrappers over the async client."""
+
+    name = "object_store"
+
+    def __init__(self, store: ObjectStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coro.close()
+            raise RuntimeError("object-store bank calls block; run them off the event loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S)
+
+    @staticmethod
+    def _names(meta: SnapshotMeta) -> tuple[str, str]:
+        base = f"{meta.session}/{meta.token_hash}"
+        return f"{base}.kv", f"{base}.meta"
+
+    def write(self, meta: SnapshotMeta, data: bytes) -> None:
+        """Bytes first, then the metadata that makes them visible."""
+        kv, head = self._names(meta)
+        self._call(self.store.put(kv, data))
+        self._call(self.store.put(head, meta_to_json(meta)))
+
+    def read(self, meta: SnapshotMeta) -> bytes:
+        """The state bytes (the client checks the object's digest)."""
+        kv, _ = self._names(meta)
+        result = self._call(self.store.get(kv))
+        data = result.data or b""
+        if len(data) != meta.nbytes:
+            raise ValueError(f"snapshot object holds {len(data)} bytes, expected {meta.nbytes}")
+        return data
+
+    def delete(self, meta: SnapshotMeta) -> None:
+        """Metadata first (the snapshot disappears from a rebuilt index), then the bytes."""
+        for name in reversed(self._names(meta)):
+            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+                self._call(self.store.delete(name))
+
+    def scan(self) -> list[SnapshotMeta]:
+        """Metadata of every live snapshot in the bucket."""
+        try:
+            infos = self._call(self.store.list(ignore_deletes=True))
+        except NotFoundError:  # an empty bucket
+            return []
+        found = []
+        for info in infos:
+            if not info.name.endswith(".meta") or info.deleted:
+                continue
+            raw = self._call(self.store.get(info.name)).data or b""
+            try:
+                found.append(meta_from_json(raw))
+            except ValueError:
+                continue
+        return found
