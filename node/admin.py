@@ -17,19 +17,23 @@ from actors.base import Actor
 from actors.runner_host import RunnerHost
 from schemas.admin import (
     BankEntryInfo,
+    DeleteReply,
     HealthReply,
     HistoryItemInfo,
     HistoryReply,
     MetricsReply,
+    Percentiles,
     SessionRequest,
     SessionsReply,
     SessionSummary,
 )
 from schemas.errors import ErrorCode, InferError
 from schemas.records import RECORD_ADAPTER, Record
-from schemas.subjects import AdminVerb, Subjects, is_session_id
+from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects, is_session_id
 
 if TYPE_CHECKING:
+    from actors.bank_store import EntryInfo
+    from actors.engine.engine import SlotEngine
     from node.app import Node
 
 
@@ -64,26 +68,27 @@ class AdminActor(Actor):
             status="ok" if info.snapshots else "degraded", engine=info.engine, model=info.model,
             n_ctx=info.n_ctx, slots=info.n_slots, snapshots=info.snapshots,
             snapshot_note=info.snapshot_note, sessions=len(self._host().runners),
-            uptime_s=time.time() - self.started,
+            uptime_s=time.time() - self.started, bank_tiers=_tiers(engine),
         ))
 
     async def on_sessions(self, msg: Msg) -> None:
-        """A summary of every session."""
+        """A summary of every session: log, slot, bank entries and the last turn's cache."""
         engine = self.node.engine
         assert engine is not None
         out = []
         for sid, runner in sorted(self._host().runners.items()):
             slot = engine.pool.resident(sid)
             entries = engine.bank.session_entries(sid) if engine.bank else []
+            last = engine.turn_stats.last.get(sid)
             out.append(SessionSummary(
                 session=sid, generation=runner.state.generation,
                 records=len(runner.state.history), pending=len(runner.state.pending),
                 busy=runner.turn is not None, slot=slot.index if slot else None,
-                bank=tuple(BankEntryInfo(
-                    tokens=int(e["tokens"]), token_hash=str(e["token_hash"]),
-                    nbytes=int(e["nbytes"]), hits=int(e["hits"]), created=float(e["created"]),
-                    last_access=float(e["last_access"]),
-                ) for e in entries),
+                bank=tuple(_entry_info(e) for e in entries),
+                last_cache_source=last.source if last else None,
+                last_miss_reason=last.miss_reason if last else None,
+                last_cached_tokens=last.cached_tokens if last else 0,
+                last_prompt_tokens=last.prompt_tokens if last else 0,
             ))
         await self.respond(msg, SessionsReply(sessions=tuple(out)))
 
@@ -92,7 +97,8 @@ class AdminActor(Actor):
         req = SessionRequest.model_validate_json(msg.data)
         runner = self._host().runners.get(req.session)
         if runner is None:
-            code = ErrorCode.GONE if req.session in self._host().tombstones else ErrorCode.UNKNOWN_SESSION
+            gone = req.session in self._host().tombstones
+            code = ErrorCode.GONE if gone else ErrorCode.UNKNOWN_SESSION
             raise InferError(code, f"session {req.session} does not exist")
         records = [_describe(r) for r in await self._read(req.session)]
         await self.respond(msg, HistoryReply(
@@ -100,27 +106,46 @@ class AdminActor(Actor):
         ))
 
     async def on_metrics(self, msg: Msg) -> None:
-        """Counters of the engine, bank and actors."""
+        """Prefix-cache hit ratio, latency percentiles, evictions, and every actor's counters."""
         counters: dict[str, float] = {"sessions": len(self._host().runners)}
         engine = self.node.engine
-        if engine is not None and engine.bank is not None:
-            counters.update({f"bank_{k}": float(v) for k, v in engine.bank.stats().items()})
+        latency: dict[str, Percentiles] = {}
+        ratio, evictions = 0.0, 0
+        if engine is not None:
+            turns = engine.turn_stats
+            ratio = turns.hit_ratio
+            counters.update({f"engine_{k}": v for k, v in turns.counters().items()})
+            latency = {
+                name: Percentiles(count=int(p["count"]), p50=p["p50"], p90=p["p90"],
+                                  p99=p["p99"], max=p["max"])
+                for name, p in turns.latency().items()
+            }
+            evictions = turns.slot_evictions
+            if engine.bank is not None:
+                bank = engine.bank.stats()
+                counters.update({f"bank_{k}": float(v) for k, v in bank.items()})
+                evictions += bank["evictions"]
         for actor in self.node.actors:
             counters[f"{actor.name}_errors"] = actor.errors
             stats = getattr(actor, "stats", None)
             if callable(stats):
                 counters.update({f"{actor.name}_{k}": float(v) for k, v in stats().items()})
-        await self.respond(msg, MetricsReply(counters=counters))
+        await self.respond(msg, MetricsReply(
+            counters=counters, prefix_hit_ratio=ratio, evictions=evictions, latency=latency,
+        ))
 
     async def on_delete(self, msg: Msg) -> None:
-        """Delete a session (waits for an in-flight commit)."""
+        """Delete a session: waits for an in-flight commit; its bank entries go too."""
         req = SessionRequest.model_validate_json(msg.data)
         if not is_session_id(req.session):
             raise InferError(ErrorCode.BAD_REQUEST, f"{req.session[:64]!r} is not a session id")
         reply = await self.nc.request(
             self.subjects.session_control(req.session), b"delete", timeout=60
         )
-        await self.nc.publish(msg.reply, reply.data, headers=reply.headers)
+        if reply.headers and ERROR_HEADER in reply.headers:
+            await self.nc.publish(msg.reply, reply.data, headers=reply.headers)
+            return
+        await self.respond(msg, DeleteReply(session=req.session))
 
     async def _read(self, session: str) -> list[Record]:
         js = self.nc.jetstream()
@@ -149,3 +174,18 @@ def _describe(r: Record) -> HistoryItemInfo:
         generation=getattr(r, "generation", None), supersedes=getattr(r, "supersedes", None),
         reason=getattr(r, "reason", None), status=status,
     )
+
+
+def _entry_info(e: EntryInfo) -> BankEntryInfo:
+    return BankEntryInfo(
+        tokens=int(e["tokens"]), token_hash=str(e["token_hash"]), nbytes=int(e["nbytes"]),
+        hits=int(e["hits"]), created=float(e["created"]), last_access=float(e["last_access"]),
+        tier=str(e["tier"]), model_id=str(e["model_id"]),
+    )
+
+
+def _tiers(engine: SlotEngine) -> tuple[str, ...]:
+    if engine.bank is None:
+        return ()
+    durable = engine.bank.durable
+    return ("ram", *(durable.names if durable else ()))

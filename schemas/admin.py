@@ -39,6 +39,8 @@ class HealthReply(Frozen):
     """Sessions held."""
     uptime_s: float
     """Seconds since start."""
+    bank_tiers: tuple[str, ...] = ()
+    """Tiers of the bank under the slots: ``ram``, then ``dir`` and/or ``object_store``."""
 
 
 class BankEntryInfo(Frozen):
@@ -56,6 +58,10 @@ class BankEntryInfo(Frozen):
     """Unix time of the snapshot."""
     last_access: float
     """Unix time of the last restore."""
+    tier: str = "ram"
+    """Where it is held: ``ram``, ``durable`` or ``ram+durable``."""
+    model_id: str = ""
+    """Model the state belongs to (another model never restores it)."""
 
 
 class SessionSummary(Frozen):
@@ -75,6 +81,14 @@ class SessionSummary(Frozen):
     """Resident slot, if any."""
     bank: tuple[BankEntryInfo, ...]
     """Bank entries."""
+    last_cache_source: str | None = None
+    """Where the last turn's reused prefix came from: slot, bank or none."""
+    last_miss_reason: str | None = None
+    """Why the last turn reused nothing or only part (None: a full hit)."""
+    last_cached_tokens: int = 0
+    """Prompt tokens the last turn reused."""
+    last_prompt_tokens: int = 0
+    """Prompt tokens of the last turn."""
 
 
 class SessionsReply(Frozen):
@@ -122,6 +136,21 @@ class HistoryReply(Frozen):
     """The records, oldest first."""
 
 
+class Percentiles(Frozen):
+    """A latency distribution over recent turns, in milliseconds."""
+
+    count: int
+    """Samples in the window."""
+    p50: float
+    """Median."""
+    p90: float
+    """90th percentile."""
+    p99: float
+    """99th percentile."""
+    max: float
+    """Largest sample."""
+
+
 class MetricsReply(Frozen):
     """Counters and distributions of the node."""
 
@@ -129,3 +158,20 @@ class MetricsReply(Frozen):
     """Message type and version."""
     counters: dict[str, float]
     """Named counters and gauges."""
+    prefix_hit_ratio: float = 0.0
+    """Prompt tokens reused from a slot or the bank ÷ all prompt tokens."""
+    evictions: int = 0
+    """Slots handed to another session plus bank entries dropped for space."""
+    latency: dict[str, Percentiles] = {}
+    """ttft_ms, decode_ms_per_token, restore_ms, prefill_ms_per_token."""
+
+
+class DeleteReply(Frozen):
+    """Reply to ``admin.delete``: the session, its records closed and its bank entries gone."""
+
+    type: Literal["delete.v1"] = "delete.v1"
+    """Message type and version."""
+    session: str
+    """The deleted session."""
+    deleted: bool = True
+    """Always true; failures are error replies."""
