@@ -1,0 +1,244 @@
+"""Durability: SIGKILL mid-turn loses nothing; the durable bank tier restores after restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from actors.bank_committer import BankCommitter
+from actors.bank_durable import DirectoryBackend, DurableTier
+from node.app import Node
+from node.client import InfernodeClient, TurnResult
+from node.config import NodeConfig
+from node.demo_model import write_llama_gguf
+from node.nats_server import EmbeddedNats
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.messages import PromptRequest
+from schemas.subjects import Subjects
+from tests.helpers import EventCollector
+
+GREEDY = SamplingParams(temperature=0.0)
+S = Subjects()
+READY = re.compile(r"infernode: ready on (nats://\S+)")
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def committer(node: Node) -> BankCommitter:
+    return next(a for a in node.actors if isinstance(a, BankCommitter))
+
+
+async def ask(url: str, session: str, text: str, max_tokens: int = 8) -> TurnResult:
+    async with InfernodeClient(url) as client:
+        result = await client.ask(session, text, sampling=GREEDY, max_tokens=max_tokens,
+                                  timeout=60)
+    assert result.done is not None and result.commit is not None
+    return result
+
+
+class NodeProcess:
+    """`infernode up` as a child process; its output is read continuously (never blocks it)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._seen = asyncio.Condition()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def up(cls, url: str, data_dir: Path, model: Path, *flags: str) -> NodeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+        env["INFERNODE_THREADS"] = "1"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node.cli", "up", "--nats-url", url, "--data-dir",
+            str(data_dir), "--model", str(model), *flags, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        node = cls(proc)
+        await node.wait_for_line(READY, timeout=120)
+        return node
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            async with self._seen:
+                self.lines.append(line.decode(errors="replace"))
+                self._seen.notify_all()
+
+    async def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> None:
+        async with self._seen:
+            try:
+                await asyncio.wait_for(self._seen.wait_for(
+                    lambda: any(pattern.search(x) for x in self.lines)), timeout)
+            except TimeoutError:
+                raise AssertionError(f"no {pattern.pattern!r} line: {self.lines[-20:]}") from None
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        await self._reader
+
+    async def terminate(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        await self._reader
+
+
+def kinds(events: EventCollector, kind: str) -> list[dict]:
+    return [json.loads(m.data) for m in events.messages if m.subject.endswith("." + kind)]
+
+
+@pytest.mark.timeout(300)
+async def test_sigkill_mid_turn_loses_no_prompt_and_no_commit_and_answers_after_restart(
+    nats_server: EmbeddedNats, nc, tiny_model: Path, tmp_path: Path
+):
+    """Given a committed turn, a long turn streaming, and a second prompt accepted meanwhile,
+    when the node is SIGKILLed and restarted, then the committed record is intact, the cut turn
+    is an ABORTED provisional record, and every accepted prompt (and one sent while the node was
+    down) is answered by a committed turn."""
+    data, url, js = tmp_path / "node", nats_server.url, nc.jetstream()
+    events = await EventCollector.start(nc, S.events_all("crash"))
+    node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
+    try:
+        first = await ask(url, "crash", "remember this", max_tokens=4)
+        long = PromptRequest(messages=(user("talk for a long time"),), sampling=GREEDY,
+                             max_tokens=8000)
+        await js.publish(S.prompt("crash"), long.model_dump_json().encode())
+        await events.wait_until(lambda ms: len(kinds(events, "started")) >= 2, timeout=60)
+        cut_turn = kinds(events, "started")[1]["turn_id"]
+        await events.wait_until(lambda ms: any(
+            t["turn_id"] == cut_turn for t in kinds(events, "token")), timeout=60)
+        waiting = PromptRequest(messages=(user("are you there?"),), sampling=GREEDY, max_tokens=4)
+        await js.publish(S.prompt("crash"), waiting.model_dump_json().encode())
+        await events.wait_until(lambda ms: len(kinds(events, "accepted")) >= 3, timeout=30)
+        assert not [d for d in kinds(events, "done") if d["turn_id"] == cut_turn], \
+            "the long turn ended before the kill; the test needs a longer turn"
+        await node.kill()
+        offline = PromptRequest(messages=(user("sent while down"),), sampling=GREEDY, max_tokens=4)
+        await js.publish(S.prompt("crash"), offline.model_dump_json().encode())
+        node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
+        await events.wait_until(lambda ms: len(kinds(events, "accepted")) >= 4, timeout=60)
+        accepted = [i for a in kinds(events, "accepted") for i in a["message_ids"]]
+        answered = lambda: {p for c in kinds(events, "commit") for p in c["parent_ids"]}  # noqa: E731
+        await events.wait_until(lambda ms: answered() >= set(accepted), timeout=60)
+        async with InfernodeClient(url) as client:
+            history = await client.history("crash")
+    finally:
+        await node.terminate()
+    assert len(accepted) == 4
+    records = history.records
+    users = [r.id for r in records if r.kind == "user"]
+    assert users == accepted  # each accepted prompt recorded once, in order
+    assistants = [r for r in records if r.kind == "assistant"]
+    assert assistants[0].id == first.commit.record_id and assistants[0].status == "committed"
+    (cut,) = [r for r in records if r.kind == "provisional"]
+    assert cut.turn_id == cut_turn and cut.status == "ABORTED"
+    (abort,) = [r for r in records if r.kind == "abort"]
+    assert abort.turn_id == cut_turn and abort.reason == "node_restart"
+    commits = [r for r in records if r.kind == "commit"]
+    assert [c.generation for c in commits] == list(range(1, len(commits) + 1))
+    assert commits[1].supersedes == cut.id
+    assert history.generation == len(commits) >= 2
+
+
+@pytest.mark.parametrize("tier", ["dir", "object_store"])
+async def test_a_restarted_node_restores_an_old_session_from_the_durable_tier(
+    make_node, tmp_path: Path, tier: str
+):
+    """Given the durable bank tier, when the node restarts (RAM bank empty), then the first
+    turn on an old session restores its committed snapshot instead of recomputing it."""
+    opts = {"bank_dir": tmp_path / "bank"} if tier == "dir" else {"bank_object_store": True}
+    first = await make_node(fresh_server=True, threads=1, **opts)
+    one = await ask(first.url, "old", "remember this conversation")
+    await committer(first).wait_handled(1)
+    assert committer(first).stored == 1
+    await first.stop()  # finishes queued durable writes
+
+    second = await make_node(url=first.url, threads=1, **opts)
+    async with InfernodeClient(second.url) as client:
+        (summary,) = (await client.sessions()).sessions
+        health = await client.health()
+        two = (await client.ask("old", "and now?", sampling=GREEDY, max_tokens=8, timeout=60))
+        metrics = await client.metrics()
+    reusable = one.done.usage.prompt_tokens + one.done.usage.completion_tokens
+    assert [(e.tier, e.tokens) for e in summary.bank] == [("durable", reusable)]
+    assert health.bank_tiers == ("ram", tier)
+    assert two.done.cache.source == "bank" and two.done.usage.cached_tokens == reusable
+    assert two.done.cache.restore_ms > 0
+    assert metrics.counters["bank_durable_hits"] == 1
+
+
+async def test_a_durable_snapshot_of_another_model_is_never_restored(
+    make_node, tmp_path: Path, tiny_model: Path
+):
+    """Given a durable snapshot made with one model, when the node restarts on another model,
+    then the old session's turn computes from scratch and names model_mismatch."""
+    bank = tmp_path / "bank"
+    first = await make_node(fresh_server=True, threads=1, bank_dir=bank)
+    await ask(first.url, "switch", "hello there")
+    await committer(first).wait_handled(1)
+    await first.stop()
+    other_model = write_llama_gguf(tmp_path / "other.gguf", seed=99)
+    config = NodeConfig(nats_url=first.url, data_dir=tmp_path / "other-node", model=other_model,
+                        threads=1, bank_dir=bank)
+    async with Node(config) as other:
+        two = await ask(other.url, "switch", "and now?")
+    assert two.done.cache.source == "none" and two.done.cache.miss_reason == "model_mismatch"
+    assert two.done.usage.cached_tokens == 0
+
+
+async def test_deleting_a_session_forgets_its_bank_entries_in_ram_and_durable_tiers(
+    make_node, tmp_path: Path, nc
+):
+    """Given sessions banked in RAM, a directory and the object store, when one is deleted,
+    then its entries are gone from every tier and the other session's remain."""
+    bank = tmp_path / "bank"
+    node = await make_node(n_slots=1, threads=1, bank_dir=bank, bank_object_store=True)
+    await ask(node.url, "doomed", "short lived")
+    await ask(node.url, "kept", "long lived")
+    await committer(node).wait_handled(2)
+    durable = node.engine.bank.durable
+    await asyncio.wrap_future(durable.flush())
+    store = await nc.jetstream().object_store(S.bank_bucket)
+
+    async def objects(session: str) -> list[str]:
+        infos = await store.list(ignore_deletes=True)
+        return [i.name for i in infos if i.name.startswith(session + "/")]
+
+    assert list((bank / "doomed").glob("*.kv")) and await objects("doomed")
+    async with InfernodeClient(node.url) as client:
+        await client.delete("doomed")
+    assert not (bank / "doomed").exists() and await objects("doomed") == []
+    assert node.engine.bank.session_entries("doomed") == []
+    assert list((bank / "kept").glob("*.kv")) and len(await objects("kept")) == 2
+    assert [e["tier"] for e in node.engine.bank.session_entries("kept")] == ["ram+durable"]
+
+
+def test_a_snapshot_file_cut_short_by_a_crash_is_skipped_and_never_indexed(tmp_path: Path):
+    """Given a half-written temporary file and a file that is not a snapshot, when the durable
+    index is rebuilt, then neither is indexed and the leftover is removed."""
+    session_dir = tmp_path / "bank" / "s1"
+    session_dir.mkdir(parents=True)
+    (session_dir / ("a" * 64 + ".part")).write_bytes(b"INFKV001 half")
+    (session_dir / ("b" * 64 + ".kv")).write_bytes(b"not a snapshot at all")
+    tier = DurableTier([DirectoryBackend(tmp_path / "bank")])
+    try:
+        assert tier.open() == 0 and tier.entries("s1") == []
+    finally:
+        tier.close()
+    assert not list(session_dir.glob("*.part"))
