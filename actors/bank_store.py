@@ -122,6 +122,16 @@ class BankEntry:
         """Size of the state."""
         return len(self.data)
 
+    @property
+    def session(self) -> str:
+        """Session it belongs to."""
+        return self.meta.session
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """Tokens whose KV state it holds."""
+        return self.meta.tokens
+
 
 @dataclass(frozen=True)
 class BankMatch:

@@ -99,6 +99,15 @@ async def test_four_sessions_on_two_slots_reuse_their_whole_prefix_every_turn(ma
                     sources.append(r.done.cache.source)
                 previous[sid] = r
         metrics = await client.metrics()
+        await committer(node).wait_handled(12)
+        summaries = {s.session: s for s in (await client.sessions()).sessions}
+    for sid, last in previous.items():
+        summary = summaries[sid]
+        assert summary.generation == 3 and summary.last_miss_reason is None
+        assert summary.last_cache_source == last.done.cache.source
+        assert summary.last_cached_tokens == last.done.usage.cached_tokens
+        reusable = last.done.usage.prompt_tokens + last.done.usage.completion_tokens
+        assert reusable in [e.tokens for e in summary.bank]
     assert "bank" in sources  # with 4 sessions on 2 slots, restores must have happened
     assert metrics.prefix_hit_ratio > 0.5 and metrics.evictions > 0
     assert metrics.latency["restore_ms"].count == sources.count("bank")
