@@ -1,0 +1,1 @@
+"""Benchmarks of infernode, run as scripts (``python bench/engine.py``); never timed tests."""
