@@ -183,8 +183,11 @@ class EngineActor(Actor):
             await self.nc.publish(msg.reply, b"1" if hit else b"0")
 
     async def on_snapshot(self, msg: Msg) -> None:
-        """Bank a session's slot, waiting (bounded) for it to be idle."""
+        """Bank a session's slot in its own task: one waiting for a busy slot holds no other."""
         req = SnapshotRequest.model_validate_json(msg.data)
+        self.spawn(self._snapshot(req, msg), f"snapshot:{req.session}")
+
+    async def _snapshot(self, req: SnapshotRequest, msg: Msg) -> None:
         out = await self.engine.snapshot(req.session, req.token_hash, req.wait_s)
         await self.respond(
             msg,

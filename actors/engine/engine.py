@@ -197,11 +197,11 @@ class SlotEngine:
         lost = "evicted" if session in self._evicted or resumed else "new_session"
         if self.bank is None:
             return "none", lost, 0.0, ""
+        start = time.perf_counter()  # restore time includes reading a durable snapshot
         match = self.bank.best_match(session, tokens, self.compat)
         if match.entry is None:
             reason = lost if match.miss_reason == "new_session" else match.miss_reason
             return "none", reason, 0.0, ""
-        start = time.perf_counter()
         try:
             slot.ctx.set_state(match.entry.data)
         except Exception as e:  # a state this context cannot take is never a failed turn
@@ -265,6 +265,11 @@ class SlotEngine:
         slot = self.pool.resident(session)
         if slot is None:
             return self._bank_known(session, digest, "not_resident")
+        if slot.busy:
+            # The turn being committed released its slot before its result was sent, so a busy
+            # slot of this session runs a newer turn: its state extends this one, its commit
+            # banks it. Waiting would only hold the snapshot until it is superseded.
+            return self._bank_known(session, digest, "superseded")
         gate = threading.Lock()
         state = {"expired": False, "started": False}
 
