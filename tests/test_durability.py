@@ -161,7 +161,8 @@ async def test_a_restarted_node_restores_an_old_session_from_the_durable_tier(
     make_node, tmp_path: Path, tier: str
 ):
     """Given the durable bank tier, when the node restarts (RAM bank empty), then the first
-    turn on an old session restores its committed snapshot instead of recomputing it."""
+    turn on an old session restores its committed snapshot instead of recomputing it, and
+    answers exactly what a recompute from scratch answers."""
     opts = {"bank_dir": tmp_path / "bank"} if tier == "dir" else {"bank_object_store": True}
     first = await make_node(fresh_server=True, threads=1, **opts)
     one = await ask(first.url, "old", "remember this conversation")
@@ -181,6 +182,13 @@ async def test_a_restarted_node_restores_an_old_session_from_the_durable_tier(
     assert two.done.cache.source == "bank" and two.done.usage.cached_tokens == reusable
     assert two.done.cache.restore_ms > 0
     assert metrics.counters["bank_durable_hits"] == 1
+
+    cold = await make_node(fresh_server=True, threads=1, n_slots=1, bank_ram_bytes=0)
+    await ask(cold.url, "old", "remember this conversation")
+    await ask(cold.url, "other", "take the only slot")
+    recomputed = await ask(cold.url, "old", "and now?")
+    assert recomputed.done.cache.source == "none" and recomputed.done.usage.cached_tokens == 0
+    assert two.text == recomputed.text and two.text
 
 
 async def test_a_durable_snapshot_of_another_model_is_never_restored(
