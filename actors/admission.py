@@ -87,8 +87,18 @@ class Admission(Actor):
                 self.log.warning("intake_fetch_failed", error=str(e))
                 await asyncio.wait([asyncio.ensure_future(self._stopping.wait())], timeout=0.5)
                 continue
-            for msg in msgs:
-                await self._boundary(self.on_prompt, msg)
+            await self._admit_batch(msgs)
+
+    async def _admit_batch(self, msgs: list[Msg]) -> None:
+        """Different sessions' prompts are admitted concurrently, each session's in order."""
+        by_session: dict[str, list[Msg]] = {}
+        for msg in msgs:
+            by_session.setdefault(msg.subject, []).append(msg)
+        await asyncio.gather(*(self._admit_in_order(group) for group in by_session.values()))
+
+    async def _admit_in_order(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            await self._boundary(self.on_prompt, msg)
 
     async def on_prompt(self, msg: Msg) -> None:
         """Validate one prompt and have its runner record it."""

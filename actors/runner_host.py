@@ -26,6 +26,7 @@ from actors.session_state import SessionState, apply
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
+    AdmitReply,
     AdmitRequest,
     BankCommitRequest,
     CancelRequest,
@@ -116,7 +117,13 @@ class RunnerHost(Actor):
                     "or raise --max-sessions",
                 )
             runner = self._runner(SessionState(req.session))
-        await self.respond(msg, await runner.admit(req))
+        # Queued in the runner's mailbox now, in arrival order; the answer waits for the
+        # record append, which must not hold up other sessions' admits.
+        admitted = runner.submit(req)
+        self.spawn(self._boundary(lambda m: self._answer_admit(m, admitted), msg), "admit")
+
+    async def _answer_admit(self, msg: Msg, admitted: asyncio.Future[AdmitReply]) -> None:
+        await self.respond(msg, await admitted)
 
     async def on_abort(self, msg: Msg) -> None:
         """An agent aborts the running turn of a session (answered once it is recorded)."""

@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import structlog
 
+from actors.session_mailbox import (
+    Abort,
+    Admit,
+    Command,
+    Delete,
+    Resume,
+    TurnDone,
+    chain,
+    fail,
+    rejected,
+    wait_set,
+)
 from actors.session_state import SessionState, parents_of, supersedes_of
 from actors.session_turn import (
     RunnerIO,
@@ -29,7 +40,7 @@ from actors.session_turn import (
     record_failure,
 )
 from schemas.errors import ErrorCode, InferError
-from schemas.internal import AdmitReply, AdmitRequest, ErrorBody, GenerateRequest, GenerateResult
+from schemas.internal import AdmitReply, AdmitRequest, GenerateRequest, GenerateResult
 from schemas.messages import AbortReply, AcceptedEvent, StartedEvent, StatusEvent
 from schemas.records import TurnParams, TurnStartRecord, UserRecord
 from schemas.subjects import EventKind
@@ -42,37 +53,6 @@ RETRY_AFTER_S = 1.0
 __all__ = ["RunnerIO", "SessionRunner", "new_id"]
 
 
-@dataclass
-class _Admit:
-    req: AdmitRequest
-    done: asyncio.Future[AdmitReply]
-
-
-@dataclass
-class _TurnDone:
-    turn: Turn
-    result: GenerateResult
-
-
-@dataclass
-class _Abort:
-    reason: str
-    done: asyncio.Future[AbortReply]
-
-
-@dataclass
-class _Delete:
-    done: asyncio.Future[None]
-
-
-@dataclass
-class _Resume:
-    pass
-
-
-_Command = _Admit | _TurnDone | _Abort | _Delete | _Resume
-
-
 class SessionRunner:
     """The actor of one session."""
 
@@ -80,7 +60,7 @@ class SessionRunner:
         self.io = io
         self.state = state
         self.session = state.session
-        self.mailbox: asyncio.Queue[_Command] = asyncio.Queue()
+        self.mailbox: asyncio.Queue[Command] = asyncio.Queue()
         self.turn: Turn | None = None
         self.deleting: asyncio.Future[None] | None = None
         self.closed = False
@@ -97,33 +77,37 @@ class SessionRunner:
         )
 
     # -- mailbox ---------------------------------------------------------------------------
-    async def admit(self, req: AdmitRequest) -> AdmitReply:
-        """Record a prompt; resolves once it is in the log (or refused)."""
+    def submit(self, req: AdmitRequest) -> asyncio.Future[AdmitReply]:
+        """Queue a prompt; the future resolves once it is in the log (or refused)."""
         done: asyncio.Future[AdmitReply] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Admit(req, done))
-        return await done
+        self._enqueue(Admit(req, done))
+        return done
+
+    async def admit(self, req: AdmitRequest) -> AdmitReply:
+        """Record a prompt; returns once it is in the log (or refused)."""
+        return await self.submit(req)
 
     async def abort(self, reason: str) -> AbortReply:
         """Abort the running turn; resolves once its abort is recorded."""
         done: asyncio.Future[AbortReply] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Abort(reason, done))
+        self._enqueue(Abort(reason, done))
         return await done
 
     async def delete(self) -> None:
         """Delete the session once an in-flight turn has ended and its records are written."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Delete(done))
+        self._enqueue(Delete(done))
         await done
 
     def resume(self) -> None:
         """Answer what is pending (after a rebuild, or a start that could not be recorded)."""
         self._retry = None
         if not self.closed:
-            self.mailbox.put_nowait(_Resume())
+            self.mailbox.put_nowait(Resume())
 
-    def _enqueue(self, cmd: _Command) -> None:
+    def _enqueue(self, cmd: Command) -> None:
         if self.closed:
-            _fail(cmd, self._closed_error)
+            fail(cmd, self._closed_error)
         else:
             self.mailbox.put_nowait(cmd)
 
@@ -134,27 +118,27 @@ class SessionRunner:
                 await self._handle(cmd)
             except Exception as e:  # one bad command must not stop the session
                 self.log.exception("runner_command_failed", error=str(e))
-                _fail(cmd, e)
+                fail(cmd, e)
         self._reject_left()
 
-    async def _handle(self, cmd: _Command) -> None:
-        if isinstance(cmd, _Admit):
+    async def _handle(self, cmd: Command) -> None:
+        if isinstance(cmd, Admit):
             await self.on_admit(cmd)
-        elif isinstance(cmd, _TurnDone):
+        elif isinstance(cmd, TurnDone):
             await self.on_turn_done(cmd.turn, cmd.result)
-        elif isinstance(cmd, _Abort):
+        elif isinstance(cmd, Abort):
             await self.on_abort(cmd)
-        elif isinstance(cmd, _Delete):
+        elif isinstance(cmd, Delete):
             await self.on_delete(cmd.done)
         elif self.turn is None:
             await self._after_turn()
 
     def _reject_left(self) -> None:
         while not self.mailbox.empty():
-            _fail(self.mailbox.get_nowait(), self._closed_error)
+            fail(self.mailbox.get_nowait(), self._closed_error)
 
     # -- admits ----------------------------------------------------------------------------
-    async def on_admit(self, cmd: _Admit) -> None:
+    async def on_admit(self, cmd: Admit) -> None:
         """Record the prompt's messages, answer admission, maybe start a turn."""
         req, st = cmd.req, self.state
         prompt = req.prompt
@@ -164,7 +148,7 @@ class SessionRunner:
         key = req.idempotency_key
         if self.deleting is not None:
             err = InferError(ErrorCode.GONE, f"session {self.session} is being deleted")
-            cmd.done.set_result(_rejected(err))
+            cmd.done.set_result(rejected(err))
             return
         if len(seen) >= max(len(prompt.messages), 1) or (not seen and key and key in st.keys):
             known = seen or st.keys.get(key or "", ())
@@ -175,7 +159,7 @@ class SessionRunner:
         if not seen:  # a redelivery of a partly recorded prompt was checked the first time
             refusal = self._refusal(req)
             if refusal is not None:
-                cmd.done.set_result(_rejected(refusal))
+                cmd.done.set_result(rejected(refusal))
                 return
         ids = list(seen)
         await self._record_messages(req, ids)
@@ -297,11 +281,11 @@ class SessionRunner:
         except InferError as e:
             result = failed_result(req, e)
         except asyncio.CancelledError:  # given up on stop: the turn is recorded as aborted
-            self.mailbox.put_nowait(_TurnDone(turn, aborted_result(req)))
+            self.mailbox.put_nowait(TurnDone(turn, aborted_result(req)))
             raise
         except Exception as e:
             result = failed_result(req, InferError(ErrorCode.INTERNAL, f"the turn failed: {e}"))
-        self.mailbox.put_nowait(_TurnDone(turn, result))
+        self.mailbox.put_nowait(TurnDone(turn, result))
 
     async def on_turn_done(self, turn: Turn, r: GenerateResult) -> None:
         """Commit, or record the honest provisional of an aborted or failed turn."""
@@ -334,7 +318,7 @@ class SessionRunner:
         await self._after_turn()
 
     # -- abort / delete / stop -------------------------------------------------------------
-    async def on_abort(self, cmd: _Abort) -> None:
+    async def on_abort(self, cmd: Abort) -> None:
         """Cancel the running turn; the reply waits until its abort is recorded."""
         turn = self.turn
         if turn is None:
@@ -347,7 +331,7 @@ class SessionRunner:
     async def on_delete(self, done: asyncio.Future[None]) -> None:
         """Delete now, or once the running turn has ended and its records are written."""
         if self.deleting is not None:
-            self.deleting.add_done_callback(lambda f: _chain(f, done))
+            self.deleting.add_done_callback(lambda f: chain(f, done))
             return
         self.deleting = done
         if self.turn is not None:
@@ -385,12 +369,12 @@ class SessionRunner:
             return
         turn.abort_reason = "shutdown"
         await self.io.cancel_engine(self.session, turn.id)
-        if await _wait(self.idle, wait_s):
+        if await wait_set(self.idle, wait_s):
             return
         self.log.warning("engine_did_not_stop", turn=turn.id, waited_s=wait_s)
         if self._turn_task is not None:
             self._turn_task.cancel()
-        await _wait(self.idle, wait_s)
+        await wait_set(self.idle, wait_s)
 
     async def close(self) -> None:
         """Stop the mailbox; what is left in it is answered ``unavailable``."""
@@ -408,38 +392,3 @@ class SessionRunner:
             session=self.session, state=state,  # type: ignore[arg-type]
             generation=self.state.generation, pending=len(self.state.pending),
         ))
-
-
-def _rejected(err: InferError) -> AdmitReply:
-    return AdmitReply(
-        outcome="rejected", error=ErrorBody(code=err.code, message=err.message, details=err.details)
-    )
-
-
-def _fail(cmd: _Command, e: BaseException) -> None:
-    """Answer a command that will not be handled."""
-    fut = getattr(cmd, "done", None)
-    if fut is None or fut.done():
-        return
-    err = e if isinstance(e, InferError) else InferError(ErrorCode.INTERNAL, str(e))
-    if isinstance(cmd, _Admit):
-        fut.set_result(_rejected(err))
-    else:
-        fut.set_exception(err)
-
-
-def _chain(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
-    if target.done():
-        return
-    if source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
-    else:
-        target.set_result(None)
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
