@@ -293,7 +293,9 @@ class SessionRunner:
         try:
             if r.error is not None:
                 await record_failure(self.io, self.state, turn, r)
-            elif r.finish_reason == "aborted":
+            elif r.finish_reason == "aborted" or turn.abort_waiters:
+                # An agent that asked for an abort gets one, even when the engine finished
+                # the turn before the cancel reached it: nothing it refused is committed.
                 await record_abort(self.io, self.state, turn, r.raw_text, turn.abort_reason)
                 outcome = "aborted"
             else:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import nats.micro
 import structlog
 from nats.aio.client import Client
 
@@ -20,17 +22,34 @@ from actors.bank_committer import BankCommitter
 from actors.base import Actor
 from actors.engine.actor import EngineActor
 from actors.engine.engine import SlotEngine
+from actors.engine.gguf_info import ModelFileError, UnsupportedModelError
+from actors.engine.llama_api import LlamaLibraryError
+from actors.engine.llama_model import ModelLoadError
+from actors.engine.template_sandbox import TemplateError
 from actors.engine.loader import EngineSettings, load_engine
 from actors.runner_host import RunnerHost
 from node.admin import AdminActor
-from node.bus import connect
+from node.bus import BusError, connect
+from node.metrics_http import MetricsHttp
 from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
-from node.nats_server import EmbeddedNats
+from node.nats_server import EmbeddedNats, NatsServerError
 from node.streams import ensure_streams
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("node")
+
+VERSION = "0.1.0"
+
+# What can stop a start for a reason the user can fix; anything else is a bug and propagates.
+_USER_ERRORS = (
+    BusError, NatsServerError, ModelFileError, UnsupportedModelError, ModelLoadError,
+    LlamaLibraryError, TemplateError, OSError,
+)
+
+
+class StartError(RuntimeError):
+    """The node could not start; the message says why and what to do."""
 
 
 def demo_model_path(data_dir: Path) -> Path:
@@ -42,9 +61,12 @@ def demo_model_path(data_dir: Path) -> Path:
     return path
 
 
-def engine_settings(config: NodeConfig, model: Path) -> EngineSettings:
+def engine_settings(
+    config: NodeConfig, model: Path, progress: Callable[[float], None] | None = None
+) -> EngineSettings:
     """The engine's part of the configuration."""
     return EngineSettings(
+        progress=progress,
         model=model,
         n_slots=config.n_slots,
         n_ctx=config.n_ctx,
@@ -64,14 +86,19 @@ def engine_settings(config: NodeConfig, model: Path) -> EngineSettings:
 class Node:
     """One infernode process."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(
+        self, config: NodeConfig, on_load_progress: Callable[[float], None] | None = None
+    ) -> None:
         self.config = config
+        self.on_load_progress = on_load_progress
         self.subjects = Subjects(config.prefix)
         self.nats: EmbeddedNats | None = None
         self.url = config.nats_url or ""
         self.engine: SlotEngine | None = None
         self.actors: list[Actor] = []
         self._conns: list[Client] = []
+        self.metrics_http: MetricsHttp | None = None
+        self.service: nats.micro.Service | None = None
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -81,9 +108,12 @@ class Node:
         await self.stop()
 
     async def start(self) -> None:
-        """Start everything; on failure, stop what was started and re-raise."""
+        """Start everything; on failure, stop what was started and raise ``StartError``."""
         try:
             await self._start()
+        except _USER_ERRORS as e:
+            await self.stop()
+            raise StartError(str(e) or type(e).__name__) from e
         except BaseException:
             await self.stop()
             raise
@@ -97,7 +127,9 @@ class Node:
             self.url = self.nats.url
             (cfg.data_dir / "nats.url").write_text(self.url + "\n")
         model = cfg.model or demo_model_path(cfg.data_dir)
-        self.engine = await asyncio.to_thread(load_engine, engine_settings(cfg, model))
+        self.engine = await asyncio.to_thread(
+            load_engine, engine_settings(cfg, model, self.on_load_progress)
+        )
         admin_nc = await self._connect("admin")
         await ensure_streams(admin_nc.jetstream(), self.subjects, cfg.max_payload)
         s = self.subjects
@@ -115,6 +147,17 @@ class Node:
         self.actors.append(AdminActor(admin_nc, s, self))
         for actor in self.actors:
             await actor.start()
+        self.service = await nats.micro.add_service(
+            admin_nc,
+            name="infernode",
+            version=VERSION,
+            description="actor-model LLM inference node: prompts on "
+            f"{s.prompt_all()}, events on {s.events_all()}",
+            metadata={"prefix": cfg.prefix, "model": str(model), "engine": cfg.engine},
+        )
+        if cfg.metrics_port is not None:
+            self.metrics_http = MetricsHttp(admin_nc, s, cfg.metrics_port, cfg.metrics_host)
+            await self.metrics_http.start()
         log.info("node_ready", nats=self.url, prefix=cfg.prefix, model=str(model))
 
     async def _connect(self, name: str) -> Client:
@@ -124,6 +167,15 @@ class Node:
 
     async def stop(self) -> None:
         """Stop actors in reverse order, free the engine, close connections and NATS."""
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
+            self.metrics_http = None
+        if self.service is not None:
+            try:
+                await self.service.stop()
+            except Exception as e:
+                log.debug("service_stop_failed", error=str(e))
+            self.service = None
         for actor in reversed(self.actors):
             try:
                 await actor.stop()

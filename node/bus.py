@@ -37,6 +37,7 @@ class _ConnectionEvents:
 
     def __init__(self, name: str) -> None:
         self.log = log.bind(connection=name)
+        self.nc: Client | None = None
         self.connected = False
         self.last_error: BaseException | None = None
 
@@ -47,7 +48,8 @@ class _ConnectionEvents:
         emit("nats_error", error=str(error) or type(error).__name__)
 
     async def on_disconnected(self) -> None:
-        if self.connected:
+        closing = self.nc is not None and (self.nc.is_closed or self.nc.is_draining)
+        if self.connected and not closing:
             self.log.warning("nats_disconnected")
 
     async def on_reconnected(self) -> None:
@@ -66,6 +68,7 @@ async def connect(
     shown = ",".join(options["servers"])
     events = _ConnectionEvents(name)
     nc = Client()
+    events.nc = nc
     try:
         await asyncio.wait_for(
             nc.connect(

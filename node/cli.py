@@ -1,7 +1,9 @@
-"""The ``infernode`` command: ``up`` runs a node, ``prompt`` talks to one.
+"""The ``infernode`` command: ``up`` runs a node; the other commands talk to one.
 
     infernode up                          # embedded NATS + demo model
     infernode prompt demo "Hello there"   # stream a reply
+    infernode sessions | history S | abort S | metrics | health
+    infernode demo mesh --agents 3        # a ring of agents relaying answers
 """
 
 from __future__ import annotations
@@ -11,13 +13,36 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from node import cli_client
 from node.config import ConfigError, NodeConfig
 from node.logging import configure_logging
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
+# Flags of `up` and the NodeConfig field each one sets.
+UP_FLAGS: dict[str, str] = {
+    "--nats-url": "nats_url",
+    "--model": "model",
+    "--data-dir": "data_dir",
+    "--prefix": "prefix",
+    "--slots": "n_slots",
+    "--ctx": "n_ctx",
+    "--threads": "threads",
+    "--gpu-layers": "gpu_layers",
+    "--llama-lib": "llama_lib",
+    "--chat-template": "chat_template",
+    "--bank-ram-bytes": "bank_ram_bytes",
+    "--bank-session-bytes": "bank_session_bytes",
+    "--commit-wait-s": "commit_wait_s",
+    "--bank-dir": "bank_dir",
+    "--bank-object-store": "bank_object_store",
+    "--metrics-port": "metrics_port",
+    "--metrics-host": "metrics_host",
+    "--log-level": "log_level",
+    "--log-format": "log_format",
+    "--llama-log": "llama_log",
+}
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,22 +58,63 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--llama-lib", type=Path, help="a llama.cpp library built from the sdist")
     p.add_argument("--chat-template", help="auto, gguf, chatml, llama-2 or mistral")
     p.add_argument("--bank-ram-bytes", type=int, help="host RAM for KV snapshots (0 = off)")
+    p.add_argument("--bank-session-bytes", type=int, help="RAM bank cap of one session")
+    p.add_argument("--commit-wait-s", type=float,
+                   help="longest wait for a slot to go idle before its snapshot (default 30)")
+    p.add_argument("--bank-dir", type=Path, help="durable bank tier in this directory")
+    p.add_argument("--bank-object-store", action="store_const", const=True,
+                   help="durable bank tier in a JetStream object store")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus text on this port")
+    p.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")
     p.add_argument("--llama-log", action="store_const", const=True, help="show llama.cpp's log")
+    p.add_argument("--demo-agents", type=int, default=0,
+                   help="also run a ring of N agents relaying to each other, then keep serving")
 
 
-def _prompt_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("prompt", help="send a prompt and stream the answer")
     p.add_argument("session", help="session id (letters, digits, '_' or '-')")
     p.add_argument("text", help="the user message")
-    p.add_argument("--nats-url", help="NATS server (default: the one `infernode up` started)")
-    p.add_argument("--data-dir", type=Path, default=None, help="data dir of `infernode up`")
-    p.add_argument("--prefix", default=None, help="subject prefix (default: infer)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--relay-to", default=None, help="send the answer on to this session")
+    cli_client.add_connection_flags(p)
+    p.set_defaults(command_fn=cli_client.prompt)
+
+    p = sub.add_parser("abort", help="abort a session's running turn")
+    p.add_argument("session")
+    p.add_argument("--reason", default="client")
+    p.add_argument("--json", action="store_true")
+    cli_client.add_connection_flags(p)
+    p.set_defaults(command_fn=cli_client.abort)
+
+    p = sub.add_parser("history", help="a session's record log")
+    p.add_argument("session")
+    p.add_argument("--json", action="store_true")
+    cli_client.add_connection_flags(p)
+    p.set_defaults(command_fn=cli_client.history)
+
+    for name, fn, text in (
+        ("sessions", cli_client.sessions, "every session the node holds"),
+        ("metrics", cli_client.metrics, "counters and latencies of the node"),
+        ("health", cli_client.health, "exit 0 when the node serves"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+        cli_client.add_connection_flags(p)
+        p.set_defaults(command_fn=fn)
+
+    demo = sub.add_parser("demo", help="demonstrations against a running node")
+    demo_sub = demo.add_subparsers(dest="demo", required=True)
+    p = demo_sub.add_parser("mesh", help="a ring of agents relaying answers to each other")
+    p.add_argument("--agents", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=24)
+    cli_client.add_connection_flags(p)
+    p.set_defaults(command_fn=_mesh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,42 +122,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infernode", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
-    _prompt_parser(sub)
+    _client_parsers(sub)
     return parser
 
 
-def resolve_url(flag: str | None, data_dir: Path | None) -> str:
-    """--nats-url, else INFERNODE_NATS_URL, else the URL a local `infernode up` wrote."""
-    config = NodeConfig.from_env(os.environ, data_dir=data_dir)
-    if flag:
-        return flag
-    if config.nats_url:
-        return config.nats_url
-    written = config.data_dir / "nats.url"
-    if written.is_file():
-        return written.read_text().strip()
-    return DEFAULT_URL
+async def _mesh(client: cli_client.InfernodeClient, args: argparse.Namespace) -> int:
+    from node.mesh import run_mesh
+
+    if args.agents < 2:
+        print("infernode: a mesh needs at least 2 agents", file=sys.stderr)
+        return 2
+    report = await run_mesh(client, args.agents, args.rounds, max_tokens=args.max_tokens)
+    print(f"[{report.hops} hops, {len(report.answers)} answers]")
+    return 0
+
+
+def load_progress(stream=sys.stderr) -> Callable[[float], None]:  # type: ignore[no-untyped-def]
+    """A progress bar on a terminal; a line per quarter otherwise."""
+    tty = stream.isatty()
+    shown = {"last": -1}
+
+    def report(fraction: float) -> None:
+        pct = int(max(0.0, min(1.0, fraction)) * 100)
+        if tty:
+            if pct != shown["last"]:
+                bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
+                end = "\n" if pct >= 100 else ""
+                print(f"\rinfernode: loading model [{bar}] {pct:3d}%", end=end, file=stream,
+                      flush=True)
+        elif pct // 25 != shown["last"] // 25 or shown["last"] < 0:
+            print(f"infernode: loading model {pct}%", file=stream, flush=True)
+        shown["last"] = pct
+
+    return report
 
 
 async def _up(args: argparse.Namespace) -> int:
-    from node.app import Node
+    from node.app import Node, StartError
 
-    keys = ("nats_url", "model", "data_dir", "prefix", "n_slots", "n_ctx", "threads",
-            "gpu_layers", "llama_lib", "chat_template", "bank_ram_bytes", "log_level",
-            "log_format", "llama_log")
-    config = NodeConfig.from_env(os.environ, **{k: getattr(args, k) for k in keys})
+    overrides = {field: getattr(args, field) for field in UP_FLAGS.values()}
+    config = NodeConfig.from_env(os.environ, **overrides)
     configure_logging(config.log_level, config.log_format)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node = Node(config)
+    node = Node(config, on_load_progress=load_progress())
     print("infernode: starting (loading the model)...", file=sys.stderr, flush=True)
-    await node.start()
+    try:
+        await node.start()
+    except StartError as e:
+        print(f"infernode: cannot start: {e}", file=sys.stderr)
+        return 1
     try:
         demo = "" if config.model else "  [demo model: random weights, wiring only]"
         print(f"infernode: ready on {node.url}{demo}", flush=True)
-        print(f'  try:  infernode prompt demo "Hello there" --nats-url {node.url}', flush=True)
+        hint = "" if config.nats_url else f" --nats-url {node.url}"
+        print(f'  try:  infernode prompt demo "Hello there"{hint}', flush=True)
+        if node.metrics_http is not None:
+            print(f"  metrics: http://{config.metrics_host}:{node.metrics_http.port}/metrics",
+                  flush=True)
+        if args.demo_agents:
+            await _demo_agents(node, args.demo_agents, stop)
         await stop.wait()
         print("infernode: stopping...", file=sys.stderr, flush=True)
     finally:
@@ -99,57 +191,19 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _prompt(args: argparse.Namespace) -> int:
-    from node.bus import BusError
-    from node.client import InfernodeClient, TurnAborted, TurnResult
-    from schemas.subjects import is_session_id
-    from schemas.chat import SamplingParams
-    from schemas.errors import InferError
+async def _demo_agents(node, agents: int, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    from node.client import InfernodeClient
+    from node.mesh import run_mesh
 
-    if not is_session_id(args.session):
-        print(
-            f"infernode: session id {args.session!r} is not valid: "
-            "use 1-128 letters, digits, '_' or '-'",
-            file=sys.stderr,
-        )
-        return 2
-    url = resolve_url(args.nats_url, args.data_dir)
-    sampling = SamplingParams(
-        **{k: v for k, v in (("temperature", args.temperature), ("seed", args.seed)) if v is not None}
-    )
-    result = TurnResult()
-    try:
-        config = NodeConfig.from_env(os.environ)
-        prefix = args.prefix or config.prefix
-        async with InfernodeClient(url, prefix=prefix, config=config) as client:
-            async for token in client.prompt(
-                args.session, args.text, sampling=sampling, max_tokens=args.max_tokens,
-                timeout=args.timeout, result=result,
-            ):
-                print(token.text, end="", flush=True)
-    except InferError as e:
-        print(f"\ninfernode: {e.code.value} ({e.status}): {e.message}", file=sys.stderr)
-        return 1
-    except TurnAborted as e:
-        print(f"\ninfernode: {e}", file=sys.stderr)
-        return 2
-    except BusError as e:
-        print(f"infernode: {e}", file=sys.stderr)
-        return 3
-    except (OSError, TimeoutError) as e:
-        print(f"\ninfernode: no answer from the node at {url}: {e or type(e).__name__}",
-              file=sys.stderr)
-        return 3
-    done = result.done
-    if done is not None:
-        u = done.usage
-        print(
-            f"\n[generation {result.commit.generation if result.commit else '?'} | "
-            f"cached {u.cached_tokens} / prompt {u.prompt_tokens} tokens | "
-            f"completion {u.completion_tokens} | ttft {done.timings.ttft_ms:.0f} ms | "
-            f"cache {done.cache.source}]"
-        )
-    return 0
+    async with InfernodeClient(node.url, prefix=node.config.prefix, config=node.config) as c:
+        mesh = asyncio.ensure_future(run_mesh(c, max(agents, 2), rounds=1))
+        halt = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({mesh, halt}, return_when=asyncio.FIRST_COMPLETED)
+        if not mesh.done():
+            mesh.cancel()
+        halt.cancel()
+        if mesh.done() and not mesh.cancelled() and mesh.exception() is not None:
+            print(f"infernode: demo mesh failed: {mesh.exception()}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,8 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # uvloop is optional on platforms without it
         pass
     try:
-        runner = _up if args.command == "up" else _prompt
-        return asyncio.run(runner(args))
+        if args.command == "up":
+            return asyncio.run(_up(args))
+        return asyncio.run(cli_client.run_client_command(args, args.command_fn, os.environ))
     except ConfigError as e:
         print(f"infernode: {e}", file=sys.stderr)
         return 2

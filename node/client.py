@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from node.bus import connect
 from node.config import NodeConfig
@@ -139,6 +139,7 @@ class InfernodeClient:
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         expect_generation: int | None = None,
+        relay_to: str | None = None,
         timeout: float = 600.0,
         result: TurnResult | None = None,
     ) -> AsyncIterator[TokenEvent]:
@@ -152,13 +153,13 @@ class InfernodeClient:
         )
         prompt = PromptRequest(
             messages=messages, sampling=sampling or SamplingParams(), max_tokens=max_tokens,
-            stop=tuple(stop), expect_generation=expect_generation,
+            stop=tuple(stop), expect_generation=expect_generation, relay_to=relay_to,
             idempotency_key=uuid.uuid4().hex,
         )
         out = result if result is not None else TurnResult()
         queue: asyncio.Queue[tuple[str, BaseModel]] = asyncio.Queue()
 
-        async def on_event(msg: nats.aio.msg.Msg) -> None:
+        async def on_event(msg: Msg) -> None:
             kind = msg.subject.rsplit(".", 1)[-1]
             model = _EVENT_TYPES.get(kind)
             if model is not None:

@@ -88,7 +88,9 @@ class NodeConfig:
     log_format: str = "auto"
     """auto (console on a terminal, JSON otherwise), json or console."""
     metrics_port: int | None = None
-    """Port for HTTP metrics; None serves none."""
+    """Port for HTTP metrics; None serves none (0 picks a free port)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics port listens on (0.0.0.0 in a container)."""
     verify_restore: bool = True
     """Check at load that a restored KV state equals the live one."""
     llama_log: bool = False
@@ -315,9 +317,9 @@ def _check_sizes(c: NodeConfig) -> None:
             f"max_payload must be between {KIB} and {MAX_NATS_PAYLOAD} bytes "
             f"(got {c.max_payload}); set INFERNODE_MAX_PAYLOAD={8 * MIB}"
         )
-    if c.metrics_port is not None and not 1 <= c.metrics_port <= 65535:
+    if c.metrics_port is not None and not 0 <= c.metrics_port <= 65535:
         _fail(
-            f"metrics_port must be a port between 1 and 65535 (got {c.metrics_port}); "
+            f"metrics_port must be a port between 0 (any free port) and 65535 (got {c.metrics_port}); "
             "pass a free port such as 9464, or leave it unset"
         )
 

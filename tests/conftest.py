@@ -73,7 +73,7 @@ async def make_node(
             servers.append(server)
             await server.start()
             url = server.url
-        settings.setdefault("threads", 2)
+        settings.setdefault("threads", 1)
         config = NodeConfig(
             nats_url=url or nats_server.url,
             data_dir=tmp_path / f"node-{n}",

@@ -50,7 +50,7 @@ class LineReader:
 def env(tmp_path: Path) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
     environ["INFERNODE_DATA_DIR"] = str(tmp_path / "data")
-    environ["INFERNODE_THREADS"] = "2"
+    environ["INFERNODE_THREADS"] = "1"
     return environ
 
 

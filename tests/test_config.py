@@ -90,7 +90,7 @@ def test_bad_env_values_name_the_variable(env, needle):
         ({"prefix": "a..b"}, "dot-separated tokens"),
         ({"commit_wait_s": 0}, "commit_wait_s must be more than 0 seconds"),
         ({"max_payload": 100 * GIB}, "max_payload must be between"),
-        ({"metrics_port": 70000}, "metrics_port must be a port between 1 and 65535"),
+        ({"metrics_port": 70000}, "metrics_port must be a port between 0 (any free port) and 65535"),
         ({"nats_url": "http://x:4222"}, "use nats://HOST:4222"),
         ({"nats_user": "alice"}, "nats_user and nats_password go together"),
         ({"model": Path("/no/such/model.gguf")}, "does not exist; fix the path"),

@@ -414,6 +414,31 @@ async def test_abort_stops_within_one_token_records_provisional(node: FakeNode, 
     assert (await abort(nc, "ab")).aborted is False  # nothing runs now
 
 
+async def test_abort_of_a_turn_the_engine_finishes_anyway_commits_nothing(
+    node: FakeNode, nc: Client
+):
+    """An abort that reaches the engine too late still leaves the turn uncommitted.
+
+    Given a turn whose engine ignores the cancel (it was queued for a slot, or its result
+    is already on the way), when the agent aborts it, then the reply waits for the turn's
+    end and says aborted; the whole text becomes the provisional, with no done or commit.
+    """
+    watch = await Session.watch(nc, "late")
+    gate = node.fake.hold("late", after=2, tokens=("whole", " answer"), ignore_cancel=True)
+    await send(nc, "late", "question")
+    turn = await gate.wait_reached()
+    aborting = asyncio.ensure_future(abort(nc, "late"))
+    await node.fake.wait_cancel(turn)
+    assert not aborting.done()
+    gate.release()
+    reply = await aborting
+    assert reply.aborted and reply.turn_id == turn
+    assert watch.of("provisional")[0]["text"] == "whole answer"
+    assert (await watch.aborted())[0]["generation"] == 0
+    assert watch.of("done") == [] and watch.of("commit") == []
+    assert node.host.runners["late"].state.generation == 0
+
+
 # -- 6. retry -----------------------------------------------------------------------------
 async def test_retry_supersedes_provisional(node: FakeNode, nc: Client):
     """A retry runs from the last committed checkpoint; its commit names the provisional.

@@ -7,8 +7,8 @@ those shared weights. Every method here blocks: call them from a slot's worker t
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,8 @@ class ModelParams:
     """Threads per evaluation."""
     seed: int = 0
     """Seed of the library's own RNG (unused: we sample ourselves)."""
+    progress: Callable[[float], None] | None = field(default=None, compare=False)
+    """Called with 0..1 while the weights load (on the loading thread)."""
 
 
 class LlamaModel:
@@ -45,6 +47,17 @@ class LlamaModel:
         self.lib = lib
         self.params = params
         cparams = self._context_params()
+        report = params.progress
+        if report is not None:
+
+            def on_progress(fraction: float, _user: object) -> None:
+                try:
+                    report(float(fraction))
+                except Exception:  # a display problem must never stop a load
+                    pass
+
+            callback = llama_api.llama_progress_callback(on_progress)
+            cparams.progress_callback = callback
         handle = lib.llama_load_model_from_file(str(params.path).encode(), cparams)
         if not handle:
             raise ModelLoadError(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -37,6 +38,8 @@ class EngineSettings:
     snapshots: bool = True
     verify_restore: bool = True
     llama_log: bool = False
+    progress: Callable[[float], None] | None = field(default=None, compare=False)
+    """Called with 0..1 while the weights load."""
 
 
 def load_engine(settings: EngineSettings) -> SlotEngine:
@@ -57,7 +60,8 @@ def load_engine(settings: EngineSettings) -> SlotEngine:
     lib_path = llama_api.library_path(cuda, settings.llama_lib)
     threads = settings.threads or os.cpu_count() or 1
     params = ModelParams(
-        settings.model, settings.n_ctx, settings.n_batch, gpu_layers, threads
+        settings.model, settings.n_ctx, settings.n_batch, gpu_layers, threads,
+        progress=settings.progress,
     )
     backend = CtransformersBackend(params, lib_path, cuda, settings.llama_log)
     bank: BankStore | None = None

@@ -1,0 +1,187 @@
+"""The client side of the ``infernode`` command: prompt, abort, sessions, history, metrics.
+
+Each command connects with ``InfernodeClient``, prints a readable answer (or ``--json``), and
+turns every failure into one sentence on stderr and a non-zero exit code: 1 for an error the
+node answered with, 2 for bad input or an aborted turn, 3 when no node answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from pydantic import BaseModel
+
+from node.bus import BusError
+from node.client import InfernodeClient, TurnAborted, TurnResult
+from node.config import NodeConfig
+from node.logging import configure_logging
+from node.metrics_http import flatten_numbers
+from schemas.chat import SamplingParams
+from schemas.errors import InferError
+from schemas.subjects import is_session_id
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+Command = Callable[[InfernodeClient, argparse.Namespace], Awaitable[int]]
+
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every client command shares."""
+    p.add_argument("--nats-url", help="NATS server (default: the one `infernode up` started)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data dir of `infernode up`")
+    p.add_argument("--prefix", default=None, help="subject prefix (default: infer)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the node")
+
+
+def resolve_url(flag: str | None, config: NodeConfig) -> str:
+    """--nats-url, else INFERNODE_NATS_URL, else the URL a local `infernode up` wrote."""
+    if flag:
+        return flag
+    if config.nats_url:
+        return config.nats_url
+    written = config.data_dir / "nats.url"
+    if written.is_file():
+        return written.read_text().strip()
+    return DEFAULT_URL
+
+
+def _fail(sentence: str, code: int) -> int:
+    print(f"infernode: {sentence}", file=sys.stderr)
+    return code
+
+
+def _bad_session(session: str) -> int | None:
+    if is_session_id(session):
+        return None
+    return _fail(f"session id {session!r} is not valid: use 1-128 letters, digits, '_' or '-'", 2)
+
+
+async def run_client_command(
+    args: argparse.Namespace, command: Command, environ: Mapping[str, str]
+) -> int:
+    """Connect, run ``command``, and map every failure to a sentence and an exit code."""
+    session = getattr(args, "session", None)
+    if session is not None and (bad := _bad_session(session)) is not None:
+        return bad
+    config = NodeConfig.from_env(environ, data_dir=args.data_dir)
+    url = resolve_url(args.nats_url, config)
+    # stdout carries the answer (or JSON); only warnings, on stderr, besides it.
+    configure_logging("warning", config.log_format, sys.stderr)
+    try:
+        async with InfernodeClient(url, prefix=args.prefix or config.prefix, config=config) as c:
+            return await command(c, args)
+    except InferError as e:
+        return _fail(f"{e.code.value} ({e.status}): {e.message}", 1)
+    except TurnAborted as e:
+        return _fail(str(e), 2)
+    except BusError as e:
+        return _fail(str(e), 3)
+    except (OSError, TimeoutError) as e:
+        return _fail(f"no answer from the node at {url}: {e or type(e).__name__}", 3)
+
+
+def _print_json(model: BaseModel) -> None:
+    print(json.dumps(model.model_dump(mode="json"), indent=2))
+
+
+# -- commands --------------------------------------------------------------------------------
+async def prompt(c: InfernodeClient, args: argparse.Namespace) -> int:
+    """Stream the reply's tokens, then one summary line."""
+    given = (("temperature", args.temperature), ("seed", args.seed))
+    sampling = SamplingParams(**{k: v for k, v in given if v is not None})
+    result = TurnResult()
+    async for token in c.prompt(
+        args.session, args.text, sampling=sampling, max_tokens=args.max_tokens,
+        timeout=args.timeout or 600.0, result=result, relay_to=args.relay_to,
+    ):
+        print(token.text, end="", flush=True)
+    done = result.done
+    if done is not None:
+        u = done.usage
+        generation = result.commit.generation if result.commit else "?"
+        print(
+            f"\n[generation {generation} | cached {u.cached_tokens} / prompt {u.prompt_tokens} "
+            f"tokens | completion {u.completion_tokens} | ttft {done.timings.ttft_ms:.0f} ms | "
+            f"cache {done.cache.source}]"
+        )
+    return 0
+
+
+async def abort(c: InfernodeClient, args: argparse.Namespace) -> int:
+    """Abort the running turn of a session."""
+    reply = await c.abort(args.session, reason=args.reason, timeout=args.timeout or 30.0)
+    if args.json:
+        _print_json(reply)
+    elif reply.aborted:
+        print(f"aborted turn {reply.turn_id} of {reply.session}")
+    else:
+        print(f"{reply.session}: no turn was running")
+    return 0
+
+
+async def sessions(c: InfernodeClient, args: argparse.Namespace) -> int:
+    """One line per session."""
+    reply = await c.sessions(timeout=args.timeout or 10.0)
+    if args.json:
+        _print_json(reply)
+        return 0
+    rows = [s.model_dump(mode="json") for s in reply.sessions]
+    if not rows:
+        print("no sessions")
+        return 0
+    print(f"{'session':<32} {'gen':>4} {'records':>7} {'pending':>7} {'bank':>5}  state")
+    for r in rows:
+        state = "busy" if r.get("busy") else "idle"
+        if r.get("slot") is not None:
+            state += f", slot {r['slot']}"
+        print(
+            f"{r.get('session', '?'):<32} {r.get('generation', 0):>4} "
+            f"{r.get('records', 0):>7} {r.get('pending', 0):>7} "
+            f"{len(r.get('bank', []) or []):>5}  {state}"
+        )
+    return 0
+
+
+async def history(c: InfernodeClient, args: argparse.Namespace) -> int:
+    """The record log of one session, oldest first."""
+    reply = await c.history(args.session, timeout=args.timeout or 10.0)
+    if args.json:
+        _print_json(reply)
+        return 0
+    print(f"session {reply.session}, generation {reply.generation}")
+    for item in reply.records:
+        r = item.model_dump(mode="json")
+        text = (r.get("content") or r.get("reason") or "").replace("\n", " ")
+        if len(text) > 90:
+            text = text[:87] + "..."
+        extra = " ".join(
+            f"{k}={r[k]}" for k in ("generation", "supersedes", "status") if r.get(k) is not None
+        )
+        print(f"  {r.get('kind', '?'):<12} {r.get('role') or '':<9} {extra} {text}".rstrip())
+    return 0
+
+
+async def metrics(c: InfernodeClient, args: argparse.Namespace) -> int:
+    """Counters and distributions of the node."""
+    reply = await c.metrics(timeout=args.timeout or 10.0)
+    if args.json:
+        _print_json(reply)
+        return 0
+    for name, value in sorted(flatten_numbers(reply.model_dump(mode="json")).items()):
+        print(f"{name:<48} {value:g}")
+    return 0
+
+
+async def health(c: InfernodeClient, args: argparse.Namespace) -> int:
+    """Exit 0 when the node answers that it serves."""
+    reply = await c.health(timeout=args.timeout or 5.0)
+    if args.json:
+        _print_json(reply)
+    else:
+        for name, value in reply.model_dump(mode="json").items():
+            if name != "type":
+                print(f"{name:<16} {value}")
+    return 0 if reply.status in ("ok", "degraded") else 1

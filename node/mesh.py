@@ -1,0 +1,94 @@
+"""A small relay mesh: a ring of agents, each with its own session, passing a thought on.
+
+Agent ``i`` owns session ``<name>-i``. A hop is one prompt to agent ``i``'s session with
+``relay_to`` naming agent ``i+1``'s: agent ``i`` answers, and the node itself delivers that
+answer as a prompt to agent ``i+1``, which answers in turn. The next agent then takes the
+next hop. Every answer is printed with who said it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from node.client import InfernodeClient
+from schemas.chat import ChatMessage
+from schemas.messages import DoneEvent, PromptRequest
+from schemas.subjects import EventKind
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class MeshReport:
+    """What the ring did."""
+
+    hops: int = 0
+    answers: list[tuple[str, str]] = field(default_factory=list)
+    """(session, text) of every answer, in the order they finished."""
+
+
+async def run_mesh(
+    client: InfernodeClient,
+    agents: int = 3,
+    rounds: int = 1,
+    name: str = "mesh",
+    max_tokens: int = 24,
+    say: Say = print,
+    timeout: float = 300.0,
+) -> MeshReport:
+    """Run ``rounds`` trips around a ring of ``agents``; returns every answer seen."""
+    if agents < 2:
+        raise ValueError("a mesh needs at least 2 agents")
+    sessions = [f"{name}-{i}" for i in range(agents)]
+    report = MeshReport()
+    answered: asyncio.Queue[tuple[str, DoneEvent]] = asyncio.Queue()
+
+    async def on_done(msg: Msg) -> None:
+        session = msg.subject.split(".")[-2]
+        answered.put_nowait((session, DoneEvent.model_validate_json(msg.data)))
+
+    subs = [
+        await client.nc.subscribe(client.subjects.events(s, EventKind.DONE), cb=on_done)
+        for s in sessions
+    ]
+
+    async def next_answer(session: str) -> str:
+        while True:
+            who, done = await asyncio.wait_for(answered.get(), timeout)
+            report.answers.append((who, done.text))
+            say(f"{who}: {done.text.strip()!r}")
+            if who == session:
+                return done.text
+
+    try:
+        text = "Start a story about a lighthouse, one sentence."
+        for r in range(rounds):
+            for i, session in enumerate(sessions):
+                target = sessions[(i + 1) % agents]
+                say(f"--- round {r + 1}, {session} -> {target}")
+                await _send(client, session, text, target, max_tokens)
+                await next_answer(session)
+                text = await next_answer(target)
+                report.hops += 1
+                text = f"Continue the story: {text.strip()[:200]}"
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    return report
+
+
+async def _send(
+    client: InfernodeClient, session: str, text: str, relay_to: str, max_tokens: int
+) -> None:
+    await client.send(
+        session,
+        PromptRequest(
+            messages=(ChatMessage(role="user", content=text),),
+            relay_to=relay_to,
+            max_tokens=max_tokens,
+        ),
+    )
