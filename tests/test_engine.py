@@ -147,6 +147,38 @@ async def test_cancel_stops_generation_within_one_token(engine_factory):
         await _close(engine)
 
 
+async def test_cancel_while_waiting_for_a_slot_stops_the_turn_before_any_token(engine_factory):
+    """Given one slot held by A, when B (waiting for the slot) is cancelled, B emits nothing."""
+    import asyncio
+
+    engine = engine_factory(n_slots=1)
+    hold = CancelToken()
+    first_piece = threading.Event()
+
+    def emit_a(text: str) -> None:
+        first_piece.set()
+
+    try:
+        a = asyncio.ensure_future(
+            run(engine, spec("A", [user("go")], max_tokens=100_000), hold, emit_a)
+        )
+        assert await asyncio.to_thread(first_piece.wait, 30), "A never started"
+        b_cancel = CancelToken()
+        b_pieces: list[str] = []
+        b = asyncio.ensure_future(
+            run(engine, spec("B", [user("go")], max_tokens=50), b_cancel, b_pieces.append)
+        )
+        await asyncio.sleep(0)  # let B reach the slot queue
+        assert engine.cancel("B") and b_cancel.cancelled
+        hold.cancel("client")
+        out_a, out_b = await asyncio.wait_for(asyncio.gather(a, b), 60)
+        assert out_a.finish_reason == "aborted"
+        assert out_b.finish_reason == "aborted"
+        assert out_b.usage.completion_tokens == 0 and b_pieces == []
+    finally:
+        await _close(engine)
+
+
 async def test_prompt_longer_than_the_context_is_a_context_overflow(engine_factory):
     """A prompt that does not fit the context is refused with context_overflow (422)."""
     engine = engine_factory(n_slots=1, n_ctx=64)

@@ -75,10 +75,15 @@ class SlotEngine:
         self, spec: TurnSpec, emit: Callable[[str], None], cancel: CancelToken
     ) -> TurnOutcome:
         """Run one turn of ``spec.session``; ``emit`` is called from the worker thread."""
-        waited = time.perf_counter()
-        slot = await self.pool.acquire(spec.session)
-        lock_wait_ms = (time.perf_counter() - waited) * 1000
+        # Registered before the slot is ours, so a cancel while waiting for it counts too.
         self._running[spec.session] = cancel
+        waited = time.perf_counter()
+        try:
+            slot = await self.pool.acquire(spec.session)
+        except BaseException:
+            self._running.pop(spec.session, None)
+            raise
+        lock_wait_ms = (time.perf_counter() - waited) * 1000
         try:
             job = slot.worker.submit(lambda: self._turn(slot, spec, emit, cancel, lock_wait_ms))
             try:
