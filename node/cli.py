@@ -39,6 +39,7 @@ UP_FLAGS: dict[str, str] = {
     "--bank-object-store": "bank_object_store",
     "--metrics-port": "metrics_port",
     "--metrics-host": "metrics_host",
+    "--heartbeat-s": "heartbeat_s",
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--llama-log": "llama_log",
@@ -66,6 +67,7 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="durable bank tier in a JetStream object store")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus text on this port")
     p.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
+    p.add_argument("--heartbeat-s", type=float, help="seconds between stats log lines")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")
     p.add_argument("--llama-log", action="store_const", const=True, help="show llama.cpp's log")
