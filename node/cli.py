@@ -54,7 +54,7 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--prefix", help="subject prefix (default: infer)")
     p.add_argument("--slots", type=int, dest="n_slots", help="contexts sharing the model")
     p.add_argument("--ctx", type=int, dest="n_ctx", help="context length of each slot")
-    p.add_argument("--threads", type=int, help="CPU threads per evaluation (0 = all)")
+    p.add_argument("--threads", type=int, help="CPU threads per slot (0 = cores divided by slots)")
     p.add_argument("--gpu-layers", type=int, help="layers offloaded to CUDA (0 = CPU only)")
     p.add_argument("--llama-lib", type=Path, help="a llama.cpp library built from the sdist")
     p.add_argument("--chat-template", help="auto, gguf, chatml, llama-2 or mistral")

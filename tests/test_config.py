@@ -170,3 +170,12 @@ def test_only_the_config_module_reads_the_environment():
         if pattern.search(line)
     ]
     assert not offenders, f"environment read outside node/config.py: {offenders}"
+
+
+def test_default_threads_share_the_cores_among_the_slots():
+    """Unset threads give each slot its share of the cores, never fewer than one."""
+    from node.app import default_threads
+
+    assert default_threads(2, cores=8) == 4
+    assert default_threads(4, cores=2) == 1
+    assert default_threads(1, cores=16) == 16

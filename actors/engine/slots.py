@@ -10,6 +10,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -77,11 +78,15 @@ class Slot:
 
 
 class SlotPool:
-    """Hands out slots: the session's own if resident, else a free one, else the LRU idle."""
+    """Hands out slots: the session's own if resident, else a free one, else the LRU idle.
+
+    Waiters queue in arrival order and a release serves them in that order, waking only the
+    ones it can serve (not every waiter on every release).
+    """
 
     def __init__(self, slots: list[Slot]) -> None:
         self.slots = slots
-        self._changed = asyncio.Condition()
+        self._waiters: deque[tuple[str, asyncio.Future[Slot]]] = deque()
 
     def resident(self, session: str) -> Slot | None:
         """The slot holding ``session``, if any."""
@@ -89,13 +94,23 @@ class SlotPool:
 
     async def acquire(self, session: str) -> Slot:
         """Wait for a slot for ``session`` and mark it busy."""
-        async with self._changed:
-            while True:
-                slot = self._pick(session)
-                if slot is not None:
-                    slot.busy = True
-                    return slot
-                await self._changed.wait()
+        if not self._waiters:
+            slot = self._pick(session)
+            if slot is not None:
+                slot.busy = True
+                return slot
+        fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        entry = (session, fut)
+        self._waiters.append(entry)
+        self._dispatch()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif fut.done() and not fut.cancelled():
+                self._free(fut.result())  # granted just as the waiter was cancelled
+            raise
 
     def _pick(self, session: str) -> Slot | None:
         own = self.resident(session)
@@ -107,12 +122,29 @@ class SlotPool:
         free = [s for s in idle if s.session is None]
         return free[0] if free else min(idle, key=lambda s: s.last_used)
 
+    def _dispatch(self) -> None:
+        for entry in list(self._waiters):
+            session, fut = entry
+            if fut.done():
+                self._waiters.remove(entry)
+                continue
+            slot = self._pick(session)
+            if slot is None:
+                if not any(not s.busy for s in self.slots):
+                    return  # nothing idle: no later waiter can be served either
+                continue
+            slot.busy = True
+            self._waiters.remove(entry)
+            fut.set_result(slot)
+
+    def _free(self, slot: Slot) -> None:
+        slot.busy = False
+        slot.last_used = time.monotonic()
+        self._dispatch()
+
     async def release(self, slot: Slot) -> None:
-        """Mark ``slot`` idle and wake waiters."""
-        async with self._changed:
-            slot.busy = False
-            slot.last_used = time.monotonic()
-            self._changed.notify_all()
+        """Mark ``slot`` idle and hand it to the first waiter it can serve."""
+        self._free(slot)
 
     def close(self) -> None:
         """Join every worker, then free the contexts."""
