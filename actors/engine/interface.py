@@ -52,6 +52,8 @@ class Backend(Protocol):
     bos_text: str
     eos_text: str
     tokenizer: PromptTokenizer
+    # A backend may also have ``eog_ids: frozenset[int]``, every token that ends a reply;
+    # read it through ``end_of_generation``.
 
     def piece(self, token: int) -> bytes:
         """Bytes of one token."""
@@ -61,6 +63,13 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the weights."""
+
+
+def end_of_generation(backend: Backend) -> frozenset[int]:
+    """Tokens that end a reply: the backend's ``eog_ids`` (EOS, EOT, ``<|im_end|>``…) if it
+    names them, else its EOS alone."""
+    eog: frozenset[int] | None = getattr(backend, "eog_ids", None)
+    return eog if eog else frozenset({backend.eos_id})
 
 
 class CancelToken:

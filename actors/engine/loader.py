@@ -1,4 +1,9 @@
-"""Build an engine from settings: read the GGUF header, pick the library, verify restore."""
+"""Build an engine from settings: read the GGUF header, pick the engine, verify restore.
+
+Two engines sit behind the same ``Backend`` interface: ctransformers' bundled llama.cpp
+(the default) and current llama.cpp through llama-cpp-python (an optional extra). ``auto``
+takes the default when the GGUF's architecture runs there, else llama-cpp when installed.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,17 @@ from actors.bank_store import BankStore
 from actors.engine import llama_api
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
-from actors.engine.gguf_info import check_runnable, read_gguf_info
+from actors.engine.gguf_info import (
+    RUNNABLE_ARCHS,
+    GgufInfo,
+    UnsupportedModelError,
+    check_runnable,
+    read_gguf_info,
+)
+from actors.engine.interface import Backend
 from actors.engine.llama_model import ModelParams
+from actors.engine.llamacpp_backend import INSTALL_HINT, LlamaCppBackend, llama_cpp_available
+from actors.engine.llamacpp_verify import verify_in_child as verify_llamacpp_in_child
 from actors.engine.templates import select_template
 from actors.engine.verify import verify_in_child
 
@@ -26,6 +40,8 @@ class EngineSettings:
     """The engine's part of the node configuration."""
 
     model: Path
+    engine: str = "ctransformers"
+    """ctransformers, llama-cpp or auto."""
     n_slots: int = 2
     n_ctx: int = 2048
     n_batch: int = 512
@@ -42,42 +58,54 @@ class EngineSettings:
     """Called with 0..1 while the weights load."""
 
 
+class LlamaCppMissingError(UnsupportedModelError):
+    """``auto`` found an architecture only current llama.cpp runs, and it is not installed."""
+
+    def __init__(self, info: GgufInfo) -> None:
+        ValueError.__init__(
+            self,
+            f"{info.path}: {info.architecture} models need the llama-cpp engine, which is not "
+            f"installed: {INSTALL_HINT} (the default engine runs "
+            f"{', '.join(sorted(RUNNABLE_ARCHS))})",
+        )
+        self.path = info.path
+        self.architecture = info.architecture
+
+
+def choose_engine(requested: str, info: GgufInfo) -> str:
+    """The engine that runs ``info``'s model: ``requested``, or for ``auto`` the fitting one."""
+    if requested == "auto":
+        if info.architecture in RUNNABLE_ARCHS:
+            return "ctransformers"
+        if llama_cpp_available():
+            return "llama-cpp"
+        raise LlamaCppMissingError(info)
+    if requested == "ctransformers":
+        check_runnable(info)
+    elif requested != "llama-cpp":
+        raise ValueError(f"unknown engine {requested!r}: choose ctransformers, llama-cpp or auto")
+    return requested
+
+
 def load_engine(settings: EngineSettings) -> SlotEngine:
     """Load the model once and make ``n_slots`` slots over it (blocking; call in a thread)."""
     info = read_gguf_info(settings.model)
-    check_runnable(info)
-    gpu_layers = settings.gpu_layers
-    note = ""
-    if settings.snapshots and gpu_layers > info.n_layer + 1:
-        # Offloading the KV cache makes this llama.cpp restore states wrongly.
-        note = (
-            f"gpu_layers lowered from {gpu_layers} to {info.n_layer + 1} so the KV cache stays "
-            "in host memory, where snapshots restore exactly"
-        )
-        log.warning("gpu_layers_clamped", requested=gpu_layers, used=info.n_layer + 1)
-        gpu_layers = info.n_layer + 1
-    cuda = gpu_layers > 0
-    lib_path = llama_api.library_path(cuda, settings.llama_lib)
+    engine = choose_engine(settings.engine, info)
     threads = settings.threads or os.cpu_count() or 1
-    params = ModelParams(
-        settings.model, settings.n_ctx, settings.n_batch, gpu_layers, threads,
-        progress=settings.progress,
-    )
-    backend = CtransformersBackend(params, lib_path, cuda, settings.llama_log)
+    if engine == "llama-cpp":
+        backend, (snapshots, note), library = _load_llamacpp(settings, threads)
+        gpu_layers = settings.gpu_layers
+    else:
+        backend, (snapshots, note), library, gpu_layers = _load_ctransformers(
+            settings, info, threads
+        )
     bank: BankStore | None = None
-    if settings.snapshots:
-        ok, reason = (True, "not verified (--no-verify-restore)")
-        if settings.verify_restore:
-            ok, reason = verify_in_child(lib_path, settings.model, gpu_layers)
-        if ok:
-            bank = BankStore(settings.bank_ram_bytes, settings.bank_session_bytes)
-        else:
-            log.warning("snapshots_disabled", reason=reason)
-        note = "; ".join(x for x in (note, reason) if x)
+    if snapshots:
+        bank = BankStore(settings.bank_ram_bytes, settings.bank_session_bytes)
     template = select_template(
         settings.chat_template, info.chat_template, backend.bos_text, backend.eos_text
     )
-    engine = SlotEngine(
+    slot_engine = SlotEngine(
         backend, template, template.name, settings.n_slots, bank, snapshot_note=note
     )
     log.info(
@@ -89,8 +117,62 @@ def load_engine(settings: EngineSettings) -> SlotEngine:
         n_ctx=settings.n_ctx,
         slots=settings.n_slots,
         gpu_layers=gpu_layers,
-        library=str(lib_path),
+        library=library,
         snapshots=bank is not None,
         template=template.name,
     )
-    return engine
+    return slot_engine
+
+
+def _snapshots(
+    settings: EngineSettings, verify: Callable[[], tuple[bool, str]]
+) -> tuple[bool, str]:
+    """Whether snapshots are on, and why (the restore check's verdict)."""
+    if not settings.snapshots:
+        return False, ""
+    ok, reason = (True, "not verified (--no-verify-restore)")
+    if settings.verify_restore:
+        ok, reason = verify()
+    if not ok:
+        log.warning("snapshots_disabled", reason=reason)
+    return ok, reason
+
+
+def _load_llamacpp(
+    settings: EngineSettings, threads: int
+) -> tuple[Backend, tuple[bool, str], str]:
+    params = ModelParams(
+        settings.model, settings.n_ctx, settings.n_batch, settings.gpu_layers, threads,
+        progress=settings.progress,
+    )
+    # Checked before loading: the check's own copy of the weights must not sit beside ours.
+    snapshots = _snapshots(
+        settings, lambda: verify_llamacpp_in_child(settings.model, settings.gpu_layers)
+    )
+    backend = LlamaCppBackend(params, settings.n_slots, settings.llama_log)
+    return backend, snapshots, "llama-cpp-python"
+
+
+def _load_ctransformers(
+    settings: EngineSettings, info: GgufInfo, threads: int
+) -> tuple[Backend, tuple[bool, str], str, int]:
+    gpu_layers = settings.gpu_layers
+    clamp = ""
+    if settings.snapshots and gpu_layers > info.n_layer + 1:
+        # Offloading the KV cache makes this llama.cpp restore states wrongly.
+        clamp = (
+            f"gpu_layers lowered from {gpu_layers} to {info.n_layer + 1} so the KV cache stays "
+            "in host memory, where snapshots restore exactly"
+        )
+        log.warning("gpu_layers_clamped", requested=gpu_layers, used=info.n_layer + 1)
+        gpu_layers = info.n_layer + 1
+    cuda = gpu_layers > 0
+    lib_path = llama_api.library_path(cuda, settings.llama_lib)
+    params = ModelParams(
+        settings.model, settings.n_ctx, settings.n_batch, gpu_layers, threads,
+        progress=settings.progress,
+    )
+    backend = CtransformersBackend(params, lib_path, cuda, settings.llama_log)
+    ok, reason = _snapshots(settings, lambda: verify_in_child(lib_path, settings.model, gpu_layers))
+    note = "; ".join(x for x in (clamp, reason) if x)
+    return backend, (ok, note), str(lib_path), gpu_layers

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from actors.bank_store import common_prefix
-from actors.engine.interface import Backend, CancelToken
+from actors.engine.interface import Backend, CancelToken, end_of_generation
 from actors.engine.sampling import Sampler, StopMatcher, Utf8Detokenizer
 from actors.engine.slots import Slot
 from schemas.chat import SamplingParams
@@ -60,6 +60,7 @@ def decode(
     first_at: float | None = None
     finish = "length"
     last_n = max(sampling.repeat_last_n, 1)
+    eog = end_of_generation(backend)
     for _ in range(max_tokens):
         if cancel.cancelled:
             finish = "aborted"
@@ -69,7 +70,7 @@ def decode(
         token = sampler.sample(slot.ctx.logits(), slot.tokens[-last_n:])
         if first_at is None:
             first_at = time.perf_counter()
-        if token == backend.eos_id:
+        if token in eog:
             finish = "stop"
             break
         safe, stopped = stopper.feed(detok.feed(backend.piece(token)))
