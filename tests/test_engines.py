@@ -1,0 +1,246 @@
+"""Behaviour every engine owes the node, run against each engine on the tiny model.
+
+The llama-cpp engine is an optional extra; its cases skip, saying so, where it is not
+installed. Engine selection (``--engine auto``) is tested here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.engine import loader as loader_mod
+from actors.engine import sampling as sampling_mod
+from actors.engine.engine import SlotEngine
+from actors.engine.gguf_info import UnsupportedModelError, read_gguf_info
+from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec, end_of_generation
+from actors.engine.llamacpp_backend import llama_cpp_available
+from actors.engine.loader import EngineSettings, LlamaCppMissingError, choose_engine, load_engine
+from node.client import InfernodeClient
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.errors import ErrorCode, InferError
+
+GREEDY = SamplingParams(temperature=0.0)
+NEEDS_LLAMA_CPP = pytest.mark.skipif(
+    not llama_cpp_available(),
+    reason="llama-cpp-python is not installed (pip install 'infernode[llamacpp]')",
+)
+MakeEngine = Callable[..., SlotEngine]
+
+
+@pytest.fixture(params=["ctransformers", pytest.param("llama-cpp", marks=NEEDS_LLAMA_CPP)])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine a test runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def make_engine(engine: str, tiny_model: Path) -> AsyncIterator[MakeEngine]:
+    """Load engines of the test's kind on the tiny model; all are closed after the test."""
+    made: list[SlotEngine] = []
+
+    def make(**kw: Any) -> SlotEngine:
+        kw.setdefault("verify_restore", False)
+        loaded = load_engine(EngineSettings(model=tiny_model, engine=engine, threads=1, **kw))
+        made.append(loaded)
+        return loaded
+
+    yield make
+    for loaded in made:
+        await loaded.close()
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def spec(
+    session: str, messages: list[ChatMessage], ids: dict[int, tuple[int, ...]] | None = None,
+    max_tokens: int = 8,
+) -> TurnSpec:
+    return TurnSpec(
+        session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
+        max_tokens=max_tokens, assistant_tokens=ids or {},
+    )
+
+
+async def run(
+    engine: SlotEngine, s: TurnSpec, cancel: CancelToken | None = None,
+    emit: Callable[[str], None] | None = None,
+) -> TurnOutcome:
+    return await engine.run_turn(s, emit or (lambda _text: None), cancel or CancelToken())
+
+
+# -- behaviour, on every engine ------------------------------------------------------------
+async def test_greedy_decoding_gives_the_same_tokens_every_time(make_engine, engine):
+    """Greedy replies to one prompt are identical across sessions and across loads."""
+    first = make_engine(n_slots=2)
+    a = await run(first, spec("a", [user("hello there")], max_tokens=16))
+    b = await run(first, spec("b", [user("hello there")], max_tokens=16))
+    again = await run(make_engine(n_slots=1), spec("c", [user("hello there")], max_tokens=16))
+    assert first.info.engine == engine
+    assert a.usage.completion_tokens == 16 and a.completion_ids is not None
+    assert a.completion_ids == b.completion_ids == again.completion_ids
+    assert a.text == b.text == again.text != ""
+
+
+async def test_second_turn_reuses_every_committed_token(make_engine):
+    """Turn 2 evaluates only what turn 1 did not: all committed tokens come from the slot."""
+    engine = make_engine(n_slots=1)
+    first = await run(engine, spec("s", [user("hello there")]))
+    assert first.completion_ids is not None
+    history = [user("hello there"), ChatMessage(role="assistant", content=first.text)]
+    second = await run(engine, spec("s", [*history, user("and then?")], {1: first.completion_ids}))
+    assert second.usage.cached_tokens == first.n_tokens
+    assert second.usage.new_prefill_tokens == second.usage.prompt_tokens - first.n_tokens
+    assert second.cache.source == "slot" and second.cache.miss_reason is None
+
+
+async def test_snapshot_restored_after_eviction_answers_like_a_cold_recompute(make_engine):
+    """With one slot, an evicted session restores its banked state and answers what a
+    recompute from scratch answers."""
+    engine = make_engine(n_slots=1)
+    cold = make_engine(n_slots=1, snapshots=False)
+    a1 = await run(engine, spec("a", [user("alpha")]))
+    await run(engine, spec("b", [user("beta")]))  # evicts a, banking its state first
+    history = [user("alpha"), ChatMessage(role="assistant", content=a1.text), user("more")]
+    assert a1.completion_ids is not None
+    a2 = await run(engine, spec("a", history, {1: a1.completion_ids}, max_tokens=12))
+    assert a2.cache.source == "bank" and a2.usage.cached_tokens == a1.n_tokens
+    c1 = await run(cold, spec("a", [user("alpha")]))
+    assert c1.completion_ids == a1.completion_ids
+    # Another session id: the cold engine evaluates the whole history from scratch.
+    c2 = await run(cold, spec("a-cold", history, {1: c1.completion_ids}, max_tokens=12))
+    assert c2.usage.cached_tokens == 0
+    assert c2.completion_ids == a2.completion_ids and c2.text == a2.text
+
+
+async def test_concurrent_sessions_answer_what_each_answers_alone(make_engine):
+    """Four sessions decoding at once (one batch per step on llama-cpp) give each the
+    greedy reply it gets running alone."""
+    prompts = ["alpha beta", "the agent said hello", "water time people", "tool user turn"]
+    alone = make_engine(n_slots=1)
+    expected = [
+        (await run(alone, spec(f"alone{i}", [user(p)], max_tokens=24))).completion_ids
+        for i, p in enumerate(prompts)
+    ]
+    together = make_engine(n_slots=4)
+    outs = await asyncio.gather(
+        *(run(together, spec(f"s{i}", [user(p)], max_tokens=24)) for i, p in enumerate(prompts))
+    )
+    assert [o.completion_ids for o in outs] == expected
+    assert all(o.usage.completion_tokens == 24 for o in outs)
+
+
+async def test_cancel_stops_generation_within_one_token(make_engine):
+    """A cancel set while the first token is emitted stops before a second one."""
+    engine = make_engine(n_slots=1)
+    cancel = CancelToken()
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        cancel.cancel("client")
+
+    out = await run(engine, spec("c", [user("go")], max_tokens=200), cancel, emit)
+    assert out.finish_reason == "aborted"
+    assert out.usage.completion_tokens == 1
+    assert out.raw_text == "".join(pieces) != ""
+
+
+async def test_prompt_longer_than_the_context_is_a_context_overflow(make_engine):
+    """A prompt that does not fit the context is refused with context_overflow (422), and
+    the slot still serves the next prompt."""
+    engine = make_engine(n_slots=1, n_ctx=64)
+    with pytest.raises(InferError) as info:
+        await run(engine, spec("o", [user("word " * 200)]))
+    assert info.value.code == ErrorCode.CONTEXT_OVERFLOW and info.value.status == 422
+    ok = await run(engine, spec("o", [user("short")], max_tokens=4))
+    assert ok.usage.completion_tokens == 4
+
+
+async def test_a_reply_ends_at_any_end_of_generation_token(make_engine, monkeypatch):
+    """Each end-of-generation token the backend names ends the reply, unprinted."""
+    engine = make_engine(n_slots=1)
+    eog = sorted(end_of_generation(engine.backend))
+    assert engine.backend.eos_id in eog
+    for i, token in enumerate(eog):
+        monkeypatch.setattr(sampling_mod.Sampler, "sample", lambda self, z, r, t=token: t)
+        out = await run(engine, spec(f"eog{i}", [user("hi")], max_tokens=8))
+        assert out.finish_reason == "stop" and out.usage.completion_tokens == 0
+        assert out.raw_text == ""
+
+
+async def test_node_answers_a_turn_on_the_configured_engine(make_node, engine):
+    """A whole node started with the engine setting answers a prompt and reports it."""
+    node = await make_node(engine=engine)
+    assert node.engine is not None and node.engine.info.engine == engine
+    async with InfernodeClient(node.url) as client:
+        first = await client.ask("e", "hello world", sampling=GREEDY, max_tokens=6, timeout=60)
+        second = await client.ask("e", "and more", sampling=GREEDY, max_tokens=6, timeout=60)
+    assert first.text and first.done is not None
+    assert first.done.usage.completion_tokens == 6
+    assert second.done is not None
+    committed = first.done.usage.prompt_tokens + first.done.usage.completion_tokens
+    assert second.done.usage.cached_tokens == committed
+
+
+# -- llama-cpp only ------------------------------------------------------------------------
+@NEEDS_LLAMA_CPP
+async def test_llama_cpp_ends_replies_at_end_of_turn_markup_too(tiny_model):
+    """Current llama.cpp counts chat end-of-turn markup (<|im_end|>) as end of generation."""
+    engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                        threads=1, verify_restore=False))
+    try:
+        im_end = engine.backend.tokenizer.encode("<|im_end|>", add_bos=False)
+        assert len(im_end) == 1
+        assert im_end[0] in end_of_generation(engine.backend)
+        assert engine.backend.eos_id in end_of_generation(engine.backend)
+    finally:
+        await engine.close()
+
+
+@NEEDS_LLAMA_CPP
+async def test_llama_cpp_restore_is_verified_in_a_child_process_at_load(tiny_model):
+    """Loading llama-cpp with verification checks per-sequence restore in a child."""
+    engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                        threads=1))
+    try:
+        assert engine.info.snapshots and "equal" in engine.info.snapshot_note
+    finally:
+        await engine.close()
+
+
+# -- engine selection ----------------------------------------------------------------------
+def test_auto_picks_ctransformers_for_an_architecture_it_runs(tiny_model):
+    """--engine auto keeps the default engine for a llama GGUF."""
+    assert choose_engine("auto", read_gguf_info(tiny_model)) == "ctransformers"
+
+
+def test_auto_picks_llama_cpp_for_a_newer_architecture_when_installed(tiny_model, monkeypatch):
+    """--engine auto runs a qwen2 GGUF on llama-cpp when llama-cpp-python is there."""
+    info = dataclasses.replace(read_gguf_info(tiny_model), architecture="qwen2")
+    monkeypatch.setattr(loader_mod, "llama_cpp_available", lambda: True)
+    assert choose_engine("auto", info) == "llama-cpp"
+
+
+def test_auto_without_llama_cpp_names_the_architecture_and_the_install(tiny_model, monkeypatch):
+    """--engine auto on a qwen2 GGUF without llama-cpp-python says what to install."""
+    info = dataclasses.replace(read_gguf_info(tiny_model), architecture="qwen2")
+    monkeypatch.setattr(loader_mod, "llama_cpp_available", lambda: False)
+    with pytest.raises(LlamaCppMissingError) as err:
+        choose_engine("auto", info)
+    assert isinstance(err.value, UnsupportedModelError)
+    assert "qwen2" in str(err.value) and "pip install 'infernode[llamacpp]'" in str(err.value)
+
+
+def test_ctransformers_refuses_a_newer_architecture(tiny_model):
+    """--engine ctransformers on a qwen2 GGUF is refused, pointing at llama-cpp."""
+    info = dataclasses.replace(read_gguf_info(tiny_model), architecture="qwen2")
+    with pytest.raises(UnsupportedModelError, match="--engine llama-cpp"):
+        choose_engine("ctransformers", info)
