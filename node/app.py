@@ -77,6 +77,7 @@ def engine_settings(
     return EngineSettings(
         progress=progress,
         model=model,
+        engine=config.engine,
         n_slots=config.n_slots,
         n_ctx=config.n_ctx,
         n_batch=config.n_batch,
