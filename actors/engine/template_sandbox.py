@@ -43,6 +43,15 @@ _WIDTH_ARGS = frozenset(
     {"center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap", "truncate",
      "slice", "batch", "tojson", "pprint"}
 )
+_ITEM_FILTERS = frozenset(
+    {"list", "sort", "dictsort", "unique", "groupby", "batch", "slice", "reverse", "max",
+     "min", "sum", "map", "select", "reject", "selectattr", "rejectattr"}
+)
+"""Filters that walk every item of their input: refused before a walk past ``MAX_ITEMS``."""
+MAX_WRAP_COST = 20_000_000_000
+"""Largest ``len(text) ** 2 / width`` for ``wordwrap``, whose cost on long words is quadratic
+(one word of a million characters at width 1 takes about nine seconds, in one call the
+deadline cannot interrupt)."""
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(?:\*|\d{5,}|\d*\.(?:\*|\d{5,}))|\{[^{}]*:[^{}]*(?:\d{5,}|\{)")
 
 
@@ -215,6 +224,16 @@ class GuardedEnvironment(ImmutableSandboxedEnvironment):
             for a in args:
                 if isinstance(a, int) and abs(a) > MAX_WIDTH:
                     raise _too_big(f"{name}() with width", abs(a), MAX_WIDTH, "columns")
+        items = len(owner) if isinstance(owner, str | list | tuple | dict | range) else 0
+        if name in _ITEM_FILTERS and items > MAX_ITEMS:
+            raise _too_big(f"{name}() over an input", items, MAX_ITEMS, "items")
+        if name == "wordwrap" and isinstance(owner, str):
+            width = next((a for a in args if type(a) is int), 79)
+            if len(owner) ** 2 // max(width, 1) > MAX_WRAP_COST:
+                raise TemplateError(
+                    f"the chat template tried to wrap {len(owner)} characters at width "
+                    f"{width}, which would take too long; wrap shorter text or use a wider width"
+                )
         fmt = owner if name in ("format", "format_map") else None
         if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
             raise TemplateError("the chat template used a format width of 10000 or more")

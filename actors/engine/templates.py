@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
+import structlog
 
 from actors.engine.template_sandbox import (
     GuardedEnvironment,
@@ -56,9 +57,13 @@ __all__ = [
     "select_template",
 ]
 
+log = structlog.get_logger("engine")
+
 MAX_SOURCE_CHARS = 200_000
 """Longest template source accepted; real templates are a few thousand characters."""
-_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"\s*")
 
 # -- built-in templates ---------------------------------------------------------------------
 # Everything is written with {{ }} so no stray whitespace leaks; assistant content is written
@@ -197,26 +202,41 @@ def parse_tool_calls(
     """Split generated text into (content without tool-call blocks, stripped; the calls).
 
     A block whose JSON is malformed, or lacks a name, stays in the content. Object arguments
-    are stored in the canonical JSON form that ``format_tool_call`` writes back.
+    are stored in the canonical JSON form that ``format_tool_call`` writes back. The JSON is
+    decoded before the closing tag is looked for, so a name or argument that itself holds
+    ``</tool_call>`` does not end its block early.
     """
     calls: list[ToolCall] = []
     kept: list[str] = []
     pos = 0
-    for match in _TOOL_CALL_RE.finditer(text):
-        call = _parse_block(match.group(1), id_factory)
-        if call is not None:
-            kept.append(text[pos : match.start()])
-            pos = match.end()
-            calls.append(call)
+    search = 0
+    while (start := text.find(_OPEN, search)) >= 0:
+        end, data = _block_at(text, start + len(_OPEN))
+        call = _parse_block(data, id_factory) if end is not None else None
+        if call is None:
+            search = start + len(_OPEN)
+            continue
+        kept.append(text[pos:start])
+        calls.append(call)
+        pos = search = end
     kept.append(text[pos:])
     return "".join(kept).strip(), tuple(calls)
 
 
-def _parse_block(body: str, id_factory: Callable[[], str]) -> ToolCall | None:
+def _block_at(text: str, at: int) -> tuple[int | None, object]:
+    """(end of the block, its JSON value) for a block whose JSON starts after ``at``."""
+    body = _SPACE.match(text, at).end()  # type: ignore[union-attr]
     try:
-        data = json.loads(body)
+        data, after = _DECODER.raw_decode(text, body)
     except (ValueError, RecursionError):
-        return None
+        return None, None
+    close = _SPACE.match(text, after).end()  # type: ignore[union-attr]
+    if not text.startswith(_CLOSE, close):
+        return None, None
+    return close + len(_CLOSE), data
+
+
+def _parse_block(data: object, id_factory: Callable[[], str]) -> ToolCall | None:
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
     args = data.get("arguments", {})
@@ -313,25 +333,42 @@ _PROBE_HISTORY = (
 def select_template(
     name: str, gguf_template: str | None, bos: str, eos: str
 ) -> ChatTemplate:
-    """The template called ``name`` (one of ``TEMPLATE_CHOICES``)."""
+    """The template called ``name`` (one of ``TEMPLATE_CHOICES``).
+
+    The model's own template is untrusted: before it is used it must render a probe
+    conversation inside the sandbox. ``gguf`` refuses a template that fails (the node does
+    not start, and says why); ``auto`` falls back to chatml and logs the reason.
+    """
     if name in FALLBACK_SOURCES:
         return ChatTemplate(FALLBACK_SOURCES[name], bos, eos, name=name)
     if name == "gguf":
         if not gguf_template:
             raise TemplateError("the model file has no tokenizer.chat_template; choose one of "
                                 f"{', '.join(c for c in TEMPLATE_CHOICES if c != 'gguf')}")
-        return ChatTemplate(gguf_template, bos, eos, name="gguf")
+        try:
+            return _probed(gguf_template, bos, eos)
+        except TemplateError as e:
+            raise TemplateError(f"the model's chat template is refused: {e}; choose one of "
+                                f"{', '.join(FALLBACK_SOURCES)} with --chat-template") from e
     if name != "auto":
         raise ValueError(f"unknown chat template {name!r}; choose one of "
                          f"{', '.join(TEMPLATE_CHOICES)}")
     reason = "the model file has no tokenizer.chat_template"
     if gguf_template:
         try:
-            template = ChatTemplate(gguf_template, bos, eos, name="gguf")
-            template.render(_PROBE_HISTORY[1:])
-            return template
+            return _probed(gguf_template, bos, eos)
         except TemplateError as e:
             reason = f"the model's template fails on a probe conversation: {e}"
     fallback = ChatTemplate(FALLBACK_SOURCES["chatml"], bos, eos, name="chatml")
     fallback.note = reason
+    # A model without a template is ordinary; one whose template fails is worth a warning.
+    emit = log.warning if gguf_template else log.info
+    emit("chat_template_fallback", template=fallback.name, reason=reason)
     return fallback
+
+
+def _probed(source: str, bos: str, eos: str) -> ChatTemplate:
+    """The model's template, once it rendered a probe conversation."""
+    template = ChatTemplate(source, bos, eos, name="gguf")
+    template.render(_PROBE_HISTORY[1:])
+    return template
