@@ -2,16 +2,20 @@
 
 Once connected, a client reconnects forever (the node must survive a NATS restart), but the
 first connect has a deadline: nats-py would otherwise retry an unreachable server silently
-for ever, and a node that never starts must say why.
+for ever, and a node that never starts must say why. A server that refuses the credentials
+or the TLS handshake will refuse every retry too, so that ends the first connect at once,
+with a sentence naming the settings to fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 import structlog
 from nats.aio.client import Client
+from nats.errors import AuthorizationError
 
 from node.config import NodeConfig
 
@@ -20,16 +24,38 @@ log = structlog.get_logger("bus")
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 
 
+AUTH_HINT = (
+    "check the credentials: INFERNODE_NATS_USER and INFERNODE_NATS_PASSWORD, "
+    "INFERNODE_NATS_TOKEN, INFERNODE_NATS_CREDS or INFERNODE_NATS_NKEY_SEED"
+)
+TLS_HINT = (
+    "check INFERNODE_NATS_TLS_CA (the CA that signed the server's certificate) and, for "
+    "mutual TLS, INFERNODE_NATS_TLS_CERT and INFERNODE_NATS_TLS_KEY"
+)
+REACH_HINT = "start one with `infernode up` or pass --nats-url"
+
+
 class BusError(ConnectionError):
     """The first connection to NATS failed; the message says what to do."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, hint: str = REACH_HINT) -> None:
         self.url = url
         self.reason = reason
-        super().__init__(
-            f"cannot reach NATS at {url}: {reason}; start one with `infernode up` "
-            "or pass --nats-url"
-        )
+        self.hint = hint
+        verb = "cannot reach" if hint == REACH_HINT else "cannot connect to"
+        super().__init__(f"{verb} NATS at {url}: {reason}; {hint}")
+
+
+def refusal_hint(error: BaseException | None) -> str | None:
+    """The fix for an error every retry would meet again (credentials, TLS); else None."""
+    if isinstance(error, AuthorizationError):
+        return AUTH_HINT
+    text = str(error or "").lower()
+    if "authorization violation" in text or "authentication" in text:
+        return AUTH_HINT
+    if isinstance(error, ssl.SSLError) or ("tls" in text and "required" in text):
+        return TLS_HINT
+    return None
 
 
 class _ConnectionEvents:
@@ -40,9 +66,14 @@ class _ConnectionEvents:
         self.nc: Client | None = None
         self.connected = False
         self.last_error: BaseException | None = None
+        self.refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        """Resolves with a hint when the server refused what every retry would send again."""
 
     async def on_error(self, error: Exception) -> None:
         self.last_error = error
+        hint = refusal_hint(error)
+        if hint is not None and not self.connected and not self.refused.done():
+            self.refused.set_result(hint)
         # Before the first connect, failures are retried and reported once by connect().
         emit = self.log.warning if self.connected else self.log.debug
         emit("nats_error", error=str(error) or type(error).__name__)
@@ -69,23 +100,33 @@ async def connect(
     events = _ConnectionEvents(name)
     nc = Client()
     events.nc = nc
-    try:
-        await asyncio.wait_for(
-            nc.connect(
-                **options,
-                error_cb=events.on_error,
-                disconnected_cb=events.on_disconnected,
-                reconnected_cb=events.on_reconnected,
-            ),
-            timeout,
+    attempt = asyncio.ensure_future(
+        nc.connect(
+            **options,
+            error_cb=events.on_error,
+            disconnected_cb=events.on_disconnected,
+            reconnected_cb=events.on_reconnected,
         )
-    except TimeoutError:
-        await _abandon(nc)
-        reason = _describe(events.last_error) or f"no answer within {timeout:g} s"
-        raise BusError(shown, reason) from events.last_error
+    )
+    try:
+        await asyncio.wait({attempt, events.refused}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            await _abandon(nc)
+            reason = _describe(events.last_error) or f"no answer within {timeout:g} s"
+            hint = events.refused.result() if events.refused.done() else REACH_HINT
+            raise BusError(shown, reason, hint) from events.last_error
+        attempt.result()
+    except BusError:
+        raise
     except Exception as e:
         await _abandon(nc)
-        raise BusError(shown, _describe(e) or type(e).__name__) from e
+        hint = refusal_hint(e) or REACH_HINT
+        raise BusError(shown, _describe(e) or type(e).__name__, hint) from e
+    finally:
+        events.refused.cancel()
     events.connected = True
     log.debug(
         "nats_connected",

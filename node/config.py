@@ -7,6 +7,7 @@ environment, and it only reads the mapping it is handed.
 
 from __future__ import annotations
 
+import re
 import ssl
 import types
 import typing
@@ -29,6 +30,8 @@ CHAT_TEMPLATES = ("auto", "gguf", "chatml", "llama-2", "mistral")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+DEFAULT_INBOX_PREFIX = "_INBOX"
+_INBOX_PREFIX_RE = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -111,6 +114,9 @@ class NodeConfig:
     """Client certificate for mutual TLS (with ``nats_tls_key``)."""
     nats_tls_key: str | None = None
     """Private key of ``nats_tls_cert``."""
+    nats_inbox_prefix: str = DEFAULT_INBOX_PREFIX
+    """Subject prefix of this connection's reply inboxes; a private one (such as
+    ``_INBOX.infernode``) lets server permissions keep other users out of the replies."""
     max_payload: int = 8 * MIB
     """Largest message the embedded server accepts; also caps a prompt's size."""
 
@@ -166,6 +172,8 @@ class NodeConfig:
             "user_credentials": self.nats_creds,
         }
         options.update({k: v for k, v in optional.items() if v is not None})
+        if self.nats_inbox_prefix != DEFAULT_INBOX_PREFIX:
+            options["inbox_prefix"] = self.nats_inbox_prefix
         if self.nats_nkey_seed is not None:
             is_file = Path(self.nats_nkey_seed).expanduser().is_file()
             key = "nkeys_seed" if is_file else "nkeys_seed_str"
@@ -319,8 +327,8 @@ def _check_sizes(c: NodeConfig) -> None:
         )
     if c.metrics_port is not None and not 0 <= c.metrics_port <= 65535:
         _fail(
-            f"metrics_port must be a port between 0 (any free port) and 65535 (got {c.metrics_port}); "
-            "pass a free port such as 9464, or leave it unset"
+            "metrics_port must be a port between 0 (any free port) and 65535 "
+            f"(got {c.metrics_port}); pass a free port such as 9464, or leave it unset"
         )
 
 
@@ -373,6 +381,11 @@ def _check_auth(c: NodeConfig) -> None:
         _fail(
             "nats_tls_cert and nats_tls_key go together; set both INFERNODE_NATS_TLS_CERT "
             "and INFERNODE_NATS_TLS_KEY, or neither"
+        )
+    if not _INBOX_PREFIX_RE.fullmatch(c.nats_inbox_prefix):
+        _fail(
+            f"nats_inbox_prefix {c.nats_inbox_prefix!r} must be dot-separated subject tokens "
+            "without wildcards, such as _INBOX.infernode; set INFERNODE_NATS_INBOX_PREFIX"
         )
     if c.nats_creds is not None and c.nats_nkey_seed is not None:
         _fail(
