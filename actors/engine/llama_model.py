@@ -167,8 +167,10 @@ class LlamaContext:
 
     def set_state(self, data: bytes) -> None:
         """Restore a state made by ``state_bytes`` on a context of the same model."""
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        read = self.lib.llama_set_state_data(self.handle, buf)
+        # llama_set_state_data only reads its input: point it at the bytes, no copy (a state
+        # is tens of MiB, and copying it first cost ten times the restore itself).
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        read = self.lib.llama_set_state_data(self.handle, src)
         if read != len(data):
             raise RuntimeError(f"state restore read {read} of {len(data)} bytes")
 
