@@ -5,13 +5,14 @@ Each slot's ``LlamaCppSequence`` is a ``BackendContext`` over sequence ``seq_id`
 state (``llama_state_seq_*``), and positions past a reused prefix are dropped with
 ``llama_memory_seq_rm``.
 
-A llama context is not thread-safe, and slots run on their own worker threads. Calls are
-serialised by flat combining: a thread that finds the context idle becomes the combiner and
-evaluates every request queued at that moment — its own and other slots' — in one
-``llama_decode``. While it decodes, other slots' next tokens queue up; so with several busy
-sessions each decode step carries one token of each, at little more than the cost of one.
-Before combining, the combiner waits (bounded by a fraction of a decode) for the sequences
-that were in the previous step, so those steps stay together instead of alternating.
+A llama context is not thread-safe, and slots run on their own worker threads. So one
+long-lived decode thread owns the context: slots hand it requests and wait. Each step it
+evaluates every request queued at that moment — one slot's prefill chunk, other slots' next
+tokens — in one ``llama_decode``; with several busy sessions each step carries a token of
+each, at little more than the cost of one. Before a step it waits, bounded by a fraction of
+a decode, for the sequences of the previous step, so they stay together instead of
+alternating. One thread also keeps llama.cpp's OpenMP workers to one team: a team per
+calling thread would leave the previous caller's workers spinning beside the next.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 _GRACE_CAP_S = 0.005
-"""Longest a combiner waits for the previous step's sequences (a fraction of a real decode)."""
+"""Longest the decode thread waits for the previous step's sequences."""
 
 
 class LlamaCppDecodeError(RuntimeError):
@@ -40,18 +41,32 @@ class LlamaCppDecodeError(RuntimeError):
 
 
 @dataclass(eq=False)
-class _Request:
-    """Tokens of one sequence to evaluate, and where its result goes."""
+class _Work:
+    """Something for the decode thread; the submitting thread waits on ``finished``."""
 
-    seq: int
-    tokens: Sequence[int]
-    pos: int
-    trim: bool
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Eval(_Work):
+    """Tokens of one sequence to evaluate; gets the logits after the last one."""
+
+    seq: int = 0
+    tokens: Sequence[int] = ()
+    pos: int = 0
+    trim: bool = False
     """Drop the sequence's cells from ``pos`` on first (a shorter prefix was reused)."""
     logits: np.ndarray | None = None
-    error: BaseException | None = None
-    done: bool = False
-    index: int = field(default=-1, repr=False)
+    index: int = -1
+
+
+@dataclass(eq=False)
+class _Call(_Work):
+    """A call that needs the context alone (state copies, clearing a sequence)."""
+
+    fn: Callable[[], Any] = lambda: None
+    result: Any = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ class SharedContextParams:
 
 
 class SharedContext:
-    """A llama context whose sequences are the slots; requests to it are combined."""
+    """A llama context whose sequences are the slots, driven by one decode thread."""
 
     def __init__(
         self, lib: ModuleType, model: int, n_vocab: int, params: SharedContextParams
@@ -102,121 +117,120 @@ class SharedContext:
         self.n_ctx_seq = min(params.n_ctx_seq, int(lib.llama_n_ctx_seq(handle)))
         self._batch = lib.llama_batch_init(self.capacity, 0, 1)
         self._cond = threading.Condition()
-        self._queue: list[_Request] = []
-        self._busy = False
+        self._queue: list[_Eval | _Call] = []
+        self._closing = False
         self._expected: set[int] = set()
         self._last_decode_s = 0.0
         self.steps = 0
         """llama_decode calls made (for benchmarks)."""
-        self.combined = 0
-        """Requests evaluated (steps ÷ combined shows how much was batched)."""
+        self.evaluations = 0
+        """Requests evaluated; ``evaluations / steps`` shows how much was batched."""
+        self._thread = threading.Thread(target=self._drive, name="llama-decode", daemon=True)
+        self._thread.start()
 
-    # -- evaluation -------------------------------------------------------------------------
+    # -- what slots call ----------------------------------------------------------------------
     def evaluate(self, seq: int, tokens: Sequence[int], pos: int, trim: bool) -> np.ndarray:
         """Evaluate ``tokens`` of ``seq`` at ``pos``…; the logits after the last one."""
-        req = _Request(seq, tokens, pos, trim)
-        with self._cond:
-            self._queue.append(req)
-            self._cond.notify_all()  # a combiner waiting for this sequence may go now
-            while not req.done and self._busy:
-                self._cond.wait()
-            combine = not req.done
-            if combine:
-                self._busy = True
-        if combine:
-            self._combine(req)
-        if req.error is not None:
-            raise req.error
-        assert req.logits is not None
-        return req.logits
+        work = self._wait(_Eval(seq=seq, tokens=tokens, pos=pos, trim=trim))
+        assert work.logits is not None
+        return work.logits
 
-    def _combine(self, own: _Request) -> None:
-        try:
-            while not own.done:
-                batch = self._take()
-                try:
-                    self._run(batch)
-                except BaseException as e:  # every request of the batch learns of it
-                    for r in batch:
-                        r.error = e
-                with self._cond:
-                    for r in batch:
-                        r.done = True
-                    self._cond.notify_all()
-        finally:
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the decode thread, between steps; its result."""
+        return self._wait(_Call(fn=fn)).result
+
+    def filled(self, seq: int) -> int:
+        """Positions ``seq`` holds (call on the decode thread)."""
+        return int(self.lib.llama_memory_seq_pos_max(self.memory, seq)) + 1
+
+    def _wait(self, work: _Eval | _Call) -> Any:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the llama.cpp context is closed")
+            self._queue.append(work)
+            self._cond.notify()
+        work.finished.wait()
+        if work.error is not None:
+            raise work.error
+        return work
+
+    # -- the decode thread ----------------------------------------------------------------------
+    def _drive(self) -> None:
+        while True:
             with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                work = self._take()
+            try:
+                if isinstance(work, _Call):
+                    work.result = work.fn()
+                else:
+                    self._run(work)
+            except BaseException as e:  # handed to every waiting slot
+                for w in work if isinstance(work, list) else [work]:
+                    w.error = e
+            for w in work if isinstance(work, list) else [work]:
+                w.finished.set()
 
-    def _take(self) -> list[_Request]:
-        """Requests for one decode: FIFO up to capacity, after a short wait for stragglers."""
-        with self._cond:
-            grace = min(_GRACE_CAP_S, self._last_decode_s / 2)
-            deadline = time.monotonic() + grace
-            while self._expected - {r.seq for r in self._queue}:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch: list[_Request] = []
-            used = 0
-            for r in self._queue:
-                if batch and used + len(r.tokens) > self.capacity:
-                    break
-                batch.append(r)
-                used += len(r.tokens)
-            del self._queue[: len(batch)]
-            self._expected = {r.seq for r in batch if len(r.tokens) == 1}
-            return batch
+    def _take(self) -> _Call | list[_Eval]:
+        """The next call, or evaluations for one step (caller holds the lock)."""
+        head = self._queue[0]
+        if isinstance(head, _Call):
+            del self._queue[0]
+            return head
+        deadline = time.monotonic() + min(_GRACE_CAP_S, self._last_decode_s / 2)
+        while self._expected - {w.seq for w in self._queue if isinstance(w, _Eval)}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        batch: list[_Eval] = []
+        used = 0
+        while self._queue and isinstance(self._queue[0], _Eval):
+            w = self._queue[0]
+            if batch and used + len(w.tokens) > self.capacity:
+                break
+            batch.append(w)
+            used += len(w.tokens)
+            self._queue.pop(0)
+        self._expected = {w.seq for w in batch if len(w.tokens) == 1}
+        return batch
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, batch: list[_Eval]) -> None:
         lib, b = self.lib, self._batch
         n = 0
-        for r in batch:
-            if r.trim:
-                lib.llama_memory_seq_rm(self.memory, r.seq, r.pos, -1)
-            last = len(r.tokens) - 1
-            for j, tok in enumerate(r.tokens):
+        for w in batch:
+            if w.trim:
+                lib.llama_memory_seq_rm(self.memory, w.seq, w.pos, -1)
+            last = len(w.tokens) - 1
+            for j, tok in enumerate(w.tokens):
                 b.token[n] = tok
-                b.pos[n] = r.pos + j
+                b.pos[n] = w.pos + j
                 b.n_seq_id[n] = 1
-                b.seq_id[n][0] = r.seq
+                b.seq_id[n][0] = w.seq
                 b.logits[n] = j == last
                 n += 1
-            r.index = n - 1
+            w.index = n - 1
         b.n_tokens = n
         start = time.perf_counter()
         rc = lib.llama_decode(self.handle, b)
         self._last_decode_s = time.perf_counter() - start
         self.steps += 1
-        self.combined += len(batch)
+        self.evaluations += len(batch)
         if rc != 0:
             raise LlamaCppDecodeError(rc, n)
-        for r in batch:
-            ptr = lib.llama_get_logits_ith(self.handle, r.index)
-            r.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    # -- exclusive calls --------------------------------------------------------------------
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the context alone (state copies, clearing a sequence)."""
-        with self._cond:
-            while self._busy:
-                self._cond.wait()
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    def filled(self, seq: int) -> int:
-        """Positions ``seq`` holds (caller holds the context)."""
-        return int(self.lib.llama_memory_seq_pos_max(self.memory, seq)) + 1
+        for w in batch:
+            ptr = lib.llama_get_logits_ith(self.handle, w.index)
+            w.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def close(self) -> None:
-        """Free the batch and the context."""
+        """Finish queued work, stop the decode thread, free the batch and the context."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
         if self.handle:
             self.lib.llama_batch_free(self._batch)
             self.lib.llama_free(self.handle)
@@ -244,8 +258,7 @@ class LlamaCppSequence:
             try:
                 self._logits = self.shared.evaluate(self.seq_id, chunk, n_past + start, trim)
             except BaseException:
-                with self.shared.exclusive():
-                    self._filled = self.shared.filled(self.seq_id)
+                self._filled = self.shared.call(lambda: self.shared.filled(self.seq_id))
                 raise
             trim = False
             self._filled = n_past + start + len(chunk)
@@ -258,11 +271,13 @@ class LlamaCppSequence:
 
     def state_bytes(self) -> bytes:
         """This sequence's KV cells as bytes."""
+        return bytes(self.shared.call(self._copy_state))
+
+    def _copy_state(self) -> bytes:
         lib, ctx = self.shared.lib, self.shared
-        with ctx.exclusive():
-            size = int(lib.llama_state_seq_get_size(ctx.handle, self.seq_id))
-            buf = (ctypes.c_uint8 * size)()
-            used = int(lib.llama_state_seq_get_data(ctx.handle, buf, size, self.seq_id))
+        size = int(lib.llama_state_seq_get_size(ctx.handle, self.seq_id))
+        buf = (ctypes.c_uint8 * size)()
+        used = int(lib.llama_state_seq_get_data(ctx.handle, buf, size, self.seq_id))
         if used == 0:
             raise RuntimeError(f"llama.cpp copied no state of sequence {self.seq_id}")
         return ctypes.string_at(buf, used)
@@ -271,10 +286,13 @@ class LlamaCppSequence:
         """Replace this sequence's cells with a state made by ``state_bytes``."""
         lib, ctx = self.shared.lib, self.shared
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        with ctx.exclusive():
+
+        def restore() -> tuple[int, int]:
             lib.llama_memory_seq_rm(ctx.memory, self.seq_id, -1, -1)
             read = int(lib.llama_state_seq_set_data(ctx.handle, buf, len(data), self.seq_id))
-            self._filled = ctx.filled(self.seq_id)
+            return read, ctx.filled(self.seq_id)
+
+        read, self._filled = ctx.call(restore)
         self._logits = None
         if read != len(data):
             raise RuntimeError(f"state restore read {read} of {len(data)} bytes")
@@ -283,6 +301,5 @@ class LlamaCppSequence:
         """Drop this sequence's cells (the shared context is freed by the backend)."""
         ctx = self.shared
         if ctx.handle:
-            with ctx.exclusive():
-                self.shared.lib.llama_memory_seq_rm(ctx.memory, self.seq_id, -1, -1)
+            ctx.call(lambda: ctx.lib.llama_memory_seq_rm(ctx.memory, self.seq_id, -1, -1))
         self._filled = 0

@@ -145,6 +145,11 @@ def _load_llamacpp(
         settings.model, settings.n_ctx, settings.n_batch, settings.gpu_layers, threads,
         progress=settings.progress,
     )
+    if settings.llama_lib is not None:
+        log.warning(
+            "llama_lib_ignored", library=str(settings.llama_lib),
+            reason="the llama-cpp engine runs llama-cpp-python's own library",
+        )
     # Checked before loading: the check's own copy of the weights must not sit beside ours.
     snapshots = _snapshots(
         settings, lambda: verify_llamacpp_in_child(settings.model, settings.gpu_layers)
