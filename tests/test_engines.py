@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,22 @@ async def test_a_reply_ends_at_any_end_of_generation_token(make_engine, monkeypa
         out = await run(engine, spec(f"eog{i}", [user("hi")], max_tokens=8))
         assert out.finish_reason == "stop" and out.usage.completion_tokens == 0
         assert out.raw_text == ""
+
+
+async def test_turns_make_no_threads_and_close_joins_every_engine_thread(tiny_model, engine):
+    """Turns run on threads made at load; closing the engine ends all of them."""
+    at_start = set(threading.enumerate())
+    loaded = load_engine(EngineSettings(model=tiny_model, engine=engine, n_slots=2, threads=1,
+                                        verify_restore=False))
+    made = set(threading.enumerate()) - at_start
+    try:
+        await run(loaded, spec("x", [user("one")]))
+        before = set(threading.enumerate())
+        await asyncio.gather(*(run(loaded, spec(f"x{i}", [user("two")])) for i in range(3)))
+        assert set(threading.enumerate()) == before
+    finally:
+        await loaded.close()
+    assert made and not made & set(threading.enumerate())
 
 
 async def test_node_answers_a_turn_on_the_configured_engine(make_node, engine):
