@@ -246,6 +246,7 @@ class LlamaCppSequence:
         self.n_ctx = shared.n_ctx_seq
         self._filled = 0
         self._logits: np.ndarray | None = None
+        self._state_buf: ctypes.Array[ctypes.c_uint8] | None = None
 
     def eval(self, tokens: Sequence[int], n_past: int) -> None:
         """Evaluate ``tokens`` at positions ``n_past``…; later positions are discarded."""
@@ -271,21 +272,25 @@ class LlamaCppSequence:
 
     def state_bytes(self) -> bytes:
         """This sequence's KV cells as bytes."""
-        return bytes(self.shared.call(self._copy_state))
+        data: bytes = self.shared.call(self._copy_state)
+        return data
 
     def _copy_state(self) -> bytes:
         lib, ctx = self.shared.lib, self.shared
         size = int(lib.llama_state_seq_get_size(ctx.handle, self.seq_id))
-        buf = (ctypes.c_uint8 * size)()
-        used = int(lib.llama_state_seq_get_data(ctx.handle, buf, size, self.seq_id))
+        # A fresh buffer per copy costs page faults on every snapshot; keep the largest.
+        if self._state_buf is None or len(self._state_buf) < size:
+            self._state_buf = (ctypes.c_uint8 * size)()
+        used = int(lib.llama_state_seq_get_data(ctx.handle, self._state_buf, size, self.seq_id))
         if used == 0:
             raise RuntimeError(f"llama.cpp copied no state of sequence {self.seq_id}")
-        return ctypes.string_at(buf, used)
+        return ctypes.string_at(self._state_buf, used)
 
     def set_state(self, data: bytes) -> None:
         """Replace this sequence's cells with a state made by ``state_bytes``."""
         lib, ctx = self.shared.lib, self.shared
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        # llama_state_seq_set_data only reads its input: point it at the bytes, no copy.
+        buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
 
         def restore() -> tuple[int, int]:
             lib.llama_memory_seq_rm(ctx.memory, self.seq_id, -1, -1)
