@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -261,3 +263,32 @@ def test_ctransformers_refuses_a_newer_architecture(tiny_model):
     info = dataclasses.replace(read_gguf_info(tiny_model), architecture="qwen2")
     with pytest.raises(UnsupportedModelError, match="--engine llama-cpp"):
         choose_engine("ctransformers", info)
+
+
+# -- the comparison benchmark --------------------------------------------------------------
+@NEEDS_LLAMA_CPP
+@pytest.mark.timeout(90)
+def test_quick_engines_comparison_prints_every_ratio_and_exits_0() -> None:
+    """`python bench/engines_compare.py --quick` prints each ratio with a value and a
+    verdict; no speed is asserted here."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "engines_compare.py"), "--quick"],
+        cwd=root, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = (
+        "prefill tok/s, llama-cpp ÷ ctransformers",
+        "decode tok/s, llama-cpp ÷ ctransformers",
+        "llama-cpp: 4 sessions' decode tok/s ÷ one alone",
+        "ctransformers: 4 sessions' decode tok/s ÷ one alone",
+        "4 sessions at once, decode tok/s llama-cpp ÷ ctransformers",
+    )
+    lines = proc.stdout.splitlines()
+    for name in names:
+        line = next((x for x in lines if x.startswith(name)), None)
+        assert line is not None, f"no {name!r} line in:\n{proc.stdout}"
+        value, _op, _target, verdict = line[len(name) :].split()
+        float(value)
+        assert verdict in ("PASS", "FAIL")
+    assert "evaluations per llama_decode call" in proc.stdout
