@@ -22,6 +22,7 @@ from actors.engine import sampling as sampling_mod
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import UnsupportedModelError, read_gguf_info
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec, end_of_generation
+from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import EngineSettings, LlamaCppMissingError, choose_engine, load_engine
 from node.client import InfernodeClient
@@ -225,6 +226,32 @@ async def test_llama_cpp_ends_replies_at_end_of_turn_markup_too(tiny_model):
 
 
 @NEEDS_LLAMA_CPP
+async def test_repeat_penalty_never_sees_end_of_generation_tokens(tiny_model, monkeypatch):
+    """End-of-turn markup in the history (<|im_end|>) is kept out of the repeat penalty, as
+    EOS is, so a model is never pushed away from ending its reply."""
+    engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                        threads=1, verify_restore=False))
+    seen: list[list[int]] = []
+    real_sample = sampling_mod.Sampler.sample
+
+    def spy(self, logits, recent):
+        seen.append(list(recent))
+        return real_sample(self, logits, recent)
+
+    try:
+        eog = end_of_generation(engine.backend)
+        history = [user("hello"), ChatMessage(role="assistant", content="hi"), user("again")]
+        sampling = SamplingParams(temperature=0.8, repeat_penalty=1.5, seed=3)
+        turn_spec = dataclasses.replace(spec("p", history, max_tokens=4), sampling=sampling)
+        assert eog & set(engine.prompt_tokens(turn_spec)[-64:])
+        monkeypatch.setattr(sampling_mod.Sampler, "sample", spy)
+        await run(engine, turn_spec)
+        assert seen and not any(eog & set(r) for r in seen)
+    finally:
+        await engine.close()
+
+
+@NEEDS_LLAMA_CPP
 async def test_llama_cpp_restore_is_verified_in_a_child_process_at_load(tiny_model):
     """Loading llama-cpp with verification checks per-sequence restore in a child."""
     engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
@@ -236,6 +263,14 @@ async def test_llama_cpp_restore_is_verified_in_a_child_process_at_load(tiny_mod
 
 
 # -- engine selection ----------------------------------------------------------------------
+def test_llama_cpp_engine_without_the_library_says_what_to_install(tiny_model, monkeypatch):
+    """--engine llama-cpp where llama-cpp-python cannot be imported names the install."""
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", None)
+    with pytest.raises(LlamaLibraryError, match=r"pip install 'infernode\[llamacpp\]'"):
+        load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                   verify_restore=False))
+
+
 def test_auto_picks_ctransformers_for_an_architecture_it_runs(tiny_model):
     """--engine auto keeps the default engine for a llama GGUF."""
     assert choose_engine("auto", read_gguf_info(tiny_model)) == "ctransformers"

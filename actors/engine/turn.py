@@ -67,7 +67,10 @@ def decode(
             break
         if len(slot.tokens) >= slot.ctx.n_ctx:
             break
-        token = sampler.sample(slot.ctx.logits(), slot.tokens[-last_n:])
+        recent = slot.tokens[-last_n:]
+        if len(eog) > 1:  # like EOS, end-of-turn markup recurs in every history: no penalty
+            recent = [t for t in recent if t not in eog]
+        token = sampler.sample(slot.ctx.logits(), recent)
         if first_at is None:
             first_at = time.perf_counter()
         if token in eog:
