@@ -252,6 +252,32 @@ async def test_repeat_penalty_never_sees_end_of_generation_tokens(tiny_model, mo
 
 
 @NEEDS_LLAMA_CPP
+async def test_a_snapshot_of_one_engine_is_never_offered_to_the_other(tiny_model):
+    """Both engines read the same file but keep KV state in different formats: a state
+    banked by ctransformers is a model_mismatch on llama-cpp, never restored there."""
+    ct, lc = (
+        load_engine(EngineSettings(model=tiny_model, engine=e, n_slots=1, threads=1,
+                                   verify_restore=False))
+        for e in ("ctransformers", "llama-cpp")
+    )
+    try:
+        a1 = await run(ct, spec("a", [user("alpha")]))
+        await run(ct, spec("b", [user("beta")]))  # evicts a, banking its state
+        assert ct.bank is not None and lc.bank is not None
+        banked = ct.bank.get("a", a1.token_hash)
+        assert banked is not None
+        lc.bank.put(banked)
+        history = [user("alpha"), ChatMessage(role="assistant", content=a1.text), user("more")]
+        assert a1.completion_ids is not None
+        a2 = await run(lc, spec("a", history, {1: a1.completion_ids}))
+        assert a2.cache.source == "none" and a2.cache.miss_reason == "model_mismatch"
+        assert a2.usage.cached_tokens == 0
+    finally:
+        await ct.close()
+        await lc.close()
+
+
+@NEEDS_LLAMA_CPP
 async def test_llama_cpp_restore_is_verified_in_a_child_process_at_load(tiny_model):
     """Loading llama-cpp with verification checks per-sequence restore in a child."""
     engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
