@@ -15,7 +15,7 @@ import ctypes
 import importlib
 import importlib.util
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -91,8 +91,15 @@ def _route_log(lib: ModuleType, verbose: bool) -> None:
 class LlamaCppPromptTokenizer(PromptTokenizer):
     """``PromptTokenizer`` that adds BOS only when the vocabulary asks for it."""
 
-    def __init__(self, *args: object, adds_bos: bool, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        tokenize: Callable[[str, bool], list[int]],
+        specials: Mapping[str, int],
+        bos_id: int,
+        adds_space_prefix: bool,
+        adds_bos: bool,
+    ) -> None:
+        super().__init__(tokenize, specials, bos_id, adds_space_prefix)
         self.adds_bos = adds_bos
 
     def encode(
