@@ -24,7 +24,13 @@ from actors.engine.gguf_info import UnsupportedModelError, read_gguf_info
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec, end_of_generation
 from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llamacpp_backend import llama_cpp_available
-from actors.engine.loader import EngineSettings, LlamaCppMissingError, choose_engine, load_engine
+from actors.engine.loader import (
+    EngineSettings,
+    LlamaCppMissingError,
+    choose_engine,
+    default_threads,
+    load_engine,
+)
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
@@ -295,6 +301,13 @@ def test_llama_cpp_engine_without_the_library_says_what_to_install(tiny_model, m
     with pytest.raises(LlamaLibraryError, match=r"pip install 'infernode\[llamacpp\]'"):
         load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
                                    verify_restore=False))
+
+
+def test_default_threads_share_the_cores_on_ctransformers_and_take_them_all_on_llama_cpp():
+    """ctransformers' slots evaluate side by side; llama-cpp's one decode at a time."""
+    assert default_threads("ctransformers", n_slots=4, cores=16) == 4
+    assert default_threads("ctransformers", n_slots=32, cores=16) == 1
+    assert default_threads("llama-cpp", n_slots=4, cores=16) == 16
 
 
 def test_auto_picks_ctransformers_for_an_architecture_it_runs(tiny_model):

@@ -46,6 +46,7 @@ class EngineSettings:
     n_ctx: int = 2048
     n_batch: int = 512
     threads: int = 0
+    """Threads per evaluation; 0 picks them for the engine (``default_threads``)."""
     gpu_layers: int = 0
     llama_lib: Path | None = None
     chat_template: str = "auto"
@@ -87,11 +88,21 @@ def choose_engine(requested: str, info: GgufInfo) -> str:
     return requested
 
 
+def default_threads(engine: str, n_slots: int, cores: int | None = None) -> int:
+    """Threads per evaluation when none are configured.
+
+    ctransformers evaluates each slot on its own threads, so the slots share the cores;
+    llama-cpp evaluates every slot in one ``llama_decode`` at a time, which takes them all.
+    """
+    cores = cores or os.cpu_count() or 1
+    return cores if engine == "llama-cpp" else max(1, cores // max(1, n_slots))
+
+
 def load_engine(settings: EngineSettings) -> SlotEngine:
     """Load the model once and make ``n_slots`` slots over it (blocking; call in a thread)."""
     info = read_gguf_info(settings.model)
     engine = choose_engine(settings.engine, info)
-    threads = settings.threads or os.cpu_count() or 1
+    threads = settings.threads or default_threads(engine, settings.n_slots)
     if engine == "llama-cpp":
         backend, (snapshots, note), library = _load_llamacpp(settings, threads)
         gpu_layers = settings.gpu_layers
