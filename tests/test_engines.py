@@ -202,6 +202,13 @@ async def test_turns_make_no_threads_and_close_joins_every_engine_thread(tiny_mo
     assert made and not made & set(threading.enumerate())
 
 
+async def test_loading_reports_progress_up_to_done(make_engine):
+    """The weights' load reports its progress, ending at 1.0 (the CLI shows it)."""
+    seen: list[float] = []
+    make_engine(n_slots=1, progress=seen.append)
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+
+
 async def test_node_answers_a_turn_on_the_configured_engine(make_node, engine):
     """A whole node started with the engine setting answers a prompt and reports it."""
     node = await make_node(engine=engine)

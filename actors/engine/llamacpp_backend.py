@@ -15,6 +15,7 @@ import ctypes
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -78,7 +79,6 @@ def _load_isolated() -> None:
 
 def _route_log(lib: ModuleType, verbose: bool) -> None:
     global _LOG_CALLBACK
-    import sys
 
     def on_log(_level: int, text: bytes | None, _user: object) -> None:
         if verbose and text:
@@ -86,6 +86,20 @@ def _route_log(lib: ModuleType, verbose: bool) -> None:
 
     _LOG_CALLBACK = lib.llama_log_callback(on_log)
     lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def _progress_callback(lib: ModuleType, params: ModelParams) -> object:
+    """llama.cpp's load-progress callback reporting to ``params.progress``, if any."""
+    report = params.progress
+    if report is None:
+        return None
+
+    def on_progress(fraction: float, _user: object) -> bool:
+        with contextlib.suppress(Exception):  # a display problem must never stop a load
+            report(float(fraction))
+        return True
+
+    return lib.llama_progress_callback(on_progress)
 
 
 class LlamaCppPromptTokenizer(PromptTokenizer):
@@ -117,7 +131,7 @@ class LlamaCppBackend:
     def __init__(self, params: ModelParams, n_seq: int, verbose: bool = False) -> None:
         self.lib = lib = bindings(verbose)
         self.params = params
-        self._progress_cb = self._progress_callback(params)
+        self._progress_cb = _progress_callback(lib, params)
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = params.gpu_layers
         if self._progress_cb is not None:
@@ -161,20 +175,6 @@ class LlamaCppBackend:
             raise ModelLoadError(str(e)) from e
         self.n_ctx = min(self.n_ctx, self.shared.n_ctx_seq)
         self._free_seqs = list(range(n_seq))
-
-    @staticmethod
-    def _progress_callback(params: ModelParams) -> object:
-        report = params.progress
-        if report is None:
-            return None
-        import llama_cpp.llama_cpp as lib
-
-        def on_progress(fraction: float, _user: object) -> bool:
-            with contextlib.suppress(Exception):  # a display problem must never stop a load
-                report(float(fraction))
-            return True
-
-        return lib.llama_progress_callback(on_progress)
 
     def _scan_vocab(self) -> tuple[dict[str, int], frozenset[int]]:
         """Control and user-defined token texts, and every end-of-generation token."""
