@@ -180,6 +180,17 @@ class EmbeddedNats:
         self._drain_task = asyncio.create_task(self._drain(), name="nats-server-log")
         log.debug("nats_server_started", url=self.url, pid=self.pid, data_dir=str(self.data_dir))
 
+    async def restart(self) -> None:
+        """Stop the server and start it again on the same port and data directory.
+
+        Clients reconnect to the URL they know, and JetStream finds its streams again.
+        """
+        port = self._port
+        await self.stop()
+        if port is not None:
+            self._requested_port = port
+        await self.start()
+
     async def wait(self) -> int | None:
         """Wait until the server exits by itself and its log is read; its exit status."""
         if self._drain_task is not None:
