@@ -19,9 +19,12 @@ import asyncio
 import json
 import math
 import string
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -588,3 +591,21 @@ async def test_user_text_holding_the_engines_placeholder_characters_is_answered_
     """Private-use characters in a prompt are text like any other: the turn commits."""
     node = await make_node(bank_ram_bytes=0)
     assert await ask(node.url, "pua", "look: \ue0000\ue001 and \ue0007\ue001") == 1
+
+
+@pytest.mark.timeout(90)
+def test_load_benchmark_runs_briefly_and_reports_every_prompt_answered_once() -> None:
+    """`bench/load.py` for 1.5 s: exit 0, ratio 1.000, no duplicates, rate and latencies printed."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "load.py"), "--duration", "1.5", "--agents", "4",
+         "--sessions", "2", "--timeout", "30"],
+        cwd=root, capture_output=True, text=True, timeout=80, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
+    ratio = lines["prompts answered / sent"]
+    assert ratio.endswith("= 1.000"), ratio
+    assert lines["duplicate answers"].split()[-1] == "0"
+    assert float(lines["prompts admitted durably / s"].split()[5]) > 0
+    assert "p99" in lines["publish → accepted"]
