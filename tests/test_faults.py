@@ -27,7 +27,14 @@ from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
-from schemas.records import RECORD_ADAPTER, AssistantRecord, Record, UserRecord
+from schemas.records import (
+    RECORD_ADAPTER,
+    AbortRecord,
+    AssistantRecord,
+    CommitRecord,
+    Record,
+    UserRecord,
+)
 from schemas.subjects import MSG_ID_HEADER, Subjects
 from tests.helpers import EventCollector
 
@@ -42,11 +49,11 @@ async def ask(url: str, session: str, text: str) -> int:
     return result.commit.generation
 
 
-async def send(nc: Client, session: str, text: str) -> str:
+async def send(nc: Client, session: str, text: str, max_tokens: int = 3) -> str:
     key = uuid.uuid4().hex
     prompt = PromptRequest(
-        messages=(ChatMessage(role="user", content=text),), idempotency_key=key, max_tokens=3,
-        sampling=GREEDY,
+        messages=(ChatMessage(role="user", content=text),), idempotency_key=key,
+        max_tokens=max_tokens, sampling=GREEDY,
     )
     await nc.jetstream().publish(
         S.prompt(session), prompt.model_dump_json().encode(), headers={MSG_ID_HEADER: key}
@@ -251,3 +258,60 @@ async def test_a_failed_turns_provisional_record_keeps_the_text_it_streamed(
     assert provisional["text"] == "partial "
     log = await history(node.url, "partial")
     assert [r.content for r in log if r.kind == "provisional"] == ["partial "]
+
+
+# -- SIGKILL during a burst -----------------------------------------------------------------
+@pytest.mark.timeout(180)
+async def test_sigkill_during_a_burst_on_many_sessions_answers_every_accepted_prompt_once(
+    nats_server, nc, tiny_model, tmp_path
+):
+    """Turns cut on several sessions at once, prompts queued behind them and more sent while
+    the node is down: after the restart every one is answered by exactly one commit."""
+    from tests.test_durability import NodeProcess
+
+    sessions = [f"burst-{i}" for i in range(6)]
+    url, data = nats_server.url, tmp_path / "node"
+    events = await EventCollector.start(nc, S.events("*", "*"))
+    node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
+    try:
+        keys = []
+        for session in sessions:
+            keys.append(await send(nc, session, "talk for a long time", max_tokens=1500))
+            keys += [await send(nc, session, f"then this {i}") for i in range(2)]
+        await events.wait_until(lambda _: _accepted(events) >= set(keys), timeout=60)
+        await events.wait_until(lambda ms: any(_kind(m.subject) == "token" for m in ms), 60)
+        assert len(_commit_parents(events)) < len(keys), "the burst ended before the kill"
+        await node.kill()
+        keys += [await send(nc, s, "sent while the node was down") for s in sessions]
+        node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
+        await events.wait_until(lambda _: _accepted(events) >= set(keys), timeout=60)
+        accepted = _accepted_ids(events)
+        await events.wait_until(lambda _: set(_commit_parents(events)) >= accepted, timeout=90)
+    finally:
+        await node.terminate()
+    parents = _commit_parents(events)
+    assert max(parents.values()) == 1, "a prompt was answered twice"
+    cut = 0
+    for session in sessions:
+        log = await records(url, session)
+        cut += sum(1 for r in log if isinstance(r, AbortRecord) and r.reason == "node_restart")
+        users, answered = answers(log)
+        assert len(users) == len(set(users)) == 4, session
+        assert set(users) <= set(answered) and max(answered.values()) == 1
+        generations = [r.generation for r in log if isinstance(r, CommitRecord)]
+        assert generations == list(range(1, len(generations) + 1)), session
+    assert cut >= 1, "no turn was running when the node was killed"
+
+
+def _accepted_ids(events: EventCollector) -> set[str]:
+    return {
+        i for m in events.messages if _kind(m.subject) == "accepted"
+        for i in json.loads(m.data)["message_ids"]
+    }
+
+
+def _commit_parents(events: EventCollector) -> Counter[str]:
+    return Counter(
+        p for m in events.messages if _kind(m.subject) == "commit"
+        for p in json.loads(m.data)["parent_ids"]
+    )
