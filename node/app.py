@@ -9,7 +9,6 @@ pulled that cannot be recorded and no turn is cut without its abort being record
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,15 +60,6 @@ def demo_model_path(data_dir: Path) -> Path:
     return path
 
 
-def default_threads(n_slots: int, cores: int | None = None) -> int:
-    """Threads per slot when none are configured: the cores shared by the slots.
-
-    Each slot evaluates on its own threads; more threads in all than cores makes llama.cpp's
-    spinning workers fight, and a turn can run a hundred times slower.
-    """
-    return max(1, (cores or os.cpu_count() or 1) // max(1, n_slots))
-
-
 def engine_settings(
     config: NodeConfig, model: Path, progress: Callable[[float], None] | None = None
 ) -> EngineSettings:
@@ -81,7 +71,7 @@ def engine_settings(
         n_slots=config.n_slots,
         n_ctx=config.n_ctx,
         n_batch=config.n_batch,
-        threads=config.threads or default_threads(config.n_slots),
+        threads=config.threads,
         gpu_layers=config.gpu_layers,
         llama_lib=config.llama_lib,
         chat_template=config.chat_template,

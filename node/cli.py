@@ -24,6 +24,7 @@ from node.logging import configure_logging
 UP_FLAGS: dict[str, str] = {
     "--nats-url": "nats_url",
     "--model": "model",
+    "--engine": "engine",
     "--data-dir": "data_dir",
     "--prefix": "prefix",
     "--slots": "n_slots",
@@ -50,6 +51,7 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("up", help="run a node (embedded NATS and the demo model by default)")
     p.add_argument("--nats-url", help="join this NATS server instead of starting one")
     p.add_argument("--model", type=Path, help="GGUF model file (default: a random-weight demo)")
+    p.add_argument("--engine", help="ctransformers (default), llama-cpp or auto")
     p.add_argument("--data-dir", type=Path, help="where NATS data and the demo model live")
     p.add_argument("--prefix", help="subject prefix (default: infer)")
     p.add_argument("--slots", type=int, dest="n_slots", help="contexts sharing the model")
