@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import Any
 
 import structlog
 from nats.aio.client import Client
@@ -109,8 +110,8 @@ async def connect(
         )
     )
     try:
-        await asyncio.wait({attempt, events.refused}, timeout=timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {attempt, events.refused}
+        await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not attempt.done():
             attempt.cancel()
             await asyncio.gather(attempt, return_exceptions=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
+from structlog.testing import capture_logs
 
 import actors.engine.engine as engine_module
 from node.client import InfernodeClient
@@ -195,6 +197,74 @@ async def _wait_answered(
                 lambda ms, n=commits: sum(1 for m in ms if _kind(m.subject) == "commit") > n,
                 timeout=min(left, 2.0),
             )
+
+
+class Reconnects:
+    """Counts the node's ``nats_reconnected`` log events; a test waits for a number of them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Condition()
+
+    def __call__(self, logger: Any, method: str, event: Any) -> Any:
+        if event.get("event") == "nats_reconnected":
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._bump()))
+        return event
+
+    async def _bump(self) -> None:
+        async with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    async def wait(self, n: int, timeout: float = 30.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: self.count >= n), timeout)
+
+
+@pytest.mark.timeout(90)
+async def test_a_turn_running_across_a_nats_restart_is_committed_once_the_server_is_back(
+    make_node, own_server, monkeypatch
+):
+    """A turn still decoding while nats-server restarts records its commit after reconnecting."""
+    entered, release = threading.Event(), threading.Event()
+    real_decode = engine_module.decode
+
+    def held_decode(*args: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            release.wait(30)
+        return real_decode(*args)
+
+    monkeypatch.setattr(engine_module, "decode", held_decode)
+    watch = Reconnects()
+    with capture_logs(processors=[watch]):
+        node = await make_node(url=own_server.url, bank_ram_bytes=0, heartbeat_s=0)
+        back = asyncio.Event()
+
+        async def on_reconnected() -> None:
+            back.set()
+
+        nc = await nats.connect(
+            own_server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
+            reconnected_cb=on_reconnected,
+        )
+        try:
+            events = await EventCollector.start(nc, S.events_all("across"))
+            await send(nc, "across", "a question asked before the restart")
+            assert await asyncio.to_thread(entered.wait, 30), "the turn never started"
+            await own_server.restart()
+            await watch.wait(len(node._conns))
+            await asyncio.wait_for(back.wait(), 30)
+            release.set()
+            await events.wait_until(
+                lambda ms: any(_kind(m.subject) == "commit" for m in ms), timeout=30
+            )
+        finally:
+            release.set()
+            await nc.close()
+    users, parents = answers(await records(node.url, "across"))
+    assert len(users) == 1 and parents == Counter({users[0]: 1})
 
 
 # -- the engine fails mid-turn --------------------------------------------------------------

@@ -224,9 +224,9 @@ class GuardedEnvironment(ImmutableSandboxedEnvironment):
             for a in args:
                 if isinstance(a, int) and abs(a) > MAX_WIDTH:
                     raise _too_big(f"{name}() with width", abs(a), MAX_WIDTH, "columns")
-        items = len(owner) if isinstance(owner, str | list | tuple | dict | range) else 0
-        if name in _ITEM_FILTERS and items > MAX_ITEMS:
-            raise _too_big(f"{name}() over an input", items, MAX_ITEMS, "items")
+        walked = len(owner) if isinstance(owner, str | list | tuple | dict | range) else 0
+        if name in _ITEM_FILTERS and walked > MAX_ITEMS:
+            raise _too_big(f"{name}() over an input", walked, MAX_ITEMS, "items")
         if name == "wordwrap" and isinstance(owner, str):
             width = next((a for a in args if type(a) is int), 79)
             if len(owner) ** 2 // max(width, 1) > MAX_WRAP_COST:

@@ -33,7 +33,6 @@ user turns.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
@@ -63,7 +62,6 @@ MAX_SOURCE_CHARS = 200_000
 """Longest template source accepted; real templates are a few thousand characters."""
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _DECODER = json.JSONDecoder()
-_SPACE = re.compile(r"\s*")
 
 # -- built-in templates ---------------------------------------------------------------------
 # Everything is written with {{ }} so no stray whitespace leaks; assistant content is written
@@ -213,7 +211,7 @@ def parse_tool_calls(
     while (start := text.find(_OPEN, search)) >= 0:
         end, data = _block_at(text, start + len(_OPEN))
         call = _parse_block(data, id_factory) if end is not None else None
-        if call is None:
+        if end is None or call is None:
             search = start + len(_OPEN)
             continue
         kept.append(text[pos:start])
@@ -225,15 +223,21 @@ def parse_tool_calls(
 
 def _block_at(text: str, at: int) -> tuple[int | None, object]:
     """(end of the block, its JSON value) for a block whose JSON starts after ``at``."""
-    body = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+    body = _skip_space(text, at)
     try:
         data, after = _DECODER.raw_decode(text, body)
     except (ValueError, RecursionError):
         return None, None
-    close = _SPACE.match(text, after).end()  # type: ignore[union-attr]
+    close = _skip_space(text, after)
     if not text.startswith(_CLOSE, close):
         return None, None
     return close + len(_CLOSE), data
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
 
 
 def _parse_block(data: object, id_factory: Callable[[], str]) -> ToolCall | None:
