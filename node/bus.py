@@ -69,11 +69,14 @@ class _ConnectionEvents:
         self.last_error: BaseException | None = None
         self.refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         """Resolves with a hint when the server refused what every retry would send again."""
+        self.refusal: BaseException | None = None
+        """The error that said so (later ones, such as the reset that follows, are noise)."""
 
     async def on_error(self, error: Exception) -> None:
         self.last_error = error
         hint = refusal_hint(error)
         if hint is not None and not self.connected and not self.refused.done():
+            self.refusal = error
             self.refused.set_result(hint)
         # Before the first connect, failures are retried and reported once by connect().
         emit = self.log.warning if self.connected else self.log.debug
@@ -116,16 +119,18 @@ async def connect(
             attempt.cancel()
             await asyncio.gather(attempt, return_exceptions=True)
             await _abandon(nc)
-            reason = _describe(events.last_error) or f"no answer within {timeout:g} s"
+            error = events.refusal or events.last_error
+            reason = _describe(error) or f"no answer within {timeout:g} s"
             hint = events.refused.result() if events.refused.done() else REACH_HINT
-            raise BusError(shown, reason, hint) from events.last_error
+            raise BusError(shown, reason, hint) from error
         attempt.result()
     except BusError:
         raise
     except Exception as e:
         await _abandon(nc)
-        hint = refusal_hint(e) or REACH_HINT
-        raise BusError(shown, _describe(e) or type(e).__name__, hint) from e
+        error = events.refusal or e
+        hint = refusal_hint(error) or REACH_HINT
+        raise BusError(shown, _describe(error) or type(error).__name__, hint) from error
     finally:
         events.refused.cancel()
     events.connected = True
