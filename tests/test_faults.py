@@ -308,11 +308,6 @@ async def test_an_engine_failing_mid_turn_leaves_a_typed_error_an_aborted_record
     assert failures == ["faulty"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="actors/engine/actor.py: a turn that fails after streaming text returns no raw_text,"
-    " so the provisional record is empty instead of holding the partial text",
-)
 async def test_a_failed_turns_provisional_record_keeps_the_text_it_streamed(
     make_node, nc, monkeypatch
 ):

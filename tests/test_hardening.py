@@ -580,11 +580,6 @@ async def test_many_agents_on_many_sessions_get_every_prompt_answered_once_withi
     assert info.state.messages == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine reads U+E000 <n> U+E001 in user text as its own assistant-token "
-    "placeholder: the turn fails with internal 500 (actors/engine/engine.py prompt_tokens)",
-)
 async def test_user_text_holding_the_engines_placeholder_characters_is_answered_as_text(
     make_node,
 ):

@@ -121,7 +121,10 @@ class EngineActor(Actor):
             assistant_tokens=tokens,
             queue_ms=max(0.0, (time.time() - req.queued_at) * 1000),
         )
+        streamed: list[str] = []  # what the session has seen, kept for a failed turn's record
+
         def emit(text: str) -> None:  # called on the slot's thread
+            streamed.append(text)
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         try:
@@ -142,11 +145,13 @@ class EngineActor(Actor):
                 token_hash=out.token_hash,
             )
         except InferError as e:
-            result = self._failed(req, e.code, e.message, e.details)
+            result = self._failed(req, e.code, e.message, e.details, "".join(streamed))
         except Exception as e:
             self.errors += 1
             self.log.exception("turn_failed", session=req.session, error=str(e))
-            result = self._failed(req, ErrorCode.INTERNAL, f"the engine failed: {e}", {})
+            result = self._failed(
+                req, ErrorCode.INTERNAL, f"the engine failed: {e}", {}, "".join(streamed)
+            )
         finally:
             self._turns.pop(req.session, None)
             pieces.put_nowait(_DONE)
@@ -154,11 +159,14 @@ class EngineActor(Actor):
         await self.nc.publish(reply, encode(result))
 
     def _failed(
-        self, req: GenerateRequest, code: ErrorCode, message: str, details: dict
+        self, req: GenerateRequest, code: ErrorCode, message: str, details: dict,
+        streamed: str = "",
     ) -> GenerateResult:
         return GenerateResult(
             session=req.session,
             turn_id=req.turn_id,
+            text=streamed,
+            raw_text=streamed,
             finish_reason="error",
             error=ErrorBody(code=code, message=message, details=details),
         )

@@ -27,7 +27,7 @@ from actors.engine.interface import (
 from actors.engine.slots import Slot, SlotPool
 from actors.engine.stats import EngineStats
 from actors.engine.templates import ChatTemplate, parse_tool_calls
-from actors.engine.tokenizer import ASSISTANT_MARK
+from actors.engine.tokenizer import assistant_mark
 from actors.engine.turn import decode, prefill
 from schemas.chat import CacheInfo, ChatMessage, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode, InferError
@@ -174,12 +174,13 @@ class SlotEngine:
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
         """Render the conversation and tokenise it, splicing known assistant token ids."""
         messages: list[ChatMessage] = []
-        spliced: dict[int, tuple[int, ...]] = {}
+        spliced: dict[str, tuple[int, ...]] = {}
         for i, m in enumerate(spec.messages):
             ids = spec.assistant_tokens.get(i)
             if m.role == "assistant" and ids is not None:
-                messages.append(ChatMessage(role="assistant", content=ASSISTANT_MARK.format(i)))
-                spliced[i] = ids
+                mark = assistant_mark(i)
+                messages.append(ChatMessage(role="assistant", content=mark))
+                spliced[mark] = ids
             else:
                 messages.append(m)
         try:

@@ -117,7 +117,7 @@ class LlamaCppPromptTokenizer(PromptTokenizer):
         self.adds_bos = adds_bos
 
     def encode(
-        self, text: str, add_bos: bool, spliced: Mapping[int, Sequence[int]] | None = None
+        self, text: str, add_bos: bool, spliced: Mapping[str, Sequence[int]] | None = None
     ) -> list[int]:
         """Token ids of ``text``; BOS only if the template lacks it and the model uses one."""
         return super().encode(text, add_bos and self.adds_bos, spliced)

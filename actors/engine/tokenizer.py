@@ -12,11 +12,17 @@ whole history is reused from the cache, and a cold recompute sees the same token
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 
-ASSISTANT_MARK = "\ue000{}\ue001"
-"""Placeholder rendered in place of an assistant turn whose token ids are known."""
-_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+
+def assistant_mark(index: int) -> str:
+    """A placeholder rendered in place of an assistant turn whose token ids are known.
+
+    It carries a random nonce, so text a user writes can never be taken for one.
+    """
+    return f"\ue000{secrets.token_hex(8)}:{index}\ue001"
+
 _CONTINUATION = "\n"
 """Prepended to a later text segment so the tokenizer's leading space lands on it."""
 
@@ -43,17 +49,18 @@ class PromptTokenizer:
         self,
         text: str,
         add_bos: bool,
-        spliced: Mapping[int, Sequence[int]] | None = None,
+        spliced: Mapping[str, Sequence[int]] | None = None,
     ) -> list[int]:
-        """Token ids of ``text``; ``ASSISTANT_MARK`` placeholders become ``spliced[i]``."""
+        """Token ids of ``text``; each ``assistant_mark`` key of ``spliced`` becomes its ids."""
         out: list[int] = [self._bos_id] if add_bos else []
         at_start = True
         pos = 0
-        for mark in _MARK_RE.finditer(text):
+        marks = (
+            re.compile("|".join(re.escape(m) for m in spliced)) if spliced else None
+        )
+        for mark in marks.finditer(text) if marks is not None else ():
             at_start = self._encode_text(text[pos : mark.start()], out, at_start)
-            ids = (spliced or {}).get(int(mark.group(1)))
-            if ids is None:
-                raise KeyError(f"no token ids for assistant mark {mark.group(1)}")
+            ids = spliced[mark.group(0)]  # type: ignore[index]
             out.extend(ids)
             at_start = at_start and not ids
             pos = mark.end()
