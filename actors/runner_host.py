@@ -54,6 +54,7 @@ class RunnerHost(Actor):
         turn_timeout_s: float = 3600.0,
         heartbeat_s: float = 30.0,
         stop_wait_s: float = 10.0,
+        probe_s: float = 10.0,
     ) -> None:
         super().__init__(nc, subjects)
         self.js: JetStreamContext = nc.jetstream()
@@ -62,6 +63,8 @@ class RunnerHost(Actor):
         self.turn_timeout_s = turn_timeout_s
         self.heartbeat_s = heartbeat_s
         self.stop_wait_s = stop_wait_s
+        self.probe_s = probe_s
+        """How often a turn waiting on the engine asks whether it still runs."""
         self.runners: dict[str, SessionRunner] = {}
         self.tombstones: OrderedDict[str, float] = OrderedDict()
         self.max_tombstones = tombstones
@@ -180,14 +183,54 @@ class RunnerHost(Actor):
         await self.publish(self.subjects.events(session, kind), model, headers)
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
-        """Ask the engine for a turn and wait for its result."""
+        """Ask the engine for a turn and wait for its result.
+
+        A result published while this connection reconnects is lost for good, and the turn
+        would wait out ``turn_timeout_s``. So every ``probe_s`` the runner asks the engine
+        whether the turn still runs; when it does not and no result came, the turn fails
+        as unavailable (its prompts stay recorded) instead of hanging.
+        """
+        request = asyncio.ensure_future(self.nc.request(
+            self.subjects.engine_generate(), encode(req), timeout=self.turn_timeout_s
+        ))
         try:
-            reply = await self.nc.request(
-                self.subjects.engine_generate(), encode(req), timeout=self.turn_timeout_s
-            )
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=self.probe_s)
+                if done or await self._engine_runs(req):
+                    if done:
+                        break
+                    continue
+                # Not running: give a result already on its way a moment to arrive.
+                done, _ = await asyncio.wait({request}, timeout=min(self.probe_s, 2.0))
+                if done:
+                    break
+                raise InferError(
+                    ErrorCode.UNAVAILABLE,
+                    "the engine finished this turn but its result was lost (NATS reconnected "
+                    "meanwhile); the prompt is kept: send an empty prompt to retry it",
+                )
+            reply = request.result()
+        except InferError:
+            raise
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             raise InferError(ErrorCode.UNAVAILABLE, f"no engine answered: {e!r}") from e
+        finally:
+            if not request.done():
+                request.cancel()
         return parse_reply(reply.data, reply.headers, GenerateResult)
+
+    async def _engine_runs(self, req: GenerateRequest) -> bool:
+        """True unless the engine answers that the turn is not running."""
+        probe = CancelRequest(session=req.session, turn_id=req.turn_id)
+        try:
+            msg = await self.nc.request(
+                self.subjects.engine_turn_status(), encode(probe), timeout=min(self.probe_s, 5.0)
+            )
+        except Exception:  # no answer is no evidence: keep waiting for the result
+            return True
+        return msg.data != b"0"
 
     async def cancel_engine(self, session: str, turn_id: str) -> None:
         """Tell the engine to stop a turn."""

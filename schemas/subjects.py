@@ -144,6 +144,10 @@ class Subjects:
         """Every engine cancel subject."""
         return f"{self.prefix}.internal.engine.cancel.*"
 
+    def engine_turn_status(self) -> str:
+        """Is a session's turn still running in the engine? (request → b"1" or b"0")."""
+        return f"{self.prefix}.internal.engine.status"
+
     def engine_snapshot(self) -> str:
         """Bank committer → engine: snapshot a session's KV state into the bank."""
         return f"{self.prefix}.internal.engine.snapshot"

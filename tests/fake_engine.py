@@ -86,6 +86,8 @@ class Script:
     error: ErrorCode | None = None
     """Fail the turn with this code (``context_overflow`` before any token)."""
     finish_reason: str = "stop"
+    lose_reply: bool = False
+    """Never deliver the result, as when a NATS reconnect drops it."""
 
 
 @dataclass
@@ -143,6 +145,7 @@ class FakeEngine(Actor):
         s = self.subjects
         await self.subscribe(s.engine_generate(), self.on_generate, queue="engine")
         await self.subscribe(s.engine_cancel_all(), self.on_cancel)
+        await self.subscribe(s.engine_turn_status(), self.on_turn_status)
         await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
         await self.subscribe(s.engine_forget(), self.on_forget)
 
@@ -163,7 +166,14 @@ class FakeEngine(Actor):
             result = await self._play(req, script, run, start)
         finally:
             self.running.pop(req.session, None)
-        await self.nc.publish(reply, encode(result))
+        if not script.lose_reply:
+            await self.nc.publish(reply, encode(result))
+
+    async def on_turn_status(self, msg: Msg) -> None:
+        """b"1" while the named turn runs, as the real engine answers."""
+        req = CancelRequest.model_validate_json(msg.data)
+        run = self.running.get(req.session)
+        await self.nc.publish(msg.reply, b"1" if run and run.turn_id == req.turn_id else b"0")
 
     async def _play(
         self, req: GenerateRequest, script: Script, run: _Running, start: float

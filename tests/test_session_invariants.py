@@ -687,3 +687,22 @@ async def test_abort_and_retry_on_the_real_engine(make_node, nc: Client):
         history = await client.history("real")
     kinds = [(r.kind, r.status) for r in history.records if r.kind in ("provisional", "assistant")]
     assert kinds == [("provisional", "ABORTED"), ("assistant", "committed")]
+
+
+async def test_status_idle_restored_when_the_engines_result_is_lost(nats_server, nc: Client):
+    """Given an engine whose result never arrives (lost in a reconnect), when the runner asks
+    whether the turn still runs and hears no, then the turn fails 503 within a probe, the
+    session goes idle with its prompt kept, and an empty prompt retries it to a commit."""
+    from tests.fake_engine import Script
+
+    async with FakeNode(nats_server.url, heartbeat_s=0, probe_s=0.2) as node:
+        lost = await Session.watch(nc, "lost")
+        node.fake.script("lost", Script(tokens=("gone",), lose_reply=True))
+        await send(nc, "lost", "hello?")
+        await lost.until(lambda s: bool(s.of("error")) and bool(s.of("aborted")))
+        error = lost.of("error")[0]
+        assert error["code"] == "unavailable" and error["status"] == 503
+        assert (await lost.idle())["pending"] == 1
+        await retry(nc, "lost")
+        commit = (await lost.commits(1))[0]
+        assert commit["generation"] == 1

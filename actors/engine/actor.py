@@ -61,6 +61,7 @@ class EngineActor(Actor):
         s = self.subjects
         await self.subscribe(s.engine_generate(), self.on_generate, queue="engine")
         await self.subscribe(s.engine_cancel_all(), self.on_cancel)
+        await self.subscribe(s.engine_turn_status(), self.on_turn_status)
         await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
         await self.subscribe(s.engine_forget(), self.on_forget)
 
@@ -189,6 +190,13 @@ class EngineActor(Actor):
         hit = self._turns.get(req.session) == req.turn_id and self.engine.cancel(req.session)
         if msg.reply:
             await self.nc.publish(msg.reply, b"1" if hit else b"0")
+
+    async def on_turn_status(self, msg: Msg) -> None:
+        """Answer whether the named turn still runs here (a runner checks on a late result)."""
+        req = CancelRequest.model_validate_json(msg.data)
+        if msg.reply:
+            running = self._turns.get(req.session) == req.turn_id
+            await self.nc.publish(msg.reply, b"1" if running else b"0")
 
     async def on_snapshot(self, msg: Msg) -> None:
         """Bank a session's slot in its own task: one waiting for a busy slot holds no other."""
