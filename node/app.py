@@ -24,14 +24,14 @@ from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import ModelFileError, UnsupportedModelError
 from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llama_model import ModelLoadError
-from actors.engine.template_sandbox import TemplateError
 from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.template_sandbox import TemplateError
 from actors.runner_host import RunnerHost
 from node.admin import AdminActor
 from node.bus import BusError, connect
-from node.metrics_http import MetricsHttp
 from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
+from node.metrics_http import MetricsHttp
 from node.nats_server import EmbeddedNats, NatsServerError
 from node.streams import ensure_streams
 from schemas.subjects import Subjects

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+
 from pydantic import BaseModel
 
 from node.bus import BusError

@@ -15,11 +15,10 @@ from typing import TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from pydantic import BaseModel
 
 from node.bus import connect
 from node.config import NodeConfig
-from pydantic import BaseModel
-
 from schemas.admin import (
     HealthReply,
     HistoryReply,

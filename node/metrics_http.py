@@ -37,8 +37,11 @@ def flatten_numbers(value: Any, prefix: str = "") -> dict[str, float]:
 
 def prometheus_text(numbers: dict[str, float], up: bool = True) -> str:
     """Prometheus exposition text of ``numbers``."""
-    lines = ["# HELP infernode_up Whether the node answered the scrape.", "# TYPE infernode_up gauge",
-             f"infernode_up {1 if up else 0}"]
+    lines = [
+        "# HELP infernode_up Whether the node answered the scrape.",
+        "# TYPE infernode_up gauge",
+        f"infernode_up {1 if up else 0}",
+    ]
     for raw, value in sorted(numbers.items()):
         name = "infernode_" + _NAME_BAD.sub("_", raw).strip("_")
         kind = "counter" if name.endswith("_total") else "gauge"
@@ -96,7 +99,8 @@ class MetricsHttp:
             status, body = "200 OK", (await self.scrape()).encode()
             ctype = "text/plain; version=0.0.4; charset=utf-8"
         else:
-            status, body, ctype = "404 Not Found", b"only GET /metrics is served here\n", "text/plain"
+            status, ctype = "404 Not Found", "text/plain"
+            body = b"only GET /metrics is served here\n"
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n".encode() + body

@@ -10,11 +10,12 @@ restore is wrong or crashes must cost the node its snapshots, never its sessions
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from actors.engine.verify import run_check_in_child
 
 
 def check(model_path: Path, gpu_layers: int) -> dict[str, object]:
@@ -40,21 +41,8 @@ def check(model_path: Path, gpu_layers: int) -> dict[str, object]:
 
 def verify_in_child(model_path: Path, gpu_layers: int, timeout: float = 300.0) -> tuple[bool, str]:
     """Run ``check`` in a child process; (ok, human reason)."""
-    cmd = [sys.executable, "-m", "actors.engine.llamacpp_verify", str(model_path), str(gpu_layers)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return False, f"the restore check did not finish in {timeout:.0f} s"
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return False, f"the restore check crashed (exit {proc.returncode}): {' | '.join(tail)}"
-    try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return False, f"the restore check printed no result: {proc.stdout[-200:]!r}"
-    if not result.get("ok"):
-        return False, f"a restored state's logits differ from the live ones by {result['max_diff']}"
-    return True, f"restored logits equal live logits ({result['nbytes']} bytes for a short prompt)"
+    args = [str(model_path), str(gpu_layers)]
+    return run_check_in_child("actors.engine.llamacpp_verify", args, timeout)
 
 
 if __name__ == "__main__":

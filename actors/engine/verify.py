@@ -36,9 +36,21 @@ def check(lib_path: Path, model_path: Path, gpu_layers: int) -> dict[str, object
     return {"ok": max(diffs) == 0.0, "max_diff": max(diffs), "nbytes": len(state)}
 
 
-def verify_in_child(lib_path: Path, model_path: Path, gpu_layers: int, timeout: float = 300.0) -> tuple[bool, str]:
+def verify_in_child(
+    lib_path: Path, model_path: Path, gpu_layers: int, timeout: float = 300.0
+) -> tuple[bool, str]:
     """Run ``check`` in a child process; (ok, human reason)."""
-    cmd = [sys.executable, "-m", "actors.engine.verify", str(lib_path), str(model_path), str(gpu_layers)]
+    args = [str(lib_path), str(model_path), str(gpu_layers)]
+    return run_check_in_child("actors.engine.verify", args, timeout)
+
+
+def run_check_in_child(module: str, args: list[str], timeout: float) -> tuple[bool, str]:
+    """Run ``python -m module args`` (a restore check printing JSON); (ok, human reason).
+
+    A child process, because a library that crashes while restoring must not take the node
+    down with it.
+    """
+    cmd = [sys.executable, "-m", module, *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
