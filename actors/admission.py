@@ -141,7 +141,10 @@ class Admission(Actor):
         """Not recorded, but not refused either: the stream offers it again shortly."""
         self.log.warning("admit_deferred", session=session, error=repr(error))
         self.deferred += 1
-        await msg.nak(delay=self.retry_s)
+        try:
+            await msg.nak(delay=self.retry_s)
+        except Exception as e:  # NATS is away: the ack deadline redelivers it anyway
+            self.log.warning("intake_nak_failed", session=session, error=str(e) or repr(e))
 
     def _parse(self, msg: Msg, session: str) -> PromptRequest:
         if len(msg.data) > self.max_prompt_bytes:
@@ -173,7 +176,10 @@ class Admission(Actor):
         else:
             self.admitted += 1
         # Confirmed by the server, so "acked" is a fact the next prompt can rely on.
-        await msg.ack_sync()
+        try:
+            await msg.ack_sync()
+        except Exception as e:  # NATS is away: redelivered later, and recorded only once
+            self.log.warning("intake_ack_failed", error=str(e) or repr(e))
 
     def stats(self) -> dict[str, int]:
         """Counters for admin and metrics."""

@@ -131,7 +131,10 @@ class Node:
             load_engine, engine_settings(cfg, model, self.on_load_progress)
         )
         admin_nc = await self._connect("admin")
-        await ensure_streams(admin_nc.jetstream(), self.subjects, cfg.max_payload)
+        await ensure_streams(
+            admin_nc.jetstream(), self.subjects, cfg.max_payload,
+            cfg.intake_max_prompts, cfg.intake_max_bytes,
+        )
         s = self.subjects
         self.actors = [
             EngineActor(

@@ -30,6 +30,7 @@ UP_FLAGS: dict[str, str] = {
     "--slots": "n_slots",
     "--ctx": "n_ctx",
     "--threads": "threads",
+    "--batch": "n_batch",
     "--gpu-layers": "gpu_layers",
     "--llama-lib": "llama_lib",
     "--chat-template": "chat_template",
@@ -40,6 +41,11 @@ UP_FLAGS: dict[str, str] = {
     "--bank-object-store": "bank_object_store",
     "--metrics-port": "metrics_port",
     "--metrics-host": "metrics_host",
+    "--max-pending": "max_pending_per_session",
+    "--max-sessions": "max_sessions",
+    "--tombstones": "tombstones",
+    "--intake-max-prompts": "intake_max_prompts",
+    "--intake-max-bytes": "intake_max_bytes",
     "--heartbeat-s": "heartbeat_s",
     "--log-level": "log_level",
     "--log-format": "log_format",
@@ -69,6 +75,14 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="durable bank tier in a JetStream object store")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus text on this port")
     p.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
+    p.add_argument("--batch", type=int, dest="n_batch", help="prompt tokens per evaluation")
+    p.add_argument("--max-pending", type=int, dest="max_pending_per_session",
+                   help="prompts a session may have waiting before busy (429)")
+    p.add_argument("--max-sessions", type=int, help="sessions held before busy (429)")
+    p.add_argument("--tombstones", type=int, help="deleted session ids remembered (410)")
+    p.add_argument("--intake-max-prompts", type=int,
+                   help="prompts the intake stream holds before publishes are refused")
+    p.add_argument("--intake-max-bytes", type=int, help="bytes the intake stream holds")
     p.add_argument("--heartbeat-s", type=float, help="seconds between stats log lines")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")

@@ -78,6 +78,10 @@ class NodeConfig:
     """Keep durable snapshots in a JetStream object store."""
     commit_wait_s: float = 30.0
     """How long the bank committer waits for a slot to go idle before dropping a snapshot."""
+    intake_max_prompts: int = 100_000
+    """Prompts the intake stream holds before publishes are refused (never dropped)."""
+    intake_max_bytes: int = 1 << 30
+    """Bytes the intake stream holds before publishes are refused."""
     max_pending_per_session: int = 64
     """Prompts a session may have waiting before new ones get busy (429)."""
     max_sessions: int = 4096

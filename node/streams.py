@@ -20,8 +20,23 @@ DUPLICATE_WINDOW_S = 120.0
 """How long JetStream remembers a ``Nats-Msg-Id`` to drop a retried publish."""
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects, max_msg_bytes: int) -> None:
-    """Create (or update) the intake and record streams and admission's consumer."""
+INTAKE_MAX_PROMPTS = 100_000
+"""Prompts the intake stream holds before it refuses new publishes (nothing is dropped)."""
+INTAKE_MAX_BYTES = 1 << 30
+
+
+async def ensure_streams(
+    js: JetStreamContext,
+    subjects: Subjects,
+    max_msg_bytes: int,
+    intake_max_prompts: int = INTAKE_MAX_PROMPTS,
+    intake_max_bytes: int = INTAKE_MAX_BYTES,
+) -> None:
+    """Create (or update) the intake and record streams and admission's consumer.
+
+    The intake is bounded: when admission falls that far behind, JetStream refuses the
+    publish (the agent sees the error and may retry) instead of growing without end.
+    """
     intake = StreamConfig(
         name=subjects.prompt_stream,
         subjects=[subjects.prompt_all()],
@@ -29,6 +44,8 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, max_msg_bytes
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_S,
         max_msg_size=max_msg_bytes,
+        max_msgs=intake_max_prompts,
+        max_bytes=intake_max_bytes,
         discard=DiscardPolicy.NEW,
     )
     records = StreamConfig(

@@ -58,3 +58,11 @@ def test_cli_commands_in_the_readme_name_real_commands_and_flags():
         for flag in re.findall(r"--[a-z-]+", line.split("#")[0]):
             assert flag in accepted, (line, flag)
     assert seen >= 8
+
+
+def test_every_flag_a_config_error_suggests_exists():
+    """A ConfigError tells the user which flag to pass; each such flag is a real `up` flag."""
+    source = (ROOT / "node" / "config.py").read_text()
+    suggested = set(re.findall(r'"(--[a-z][a-z-]+)"', source))
+    assert len(suggested) >= 10
+    assert suggested <= set(UP_FLAGS), suggested - set(UP_FLAGS)
