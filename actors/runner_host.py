@@ -35,7 +35,14 @@ from schemas.internal import (
     GenerateResult,
 )
 from schemas.messages import AbortRequest, PromptRequest
-from schemas.records import RECORD_ADAPTER, AbortRecord, DeleteRecord, ProvisionalRecord, Record
+from schemas.records import (
+    RECORD_ADAPTER,
+    AbortRecord,
+    DeleteRecord,
+    ProvisionalRecord,
+    Record,
+    TurnParams,
+)
 from schemas.subjects import ABORTED_HEADER, MSG_ID_HEADER, EventKind, Subjects, is_session_id
 
 
@@ -247,11 +254,19 @@ class RunnerHost(Actor):
             token_hash=result.token_hash,
         ))
 
-    async def relay(self, target: str, source: str, turn_id: str, text: str) -> None:
-        """Send a finished answer as a prompt to another session, through intake, once."""
+    async def relay(
+        self, target: str, source: str, turn_id: str, text: str,
+        params: TurnParams | None = None,
+    ) -> None:
+        """Send a finished answer as a prompt to another session, through intake, once.
+
+        The relayed prompt is answered with the source turn's sampling, stop and max_tokens.
+        """
         key = f"relay-{turn_id}"
+        given = params or TurnParams()
         prompt = PromptRequest(
             messages=(ChatMessage(role="user", content=text, name=source),), idempotency_key=key,
+            sampling=given.sampling, stop=given.stop, max_tokens=given.max_tokens,
         )
         await self.js.publish(
             self.subjects.prompt(target), encode(prompt), headers={MSG_ID_HEADER: key}

@@ -58,7 +58,10 @@ class RunnerIO(Protocol):
     async def bank_commit(
         self, session: str, turn_id: str, generation: int, result: GenerateResult
     ) -> None: ...
-    async def relay(self, target: str, source: str, turn_id: str, text: str) -> None: ...
+    async def relay(
+        self, target: str, source: str, turn_id: str, text: str,
+        params: TurnParams | None = None,
+    ) -> None: ...
     def token_subject(self, session: str) -> str: ...
     async def deleted(self, session: str) -> None: ...
     def inflight(self) -> int: ...
@@ -112,7 +115,7 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
     # The bank snapshot and the relay come after the commit: neither delays the stream.
     await io.bank_commit(s, turn.id, commit.generation, r)
     if turn.params.relay_to and r.text:
-        await io.relay(turn.params.relay_to, s, turn.id, r.text)
+        await io.relay(turn.params.relay_to, s, turn.id, r.text, turn.params)
     return commit.generation
 
 

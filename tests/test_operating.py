@@ -78,6 +78,8 @@ async def test_relay_to_sends_the_answer_as_a_prompt_to_the_other_session(make_n
         history = await c.history("relay-b")
     users = [r for r in history.records if r.kind == "user"]
     assert [u.content for u in users] == [result.text]
+    done = next(json.loads(m.data) for m in target.messages if m.subject.endswith(".done"))
+    assert done["usage"]["completion_tokens"] <= 6  # the source's max_tokens travels along
 
 
 async def test_mesh_demo_passes_answers_around_the_ring(make_node):
