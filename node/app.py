@@ -161,6 +161,9 @@ class Node:
         if cfg.metrics_port is not None:
             self.metrics_http = MetricsHttp(admin_nc, s, cfg.metrics_port, cfg.metrics_host)
             await self.metrics_http.start()
+        # Ready means reachable: every subscription has reached the server before we say so.
+        for nc in self._conns:
+            await nc.flush()
         log.info("node_ready", nats=self.url, prefix=cfg.prefix, model=str(model))
 
     async def _connect(self, name: str) -> Client:
