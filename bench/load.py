@@ -117,9 +117,14 @@ class Agent:
 
     async def _session(self, session: str, until: float) -> None:
         window: list[str] = []
-        while time.perf_counter() < until or self.owed[session]:
+        while True:
             window = [k for k in window if not self.settled(k)]
-            if len(window) >= self.args.window or (self.owed[session] and window):
+            past = time.perf_counter() >= until
+            if past and not self.owed[session] and not window:
+                return
+            # After the window closes, keep waiting on prompts in flight: a busy refusal may
+            # still come for one of them, and it must be sent again.
+            if window and (len(window) >= self.args.window or self.owed[session] or past):
                 await self._wait_any(list(window), until)
                 continue
             if self.owed[session]:
