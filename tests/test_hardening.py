@@ -540,7 +540,7 @@ async def test_many_agents_on_many_sessions_get_every_prompt_answered_once_withi
     max_pending, bank_cap, session_cap = 3, 2 << 20, 1 << 20
     node = await make_node(
         max_pending_per_session=max_pending, bank_ram_bytes=bank_cap,
-        bank_session_bytes=session_cap, n_ctx=1024, heartbeat_s=0,
+        bank_session_bytes=session_cap, n_ctx=4096, heartbeat_s=0,  # no session may overflow
     )
     host = _actor(node, RunnerHost)
     most_pending = 0
