@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import random
 import statistics
@@ -36,11 +35,11 @@ import structlog
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import node.demo_model  # noqa: E402
+from bench.common import bench_model  # noqa: E402
 from node.app import Node  # noqa: E402
 from node.client import InfernodeClient, TurnResult  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
-from node.demo_model import BENCH, TINY, ModelShape, write_llama_gguf  # noqa: E402
+from node.demo_model import BENCH, TINY  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import DoneEvent  # noqa: E402
 
@@ -79,16 +78,6 @@ class Row:
         """Tokens this turn leaves in its slot (prompt + completion)."""
         u = self.done.usage
         return u.prompt_tokens + u.completion_tokens
-
-
-def model_path(shape: ModelShape, name: str) -> Path:
-    """The random-weight model of ``shape``, written once into a temporary directory."""
-    writer = Path(node.demo_model.__file__).read_bytes()
-    key = hashlib.sha256(repr(shape).encode() + writer).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / "infernode-bench" / f"{name}-{key}.gguf"
-    if not path.is_file():
-        write_llama_gguf(path, shape)
-    return path
 
 
 class ToolOutputs:
@@ -191,7 +180,7 @@ def report(rows: list[Row], pairs: list[tuple[float, float]]) -> None:
 async def main(args: argparse.Namespace) -> int:
     plan = (Plan(4, 3, 60, 16, 1024) if args.quick else
             Plan(args.sessions, args.turns, args.tool_tokens, 48, 4096))
-    model = args.model or model_path(TINY if args.quick else BENCH,
+    model = args.model or bench_model(TINY if args.quick else BENCH,
                                      "tiny" if args.quick else "bench")
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),

@@ -142,6 +142,14 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def pct(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``; 0 when there are none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
 def spread(values: Sequence[float], fmt: str = "{:.1f}") -> str:
     """``min–max`` of ``values``, to show how noisy a median is."""
     return f"{fmt.format(min(values))}–{fmt.format(max(values))}"

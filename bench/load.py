@@ -42,6 +42,7 @@ import psutil  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
+from bench.common import pct  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -162,13 +163,6 @@ class Agent:
                 return False
         return True
 
-
-def pct(values: list[float], q: float) -> float:
-    """The ``q`` quantile (nearest rank) of ``values``; 0 when there are none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def agents_main(args: argparse.Namespace) -> dict[str, Any]:

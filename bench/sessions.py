@@ -50,6 +50,7 @@ from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from structlog.testing import capture_logs  # noqa: E402
 
+from bench.common import pct  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -143,12 +144,6 @@ async def wait_all(agents: list[Agent], timeout: float) -> bool:
             p.cancel()
     return True
 
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def agents_main(args: argparse.Namespace) -> dict[str, Any]:
