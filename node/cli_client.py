@@ -129,19 +129,17 @@ async def sessions(c: InfernodeClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(reply)
         return 0
-    rows = [s.model_dump(mode="json") for s in reply.sessions]
-    if not rows:
+    if not reply.sessions:
         print("no sessions")
         return 0
     print(f"{'session':<32} {'gen':>4} {'records':>7} {'pending':>7} {'bank':>5}  state")
-    for r in rows:
-        state = "busy" if r.get("busy") else "idle"
-        if r.get("slot") is not None:
-            state += f", slot {r['slot']}"
+    for r in reply.sessions:
+        state = "busy" if r.busy else "idle"
+        if r.slot is not None:
+            state += f", slot {r.slot}"
         print(
-            f"{r.get('session', '?'):<32} {r.get('generation', 0):>4} "
-            f"{r.get('records', 0):>7} {r.get('pending', 0):>7} "
-            f"{len(r.get('bank', []) or []):>5}  {state}"
+            f"{r.session:<32} {r.generation:>4} {r.records:>7} {r.pending:>7} "
+            f"{len(r.bank):>5}  {state}"
         )
     return 0
 
@@ -153,15 +151,13 @@ async def history(c: InfernodeClient, args: argparse.Namespace) -> int:
         _print_json(reply)
         return 0
     print(f"session {reply.session}, generation {reply.generation}")
-    for item in reply.records:
-        r = item.model_dump(mode="json")
-        text = (r.get("content") or r.get("reason") or "").replace("\n", " ")
+    for r in reply.records:
+        text = (r.content or r.reason or "").replace("\n", " ")
         if len(text) > 90:
             text = text[:87] + "..."
-        extra = " ".join(
-            f"{k}={r[k]}" for k in ("generation", "supersedes", "status") if r.get(k) is not None
-        )
-        print(f"  {r.get('kind', '?'):<12} {r.get('role') or '':<9} {extra} {text}".rstrip())
+        marks = {"generation": r.generation, "supersedes": r.supersedes, "status": r.status}
+        extra = " ".join(f"{k}={v}" for k, v in marks.items() if v is not None)
+        print(f"  {r.kind:<12} {r.role or '':<9} {extra} {text}".rstrip())
     return 0
 
 
