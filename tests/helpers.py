@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.messages import PromptRequest
+from schemas.subjects import MSG_ID_HEADER, Subjects
 
 
 async def wait_for_event(event: asyncio.Event, timeout: float = 10.0, what: str = "event") -> None:
@@ -75,3 +80,19 @@ class EventCollector:
         async with self._changed:
             self.messages.append(msg)
             self._changed.notify_all()
+
+
+async def publish_prompt(
+    nc: Client, session: str, text: str, max_tokens: int = 3, prefix: str = "infer"
+) -> str:
+    """Publish one greedy user prompt durably, as an agent does; its idempotency key."""
+    key = uuid.uuid4().hex
+    prompt = PromptRequest(
+        messages=(ChatMessage(role="user", content=text),), idempotency_key=key,
+        max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0),
+    )
+    await nc.jetstream().publish(
+        Subjects(prefix).prompt(session), prompt.model_dump_json().encode(),
+        headers={MSG_ID_HEADER: key},
+    )
+    return key

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ from structlog.testing import capture_logs
 import actors.engine.engine as engine_module
 from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
-from schemas.chat import ChatMessage, SamplingParams
-from schemas.messages import PromptRequest
+from schemas.chat import SamplingParams
 from schemas.records import (
     RECORD_ADAPTER,
     AbortRecord,
@@ -37,8 +35,8 @@ from schemas.records import (
     Record,
     UserRecord,
 )
-from schemas.subjects import MSG_ID_HEADER, Subjects
-from tests.helpers import EventCollector
+from schemas.subjects import Subjects
+from tests.helpers import EventCollector, publish_prompt
 
 S = Subjects()
 GREEDY = SamplingParams(temperature=0.0)
@@ -52,15 +50,7 @@ async def ask(url: str, session: str, text: str) -> int:
 
 
 async def send(nc: Client, session: str, text: str, max_tokens: int = 3) -> str:
-    key = uuid.uuid4().hex
-    prompt = PromptRequest(
-        messages=(ChatMessage(role="user", content=text),), idempotency_key=key,
-        max_tokens=max_tokens, sampling=GREEDY,
-    )
-    await nc.jetstream().publish(
-        S.prompt(session), prompt.model_dump_json().encode(), headers={MSG_ID_HEADER: key}
-    )
-    return key
+    return await publish_prompt(nc, session, text, max_tokens)
 
 
 async def history(url: str, session: str) -> list[Any]:

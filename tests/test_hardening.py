@@ -21,7 +21,6 @@ import math
 import string
 import subprocess
 import sys
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +40,9 @@ from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import STATUS
 from schemas.messages import PromptRequest
-from schemas.subjects import MSG_ID_HEADER, Subjects, is_session_id
+from schemas.subjects import Subjects, is_session_id
 from tests.fake_engine import FakeNode
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, publish_prompt
 
 S = Subjects()
 GREEDY = SamplingParams(temperature=0.0)
@@ -357,15 +356,7 @@ async def test_a_prompt_longer_than_the_context_gets_context_overflow_and_others
 
 # -- backpressure ---------------------------------------------------------------------------
 async def _send(nc: Client, session: str, text: str, max_tokens: int = 2) -> str:
-    key = uuid.uuid4().hex
-    prompt = PromptRequest(
-        messages=(ChatMessage(role="user", content=text),), idempotency_key=key,
-        max_tokens=max_tokens, sampling=GREEDY,
-    )
-    await nc.jetstream().publish(
-        S.prompt(session), prompt.model_dump_json().encode(), headers={MSG_ID_HEADER: key}
-    )
-    return key
+    return await publish_prompt(nc, session, text, max_tokens)
 
 
 def _by_key(collector: EventCollector, kind: str) -> dict[str, dict[str, Any]]:
