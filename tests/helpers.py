@@ -17,6 +17,20 @@ from schemas.messages import PromptRequest
 from schemas.subjects import MSG_ID_HEADER, Subjects
 
 
+async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Yield to other tasks until ``pred()`` holds, failing after ``timeout`` s.
+
+    For state that changes only when another task on this loop runs (a coroutine reaching a
+    queue), where there is no event to wait on; it never sleeps for a fixed time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(0)
+
+
 async def wait_for_event(event: asyncio.Event, timeout: float = 10.0, what: str = "event") -> None:
     """Wait until ``event`` is set, failing the test with ``what`` after ``timeout`` s."""
     try:

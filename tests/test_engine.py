@@ -13,6 +13,7 @@ from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.loader import EngineSettings, load_engine
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
+from tests.helpers import until
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -168,8 +169,8 @@ async def test_cancel_while_waiting_for_a_slot_stops_the_turn_before_any_token(e
         b = asyncio.ensure_future(
             run(engine, spec("B", [user("go")], max_tokens=50), b_cancel, b_pieces.append)
         )
-        await asyncio.sleep(0)  # let B reach the slot queue
-        assert engine.cancel("B") and b_cancel.cancelled
+        await until(lambda: engine.cancel("B"), 10, "B waiting for the slot")
+        assert b_cancel.cancelled
         hold.cancel("client")
         out_a, out_b = await asyncio.wait_for(asyncio.gather(a, b), 60)
         assert out_a.finish_reason == "aborted"

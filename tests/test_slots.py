@@ -7,15 +7,11 @@ import asyncio
 import pytest
 
 from actors.engine.slots import Slot, SlotPool
+from tests.helpers import until
 
 
 async def _until_queued(pool: SlotPool, n: int) -> None:
-    """Yield to the waiting tasks until ``n`` of them are queued (bounded)."""
-    for _ in range(1000):
-        if len(pool._waiters) >= n:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{n} waiters never queued")
+    await until(lambda: len(pool._waiters) >= n, 5, f"{n} waiters queued")
 
 
 class _Ctx:
