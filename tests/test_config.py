@@ -171,12 +171,3 @@ def test_only_the_config_module_reads_the_environment():
     ]
     assert not offenders, f"environment read outside node/config.py: {offenders}"
 
-
-def test_default_threads_share_the_cores_among_the_slots():
-    """Unset threads give each slot its share of the cores, never fewer than one."""
-    from actors.engine.loader import default_threads
-
-    assert default_threads("ctransformers", 2, cores=8) == 4
-    assert default_threads("ctransformers", 4, cores=2) == 1
-    assert default_threads("ctransformers", 1, cores=16) == 16
-    assert default_threads("llama-cpp", 4, cores=8) == 8  # one decode for all slots

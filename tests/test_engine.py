@@ -1,4 +1,5 @@
-"""The GGUF engine on the tiny model: slots, prefix reuse, snapshots, cancel, limits."""
+"""The ctransformers engine on the tiny model: tool calls, the bank, cancel while waiting,
+threads, load checks. Behaviour both engines share is tested in tests/test_engines.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.loader import EngineSettings, load_engine
 from schemas.chat import ChatMessage, SamplingParams
-from schemas.errors import ErrorCode, InferError
 from tests.helpers import until
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -48,21 +48,6 @@ async def _close(engine) -> None:
 
 async def run(engine, s: TurnSpec, cancel: CancelToken | None = None, emit=None):
     return await engine.run_turn(s, emit or (lambda text: None), cancel or CancelToken())
-
-
-async def test_second_turn_reuses_every_committed_token(engine_factory):
-    """Turn 2 evaluates only what turn 1 did not: all committed tokens are cached."""
-    engine = engine_factory(n_slots=1)
-    try:
-        first = await run(engine, spec("s", [user("hello there")]))
-        assert first.completion_ids is not None
-        history = [user("hello there"), ChatMessage(role="assistant", content=first.text)]
-        second = await run(engine, spec("s", [*history, user("and then?")], {1: first.completion_ids}))
-        assert second.usage.cached_tokens == first.n_tokens
-        assert second.usage.new_prefill_tokens == second.usage.prompt_tokens - first.n_tokens
-        assert second.cache.source == "slot" and second.cache.miss_reason is None
-    finally:
-        await _close(engine)
 
 
 async def test_tool_call_turn_then_tool_result_hits_cache_before_the_result(engine_factory, monkeypatch):
@@ -129,25 +114,6 @@ async def test_without_bank_an_evicted_session_reports_the_eviction(engine_facto
         await _close(engine)
 
 
-async def test_cancel_stops_generation_within_one_token(engine_factory):
-    """A cancel set while the first token is emitted stops before a second one."""
-    engine = engine_factory(n_slots=1)
-    cancel = CancelToken()
-    pieces: list[str] = []
-
-    def emit(text: str) -> None:
-        pieces.append(text)
-        cancel.cancel("client")
-
-    try:
-        out = await run(engine, spec("c", [user("go")], max_tokens=200), cancel, emit)
-        assert out.finish_reason == "aborted"
-        assert out.usage.completion_tokens == 1
-        assert out.raw_text == "".join(pieces)
-    finally:
-        await _close(engine)
-
-
 async def test_cancel_while_waiting_for_a_slot_stops_the_turn_before_any_token(engine_factory):
     """Given one slot held by A, when B (waiting for the slot) is cancelled, B emits nothing."""
     import asyncio
@@ -176,19 +142,6 @@ async def test_cancel_while_waiting_for_a_slot_stops_the_turn_before_any_token(e
         assert out_a.finish_reason == "aborted"
         assert out_b.finish_reason == "aborted"
         assert out_b.usage.completion_tokens == 0 and b_pieces == []
-    finally:
-        await _close(engine)
-
-
-async def test_prompt_longer_than_the_context_is_a_context_overflow(engine_factory):
-    """A prompt that does not fit the context is refused with context_overflow (422)."""
-    engine = engine_factory(n_slots=1, n_ctx=64)
-    try:
-        with pytest.raises(InferError) as info:
-            await run(engine, spec("o", [user("word " * 200)]))
-        assert info.value.code == ErrorCode.CONTEXT_OVERFLOW and info.value.status == 422
-        ok = await run(engine, spec("o", [user("short")], max_tokens=4))
-        assert ok.usage.completion_tokens > 0
     finally:
         await _close(engine)
 
