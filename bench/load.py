@@ -220,7 +220,7 @@ class PendingWatch:
     """The most prompts any session had waiting, sampled at every ``accepted`` event."""
 
     def __init__(self, node: Any) -> None:
-        from actors.runner_host import RunnerHost
+        from actors.session.host import RunnerHost
 
         self.host = next(a for a in node.actors if isinstance(a, RunnerHost))
         self.most = 0

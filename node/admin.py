@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from actors.base import Actor
-from actors.runner_host import RunnerHost
+from actors.session.host import RunnerHost
 from schemas.admin import (
     BankEntryInfo,
     DeleteReply,
@@ -32,7 +32,7 @@ from schemas.records import RECORD_ADAPTER, Record
 from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects, is_session_id
 
 if TYPE_CHECKING:
-    from actors.bank_store import EntryInfo
+    from actors.engine.bank.store import EntryInfo
     from actors.engine.engine import SlotEngine
     from node.app import Node
 

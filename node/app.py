@@ -26,7 +26,7 @@ from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llama_model import ModelLoadError
 from actors.engine.loader import EngineSettings, load_engine
 from actors.engine.template_sandbox import TemplateError
-from actors.runner_host import RunnerHost
+from actors.session.host import RunnerHost
 from node.admin import AdminActor
 from node.bus import BusError, connect
 from node.config import NodeConfig

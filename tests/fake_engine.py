@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from actors.admission import Admission
 from actors.bank_committer import BankCommitter
 from actors.base import Actor, encode
-from actors.runner_host import RunnerHost
+from actors.session.host import RunnerHost
 from node.admin import AdminActor
 from node.streams import ensure_streams
 from schemas.chat import CacheInfo, Timings, Usage

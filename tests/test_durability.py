@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from actors.bank_committer import BankCommitter
-from actors.bank_durable import DirectoryBackend, DurableTier
+from actors.engine.bank.durable import DirectoryBackend, DurableTier
 from node.app import Node
 from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig

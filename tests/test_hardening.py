@@ -35,7 +35,7 @@ from nats.errors import MaxPayloadError
 from nats.js.errors import APIError
 
 from actors.admission import Admission
-from actors.runner_host import RunnerHost
+from actors.session.host import RunnerHost
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import STATUS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from actors.session_state import SessionState, parents_of, rebuild, supersedes_of
+from actors.session.state import SessionState, parents_of, rebuild, supersedes_of
 from schemas.chat import ChatMessage
 from schemas.records import (
     AbortRecord,

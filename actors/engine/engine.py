@@ -15,7 +15,7 @@ from typing import Literal
 
 import structlog
 
-from actors.bank_store import BankEntry, BankStore, Compat, SnapshotMeta, token_hash
+from actors.engine.bank.store import BankEntry, BankStore, Compat, SnapshotMeta, token_hash
 from actors.engine.interface import (
     Backend,
     CancelToken,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from actors.bank_store import BankStore
+from actors.engine.bank.store import BankStore
 from actors.engine import llama_api
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine

@@ -21,8 +21,8 @@ from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from actors.base import Actor, encode, parse_reply
-from actors.session_runner import SessionRunner, new_id
-from actors.session_state import SessionState, apply
+from actors.session.runner import SessionRunner, new_id
+from actors.session.state import SessionState, apply
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (

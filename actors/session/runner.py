@@ -14,7 +14,7 @@ import time
 
 import structlog
 
-from actors.session_mailbox import (
+from actors.session.mailbox import (
     Abort,
     Admit,
     Command,
@@ -26,8 +26,8 @@ from actors.session_mailbox import (
     rejected,
     wait_set,
 )
-from actors.session_state import SessionState, parents_of, supersedes_of
-from actors.session_turn import (
+from actors.session.state import SessionState, parents_of, supersedes_of
+from actors.session.turn import (
     RunnerIO,
     Turn,
     aborted_result,

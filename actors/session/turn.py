@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from actors.session_state import Pending, SessionState
+from actors.session.state import Pending, SessionState
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import ErrorBody, GenerateRequest, GenerateResult

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from actors.session_turn import Turn
+from actors.session.turn import Turn
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, ErrorBody, GenerateResult
 from schemas.messages import AbortReply

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from actors.bank_durable import DurableTier
+    from actors.engine.bank.durable import DurableTier
 
 log = structlog.get_logger("bank")
 

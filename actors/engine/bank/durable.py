@@ -25,7 +25,7 @@ from typing import Protocol
 
 import structlog
 
-from actors.bank_store import SnapshotMeta
+from actors.engine.bank.store import SnapshotMeta
 from schemas.subjects import is_session_id
 
 log = structlog.get_logger("bank_durable")
