@@ -13,7 +13,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from actors.base import Actor
+from actors.base import Actor, encode
 from actors.session.host import RunnerHost
 from schemas.admin import (
     BankEntryInfo,
@@ -28,6 +28,7 @@ from schemas.admin import (
     SessionSummary,
 )
 from schemas.errors import ErrorCode, InferError
+from schemas.internal import SessionDeleteRequest
 from schemas.records import RECORD_ADAPTER, Record
 from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects, is_session_id
 
@@ -140,7 +141,8 @@ class AdminActor(Actor):
         if not is_session_id(req.session):
             raise InferError(ErrorCode.BAD_REQUEST, f"{req.session[:64]!r} is not a session id")
         reply = await self.nc.request(
-            self.subjects.session_control(req.session), b"delete", timeout=60
+            self.subjects.session_control(req.session),
+            encode(SessionDeleteRequest(session=req.session)), timeout=60,
         )
         if reply.headers and ERROR_HEADER in reply.headers:
             await self.nc.publish(msg.reply, reply.data, headers=reply.headers)

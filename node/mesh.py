@@ -48,7 +48,7 @@ async def run_mesh(
     answered: asyncio.Queue[tuple[str, DoneEvent]] = asyncio.Queue()
 
     async def on_done(msg: Msg) -> None:
-        session = msg.subject.split(".")[-2]
+        session, _ = client.subjects.event_of(msg.subject)
         answered.put_nowait((session, DoneEvent.model_validate_json(msg.data)))
 
     subs = [

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from nats.aio.client import Client
 
-from schemas.subjects import Subjects
+from schemas.subjects import AdminVerb, Subjects
 
 log = structlog.get_logger("metrics_http")
 
@@ -80,7 +80,9 @@ class MetricsHttp:
     async def scrape(self) -> str:
         """The text of one scrape."""
         try:
-            msg = await self.nc.request(self.subjects.admin("metrics"), b"{}", timeout=self.timeout)
+            msg = await self.nc.request(
+                self.subjects.admin(AdminVerb.METRICS), b"{}", timeout=self.timeout
+            )
             numbers = flatten_numbers(json.loads(msg.data))
             return prometheus_text(numbers)
         except Exception as e:

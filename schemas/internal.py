@@ -125,6 +125,35 @@ class CancelRequest(Frozen):
     """The turn to stop (a stale cancel for another turn is ignored)."""
 
 
+class CancelReply(Frozen):
+    """Engine → runner: whether the cancel reached the named turn."""
+
+    type: Literal["cancel_reply.v1"] = "cancel_reply.v1"
+    """Message type and version."""
+    cancelled: bool
+    """True when the named turn was running and was told to stop."""
+
+
+class TurnStatusRequest(Frozen):
+    """Runner → engine: does this turn still run? (asked while its result is late)."""
+
+    type: Literal["turn_status.v1"] = "turn_status.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """The turn asked about."""
+
+
+class TurnStatusReply(Frozen):
+    """Engine → runner: the state of the turn asked about."""
+
+    type: Literal["turn_status_reply.v1"] = "turn_status_reply.v1"
+    """Message type and version."""
+    running: bool
+    """True while the named turn runs in this engine."""
+
+
 class SnapshotRequest(Frozen):
     """Bank committer → engine: bank the slot of a session once it is idle."""
 
@@ -183,3 +212,30 @@ class ForgetRequest(Frozen):
     """The session."""
 
 
+
+
+class ForgetReply(Frozen):
+    """Engine → runner host: the session's slot and bank entries are gone."""
+
+    type: Literal["forget_reply.v1"] = "forget_reply.v1"
+    """Message type and version."""
+    session: str
+    """The session that was forgotten."""
+
+
+class SessionDeleteRequest(Frozen):
+    """Admin → runner host: delete one session once its in-flight turn is recorded."""
+
+    type: Literal["session_delete.v1"] = "session_delete.v1"
+    """Message type and version."""
+    session: str
+    """The session to delete."""
+
+
+class SessionDeleteReply(Frozen):
+    """Runner host → admin: the session's deletion is recorded."""
+
+    type: Literal["session_delete_reply.v1"] = "session_delete_reply.v1"
+    """Message type and version."""
+    session: str
+    """The deleted session."""

@@ -75,6 +75,14 @@ class Subjects:
         """The session token of a prompt subject (possibly invalid; check it)."""
         return subject[len(self.prefix) + len(".prompt.") :]
 
+    def event_of(self, subject: str) -> tuple[str, str]:
+        """``(session, kind)`` of an event subject (tokens unchecked; ``ValueError`` if none)."""
+        head = f"{self.prefix}.events."
+        session, dot, kind = subject[len(head):].rpartition(".")
+        if not subject.startswith(head) or not dot:
+            raise ValueError(f"{subject!r} is not an event subject under {self.prefix!r}")
+        return session, kind
+
     def abort(self, session: str) -> str:
         """Request-reply subject that aborts the running turn of ``session``."""
         return f"{self.prefix}.abort.{session}"
@@ -132,6 +140,10 @@ class Subjects:
         """Every session-control subject."""
         return f"{self.prefix}.internal.session.*"
 
+    def session_of_control(self, subject: str) -> str:
+        """The session token of a session-control subject."""
+        return subject[len(self.prefix) + len(".internal.session.") :]
+
     def engine_generate(self) -> str:
         """Session runner → engine: run one turn (request; result to the reply inbox)."""
         return f"{self.prefix}.internal.engine.generate"
@@ -145,7 +157,7 @@ class Subjects:
         return f"{self.prefix}.internal.engine.cancel.*"
 
     def engine_turn_status(self) -> str:
-        """Is a session's turn still running in the engine? (request → b"1" or b"0")."""
+        """Is a session's turn still running in the engine? (``TurnStatusRequest``)."""
         return f"{self.prefix}.internal.engine.status"
 
     def engine_snapshot(self) -> str:
@@ -156,21 +168,9 @@ class Subjects:
         """Session runner → engine: drop a deleted session's slot and bank entries."""
         return f"{self.prefix}.internal.engine.forget"
 
-    def engine_stats(self) -> str:
-        """Admin → engine: slots, bank and timing statistics."""
-        return f"{self.prefix}.internal.engine.stats"
-
     def bank_commit(self) -> str:
         """Session runner → bank committer: bank the turn that was just committed."""
         return f"{self.prefix}.internal.bank.commit"
-
-    def bank_stats(self) -> str:
-        """Admin → bank committer: commit counters."""
-        return f"{self.prefix}.internal.bank.stats"
-
-    def runner_stats(self) -> str:
-        """Admin → session runners: per-session summaries."""
-        return f"{self.prefix}.internal.runner.stats"
 
     # -- JetStream ------------------------------------------------------------------------
     @property

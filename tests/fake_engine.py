@@ -3,7 +3,7 @@
 ``FakeEngine`` speaks the engine actor's wire protocol exactly (``actors/engine/actor.py``):
 a ``GenerateRequest`` on ``engine_generate`` is answered with ``TokenEvent``s on the
 request's ``token_subject`` and then a ``GenerateResult`` to the reply inbox; a
-``CancelRequest`` on ``engine_cancel.<session>`` stops the named turn (reply ``1``/``0``);
+``CancelRequest`` on ``engine_cancel.<session>`` stops the named turn (``CancelReply``);
 ``SnapshotRequest`` and ``ForgetRequest`` are answered as the real engine does. Only the
 model is fake: its text is scripted, so tests can hold a turn at a chosen token until they
 release it, make it fail, or overflow the context.
@@ -34,13 +34,17 @@ from node.streams import ensure_streams
 from schemas.chat import CacheInfo, Timings, Usage
 from schemas.errors import ErrorCode
 from schemas.internal import (
+    CancelReply,
     CancelRequest,
     ErrorBody,
+    ForgetReply,
     ForgetRequest,
     GenerateRequest,
     GenerateResult,
     SnapshotReply,
     SnapshotRequest,
+    TurnStatusReply,
+    TurnStatusRequest,
 )
 from schemas.messages import TokenEvent
 from schemas.subjects import Subjects
@@ -170,10 +174,11 @@ class FakeEngine(Actor):
             await self.nc.publish(reply, encode(result))
 
     async def on_turn_status(self, msg: Msg) -> None:
-        """b"1" while the named turn runs, as the real engine answers."""
-        req = CancelRequest.model_validate_json(msg.data)
+        """``running`` while the named turn runs, as the real engine answers."""
+        req = TurnStatusRequest.model_validate_json(msg.data)
         run = self.running.get(req.session)
-        await self.nc.publish(msg.reply, b"1" if run and run.turn_id == req.turn_id else b"0")
+        running = run is not None and run.turn_id == req.turn_id
+        await self.respond(msg, TurnStatusReply(running=running))
 
     async def _play(
         self, req: GenerateRequest, script: Script, run: _Running, start: float
@@ -237,8 +242,7 @@ class FakeEngine(Actor):
         hit = run is not None and run.turn_id == req.turn_id
         if hit and run is not None:
             run.cancelled.set()
-        if msg.reply:
-            await self.nc.publish(msg.reply, b"1" if hit else b"0")
+        await self.respond(msg, CancelReply(cancelled=hit))
 
     async def on_snapshot(self, msg: Msg) -> None:
         """Pretend to bank the slot."""
@@ -248,9 +252,9 @@ class FakeEngine(Actor):
 
     async def on_forget(self, msg: Msg) -> None:
         """Drop a deleted session's state."""
-        self.forgets.append(ForgetRequest.model_validate_json(msg.data))
-        if msg.reply:
-            await self.nc.publish(msg.reply, b"1")
+        req = ForgetRequest.model_validate_json(msg.data)
+        self.forgets.append(req)
+        await self.respond(msg, ForgetReply(session=req.session))
 
 
 def _error(

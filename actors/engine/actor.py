@@ -21,13 +21,17 @@ from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnSpec
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
+    CancelReply,
     CancelRequest,
     ErrorBody,
+    ForgetReply,
     ForgetRequest,
     GenerateRequest,
     GenerateResult,
     SnapshotReply,
     SnapshotRequest,
+    TurnStatusReply,
+    TurnStatusRequest,
 )
 from schemas.messages import TokenEvent
 from schemas.subjects import Subjects
@@ -188,15 +192,13 @@ class EngineActor(Actor):
         """Stop the session's turn if it is the one named."""
         req = CancelRequest.model_validate_json(msg.data)
         hit = self._turns.get(req.session) == req.turn_id and self.engine.cancel(req.session)
-        if msg.reply:
-            await self.nc.publish(msg.reply, b"1" if hit else b"0")
+        await self.respond(msg, CancelReply(cancelled=hit))
 
     async def on_turn_status(self, msg: Msg) -> None:
         """Answer whether the named turn still runs here (a runner checks on a late result)."""
-        req = CancelRequest.model_validate_json(msg.data)
-        if msg.reply:
-            running = self._turns.get(req.session) == req.turn_id
-            await self.nc.publish(msg.reply, b"1" if running else b"0")
+        req = TurnStatusRequest.model_validate_json(msg.data)
+        running = self._turns.get(req.session) == req.turn_id
+        await self.respond(msg, TurnStatusReply(running=running))
 
     async def on_snapshot(self, msg: Msg) -> None:
         """Bank a session's slot in its own task: one waiting for a busy slot holds no other."""
@@ -217,5 +219,4 @@ class EngineActor(Actor):
         """Drop a deleted session's state."""
         req = ForgetRequest.model_validate_json(msg.data)
         await self.engine.forget(req.session)
-        if msg.reply:
-            await self.nc.publish(msg.reply, b"1")
+        await self.respond(msg, ForgetReply(session=req.session))

@@ -33,6 +33,10 @@ from schemas.internal import (
     ForgetRequest,
     GenerateRequest,
     GenerateResult,
+    SessionDeleteReply,
+    SessionDeleteRequest,
+    TurnStatusReply,
+    TurnStatusRequest,
 )
 from schemas.messages import AbortRequest, PromptRequest
 from schemas.records import (
@@ -147,18 +151,19 @@ class RunnerHost(Actor):
         await self.respond(msg, await runner.abort(body.reason))
 
     async def on_control(self, msg: Msg) -> None:
-        """Admin: ``delete`` one session (answered once its records are written)."""
-        session = msg.subject.rsplit(".", 1)[-1]
-        verb = msg.data.decode(errors="replace").strip() or "history"
+        """Admin: delete one session (answered once its records are written)."""
+        req = SessionDeleteRequest.model_validate_json(msg.data)
+        session = self.subjects.session_of_control(msg.subject)
+        if req.session != session:
+            raise InferError(
+                ErrorCode.BAD_REQUEST, f"a delete of {req.session!r} was sent for {session!r}"
+            )
         runner = self._known(session)
-        if verb != "delete":
-            raise InferError(ErrorCode.BAD_REQUEST, f"unknown session command {verb!r}")
         self.spawn(self._boundary(lambda m: self._answer_delete(m, runner), msg), "delete")
 
     async def _answer_delete(self, msg: Msg, runner: SessionRunner) -> None:
         await runner.delete()
-        if msg.reply:
-            await self.nc.publish(msg.reply, b'{"deleted": true}')
+        await self.respond(msg, SessionDeleteReply(session=runner.session))
 
     def _known(self, session: str) -> SessionRunner:
         if not is_session_id(session):
@@ -230,14 +235,15 @@ class RunnerHost(Actor):
 
     async def _engine_runs(self, req: GenerateRequest) -> bool:
         """True unless the engine answers that the turn is not running."""
-        probe = CancelRequest(session=req.session, turn_id=req.turn_id)
+        probe = TurnStatusRequest(session=req.session, turn_id=req.turn_id)
         try:
             msg = await self.nc.request(
                 self.subjects.engine_turn_status(), encode(probe), timeout=min(self.probe_s, 5.0)
             )
+            status: TurnStatusReply = parse_reply(msg.data, msg.headers, TurnStatusReply)
         except Exception:  # no answer is no evidence: keep waiting for the result
             return True
-        return msg.data != b"0"
+        return status.running
 
     async def cancel_engine(self, session: str, turn_id: str) -> None:
         """Tell the engine to stop a turn."""
