@@ -1,7 +1,7 @@
 """Admin subjects: health, sessions, one session's history, metrics, delete.
 
 It reads the actors' state in-process (it is part of the node's wiring, not an actor of the
-data path) and reads history from the record log itself.
+data path) and reads history from the record log with the reader the runners rebuild from.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
 from actors.base import Actor, encode
 from actors.session.host import RunnerHost
+from actors.session.records import read_log
 from schemas.admin import (
     BankEntryInfo,
     DeleteReply,
@@ -29,7 +29,7 @@ from schemas.admin import (
 )
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import SessionDeleteRequest
-from schemas.records import RECORD_ADAPTER, Record
+from schemas.records import Record
 from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects, is_session_id
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ class AdminActor(Actor):
             gone = req.session in self._host().tombstones
             code = ErrorCode.GONE if gone else ErrorCode.UNKNOWN_SESSION
             raise InferError(code, f"session {req.session} does not exist")
-        records = [_describe(r) for r in await self._read(req.session)]
+        log = read_log(self.nc.jetstream(), self.subjects, req.session)
+        records = [_describe(r) async for _, r in log]
         await self.respond(msg, HistoryReply(
             session=req.session, generation=runner.state.generation, records=tuple(records)
         ))
@@ -148,22 +149,6 @@ class AdminActor(Actor):
             await self.nc.publish(msg.reply, reply.data, headers=reply.headers)
             return
         await self.respond(msg, DeleteReply(session=req.session))
-
-    async def _read(self, session: str) -> list[Record]:
-        js = self.nc.jetstream()
-        sub = await js.subscribe(
-            self.subjects.records(session), ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
-        out: list[Record] = []
-        try:
-            while True:
-                m = await sub.next_msg(timeout=5)
-                out.append(RECORD_ADAPTER.validate_json(m.data))
-                if m.metadata.num_pending == 0:
-                    return out
-        finally:
-            await sub.unsubscribe()
 
 
 def _describe(r: Record) -> HistoryItemInfo:

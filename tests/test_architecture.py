@@ -119,3 +119,22 @@ def test_no_subject_is_parsed_by_splitting_outside_schemas():
                     and n.func.value.attr == "subject"):
                 found.append(f"{path.relative_to(ROOT)}:{n.lineno}")
     assert not found, "subjects split by hand:\n" + "\n".join(found)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            out.update(a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            out.add(n.module)
+    return out
+
+
+def test_a_session_runner_reaches_only_its_bus_never_its_host():
+    """Runner, turn, mailbox and state modules import neither the host nor a NATS client."""
+    for name in ("runner", "turn", "mailbox", "state"):
+        imported = _imports(ROOT / "actors" / "session" / f"{name}.py")
+        assert "actors.session.host" not in imported, name
+        assert not any(m == "nats" or m.startswith("nats.") for m in imported), name

@@ -567,7 +567,7 @@ async def test_many_agents_on_many_sessions_get_every_prompt_answered_once_withi
     for session in host.runners:
         held = node.engine.bank.session_entries(session)
         assert sum(int(e["nbytes"]) for e in held) <= session_cap
-    info = await host.js.stream_info(S.prompt_stream)
+    info = await nc.jetstream().stream_info(S.prompt_stream)
     assert info.state.messages == 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -26,15 +27,15 @@ from actors.session.mailbox import (
     rejected,
     wait_set,
 )
+from actors.session.io import RunnerIO
+from actors.session.records import new_id
 from actors.session.state import SessionState, parents_of, supersedes_of
 from actors.session.turn import (
-    RunnerIO,
     Turn,
     aborted_result,
     chat_done_fields,
     chat_start_fields,
     failed_result,
-    new_id,
     record_abort,
     record_commit,
     record_failure,
@@ -42,7 +43,7 @@ from actors.session.turn import (
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, GenerateRequest, GenerateResult
 from schemas.messages import AbortReply, AcceptedEvent, StartedEvent, StatusEvent
-from schemas.records import TurnParams, TurnStartRecord, UserRecord
+from schemas.records import DeleteRecord, TurnParams, TurnStartRecord, UserRecord
 from schemas.subjects import EventKind
 
 log = structlog.get_logger("session_runner")
@@ -50,15 +51,21 @@ log = structlog.get_logger("session_runner")
 RETRY_AFTER_S = 1.0
 """How soon a runner tries again to start a turn whose start could not be recorded."""
 
-__all__ = ["RunnerIO", "SessionRunner", "new_id"]
+__all__ = ["SessionRunner"]
 
 
 class SessionRunner:
     """The actor of one session."""
 
-    def __init__(self, io: RunnerIO, state: SessionState) -> None:
+    def __init__(
+        self, io: RunnerIO, state: SessionState, max_pending: int, inflight: Callable[[], int]
+    ) -> None:
         self.io = io
         self.state = state
+        self.max_pending = max_pending
+        """Most messages that may wait for a turn."""
+        self.inflight = inflight
+        """Turns running on the node now (for the log lines)."""
         self.session = state.session
         self.mailbox: asyncio.Queue[Command] = asyncio.Queue()
         self.turn: Turn | None = None
@@ -83,10 +90,6 @@ class SessionRunner:
         self._enqueue(Admit(req, done))
         return done
 
-    async def admit(self, req: AdmitRequest) -> AdmitReply:
-        """Record a prompt; returns once it is in the log (or refused)."""
-        return await self.submit(req)
-
     async def abort(self, reason: str) -> AbortReply:
         """Abort the running turn; resolves once its abort is recorded."""
         done: asyncio.Future[AbortReply] = asyncio.get_running_loop().create_future()
@@ -94,7 +97,11 @@ class SessionRunner:
         return await done
 
     async def delete(self) -> None:
-        """Delete the session once an in-flight turn has ended and its records are written."""
+        """Delete the session once an in-flight turn has ended and its records are written.
+
+        Returns once the delete record is in the log and the runner is closed; what is left
+        to do (tombstone, engine state, old records) is its host's.
+        """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(Delete(done))
         await done
@@ -184,7 +191,7 @@ class SessionRunner:
                 f"{prompt.expect_generation}; nothing was recorded",
                 {"generation": st.generation, "expected": prompt.expect_generation},
             )
-        if len(st.pending) + len(prompt.messages) > self.io.max_pending:
+        if len(st.pending) + len(prompt.messages) > self.max_pending:
             return InferError(
                 ErrorCode.BUSY,
                 f"session {self.session} already has {len(st.pending)} messages waiting; "
@@ -264,7 +271,7 @@ class SessionRunner:
             generation=st.generation,
         ))
         messages, tokens, model_id = st.messages_for(taken)
-        fields = chat_start_fields(turn, len(messages), st.generation, self.io.inflight())
+        fields = chat_start_fields(turn, len(messages), st.generation, self.inflight())
         self.log.info("chat_start", **fields)
         req = GenerateRequest(
             session=self.session, turn_id=turn.id, messages=messages, assistant_tokens=tokens,
@@ -315,7 +322,7 @@ class SessionRunner:
                         session=self.session, aborted=stopped, turn_id=turn.id
                     ))
             self.log.info("chat_done", **chat_done_fields(
-                turn, r, outcome, self.state.generation, self.io.inflight()
+                turn, r, outcome, self.state.generation, self.inflight()
             ))
         await self._after_turn()
 
@@ -346,7 +353,7 @@ class SessionRunner:
         done = self.deleting
         assert done is not None
         try:
-            await self.io.deleted(self.session)
+            await self.io.append(self.session, DeleteRecord(id=new_id("del"), ts=time.time()))
         except Exception as e:
             self.deleting = None
             self.log.warning("delete_not_recorded", error=repr(e))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
+from actors.session.io import RunnerIO
+from actors.session.records import abort_records, new_id
 from actors.session.state import Pending, SessionState
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
@@ -25,46 +26,8 @@ from schemas.messages import (
     ErrorEvent,
     ProvisionalEvent,
 )
-from schemas.records import (
-    AbortRecord,
-    AssistantRecord,
-    CommitRecord,
-    ProvisionalRecord,
-    Record,
-    TurnParams,
-)
+from schemas.records import AssistantRecord, CommitRecord, TurnParams
 from schemas.subjects import EventKind
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-
-def new_id(kind: str) -> str:
-    """A record or turn id."""
-    return f"{kind}_{uuid.uuid4().hex[:20]}"
-
-
-class RunnerIO(Protocol):
-    """What a runner needs from its host: the bus, nothing else."""
-
-    max_pending: int
-
-    async def append(self, session: str, record: Record) -> None: ...
-    async def event(
-        self, session: str, kind: EventKind, model: BaseModel, aborted: bool = False
-    ) -> None: ...
-    async def generate(self, req: GenerateRequest) -> GenerateResult: ...
-    async def cancel_engine(self, session: str, turn_id: str) -> None: ...
-    async def bank_commit(
-        self, session: str, turn_id: str, generation: int, result: GenerateResult
-    ) -> None: ...
-    async def relay(
-        self, target: str, source: str, turn_id: str, text: str,
-        params: TurnParams | None = None,
-    ) -> None: ...
-    def token_subject(self, session: str) -> str: ...
-    async def deleted(self, session: str) -> None: ...
-    def inflight(self) -> int: ...
 
 
 @dataclass
@@ -122,15 +85,9 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
 async def record_abort(io: RunnerIO, st: SessionState, turn: Turn, text: str, reason: str) -> str:
     """Write the provisional and abort records, publish both events; the provisional's id."""
     s = st.session
-    provisional = ProvisionalRecord(
-        id=new_id("prov"), turn_id=turn.id, message=ChatMessage(role="assistant", content=text),
-        parent_ids=turn.parent_ids, ts=time.time(),
-    )
+    provisional, abort = abort_records(turn.id, turn.parent_ids, text, reason)
     await io.append(s, provisional)
-    await io.append(s, AbortRecord(
-        id=new_id("abort"), turn_id=turn.id, provisional_id=provisional.id, reason=reason,
-        ts=time.time(),
-    ))
+    await io.append(s, abort)
     st.abort(turn.taken, provisional.id, reason)
     turn.recorded = True
     await io.event(s, EventKind.PROVISIONAL, ProvisionalEvent(

@@ -1,0 +1,102 @@
+"""The record log as sessions are rebuilt from it: reading it, replaying it, closing turns.
+
+One reader serves the runner host (every session, at start) and the admin history (one
+session). The abort records of a turn are built here only, whether a running turn was
+aborted or a turn interrupted by a restart is closed while rebuilding.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from actors.session.state import SessionState, apply
+from schemas.chat import ChatMessage
+from schemas.records import RECORD_ADAPTER, AbortRecord, DeleteRecord, ProvisionalRecord, Record
+from schemas.subjects import Subjects
+
+READ_TIMEOUT_S = 10.0
+"""Longest wait for the next record of a log that says it has more."""
+
+Append = Callable[[str, Record], Awaitable[None]]
+
+
+def new_id(kind: str) -> str:
+    """A record or turn id."""
+    return f"{kind}_{uuid.uuid4().hex[:20]}"
+
+
+def abort_records(
+    turn_id: str, parent_ids: tuple[str, ...], text: str, reason: str
+) -> tuple[ProvisionalRecord, AbortRecord]:
+    """The provisional record of a turn that did not commit, and the abort that closes it."""
+    provisional = ProvisionalRecord(
+        id=new_id("prov"), turn_id=turn_id, message=ChatMessage(role="assistant", content=text),
+        parent_ids=parent_ids, ts=time.time(),
+    )
+    abort = AbortRecord(
+        id=new_id("abort"), turn_id=turn_id, provisional_id=provisional.id, reason=reason,
+        ts=time.time(),
+    )
+    return provisional, abort
+
+
+async def read_log(
+    js: JetStreamContext, subjects: Subjects, session: str | None = None
+) -> AsyncIterator[tuple[str, Record]]:
+    """``(session, record)`` of one session's log, or of every log, up to its last record now."""
+    subject = subjects.records(session) if session is not None else subjects.records_all()
+    try:
+        last = await js.get_last_msg(subjects.record_stream, subject)
+    except NotFoundError:  # no stream yet, or nothing recorded under the subject
+        return
+    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    prefix = len(subjects.records(""))
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
+            yield msg.subject[prefix:], RECORD_ADAPTER.validate_json(msg.data)
+            if msg.metadata.sequence.stream >= (last.seq or 0):
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+@dataclass
+class Rebuilt:
+    """What the record log says about the node's sessions."""
+
+    states: dict[str, SessionState] = field(default_factory=dict)
+    """Live sessions, replayed."""
+    deleted: dict[str, float] = field(default_factory=dict)
+    """Deleted sessions and when, oldest first."""
+
+
+async def rebuild(js: JetStreamContext, subjects: Subjects) -> Rebuilt:
+    """Replay every session's log (a delete record ends a session; a later record revives it)."""
+    out = Rebuilt()
+    async for session, record in read_log(js, subjects):
+        if isinstance(record, DeleteRecord):
+            out.states.pop(session, None)
+            out.deleted.pop(session, None)
+            out.deleted[session] = record.ts
+            continue
+        out.deleted.pop(session, None)
+        apply(out.states.setdefault(session, SessionState(session)), record)
+    return out
+
+
+async def close_interrupted(append: Append, state: SessionState) -> str:
+    """Record the turn a restart interrupted as aborted (``node_restart``); its id."""
+    turn = state.open_turn
+    assert turn is not None
+    for record in abort_records(turn.id, turn.parent_ids, "", "node_restart"):
+        await append(state.session, record)
+        apply(state, record)
+    return turn.id
