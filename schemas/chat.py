@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,18 +37,36 @@ class ToolCall(Frozen):
 
 
 class ChatMessage(Frozen):
-    """One message of a conversation."""
+    """One message of a conversation.
+
+    OpenAI's newer shapes are read into the plain one: role ``developer`` is a ``system``
+    message, and content given as a list of ``{"type": "text", "text": ...}`` parts is their
+    texts joined by newlines (the join llama.cpp's server and vLLM use for text parts).
+    """
 
     role: Literal["system", "user", "assistant", "tool"]
-    """Who speaks."""
+    """Who speaks (``developer`` is read as ``system``)."""
     content: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
-    """Text of the message; may be empty for an assistant turn that only calls tools."""
+    """Text of the message (or a list of text parts); may be empty for an assistant turn
+    that only calls tools."""
     name: Annotated[str, Field(max_length=128)] | None = None
     """Optional speaker name."""
     tool_calls: tuple[ToolCall, ...] | None = None
     """Tool calls of an assistant message."""
     tool_call_id: Annotated[str, Field(max_length=128)] | None = None
     """For role ``tool``: the call this message answers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_openai_shapes(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("role") == "developer":
+            data["role"] = "system"
+        if isinstance(data.get("content"), list):
+            data["content"] = "\n".join(_text_of_part(p) for p in data["content"])
+        return data
 
     @model_validator(mode="after")
     def _check_shape(self) -> ChatMessage:
@@ -59,6 +77,23 @@ class ChatMessage(Frozen):
         if self.content is None and not self.tool_calls:
             raise ValueError("a message needs content or tool_calls")
         return self
+
+
+def _text_of_part(part: object) -> str:
+    """The text of one content part; any other kind of part is refused, naming its type."""
+    if not isinstance(part, dict) or part.get("type") != "text":
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        raise ValueError(
+            f"content part of type {kind!r} is not supported: send {{\"type\": \"text\", "
+            "\"text\": ...}} parts"
+        )
+    extra = set(part) - {"type", "text"}
+    if extra:
+        raise ValueError(f"content part field {sorted(extra)[0]!r} is not supported")
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise ValueError("a text content part needs \"text\" as a string")
+    return text
 
 
 class SamplingParams(Frozen):
@@ -73,7 +108,11 @@ class SamplingParams(Frozen):
     repeat_penalty: Annotated[float, Field(ge=0.5, le=2.0)] = 1.1
     """Penalty on tokens among the last ``repeat_last_n`` (1.0 = off)."""
     repeat_last_n: Annotated[int, Field(ge=0, le=4096)] = 64
-    """How many recent tokens the penalty looks at."""
+    """How many recent tokens the penalties look at."""
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    """Subtracted from a token's logit once per use among the last ``repeat_last_n`` (OpenAI's)."""
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    """Subtracted from the logit of every token used among the last ``repeat_last_n``."""
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     """Seed of the sampler; same seed and history give the same text."""
 

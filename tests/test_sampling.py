@@ -112,6 +112,30 @@ def test_repetition_penalty_looks_only_at_the_last_n_tokens():
     assert set(run(params, [z] * 20, recent=[7, 1, 1])) == {7}
 
 
+def test_frequency_penalty_grows_with_each_use_of_a_token():
+    """Used once, a token still wins by a margin; used three times, the penalty overturns it."""
+    z = peaked(7, value=2.0)
+    z[8] = 1.0
+    params = SamplingParams(temperature=0.05, top_k=0, top_p=1.0, repeat_penalty=1.0,
+                            frequency_penalty=0.6, seed=6)
+    assert set(run(params, [z] * 50, recent=[7])) == {7}
+    assert set(run(params, [z] * 50, recent=[7, 7, 7])) == {8}
+
+
+def test_presence_penalty_counts_a_token_once_however_often_it_was_used():
+    """Presence subtracts a fixed amount from any used token, however often it was used."""
+    z = peaked(7, value=2.0)
+    z[8] = 1.0
+    mild = SamplingParams(temperature=0.05, top_k=0, top_p=1.0, repeat_penalty=1.0,
+                          presence_penalty=0.5, seed=6)
+    assert set(run(mild, [z] * 50, recent=[7, 7, 7, 7])) == {7}
+    strong = mild.model_copy(update={"presence_penalty": 1.5})
+    assert set(run(strong, [z] * 50, recent=[7])) == {8}
+    boost = mild.model_copy(update={"presence_penalty": -1.5})
+    z[8] = 2.5
+    assert set(run(boost, [z] * 50, recent=[7])) == {7}
+
+
 def test_the_eos_token_is_never_penalised():
     """EOS stays as likely as ever even when it appears in the recent tokens."""
     z = peaked(EOS, value=2.0)

@@ -21,12 +21,13 @@ _FIRST_NUCLEUS = 64
 
 
 class Sampler:
-    """Greedy, or repetition penalty → temperature → top-k → top-p → a seeded draw.
+    """Greedy, or penalties → temperature → top-k → top-p → a seeded draw.
 
     Temperature 0 is a plain argmax of the logits (no penalty): deterministic whatever the
-    seed. The penalty follows llama.cpp (positive logits divided, negative multiplied) but
-    never touches ``eos_id``: end-of-turn tokens recur in every chat history, and penalising
-    them would keep the model from ever finishing a reply.
+    seed. The repetition penalty follows llama.cpp (positive logits divided, negative
+    multiplied), and so do OpenAI's frequency and presence penalties after it (over the same
+    last ``repeat_last_n`` tokens); none ever touches ``eos_id``: end-of-turn tokens recur in
+    every chat history, and penalising them would keep the model from ever finishing a reply.
     """
 
     def __init__(self, params: SamplingParams, eos_id: int, n_vocab: int) -> None:
@@ -59,15 +60,24 @@ class Sampler:
         return int(pool[pick]) if pool is not None else pick
 
     def _penalised(self, z: np.ndarray, recent: Sequence[int]) -> np.ndarray:
-        penalty, last_n = self.params.repeat_penalty, self.params.repeat_last_n
-        if penalty == 1.0 or last_n == 0 or not recent:
+        """Repetition, then frequency and presence penalties, in llama.cpp's order."""
+        p = self.params
+        repeat, freq, presence = p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+        if p.repeat_last_n == 0 or not recent or (repeat == 1.0 and freq == presence == 0.0):
             return z
-        ids = np.unique(np.asarray(recent[-last_n:], dtype=np.int64))
-        ids = ids[(ids >= 0) & (ids < z.size) & (ids != self.eos_id)]
+        ids, counts = np.unique(
+            np.asarray(recent[-p.repeat_last_n :], dtype=np.int64), return_counts=True
+        )
+        keep = (ids >= 0) & (ids < z.size) & (ids != self.eos_id)
+        ids, counts = ids[keep], counts[keep]
         work = self._work[: z.size]
         np.copyto(work, z)  # the backend's buffer stays untouched
         values = work[ids]
-        work[ids] = np.where(values > 0, values / penalty, values * penalty)
+        if repeat != 1.0:
+            values = np.where(values > 0, values / repeat, values * repeat)
+        if freq != 0.0 or presence != 0.0:
+            values = values - np.float32(freq) * counts.astype(np.float32) - np.float32(presence)
+        work[ids] = values
         return work
 
     def _top_k(self, z: np.ndarray, top: float) -> tuple[np.ndarray | None, np.ndarray]:
