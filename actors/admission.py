@@ -18,11 +18,18 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from actors.base import Actor, encode, error_event, parse_reply, validation_sentence
+from actors.base import (
+    Actor,
+    encode,
+    error_event,
+    error_headers,
+    parse_reply,
+    validation_sentence,
+)
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import PromptRequest
-from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects, is_session_id
+from schemas.subjects import ANSWER_TO_HEADER, MSG_ID_HEADER, EventKind, Subjects, is_session_id
 
 TRANSIENT = frozenset({ErrorCode.UNAVAILABLE})
 """Refusals that say "not now" (the record log or the node is unavailable): offered again."""
@@ -110,15 +117,22 @@ class Admission(Actor):
             )
             await self.publish(self.subjects.rejected(), error_event(err, None))
             return await self._settle(msg, rejected=True)
+        answer_to = (msg.headers or {}).get(ANSWER_TO_HEADER)
         try:
             prompt = self._parse(msg, token)
+            if answer_to is not None and not self.subjects.may_answer(answer_to):
+                forged, answer_to = answer_to, None  # never published to
+                raise InferError(
+                    ErrorCode.BAD_REQUEST,
+                    f"{ANSWER_TO_HEADER} {forged[:64]!r} is not an inbox the node may answer",
+                )
         except InferError as e:
-            await self._reject(token, e, None)
+            await self._reject(token, e, None, answer_to)
             return await self._settle(msg, rejected=True)
         key = prompt.idempotency_key or (msg.headers or {}).get(MSG_ID_HEADER)
         req = AdmitRequest(
             session=token, prompt=prompt, intake_seq=msg.metadata.sequence.stream,
-            idempotency_key=key, received_at=time.time(),
+            idempotency_key=key, answer_to=answer_to, received_at=time.time(),
         )
         try:
             reply = await self.nc.request(
@@ -131,7 +145,7 @@ class Admission(Actor):
         except InferError as e:
             if e.code in TRANSIENT:
                 return await self._defer(msg, token, e)
-            await self._reject(token, e, key)
+            await self._reject(token, e, key, answer_to)
             return await self._settle(msg, rejected=True)
         except Exception as e:  # no runner answered: leave it in the stream for later
             return await self._defer(msg, token, e)
@@ -165,10 +179,14 @@ class Admission(Actor):
             )
         return prompt
 
-    async def _reject(self, session: str, err: InferError, key: str | None) -> None:
+    async def _reject(
+        self, session: str, err: InferError, key: str | None, answer_to: str | None
+    ) -> None:
         self.log.info("prompt_rejected", session=session, code=err.code.value, reason=err.message)
         event = error_event(err, session, idempotency_key=key)
         await self.publish(self.subjects.events(session, EventKind.ERROR), event)
+        if answer_to is not None:  # an ask: its requester waits for this answer
+            await self.publish(answer_to, event, headers=error_headers(err))
 
     async def _settle(self, msg: Msg, rejected: bool) -> None:
         if rejected:

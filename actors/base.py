@@ -20,7 +20,12 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.errors import STATUS, ErrorCode, InferError
 from schemas.messages import ErrorEvent
-from schemas.subjects import ERROR_HEADER, Subjects
+from schemas.subjects import (
+    ERROR_HEADER,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+    Subjects,
+)
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -40,6 +45,16 @@ def error_event(err: InferError, session: str | None = None, **extra: Any) -> Er
         details=err.details,
         **extra,
     )
+
+
+def error_headers(err: InferError) -> dict[str, str]:
+    """Headers of an error reply: infernode's code, and NATS micro's pair that tools show."""
+    return {
+        ERROR_HEADER: err.code.value,
+        SERVICE_ERROR_CODE_HEADER: str(err.status),
+        # A header value is one line.
+        SERVICE_ERROR_HEADER: " ".join(err.message.split())[:1024],
+    }
 
 
 def validation_sentence(e: ValidationError) -> str:
@@ -137,7 +152,7 @@ class Actor:
         """Answer a request with an error event (header ``Infer-Error: <code>``)."""
         if not msg.reply:
             return
-        headers = {ERROR_HEADER: err.code.value}
+        headers = error_headers(err)
         try:
             await self.nc.publish(
                 msg.reply, encode(error_event(err, session)), headers=headers
@@ -165,4 +180,7 @@ def parse_reply(data: bytes, headers: dict[str, str] | None, model: type[BaseMod
     return model.model_validate_json(data)
 
 
-__all__ = ["Actor", "STATUS", "encode", "error_event", "parse_reply", "validation_sentence"]
+__all__ = [
+    "Actor", "STATUS", "encode", "error_event", "error_headers", "parse_reply",
+    "validation_sentence",
+]

@@ -1,4 +1,7 @@
-"""Admin subjects: health, sessions, one session's history, metrics, delete.
+"""Admin verbs: health, sessions, one session's history, metrics, delete.
+
+Each verb is an endpoint of the node's micro service (``node/service.py``), which turns the
+reply model, or a raised ``InferError``, into the answer.
 
 It reads the actors' state in-process (it is part of the node's wiring, not an actor of the
 data path) and reads history from the record log with the reader the runners rebuild from.
@@ -10,9 +13,8 @@ import time
 from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
-from actors.base import Actor, encode
+from actors.base import Actor, encode, parse_reply
 from actors.session.host import RunnerHost
 from actors.session.records import read_log
 from schemas.admin import (
@@ -28,9 +30,9 @@ from schemas.admin import (
     SessionSummary,
 )
 from schemas.errors import ErrorCode, InferError
-from schemas.internal import SessionDeleteRequest
+from schemas.internal import SessionDeleteReply, SessionDeleteRequest
 from schemas.records import Record
-from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects, is_session_id
+from schemas.subjects import Subjects, is_session_id
 
 if TYPE_CHECKING:
     from actors.engine.bank.store import EntryInfo
@@ -49,30 +51,24 @@ class AdminActor(Actor):
         self.started = time.time()
 
     async def start(self) -> None:
-        """Subscribe to every admin verb."""
-        s = self.subjects
-        await self.subscribe(s.admin(AdminVerb.HEALTH), self.on_health)
-        await self.subscribe(s.admin(AdminVerb.SESSIONS), self.on_sessions)
-        await self.subscribe(s.admin(AdminVerb.SESSION), self.on_session)
-        await self.subscribe(s.admin(AdminVerb.METRICS), self.on_metrics)
-        await self.subscribe(s.admin(AdminVerb.DELETE), self.on_delete)
+        """Nothing to subscribe: the verbs are endpoints of the node's micro service."""
 
     def _host(self) -> RunnerHost:
         return next(a for a in self.node.actors if isinstance(a, RunnerHost))
 
-    async def on_health(self, msg: Msg) -> None:
+    async def on_health(self, data: bytes) -> HealthReply:
         """Health of the node."""
         engine = self.node.engine
         assert engine is not None
         info = engine.info
-        await self.respond(msg, HealthReply(
+        return HealthReply(
             status="ok" if info.snapshots else "degraded", engine=info.engine, model=info.model,
             n_ctx=info.n_ctx, slots=info.n_slots, snapshots=info.snapshots,
             snapshot_note=info.snapshot_note, sessions=len(self._host().runners),
             uptime_s=time.time() - self.started, bank_tiers=_tiers(engine),
-        ))
+        )
 
-    async def on_sessions(self, msg: Msg) -> None:
+    async def on_sessions(self, data: bytes) -> SessionsReply:
         """A summary of every session: log, slot, bank entries and the last turn's cache."""
         engine = self.node.engine
         assert engine is not None
@@ -91,11 +87,11 @@ class AdminActor(Actor):
                 last_cached_tokens=last.cached_tokens if last else 0,
                 last_prompt_tokens=last.prompt_tokens if last else 0,
             ))
-        await self.respond(msg, SessionsReply(sessions=tuple(out)))
+        return SessionsReply(sessions=tuple(out))
 
-    async def on_session(self, msg: Msg) -> None:
+    async def on_session(self, data: bytes) -> HistoryReply:
         """The record log of one session, honest about aborted turns."""
-        req = SessionRequest.model_validate_json(msg.data)
+        req = SessionRequest.model_validate_json(data)
         runner = self._host().runners.get(req.session)
         if runner is None:
             gone = req.session in self._host().tombstones
@@ -103,11 +99,11 @@ class AdminActor(Actor):
             raise InferError(code, f"session {req.session} does not exist")
         log = read_log(self.nc.jetstream(), self.subjects, req.session)
         records = [_describe(r) async for _, r in log]
-        await self.respond(msg, HistoryReply(
+        return HistoryReply(
             session=req.session, generation=runner.state.generation, records=tuple(records)
-        ))
+        )
 
-    async def on_metrics(self, msg: Msg) -> None:
+    async def on_metrics(self, data: bytes) -> MetricsReply:
         """Prefix-cache hit ratio, latency percentiles, evictions, and every actor's counters."""
         counters: dict[str, float] = {"sessions": len(self._host().runners)}
         engine = self.node.engine
@@ -132,23 +128,21 @@ class AdminActor(Actor):
             stats = getattr(actor, "stats", None)
             if callable(stats):
                 counters.update({f"{actor.name}_{k}": float(v) for k, v in stats().items()})
-        await self.respond(msg, MetricsReply(
+        return MetricsReply(
             counters=counters, prefix_hit_ratio=ratio, evictions=evictions, latency=latency,
-        ))
+        )
 
-    async def on_delete(self, msg: Msg) -> None:
+    async def on_delete(self, data: bytes) -> DeleteReply:
         """Delete a session: waits for an in-flight commit; its bank entries go too."""
-        req = SessionRequest.model_validate_json(msg.data)
+        req = SessionRequest.model_validate_json(data)
         if not is_session_id(req.session):
             raise InferError(ErrorCode.BAD_REQUEST, f"{req.session[:64]!r} is not a session id")
         reply = await self.nc.request(
             self.subjects.session_control(req.session),
             encode(SessionDeleteRequest(session=req.session)), timeout=60,
         )
-        if reply.headers and ERROR_HEADER in reply.headers:
-            await self.nc.publish(msg.reply, reply.data, headers=reply.headers)
-            return
-        await self.respond(msg, DeleteReply(session=req.session))
+        done: SessionDeleteReply = parse_reply(reply.data, reply.headers, SessionDeleteReply)
+        return DeleteReply(session=done.session)
 
 
 def _describe(r: Record) -> HistoryItemInfo:

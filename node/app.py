@@ -1,4 +1,4 @@
-"""The node: embedded NATS (or a given one), the engine, and the four actors, wired.
+"""The node: embedded NATS (or a given one), the engine, the four actors and its service, wired.
 
 Start order follows the data: engine first (it takes longest and everything needs it), then
 the bank committer, the session runners (which rebuild sessions from the record log) and
@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-import nats.micro
 import structlog
 from nats.aio.client import Client
 
@@ -33,6 +32,7 @@ from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
 from node.metrics_http import MetricsHttp
 from node.nats_server import EmbeddedNats, NatsServerError
+from node.service import NodeService
 from node.streams import ensure_streams
 from schemas.subjects import Subjects
 
@@ -98,7 +98,6 @@ class Node:
         self.actors: list[Actor] = []
         self._conns: list[Client] = []
         self.metrics_http: MetricsHttp | None = None
-        self.service: nats.micro.Service | None = None
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -147,17 +146,14 @@ class Node:
             ),
             Admission(await self._connect("admission"), s, max_prompt_bytes=cfg.max_payload),
         ]
-        self.actors.append(AdminActor(admin_nc, s, self))
+        admin = AdminActor(admin_nc, s, self)
+        # Last: the service's endpoints (ask, admin) open once everything behind them runs.
+        self.actors += [admin, NodeService(
+            admin_nc, s, admin, VERSION,
+            {"prefix": cfg.prefix, "model": str(model), "engine": cfg.engine},
+        )]
         for actor in self.actors:
             await actor.start()
-        self.service = await nats.micro.add_service(
-            admin_nc,
-            name="infernode",
-            version=VERSION,
-            description="actor-model LLM inference node: prompts on "
-            f"{s.prompt_all()}, events on {s.events_all()}",
-            metadata={"prefix": cfg.prefix, "model": str(model), "engine": cfg.engine},
-        )
         if cfg.metrics_port is not None:
             self.metrics_http = MetricsHttp(admin_nc, s, cfg.metrics_port, cfg.metrics_host)
             await self.metrics_http.start()
@@ -176,12 +172,6 @@ class Node:
         if self.metrics_http is not None:
             await self.metrics_http.stop()
             self.metrics_http = None
-        if self.service is not None:
-            try:
-                await self.service.stop()
-            except Exception as e:
-                log.debug("service_stop_failed", error=str(e))
-            self.service = None
         for actor in reversed(self.actors):
             try:
                 await actor.stop()

@@ -1,17 +1,19 @@
-"""Python client: publish prompts, stream a turn's tokens, abort, read history.
+"""Python client: publish prompts, stream a turn's tokens, ask for answers, abort, read history.
 
     async with InfernodeClient("nats://127.0.0.1:4222") as c:
         async for chunk in c.prompt("my-session", "Hello"):
             print(chunk.text, end="")
+        answer = await c.ask("my-session", "And now?")
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -20,6 +22,7 @@ from pydantic import BaseModel
 from node.bus import connect
 from node.config import NodeConfig
 from schemas.admin import (
+    DeleteReply,
     HealthReply,
     HistoryReply,
     MetricsReply,
@@ -33,6 +36,7 @@ from schemas.messages import (
     AbortReply,
     AbortRequest,
     AcceptedEvent,
+    AnswerReply,
     CommitEvent,
     DoneEvent,
     ErrorEvent,
@@ -111,21 +115,20 @@ class InfernodeClient:
         assert self._nc is not None, "use `async with InfernodeClient(...)`"
         return self._nc
 
-    async def send(self, session: str, prompt: PromptRequest) -> str:
-        """Publish a prompt durably; returns its idempotency key."""
-        if not is_session_id(session):
-            raise InferError(
-                ErrorCode.BAD_REQUEST,
-                f"session id {session!r} is not valid: use 1-128 letters, digits, '_' or '-'",
-            )
+    async def send(
+        self, session: str, prompt: PromptRequest, extra: Mapping[str, Any] | None = None
+    ) -> str:
+        """Publish a prompt durably; returns its idempotency key.
+
+        ``extra`` adds fields to the body as given (the node validates them).
+        """
+        _check_session(session)
         key = prompt.idempotency_key or uuid.uuid4().hex
         if prompt.idempotency_key is None:
             prompt = prompt.model_copy(update={"idempotency_key": key})
         js = self.nc.jetstream()
         await js.publish(
-            self.subjects.prompt(session),
-            prompt.model_dump_json().encode(),
-            headers={MSG_ID_HEADER: key},
+            self.subjects.prompt(session), _body(prompt, extra), headers={MSG_ID_HEADER: key}
         )
         return key
 
@@ -139,22 +142,24 @@ class InfernodeClient:
         stop: Sequence[str] = (),
         expect_generation: int | None = None,
         relay_to: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
         timeout: float = 600.0,
         result: TurnResult | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Send a prompt and yield the tokens of the turn that answers it.
 
-        Raises ``InferError`` on an error event and ``TurnAborted`` if the turn is aborted.
-        Pass ``result`` to receive the done and commit events.
+        ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes. Raises
+        ``InferError`` on an error event and ``TurnAborted`` if the turn is aborted. Pass
+        ``result`` to receive the done and commit events.
         """
-        messages = (
-            (ChatMessage(role="user", content=text),) if isinstance(text, str) else tuple(text)
-        )
         prompt = PromptRequest(
-            messages=messages, sampling=sampling or SamplingParams(), max_tokens=max_tokens,
-            stop=tuple(stop), expect_generation=expect_generation, relay_to=relay_to,
-            idempotency_key=uuid.uuid4().hex,
+            messages=_messages(text), sampling=sampling or SamplingParams(),
+            max_tokens=max_tokens, stop=tuple(stop), expect_generation=expect_generation,
+            relay_to=relay_to, idempotency_key=uuid.uuid4().hex,
         )
+        extra = _openai_extra(tools, tool_choice, response_format)
         out = result if result is not None else TurnResult()
         queue: asyncio.Queue[tuple[str, BaseModel]] = asyncio.Queue()
 
@@ -166,18 +171,49 @@ class InfernodeClient:
 
         sub = await self.nc.subscribe(self.subjects.events_all(session), cb=on_event)
         try:
-            await self.send(session, prompt)
+            await self.send(session, prompt, extra)
             async for token in _follow(queue, prompt.idempotency_key or "", out, timeout):
                 yield token
         finally:
             await sub.unsubscribe()
 
-    async def ask(self, session: str, text: str, **kw: object) -> TurnResult:
-        """Send a prompt and wait for the committed answer."""
+    async def complete(self, session: str, text: str, **kw: Any) -> TurnResult:
+        """Send a prompt, follow its events, and return them once the turn is committed."""
         result = TurnResult()
-        async for _ in self.prompt(session, text, result=result, **kw):  # type: ignore[arg-type]
+        async for _ in self.prompt(session, text, result=result, **kw):
             pass
         return result
+
+    async def ask(
+        self,
+        session: str,
+        text: str | Sequence[ChatMessage],
+        *,
+        sampling: SamplingParams | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        expect_generation: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = 600.0,
+    ) -> AnswerReply:
+        """One request, one answer, on ``<prefix>.ask.<session>``: the turn's final answer.
+
+        Durable like a prompt: a node restarted mid-turn still answers. Raises ``InferError``
+        when the ask is refused or the turn fails. An aborted turn is an answer whose
+        ``finish_reason`` is ``aborted``.
+        """
+        _check_session(session)
+        prompt = PromptRequest(
+            messages=_messages(text), sampling=sampling or SamplingParams(),
+            max_tokens=max_tokens, stop=tuple(stop), expect_generation=expect_generation,
+            idempotency_key=idempotency_key or uuid.uuid4().hex,
+        )
+        body = _body(prompt, _openai_extra(tools, tool_choice, response_format))
+        msg = await self.nc.request(self.subjects.ask(session), body, timeout=timeout)
+        return _reply(msg, AnswerReply)
 
     async def abort(self, session: str, reason: str = "client", timeout: float = 30.0) -> AbortReply:
         """Abort the running turn of ``session``."""
@@ -185,18 +221,11 @@ class InfernodeClient:
             self.subjects.abort(session), AbortRequest(reason=reason).model_dump_json().encode(),
             timeout=timeout,
         )
-        if msg.headers and ERROR_HEADER in msg.headers:
-            event = ErrorEvent.model_validate_json(msg.data)
-            raise InferError(event.code, event.message, event.details)
-        return AbortReply.model_validate_json(msg.data)
-
+        return _reply(msg, AbortReply)
 
     async def _admin(self, verb: AdminVerb, body: bytes, model: type[M], timeout: float) -> M:
         msg = await self.nc.request(self.subjects.admin(verb), body, timeout=timeout)
-        if msg.headers and ERROR_HEADER in msg.headers:
-            event = ErrorEvent.model_validate_json(msg.data)
-            raise InferError(event.code, event.message, event.details)
-        return model.model_validate_json(msg.data)
+        return _reply(msg, model)
 
     async def history(self, session: str, timeout: float = 10.0) -> HistoryReply:
         """The record log of ``session``: user, committed and ABORTED turns."""
@@ -218,10 +247,43 @@ class InfernodeClient:
     async def delete(self, session: str, timeout: float = 60.0) -> None:
         """Delete ``session`` (after its in-flight commit)."""
         body = SessionRequest(session=session).model_dump_json().encode()
-        msg = await self.nc.request(self.subjects.admin(AdminVerb.DELETE), body, timeout=timeout)
-        if msg.headers and ERROR_HEADER in msg.headers:
-            event = ErrorEvent.model_validate_json(msg.data)
-            raise InferError(event.code, event.message, event.details)
+        await self._admin(AdminVerb.DELETE, body, DeleteReply, timeout)
+
+
+def _reply(msg: Msg, model: type[M]) -> M:
+    """A reply's model; an error reply raises its ``InferError``."""
+    if msg.headers and ERROR_HEADER in msg.headers:
+        event = ErrorEvent.model_validate_json(msg.data)
+        raise InferError(event.code, event.message, event.details)
+    return model.model_validate_json(msg.data)
+
+
+def _check_session(session: str) -> None:
+    if not is_session_id(session):
+        raise InferError(
+            ErrorCode.BAD_REQUEST,
+            f"session id {session!r} is not valid: use 1-128 letters, digits, '_' or '-'",
+        )
+
+
+def _messages(text: str | Sequence[ChatMessage]) -> tuple[ChatMessage, ...]:
+    return (ChatMessage(role="user", content=text),) if isinstance(text, str) else tuple(text)
+
+
+def _openai_extra(
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | Mapping[str, Any] | None,
+    response_format: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The OpenAI fields given, as they go on the wire."""
+    given = {"tools": tools, "tool_choice": tool_choice, "response_format": response_format}
+    return {k: (list(v) if k == "tools" else v) for k, v in given.items() if v is not None}
+
+
+def _body(prompt: PromptRequest, extra: Mapping[str, Any] | None) -> bytes:
+    if not extra:
+        return prompt.model_dump_json().encode()
+    return json.dumps({**prompt.model_dump(mode="json"), **extra}).encode()
 
 
 async def _follow(

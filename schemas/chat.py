@@ -84,8 +84,8 @@ def _text_of_part(part: object) -> str:
     if not isinstance(part, dict) or part.get("type") != "text":
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         raise ValueError(
-            f"content part of type {kind!r} is not supported: send {{\"type\": \"text\", "
-            "\"text\": ...}} parts"
+            f"content part of type {kind!r} is not supported: send text parts "
+            '({"type": "text", "text": ...})'
         )
     extra = set(part) - {"type", "text"}
     if extra:

@@ -33,6 +33,8 @@ class AdmitRequest(Frozen):
     """Stream sequence of the prompt in the intake stream."""
     idempotency_key: str | None = None
     """Key from the body or the ``Nats-Msg-Id`` header."""
+    answer_to: str | None = None
+    """Inbox of an ask (``Infer-Answer-To`` header) that receives the turn's answer."""
     received_at: float
     """Unix time admission received it."""
 

@@ -5,9 +5,9 @@ Each model is frozen, refuses unknown fields, and carries a versioned ``type`` l
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.chat import CacheInfo, ChatMessage, Frozen, SamplingParams, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode
@@ -17,8 +17,18 @@ FinishReason = Literal["stop", "length", "tool_calls", "aborted", "error"]
 
 
 # -- agents → node ------------------------------------------------------------------------
+_SAMPLING_ALIASES = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty")
+"""OpenAI's top-level sampling fields, read into ``sampling``."""
+
+
 class PromptRequest(Frozen):
-    """A prompt, published on ``<prefix>.prompt.<session>``."""
+    """A prompt, published on ``<prefix>.prompt.<session>`` (or asked on ``<prefix>.ask.*``).
+
+    OpenAI chat-completion bodies are read too: top-level ``temperature``, ``top_p``,
+    ``seed``, ``frequency_penalty`` and ``presence_penalty`` go into ``sampling``,
+    ``max_completion_tokens`` is ``max_tokens``, and ``stop`` may be one string. Giving one
+    setting twice with two values is refused. Any other unknown field is refused by name.
+    """
 
     type: Literal["prompt.v1"] = "prompt.v1"
     """Message type and version."""
@@ -33,13 +43,56 @@ class PromptRequest(Frozen):
     sampling: SamplingParams = SamplingParams()
     """Sampling parameters of the reply."""
     stop: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=64)], ...], Field(max_length=8)] = ()
-    """Strings that end the reply (not included in it)."""
+    """Strings that end the reply (not included in it); one string or a list."""
     max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
-    """Most tokens the reply may have."""
+    """Most tokens the reply may have (``max_completion_tokens`` is read as this)."""
     reply: bool = True
     """False appends the messages without running a turn."""
     relay_to: SessionId | None = None
     """Another session that receives this turn's answer as a prompt."""
+    model: Annotated[str, Field(max_length=256)] | None = None
+    """Accepted and not checked: a node serves the one model it loaded."""
+    stream: bool | None = None
+    """Accepted; a turn's events always stream on ``<prefix>.events.<session>.*``."""
+    n: Literal[1] = 1
+    """Number of choices; only 1."""
+    user: Annotated[str, Field(max_length=256)] | None = None
+    """OpenAI's end-user id; accepted, not used."""
+    parallel_tool_calls: bool | None = None
+    """Accepted; every tool call the model makes is parsed and returned."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_openai_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = {k: data.pop(k) for k in _SAMPLING_ALIASES if k in data}
+        if given:
+            sampling = data.get("sampling", {})
+            if isinstance(sampling, SamplingParams):
+                sampling = sampling.model_dump(exclude_unset=True)
+            if isinstance(sampling, dict):
+                data["sampling"] = _merge(dict(sampling), given, "sampling.")
+        if "max_completion_tokens" in data:
+            value = data.pop("max_completion_tokens")
+            data.update(_merge(data, {"max_tokens": value}, "", "max_completion_tokens"))
+        if isinstance(data.get("stop"), str):
+            data["stop"] = [data["stop"]]
+        return data
+
+
+def _merge(
+    into: dict[str, Any], given: dict[str, Any], where: str, alias: str = ""
+) -> dict[str, Any]:
+    """``into`` with ``given`` set; a field already there with another value is refused."""
+    for key, value in given.items():
+        if key in into and into[key] != value:
+            raise ValueError(
+                f"{alias or key} ({value!r}) contradicts {where}{key} ({into[key]!r}): give it once"
+            )
+        into[key] = value
+    return into
 
 
 class AbortRequest(Frozen):
@@ -226,3 +279,38 @@ class StatusEvent(Frozen):
     """Committed generation."""
     pending: int
     """Recorded prompts not yet answered."""
+
+
+# -- node → agents: the answer to an ask ----------------------------------------------------
+class AnswerReply(Frozen):
+    """The reply to ``<prefix>.ask.<session>``: the final answer of the turn that answered it.
+
+    A failed ask gets an ``ErrorEvent`` instead (header ``Infer-Error``).
+    """
+
+    type: Literal["answer.v1"] = "answer.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """The turn that answered."""
+    parent_ids: tuple[str, ...]
+    """User message ids the turn answered (the ask's among them)."""
+    text: str
+    """Whole reply text (tool-call markup removed when calls were parsed)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Tool calls parsed from the reply."""
+    finish_reason: FinishReason
+    """Why generation stopped; ``aborted`` when the turn was aborted (text is partial)."""
+    usage: Usage
+    """Token counts."""
+    generation: int
+    """Committed generation after the turn (unchanged when it was aborted)."""
+    record_id: str
+    """The assistant record (committed) or the provisional record (aborted) in history."""
+    model_id: str = ""
+    """Identity of the model file that wrote the reply (its size and a hash of its head)."""
+    cache: CacheInfo = CacheInfo(source="none")
+    """Prefix reuse of the turn."""
+    timings: Timings = Timings()
+    """Timing buckets of the turn."""

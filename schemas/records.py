@@ -24,6 +24,8 @@ class TurnParams(Frozen):
     """Most tokens of the reply."""
     relay_to: str | None = None
     """Session that receives the answer as a prompt."""
+    answer_to: str | None = None
+    """Inbox of the ask that sent the prompt: the turn's answer is published there."""
 
 
 class UserRecord(Frozen):

@@ -18,6 +18,12 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 """JetStream's de-duplication header; infernode also reads it as the idempotency key."""
 ERROR_HEADER = "Infer-Error"
 """Header naming the error code on an error reply."""
+SERVICE_ERROR_HEADER = "Nats-Service-Error"
+"""NATS micro's header carrying an error reply's description (what ``nats req`` shows)."""
+SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+"""NATS micro's header carrying an error reply's status code."""
+ANSWER_TO_HEADER = "Infer-Answer-To"
+"""On an ask in the intake stream: the requester's inbox, which receives the answer."""
 
 
 class EventKind(StrEnum):
@@ -94,6 +100,32 @@ class Subjects:
     def session_of_abort(self, subject: str) -> str:
         """The session token of an abort subject."""
         return subject[len(self.prefix) + len(".abort.") :]
+
+    def ask(self, session: str) -> str:
+        """Request subject whose reply is the answer of the turn that answers the prompt."""
+        return f"{self.prefix}.ask.{session}"
+
+    def ask_all(self) -> str:
+        """Every ask subject (the micro service's ``ask`` endpoint)."""
+        return f"{self.prefix}.ask.*"
+
+    def session_of_ask(self, subject: str) -> str:
+        """The session token of an ask subject (possibly invalid; check it)."""
+        return subject[len(self.prefix) + len(".ask.") :]
+
+    def may_answer(self, subject: str) -> bool:
+        """True when the node may publish an answer to ``subject`` (a requester's inbox).
+
+        The node may publish anywhere, so a reply subject naming the node's own subjects or
+        a server API (``$JS``, ``$SRV``, ``$SYS``…) would make it publish there for the
+        requester: such an ask is never answered.
+        """
+        tokens = subject.split(".")
+        return (
+            bool(subject) and all(tokens) and not subject.startswith("$")
+            and not subject.startswith(self.prefix + ".")
+            and not any(c in subject for c in " \t\r\n*>")
+        )
 
     def events(self, session: str, kind: EventKind | str) -> str:
         """Where the node publishes one kind of event of ``session``."""

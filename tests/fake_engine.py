@@ -9,7 +9,7 @@ model is fake: its text is scripted, so tests can hold a turn at a chosen token 
 release it, make it fail, or overflow the context.
 
 ``FakeNode`` starts the node's real actors (admission, session runners, bank committer,
-admin) around it, wired as ``node.app.Node`` wires them.
+admin, the micro service) around it, wired as ``node.app.Node`` wires them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from actors.bank_committer import BankCommitter
 from actors.base import Actor, encode
 from actors.session.host import RunnerHost
 from node.admin import AdminActor
+from node.service import NodeService
 from node.streams import ensure_streams
 from schemas.chat import CacheInfo, Timings, Usage
 from schemas.errors import ErrorCode
@@ -301,9 +302,10 @@ class FakeNode:
         self.fake = FakeEngine(await self._connect("engine"), s)
         self.host = RunnerHost(await self._connect("runners"), s, **self.host_settings)
         self.admission = Admission(await self._connect("admission"), s)
+        admin = AdminActor(admin_nc, s, self)  # type: ignore[arg-type]
         self.actors = [
             self.fake, BankCommitter(await self._connect("bank"), s, 5.0), self.host,
-            self.admission, AdminActor(admin_nc, s, self),  # type: ignore[arg-type]
+            self.admission, admin, NodeService(admin_nc, s, admin, "0.0.0", {"prefix": s.prefix}),
         ]
         for actor in self.actors:
             await actor.start()

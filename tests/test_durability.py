@@ -39,7 +39,7 @@ def committer(node: Node) -> BankCommitter:
 
 async def ask(url: str, session: str, text: str, max_tokens: int = 8) -> TurnResult:
     async with InfernodeClient(url) as client:
-        result = await client.ask(session, text, sampling=GREEDY, max_tokens=max_tokens,
+        result = await client.complete(session, text, sampling=GREEDY, max_tokens=max_tokens,
                                   timeout=60)
     assert result.done is not None and result.commit is not None
     return result
@@ -174,7 +174,7 @@ async def test_a_restarted_node_restores_an_old_session_from_the_durable_tier(
     async with InfernodeClient(second.url) as client:
         (summary,) = (await client.sessions()).sessions
         health = await client.health()
-        two = (await client.ask("old", "and now?", sampling=GREEDY, max_tokens=8, timeout=60))
+        two = (await client.complete("old", "and now?", sampling=GREEDY, max_tokens=8, timeout=60))
         metrics = await client.metrics()
     reusable = one.done.usage.prompt_tokens + one.done.usage.completion_tokens
     assert [(e.tier, e.tokens) for e in summary.bank] == [("durable", reusable)]

@@ -214,8 +214,8 @@ async def test_node_answers_a_turn_on_the_configured_engine(make_node, engine):
     node = await make_node(engine=engine)
     assert node.engine is not None and node.engine.info.engine == engine
     async with InfernodeClient(node.url) as client:
-        first = await client.ask("e", "hello world", sampling=GREEDY, max_tokens=6, timeout=60)
-        second = await client.ask("e", "and more", sampling=GREEDY, max_tokens=6, timeout=60)
+        first = await client.complete("e", "hello world", sampling=GREEDY, max_tokens=6, timeout=60)
+        second = await client.complete("e", "and more", sampling=GREEDY, max_tokens=6, timeout=60)
     assert first.text and first.done is not None
     assert first.done.usage.completion_tokens == 6
     assert second.done is not None

@@ -44,7 +44,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 async def ask(url: str, session: str, text: str) -> int:
     async with InfernodeClient(url) as client:
-        result = await client.ask(session, text, sampling=GREEDY, max_tokens=3, timeout=60)
+        result = await client.complete(session, text, sampling=GREEDY, max_tokens=3, timeout=60)
     assert result.commit is not None
     return result.commit.generation
 

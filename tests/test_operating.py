@@ -27,7 +27,7 @@ async def test_client_streams_a_turn_then_reads_history_and_sessions(make_node):
     node = await make_node()
     async with InfernodeClient(node.url) as c:
         chunks = [t.text async for t in c.prompt("cl-1", "hello", sampling=GREEDY, max_tokens=6)]
-        second = await c.ask("cl-1", "again", sampling=GREEDY, max_tokens=6)
+        second = await c.complete("cl-1", "again", sampling=GREEDY, max_tokens=6)
         history = await c.history("cl-1")
         sessions = await c.sessions()
     assert "".join(chunks)
@@ -44,11 +44,11 @@ async def test_client_raises_typed_errors_from_error_events(make_node):
     """Given a session at generation 1, a prompt expecting generation 5 raises a 409 InferError."""
     node = await make_node()
     async with InfernodeClient(node.url) as c:
-        await c.ask("cl-2", "hello", sampling=GREEDY, max_tokens=4)
+        await c.complete("cl-2", "hello", sampling=GREEDY, max_tokens=4)
         with pytest.raises(InferError) as raised:
-            await c.ask("cl-2", "stale", expect_generation=5, max_tokens=4)
+            await c.complete("cl-2", "stale", expect_generation=5, max_tokens=4)
         with pytest.raises(InferError) as bad:
-            await c.ask("not.valid", "hi")
+            await c.complete("not.valid", "hi")
     assert raised.value.code == ErrorCode.CONFLICT and raised.value.status == 409
     assert bad.value.code == ErrorCode.BAD_REQUEST
 
@@ -72,7 +72,7 @@ async def test_relay_to_sends_the_answer_as_a_prompt_to_the_other_session(make_n
     node = await make_node()
     target = await EventCollector.start(nc, S.events_all("relay-b"))
     async with InfernodeClient(node.url) as c:
-        result = await c.ask("relay-a", "pass this on", relay_to="relay-b", max_tokens=6,
+        result = await c.complete("relay-a", "pass this on", relay_to="relay-b", max_tokens=6,
                              sampling=GREEDY)
         await target.wait_until(lambda ms: any(m.subject.endswith(".commit") for m in ms), 60)
         history = await c.history("relay-b")
@@ -109,7 +109,7 @@ async def test_metrics_endpoint_serves_prometheus_text_with_request_and_cache_nu
     node = await make_node(metrics_port=0)
     assert node.metrics_http is not None
     async with InfernodeClient(node.url) as c:
-        await c.ask("m-1", "hello", sampling=GREEDY, max_tokens=4)
+        await c.complete("m-1", "hello", sampling=GREEDY, max_tokens=4)
     status, body = await _http_get(node.metrics_http.port, "/metrics")
     assert status.endswith("200 OK")
     assert "infernode_up 1" in body
@@ -151,7 +151,7 @@ async def test_cli_sessions_history_metrics_health_and_abort_read_the_node(make_
     """Given a session with one turn, the admin commands print it and exit 0."""
     node = await make_node()
     async with InfernodeClient(node.url) as c:
-        await c.ask("cli-s", "hello", sampling=GREEDY, max_tokens=4)
+        await c.complete("cli-s", "hello", sampling=GREEDY, max_tokens=4)
     runs = {
         name: await asyncio.to_thread(_cli, node.url, *argv)
         for name, argv in {

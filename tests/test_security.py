@@ -56,7 +56,7 @@ QUIET = {"bank_ram_bytes": 0}
 async def ask(url: str, config: NodeConfig, session: str, text: str = "hello") -> int:
     """One greedy turn through the client library; the committed generation."""
     async with InfernodeClient(url, config=config) as client:
-        result = await client.ask(session, text, sampling=GREEDY, max_tokens=3, timeout=60)
+        result = await client.complete(session, text, sampling=GREEDY, max_tokens=3, timeout=60)
     assert result.commit is not None
     return result.commit.generation
 

@@ -2,7 +2,8 @@
 
 A runner appends to its record log, publishes its events, asks the engine for a turn (and,
 while the result is late, whether the turn still runs), cancels it, hands commits to the bank
-committer and relays answers. It reaches nothing else: the host's registry is the host's.
+committer, relays answers and answers asks. It reaches nothing else: the host's registry is
+the host's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
-from actors.base import encode, parse_reply
+from actors.base import encode, error_headers, parse_reply
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
@@ -58,6 +59,9 @@ class RunnerIO(Protocol):
         self, target: str, source: str, turn_id: str, text: str,
         params: TurnParams | None = None,
     ) -> None: ...
+    async def answer(
+        self, inbox: str, model: BaseModel, error: InferError | None = None
+    ) -> None: ...
     def token_subject(self, session: str) -> str: ...
 
 
@@ -86,6 +90,13 @@ class BusIO:
         """Publish a session event."""
         headers = {ABORTED_HEADER: "1"} if aborted else None
         await self.nc.publish(self.subjects.events(session, kind), encode(model), headers=headers)
+
+    async def answer(
+        self, inbox: str, model: BaseModel, error: InferError | None = None
+    ) -> None:
+        """Publish an ask's answer (or its typed error) to the requester's inbox."""
+        headers = error_headers(error) if error is not None else None
+        await self.nc.publish(inbox, encode(model), headers=headers)
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         """Ask the engine for a turn and wait for its result.

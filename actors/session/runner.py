@@ -210,7 +210,7 @@ class SessionRunner:
         prompt = req.prompt
         params = TurnParams(
             sampling=prompt.sampling, stop=prompt.stop, max_tokens=prompt.max_tokens,
-            relay_to=prompt.relay_to,
+            relay_to=prompt.relay_to, answer_to=req.answer_to,
         )
         for m in prompt.messages[len(ids):]:
             record = UserRecord(

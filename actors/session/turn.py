@@ -12,15 +12,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from actors.session.io import RunnerIO
 from actors.session.records import abort_records, new_id
-from actors.session.state import Pending, SessionState
-from schemas.chat import ChatMessage
+from actors.session.state import RETRIED_REASONS, Pending, SessionState
+from schemas.chat import ChatMessage, Usage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import ErrorBody, GenerateRequest, GenerateResult
 from schemas.messages import (
     AbortedEvent,
     AbortReply,
+    AnswerReply,
     CommitEvent,
     DoneEvent,
     ErrorEvent,
@@ -75,6 +78,12 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
         session=s, turn_id=turn.id, generation=commit.generation, record_id=assistant.id,
         parent_ids=turn.parent_ids, supersedes=commit.supersedes,
     ))
+    await answer_asks(io, turn, AnswerReply(
+        session=s, turn_id=turn.id, parent_ids=turn.parent_ids, text=r.text,
+        tool_calls=r.tool_calls, finish_reason=r.finish_reason, usage=r.usage,
+        generation=commit.generation, record_id=assistant.id, model_id=r.model_id, cache=r.cache,
+        timings=r.timings,
+    ))
     # The bank snapshot and the relay come after the commit: neither delays the stream.
     await io.bank_commit(s, turn.id, commit.generation, r)
     if turn.params.relay_to and r.text:
@@ -82,8 +91,14 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
     return commit.generation
 
 
-async def record_abort(io: RunnerIO, st: SessionState, turn: Turn, text: str, reason: str) -> str:
-    """Write the provisional and abort records, publish both events; the provisional's id."""
+async def record_abort(
+    io: RunnerIO, st: SessionState, turn: Turn, text: str, reason: str, answer: bool = True
+) -> str:
+    """Write the provisional and abort records, publish both events; the provisional's id.
+
+    Asks are answered with the partial text, unless the turn is retried by itself (a node
+    stopping or restarting): then the retry answers them.
+    """
     s = st.session
     provisional, abort = abort_records(turn.id, turn.parent_ids, text, reason)
     await io.append(s, provisional)
@@ -98,6 +113,13 @@ async def record_abort(io: RunnerIO, st: SessionState, turn: Turn, text: str, re
         session=s, turn_id=turn.id, reason=reason, generation=st.generation,
         provisional_id=provisional.id,
     ), aborted=True)
+    if answer and reason not in RETRIED_REASONS:
+        await answer_asks(io, turn, AnswerReply(
+            session=s, turn_id=turn.id, parent_ids=turn.parent_ids, text=text,
+            finish_reason="aborted", generation=st.generation, record_id=provisional.id,
+            usage=Usage(prompt_tokens=0, cached_tokens=0, new_prefill_tokens=0,
+                        completion_tokens=0),
+        ))
     return provisional.id
 
 
@@ -105,13 +127,29 @@ async def record_failure(io: RunnerIO, st: SessionState, turn: Turn, r: Generate
     """Publish the typed error, then record the turn as aborted; the abort reason."""
     err = r.error
     assert err is not None
-    await io.event(st.session, EventKind.ERROR, ErrorEvent(
-        session=st.session, code=err.code, status=InferError(err.code, "").status,
-        message=err.message, turn_id=turn.id, details=err.details,
-    ))
+    error = InferError(err.code, err.message, err.details)
+    event = ErrorEvent(
+        session=st.session, code=err.code, status=error.status, message=err.message,
+        turn_id=turn.id, details=err.details,
+    )
+    await io.event(st.session, EventKind.ERROR, event)
     reason = err.code.value if err.code == ErrorCode.CONTEXT_OVERFLOW else "engine_error"
-    await record_abort(io, st, turn, r.raw_text or r.text, reason)
+    await record_abort(io, st, turn, r.raw_text or r.text, reason, answer=False)
+    await answer_asks(io, turn, event, error)
     return reason
+
+
+async def answer_asks(
+    io: RunnerIO, turn: Turn, model: BaseModel, error: InferError | None = None
+) -> None:
+    """Send the turn's outcome to the inbox of every ask it answered (each once)."""
+    inboxes = dict.fromkeys(
+        p.record.params.answer_to for p in turn.taken
+        if p.wants_reply and p.record.params.answer_to
+    )
+    for inbox in inboxes:
+        if inbox is not None:
+            await io.answer(inbox, model, error)
 
 
 def chat_start_fields(turn: Turn, messages: int, generation: int, inflight: int) -> dict[str, Any]:
