@@ -64,8 +64,11 @@ class ChatMessage(Frozen):
         data = dict(data)
         if data.get("role") == "developer":
             data["role"] = "system"
-        if isinstance(data.get("content"), list):
-            data["content"] = "\n".join(_text_of_part(p) for p in data["content"])
+        parts = data.get("content")
+        if isinstance(parts, list):
+            if not parts:
+                raise ValueError("content is an empty list of parts: send text")
+            data["content"] = "\n".join(_text_of_part(p) for p in parts)
         return data
 
     @model_validator(mode="after")

@@ -19,6 +19,8 @@ FinishReason = Literal["stop", "length", "tool_calls", "aborted", "error"]
 # -- agents → node ------------------------------------------------------------------------
 _SAMPLING_ALIASES = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty")
 """OpenAI's top-level sampling fields, read into ``sampling``."""
+OPENAI_ALIASES = frozenset({*_SAMPLING_ALIASES, "max_completion_tokens"})
+"""OpenAI fields a prompt accepts that are read into other fields (not kept by name)."""
 
 
 class PromptRequest(Frozen):

@@ -39,7 +39,7 @@ from actors.session.host import RunnerHost
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import STATUS
-from schemas.messages import PromptRequest
+from schemas.messages import OPENAI_ALIASES, PromptRequest
 from schemas.subjects import Subjects, is_session_id
 from tests.fake_engine import FakeNode
 from tests.helpers import EventCollector, publish_prompt
@@ -62,8 +62,8 @@ class Bad:
     """A hostile subject token; None publishes on a fresh, valid session id."""
 
 
-FIELDS = frozenset(PromptRequest.model_fields)
-ROLES = ("system", "user", "assistant", "tool")
+FIELDS = frozenset(PromptRequest.model_fields) | OPENAI_ALIASES
+ROLES = ("system", "user", "assistant", "tool", "developer")
 BOOL_WORDS = {"0", "1", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n"}
 OPTIONAL = {"session", "relay_to", "expect_generation", "idempotency_key"}
 NOT_FOUND = frozenset({"unknown_session"})
@@ -132,7 +132,11 @@ WRONG_TYPES: dict[str, st.SearchStrategy[Any]] = {
     | st.lists(st.integers() | words, min_size=1),
     "max_tokens": containers | words | fractions | st.booleans().map(lambda b: [b]),
     "sampling": st.integers() | words | st.lists(values),
-    "stop": st.integers() | words.filter(bool) | st.lists(st.integers(), min_size=1),
+    "stop": st.integers() | st.booleans() | st.lists(st.integers(), min_size=1),
+    "n": st.integers().filter(lambda i: i != 1) | words | containers,
+    "stream": containers | not_bool_words | st.integers().filter(lambda i: i not in (0, 1)),
+    "model": not_id_types,
+    "max_completion_tokens": containers | words | fractions,
     "reply": containers | not_bool_words | st.integers().filter(lambda i: i not in (0, 1)),
     "expect_generation": containers | words | fractions,
     "idempotency_key": not_id_types,
@@ -160,6 +164,8 @@ out_of_range = st.one_of(
     _one("expect_generation", st.integers(max_value=-1)),
     _one("stop", st.lists(st.text(min_size=1, max_size=3), min_size=9, max_size=12)),
     _one("stop", st.text(min_size=65, max_size=200).map(lambda t: [t]) | st.just([""])),
+    _one("stop", st.text(min_size=65, max_size=200) | st.just("")),
+    _one("max_completion_tokens", _ints_outside(1, 32_768)),
     _one("idempotency_key", st.text(min_size=129, max_size=300) | st.just("")),
     _one("messages", st.integers(min_value=257, max_value=400).map(lambda n: [_user] * n)),
 ).map(lambda field: Bad("out_of_range", _dumps(_prompt(**field))))
