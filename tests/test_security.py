@@ -312,6 +312,24 @@ async def test_example_config_keeps_agent_a_out_of_session_b_and_still_serves_a(
         await b.nc.close()
 
 
+async def test_example_config_lets_an_agent_ask_its_own_session_over_its_own_inbox(
+    make_node, agents_server
+):
+    """Agent A's ask on a-1 is answered on A's inbox; its ask on b-1 is refused by the server."""
+    node = await make_node(url=agents_server.url, **NODE_USER, **QUIET)
+    agent_a = NodeConfig(nats_user="agent-a", nats_password=PASSWORDS["AGENT_A_PASSWORD"],
+                         nats_inbox_prefix="_INBOX.agent-a")
+    async with InfernodeClient(node.url, config=agent_a) as client:
+        answer = await client.ask("a-1", "hello", sampling=GREEDY, max_tokens=3, timeout=60)
+        assert answer.session == "a-1" and answer.generation == 1
+    a = await Agent.connect(agents_server.url, "agent-a", PASSWORDS["AGENT_A_PASSWORD"])
+    try:
+        await a.nc.publish(S.ask("b-1"), b"hello")
+        await a.refused("publish", S.ask("b-1"))
+    finally:
+        await a.nc.close()
+
+
 @pytest.mark.parametrize(("what", "subject"), [
     ("subscription", "infer.>"),
     ("subscription", "_INBOX.>"),
@@ -321,6 +339,7 @@ async def test_example_config_keeps_agent_a_out_of_session_b_and_still_serves_a(
     ("publish", "infer.internal.admit.b-1"),
     ("publish", "infer.admin.delete"),
     ("publish", "infer.abort.b-1"),
+    ("publish", "infer.ask.b-1"),
     ("publish", "$JS.API.STREAM.PURGE.INFER_PROMPTS"),
 ])
 async def test_example_config_refuses_agents_the_node_operator_and_other_agents_subjects(
