@@ -103,11 +103,9 @@ class NodeService(Actor):
         ))
 
     async def on_admin(self, verb: Verb, request: Request) -> None:
-        """Answer an admin verb with its reply model."""
-        if not reply_subject(request):
-            return
+        """Answer an admin verb with its reply model (a publish without a reply runs it too)."""
         reply = await self._guard(request, verb(request.data))
-        if reply is not None:
+        if reply is not None and reply_subject(request):
             await request.respond(encode(reply))
 
     async def _guard(
@@ -122,6 +120,10 @@ class NodeService(Actor):
         except Exception as e:
             self.log.exception("endpoint_failed", subject=request.subject, error=str(e))
             err = InferError(ErrorCode.INTERNAL, f"internal error: {e}")
+        if not reply_subject(request):  # nobody to tell; raising would fail inside nats.micro
+            self.errors += 1
+            self.log.info("request_refused", subject=request.subject, code=err.code.value)
+            return None
         # nats.micro sends the error reply when the handler raises (and counts it there):
         # its reply carries the typed error event as the body.
         request.respond_error = functools.partial(  # type: ignore[method-assign]

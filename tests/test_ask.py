@@ -1,4 +1,4 @@
-"""One request, one answer: ``infer.ask.<session>``, durable through intake, and the micro service."""
+"""One request, one answer on ``infer.ask.<session>``, durable through intake; micro endpoints."""
 
 from __future__ import annotations
 
@@ -225,3 +225,15 @@ async def test_an_ask_cut_by_a_sigkill_is_answered_by_the_restarted_node(
     assert abort.reason == "node_restart"
     (assistant,) = [r for r in history.records if r.kind == "assistant"]
     assert assistant.id == answer.record_id and assistant.content == answer.text
+
+
+async def test_an_admin_verb_published_without_a_reply_subject_still_runs(make_node, nc):
+    """`nats pub infer.admin.delete` (no reply wanted) deletes the session, as before."""
+    node = await make_node()
+    answer_of(await nc.request(S.ask("gone"), b"hello", timeout=60))
+    await nc.publish(S.admin("delete"), b'{"session": "gone"}')
+    async with InfernodeClient(node.url) as client:
+        # The endpoint takes its requests one at a time: this one runs after the publish.
+        with pytest.raises(InferError) as second:
+            await client.delete("gone")
+    assert second.value.code == ErrorCode.GONE

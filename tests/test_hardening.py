@@ -261,7 +261,9 @@ def assert_typed_error(event: dict[str, Any], codes: frozenset[str], what: objec
 
 async def ask(url: str, session: str, text: str = "still there?", **kw: Any) -> int:
     async with InfernodeClient(url) as client:
-        result = await client.complete(session, text, sampling=GREEDY, max_tokens=3, timeout=60, **kw)
+        result = await client.complete(
+            session, text, sampling=GREEDY, max_tokens=3, timeout=60, **kw
+        )
     assert result.commit is not None
     return result.commit.generation
 

@@ -18,7 +18,9 @@ S = Subjects()
 
 async def _ask(url: str, session: str, text: str, max_tokens: int = 12) -> TurnResult:
     async with InfernodeClient(url) as client:
-        return await client.complete(session, text, sampling=GREEDY, max_tokens=max_tokens, timeout=60)
+        return await client.complete(
+            session, text, sampling=GREEDY, max_tokens=max_tokens, timeout=60
+        )
 
 
 async def test_prompt_yields_accepted_started_tokens_done_commit_in_order(make_node, nc):
