@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
@@ -211,6 +212,9 @@ async def test_an_ask_cut_by_a_sigkill_is_answered_by_the_restarted_node(
                            "max_tokens": 8000, "temperature": 0}).encode()
         asked = asyncio.ensure_future(nc.request(S.ask("cut"), body, timeout=240))
         await events.wait_until(lambda ms: bool(kinds(events, "token")), timeout=60)
+        with pytest.raises(NatsTimeoutError):  # recorded, then this asker stops waiting
+            await nc.request(S.ask("cut"), b"me too", timeout=1)
+        await events.wait_until(lambda ms: len(kinds(events, "accepted")) == 2, timeout=30)
         assert not kinds(events, "done"), "the turn ended before the kill; make it longer"
         await node.kill()
         node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
@@ -225,6 +229,9 @@ async def test_an_ask_cut_by_a_sigkill_is_answered_by_the_restarted_node(
     assert abort.reason == "node_restart"
     (assistant,) = [r for r in history.records if r.kind == "assistant"]
     assert assistant.id == answer.record_id and assistant.content == answer.text
+    # The asker that gave up finds its answer: the committed turn answered its message too.
+    (gave_up,) = [r for r in history.records if r.kind == "user" and r.content == "me too"]
+    assert gave_up.id in answer.parent_ids
 
 
 async def test_an_admin_verb_published_without_a_reply_subject_still_runs(make_node, nc):
