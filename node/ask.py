@@ -40,6 +40,22 @@ def read_ask(data: bytes) -> PromptRequest:
     return PromptRequest(messages=(ChatMessage(role="user", content=text),))
 
 
+def _check_answerable(prompt: PromptRequest) -> None:
+    """An ask's answer is recorded with its messages, so it needs messages and a turn."""
+    if not prompt.reply:
+        raise InferError(
+            ErrorCode.BAD_REQUEST,
+            "an ask wants an answer, and reply: false runs no turn: publish appends on the "
+            "prompt subject",
+        )
+    if not prompt.messages:
+        raise InferError(
+            ErrorCode.BAD_REQUEST,
+            "an ask needs at least one message: retry an aborted turn with an empty prompt on "
+            "the prompt subject",
+        )
+
+
 class AskDoor:
     """Puts asks into the intake stream with the inbox their answer goes to."""
 
@@ -59,6 +75,7 @@ class AskDoor:
                 "'_' or '-'",
             )
         prompt = read_ask(data)
+        _check_answerable(prompt)
         key = prompt.idempotency_key or (headers or {}).get(MSG_ID_HEADER) or uuid.uuid4().hex
         if prompt.idempotency_key != key:
             prompt = prompt.model_copy(update={"idempotency_key": key})

@@ -90,11 +90,14 @@ async def test_an_openai_shaped_ask_is_accepted_and_its_settings_honoured(make_n
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "image_url"),
     ({"messages": [{"role": "user", "contnet": "hi"}]}, "contnet"),
+    ({"messages": [{"role": "user", "content": "hi"}], "reply": False}, "reply: false"),
+    ({"messages": []}, "at least one message"),
 ])
-async def test_an_ask_with_an_unknown_or_contradicting_field_gets_400_naming_it(
+async def test_a_bad_or_unanswerable_ask_gets_400_naming_why_and_nothing_is_recorded(
     make_node, nc, body, field
 ):
-    """A typo or an unsupported OpenAI field is one typed 400 naming it; nothing is recorded."""
+    """A typo, an unsupported OpenAI field, or an ask with no turn to answer it (reply false,
+    no messages) is one typed 400 naming it; nothing is recorded and the node serves on."""
     node = await make_node()
     error = error_of(await nc.request(S.ask("bad"), json.dumps(body).encode(), timeout=30))
     assert error.code == ErrorCode.BAD_REQUEST and field in error.message
