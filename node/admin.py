@@ -10,7 +10,7 @@ data path) and reads history from the record log with the reader the runners reb
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from nats.aio.client import Client
 
@@ -35,9 +35,17 @@ from schemas.records import Record
 from schemas.subjects import Subjects, is_session_id
 
 if TYPE_CHECKING:
-    from actors.engine.bank.store import EntryInfo
+    from actors.engine.bank.meta import EntryInfo
     from actors.engine.engine import SlotEngine
-    from node.app import Node
+
+
+class NodeView(Protocol):
+    """What admin reads of the node it serves (``node.app.Node``, or a test's node)."""
+
+    @property
+    def engine(self) -> SlotEngine | None: ...
+    @property
+    def actors(self) -> list[Actor]: ...
 
 
 class AdminActor(Actor):
@@ -45,7 +53,7 @@ class AdminActor(Actor):
 
     name = "admin"
 
-    def __init__(self, nc: Client, subjects: Subjects, node: Node) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, node: NodeView) -> None:
         super().__init__(nc, subjects)
         self.node = node
         self.started = time.time()

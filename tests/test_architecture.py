@@ -138,3 +138,88 @@ def test_a_session_runner_reaches_only_its_bus_never_its_host():
         imported = _imports(ROOT / "actors" / "session" / f"{name}.py")
         assert "actors.session.host" not in imported, name
         assert not any(m == "nats" or m.startswith("nats.") for m in imported), name
+
+
+OUR_PACKAGES = ("schemas", "actors", "node")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Our modules and the modules of ours each imports (type-only and local imports too)."""
+    modules = {_module_name(p): p for p in _python_files(*OUR_PACKAGES)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for n in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(n, ast.Import):
+                targets = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+                # ``from actors.engine import llama_api`` imports the module llama_api
+                targets = [f"{n.module}.{a.name}" for a in n.names] + [n.module]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_reports_a_circle_and_nothing_else():
+    """The finder sees a two-module circle and passes a chain."""
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_circles_among_our_packages():
+    """No module of schemas, actors or node reaches itself through imports (type-only too)."""
+    assert _cycles(_import_graph()) == []
+
+
+def test_imports_go_one_way_node_actors_schemas():
+    """schemas imports nothing of ours; actors import nothing of node."""
+    for name, edges in _import_graph().items():
+        if name.startswith("schemas"):
+            assert not {e for e in edges if not e.startswith("schemas")}, name
+        if name.startswith("actors"):
+            assert not {e for e in edges if e.startswith("node")}, name

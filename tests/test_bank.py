@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from actors.bank_committer import BankCommitter
-from actors.engine.bank.store import BankEntry, SnapshotMeta
+from actors.engine.bank.meta import SnapshotMeta
+from actors.engine.bank.store import BankEntry
 from actors.engine import sampling as sampling_mod
 from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.loader import EngineSettings, load_engine

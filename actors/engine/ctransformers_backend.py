@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from actors.engine import llama_api
+from actors.engine.gguf_info import model_id_of
 from actors.engine.llama_model import LlamaContext, LlamaModel, ModelParams
 from actors.engine.tokenizer import PromptTokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4
-
-
-def model_id_of(path: Path) -> str:
-    """A cheap identity of a model file: size and a hash of its first MiB."""
-    with path.open("rb") as f:
-        head = f.read(1 << 20)
-    return f"{path.stat().st_size:x}-{hashlib.sha256(head).hexdigest()[:16]}"
 
 
 class CtransformersBackend:

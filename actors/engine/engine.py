@@ -15,7 +15,9 @@ from typing import Literal
 
 import structlog
 
-from actors.engine.bank.store import BankEntry, BankStore, Compat, SnapshotMeta, token_hash
+from actors.engine.bank.meta import Compat, SnapshotMeta
+from actors.engine.bank.store import BankEntry, BankStore
+from actors.engine.tokens import token_hash
 from actors.engine.interface import (
     Backend,
     CancelToken,

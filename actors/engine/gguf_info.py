@@ -8,6 +8,7 @@ the weights are never read here.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,13 @@ import gguf
 RUNNABLE_ARCHS = frozenset({"llama", "falcon"})
 """Architectures the bundled llama.cpp runs."""
 _MAGIC = b"GGUF"
+
+
+def model_id_of(path: Path) -> str:
+    """A cheap identity of a model file: size and a hash of its first MiB."""
+    with path.open("rb") as f:
+        head = f.read(1 << 20)
+    return f"{path.stat().st_size:x}-{hashlib.sha256(head).hexdigest()[:16]}"
 
 
 class ModelFileError(ValueError):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from actors.engine.ctransformers_backend import model_id_of
+from actors.engine.gguf_info import model_id_of
 from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llama_model import ModelLoadError, ModelParams
 from actors.engine.llamacpp_context import LlamaCppSequence, SharedContext, SharedContextParams

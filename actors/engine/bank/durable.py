@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import queue
 import re
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from actors.engine.bank.store import SnapshotMeta
+from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json
 from schemas.subjects import is_session_id
 
 log = structlog.get_logger("bank_durable")
@@ -36,23 +34,6 @@ _HEADER = struct.Struct("<8sI")
 _Job = tuple[Callable[[], None], "concurrent.futures.Future[None]"]
 _STOP = None
 _HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def meta_to_json(meta: SnapshotMeta) -> bytes:
-    """Wire form of a snapshot's metadata."""
-    body = asdict(meta)
-    body["tokens"] = list(meta.tokens)
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def meta_from_json(raw: bytes) -> SnapshotMeta:
-    """Metadata from ``meta_to_json``; raises ValueError when it is not that."""
-    try:
-        body = json.loads(raw)
-        body["tokens"] = tuple(int(t) for t in body["tokens"])
-        return SnapshotMeta(**body)
-    except (TypeError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"not snapshot metadata: {e}") from e
 
 
 class DurableBackend(Protocol):

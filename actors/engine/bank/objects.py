@@ -20,8 +20,7 @@ from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from actors.engine.bank.durable import meta_from_json, meta_to_json
-from actors.engine.bank.store import SnapshotMeta
+from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 120.0

@@ -5,105 +5,28 @@ and the bank committer's requests (which bank every committed turn). Bytes never
 bus: a snapshot can be tens of megabytes. Thread-safe: slot worker threads call it.
 
 Tiers: a resident slot, then this RAM tier, then the durable tier (a directory and/or a
-JetStream object store, ``bank_durable``) when one is attached. A lookup that finds a longer
+JetStream object store, ``durable``) when one is attached. A lookup that finds a longer
 prefix in the durable tier than in RAM loads it (on the calling slot thread) and keeps a copy
 in RAM. Only committed turns are written to the durable tier.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
 
+from actors.engine.bank.meta import Compat, EntryInfo, SnapshotMeta
+from actors.engine.tokens import common_prefix
+
 if TYPE_CHECKING:
     from actors.engine.bank.durable import DurableTier
 
 log = structlog.get_logger("bank")
-
-EntryInfo = dict[str, str | int | float | bool]
-
-
-def token_hash(tokens: Sequence[int]) -> str:
-    """sha256 of token ids (as little-endian int32)."""
-    return hashlib.sha256(array("i", tokens).tobytes()).hexdigest()
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    # Compare in blocks first: histories run to thousands of tokens.
-    step = 256
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-@dataclass(frozen=True)
-class Compat:
-    """What a snapshot must share with the running engine to be restored."""
-
-    model_id: str
-    """Identity of the model file; a state of another model is never restored."""
-    n_ctx: int = 0
-    """Context length of the slots: a state's layout depends on it."""
-    template: str = ""
-    """Chat template the tokens were rendered with."""
-
-
-@dataclass
-class SnapshotMeta:
-    """Everything about a snapshot except its bytes (what the durable index keeps)."""
-
-    session: str
-    """Session it belongs to."""
-    tokens: tuple[int, ...]
-    """Tokens whose KV state the snapshot holds."""
-    nbytes: int
-    """Size of the state."""
-    model_id: str
-    """Model the state belongs to."""
-    n_ctx: int = 0
-    """Context length of the slot it was taken from."""
-    template: str = ""
-    """Chat template of the tokens."""
-    token_hash: str = ""
-    """sha256 of ``tokens``."""
-    created: float = field(default_factory=time.time)
-    """Unix time of the snapshot."""
-    last_access: float = field(default_factory=time.time)
-    """Unix time of the last hit."""
-    hits: int = 0
-    """Times a turn restored it."""
-
-    def __post_init__(self) -> None:
-        if not self.token_hash:
-            self.token_hash = token_hash(self.tokens)
-
-    def fits(self, compat: Compat) -> str | None:
-        """None when restorable under ``compat``, else the miss reason."""
-        if self.model_id != compat.model_id or self.n_ctx != compat.n_ctx:
-            return "model_mismatch"
-        if self.template != compat.template:
-            return "template_mismatch"
-        return None
-
-    def describe(self) -> EntryInfo:
-        """Metadata for admin."""
-        return {
-            "session": self.session, "tokens": len(self.tokens), "token_hash": self.token_hash,
-            "nbytes": self.nbytes, "created": self.created, "last_access": self.last_access,
-            "hits": self.hits, "model_id": self.model_id,
-        }
 
 
 @dataclass

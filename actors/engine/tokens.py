@@ -1,0 +1,29 @@
+"""Facts about token sequences that the engine, its turns and its bank all use.
+
+A token prefix is identified by its sha256 here and only here; whoever has the digest
+passes it along rather than hashing the same tokens again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+
+def token_hash(tokens: Sequence[int]) -> str:
+    """sha256 of token ids (as little-endian int32)."""
+    return hashlib.sha256(array("i", tokens).tobytes()).hexdigest()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: histories run to thousands of tokens.
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
