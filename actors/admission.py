@@ -33,6 +33,12 @@ from schemas.subjects import ANSWER_TO_HEADER, MSG_ID_HEADER, EventKind, Subject
 
 TRANSIENT = frozenset({ErrorCode.UNAVAILABLE})
 """Refusals that say "not now" (the record log or the node is unavailable): offered again."""
+ADMIT_TIMEOUT_S = 10.0
+"""Longest wait for a runner to record a prompt before it is offered again."""
+FETCH_BATCH = 32
+"""Prompts pulled from the intake stream at once."""
+RETRY_S = 1.0
+"""Delay before a prompt that could not be recorded now is offered again."""
 
 
 class Admission(Actor):
@@ -44,17 +50,11 @@ class Admission(Actor):
         self,
         nc: Client,
         subjects: Subjects,
-        max_prompt_bytes: int = 4 << 20,
-        admit_timeout_s: float = 10.0,
-        batch: int = 32,
-        retry_s: float = 1.0,
+        max_prompt_bytes: int,
     ) -> None:
         super().__init__(nc, subjects)
         self.js: JetStreamContext = nc.jetstream()
         self.max_prompt_bytes = max_prompt_bytes
-        self.admit_timeout_s = admit_timeout_s
-        self.batch = batch
-        self.retry_s = retry_s
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self.admitted = 0
@@ -85,7 +85,7 @@ class Admission(Actor):
     async def _pull(self) -> None:
         while not self._stopping.is_set():
             try:
-                msgs = await self._sub.fetch(self.batch, timeout=0.5)
+                msgs = await self._sub.fetch(FETCH_BATCH, timeout=0.5)
             except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception as e:  # a reconnect in progress: try again shortly
@@ -136,7 +136,7 @@ class Admission(Actor):
         )
         try:
             reply = await self.nc.request(
-                self.subjects.admit(token), encode(req), timeout=self.admit_timeout_s
+                self.subjects.admit(token), encode(req), timeout=ADMIT_TIMEOUT_S
             )
             outcome: AdmitReply = parse_reply(reply.data, reply.headers, AdmitReply)
             if outcome.outcome == "rejected" and outcome.error is not None:
@@ -156,7 +156,7 @@ class Admission(Actor):
         self.log.warning("admit_deferred", session=session, error=repr(error))
         self.deferred += 1
         try:
-            await msg.nak(delay=self.retry_s)
+            await msg.nak(delay=RETRY_S)
         except Exception as e:  # NATS is away: the ack deadline redelivers it anyway
             self.log.warning("intake_nak_failed", session=session, error=str(e) or repr(e))
 

@@ -31,7 +31,7 @@ class BankCommitter(Actor):
 
     name = "bank_committer"
 
-    def __init__(self, nc: Client, subjects: Subjects, wait_s: float = 30.0) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, wait_s: float) -> None:
         super().__init__(nc, subjects)
         self.wait_s = wait_s
         self.committed = 0

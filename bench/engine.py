@@ -40,7 +40,8 @@ from actors.engine.bank.store import BankEntry  # noqa: E402
 from actors.engine.ctransformers_backend import CtransformersBackend  # noqa: E402
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
-from actors.engine.loader import EngineSettings, load_engine  # noqa: E402
+from actors.engine.loader import load_engine  # noqa: E402
+from node.config import NodeConfig  # noqa: E402
 from bench.common import (  # noqa: E402
     MIB,
     BenchError,
@@ -354,7 +355,7 @@ async def rss_child(n_slots: int, payload_path: Path) -> dict[str, object]:
     """In a fresh process: ``n_slots`` sessions restored from the bank into slots, then RSS."""
     payload = json.loads(payload_path.read_text())
     s = payload["settings"]
-    engine = load_engine(EngineSettings(
+    engine = load_engine(NodeConfig(
         model=Path(s["model"]), n_slots=n_slots, n_ctx=s["n_ctx"], threads=s["threads"],
         gpu_layers=s["gpu_layers"], llama_lib=Path(s["llama_lib"]) if s["llama_lib"] else None,
         bank_ram_bytes=_UNCAPPED, bank_session_bytes=_UNCAPPED, verify_restore=False,
@@ -390,7 +391,7 @@ async def rss_child(n_slots: int, payload_path: Path) -> dict[str, object]:
 # -- the run ----------------------------------------------------------------------------------
 async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[str, list[Ratio]]:
     """Load the engine once, measure ratios 1–3 in this process and 4 in children."""
-    engine = await asyncio.to_thread(load_engine, EngineSettings(
+    engine = await asyncio.to_thread(load_engine, NodeConfig(
         model=model, n_slots=1, n_ctx=sizes.n_ctx, threads=threads_of(args, sizes),
         gpu_layers=args.gpu_layers, llama_lib=args.llama_lib,
         bank_ram_bytes=_UNCAPPED, bank_session_bytes=_UNCAPPED,

@@ -36,7 +36,8 @@ if __package__ in (None, ""):
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
 from actors.engine.llamacpp_backend import INSTALL_HINT, llama_cpp_available  # noqa: E402
-from actors.engine.loader import EngineSettings, load_engine  # noqa: E402
+from actors.engine.loader import load_engine  # noqa: E402
+from node.config import NodeConfig  # noqa: E402
 from bench.common import (  # noqa: E402
     BenchError,
     Chatter,
@@ -80,9 +81,9 @@ QUICK = Sizes(TINY, n_ctx=256, prompt=64, decode=16, reps=2, threads=1)
 
 def load(name: str, model: Path, sizes: Sizes, threads: int, gpu: int, slots: int) -> SlotEngine:
     """An engine without snapshots: evictions cost nothing inside the timed turns."""
-    return load_engine(EngineSettings(
+    return load_engine(NodeConfig(
         model=model, engine=name, n_slots=slots, n_ctx=sizes.n_ctx, threads=threads,
-        gpu_layers=gpu, snapshots=False, verify_restore=False,
+        gpu_layers=gpu, bank_ram_bytes=0, verify_restore=False,
     ))
 
 

@@ -1,4 +1,5 @@
-"""The node: embedded NATS (or a given one), the engine, the four actors and its service, wired.
+"""The node: embedded NATS (or a given one), the engine, the four actors and its service
+(built in ``wiring``).
 
 Start order follows the data: engine first (it takes longest and everything needs it), then
 the bank committer, the session runners (which rebuild sessions from the record log) and
@@ -10,30 +11,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 from nats.aio.client import Client
 
-from actors.admission import Admission
-from actors.bank_committer import BankCommitter
 from actors.base import Actor
-from actors.engine.actor import EngineActor
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import ModelFileError, UnsupportedModelError
 from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llama_model import ModelLoadError
-from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.loader import load_engine
 from actors.engine.template_sandbox import TemplateError
-from actors.session.host import RunnerHost
-from node.admin import AdminActor
 from node.bus import BusError, connect
 from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
 from node.metrics_http import MetricsHttp
 from node.nats_server import EmbeddedNats, NatsServerError
-from node.service import NodeService
-from node.streams import ensure_streams
+from node.wiring import build_actors, engine_actor, prepare_streams
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("node")
@@ -58,29 +54,6 @@ def demo_model_path(data_dir: Path) -> Path:
         log.info("demo_model_writing", path=str(path))
         write_llama_gguf(path)
     return path
-
-
-def engine_settings(
-    config: NodeConfig, model: Path, progress: Callable[[float], None] | None = None
-) -> EngineSettings:
-    """The engine's part of the configuration."""
-    return EngineSettings(
-        progress=progress,
-        model=model,
-        engine=config.engine,
-        n_slots=config.n_slots,
-        n_ctx=config.n_ctx,
-        n_batch=config.n_batch,
-        threads=config.threads,
-        gpu_layers=config.gpu_layers,
-        llama_lib=config.llama_lib,
-        chat_template=config.chat_template,
-        bank_ram_bytes=config.bank_ram_bytes,
-        bank_session_bytes=config.bank_session_bytes,
-        snapshots=config.bank_ram_bytes > 0,
-        verify_restore=config.verify_restore,
-        llama_log=config.llama_log,
-    )
 
 
 class Node:
@@ -127,31 +100,16 @@ class Node:
             (cfg.data_dir / "nats.url").write_text(self.url + "\n")
         model = cfg.model or demo_model_path(cfg.data_dir)
         self.engine = await asyncio.to_thread(
-            load_engine, engine_settings(cfg, model, self.on_load_progress)
+            load_engine, replace(cfg, model=model), self.on_load_progress
         )
         admin_nc = await self._connect("admin")
-        await ensure_streams(
-            admin_nc.jetstream(), self.subjects, cfg.max_payload,
-            cfg.intake_max_prompts, cfg.intake_max_bytes,
-        )
         s = self.subjects
-        self.actors = [
-            EngineActor(
-                await self._connect("engine"), s, self.engine, cfg.bank_dir, cfg.bank_object_store
-            ),
-            BankCommitter(await self._connect("bank"), s, cfg.commit_wait_s),
-            RunnerHost(
-                await self._connect("runners"), s, cfg.max_pending_per_session,
-                cfg.max_sessions, cfg.tombstones, heartbeat_s=cfg.heartbeat_s,
-            ),
-            Admission(await self._connect("admission"), s, max_prompt_bytes=cfg.max_payload),
-        ]
-        admin = AdminActor(admin_nc, s, self)
-        # Last: the service's endpoints (ask, admin) open once everything behind them runs.
-        self.actors += [admin, NodeService(
-            admin_nc, s, admin, VERSION,
-            {"prefix": cfg.prefix, "model": str(model), "engine": cfg.engine},
-        )]
+        await prepare_streams(admin_nc, s, cfg)
+        engine = await engine_actor(cfg, s, self._connect, self.engine)
+        metadata = {"prefix": cfg.prefix, "model": str(model), "engine": cfg.engine}
+        self.actors = await build_actors(
+            cfg, s, self._connect, engine, admin_nc, self, VERSION, metadata
+        )
         for actor in self.actors:
             await actor.start()
         if cfg.metrics_port is not None:

@@ -90,6 +90,12 @@ class NodeConfig:
     """Recently deleted session ids remembered to answer gone (410)."""
     heartbeat_s: float = 30.0
     """Seconds between stats heartbeat log lines; 0 turns them off."""
+    turn_timeout_s: float = 3600.0
+    """Longest a session runner waits for the engine's result of one turn."""
+    turn_probe_s: float = 10.0
+    """How often a runner waiting on a turn asks the engine whether it still runs."""
+    stop_wait_s: float = 10.0
+    """How long a stopping node waits for a cut turn's abort to be recorded."""
     log_level: str = "info"
     """debug, info, warning, error or critical."""
     log_format: str = "auto"
@@ -316,6 +322,12 @@ def _check_durations(c: NodeConfig) -> None:
             f"commit_wait_s must be more than 0 seconds (got {c.commit_wait_s}); "
             "set INFERNODE_COMMIT_WAIT_S=30"
         )
+    for name in ("turn_timeout_s", "turn_probe_s", "stop_wait_s"):
+        if not getattr(c, name) > 0:
+            _fail(
+                f"{name} must be more than 0 seconds (got {getattr(c, name)}); "
+                f"set INFERNODE_{name.upper()} to a positive number"
+            )
     if not c.heartbeat_s >= 0:
         _fail(
             f"heartbeat_s must be 0 (off) or more seconds (got {c.heartbeat_s}); "

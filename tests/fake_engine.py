@@ -9,7 +9,8 @@ model is fake: its text is scripted, so tests can hold a turn at a chosen token 
 release it, make it fail, or overflow the context.
 
 ``FakeNode`` starts the node's real actors (admission, session runners, bank committer,
-admin, the micro service) around it, wired as ``node.app.Node`` wires them.
+admin, the micro service) around it, built by ``node.wiring`` as ``node.app.Node`` builds
+them.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors.admission import Admission
-from actors.bank_committer import BankCommitter
 from actors.base import Actor, encode
 from actors.session.host import RunnerHost
-from node.admin import AdminActor
-from node.service import NodeService
-from node.streams import ensure_streams
+from node.config import NodeConfig
+from node.wiring import build_actors, prepare_streams
 from schemas.chat import CacheInfo, Timings, Usage
 from schemas.errors import ErrorCode
 from schemas.internal import (
@@ -268,12 +267,16 @@ def _error(
 
 
 class FakeNode:
-    """The node's actors around a ``FakeEngine``, on an existing NATS server."""
+    """The node's actors around a ``FakeEngine``, on an existing NATS server.
 
-    def __init__(self, url: str, prefix: str = "infer", **host_settings: Any) -> None:
+    Built by ``node.wiring`` from a ``NodeConfig`` (``settings`` are its fields), as
+    ``node.app.Node`` builds them, so both run with the same limits.
+    """
+
+    def __init__(self, url: str, prefix: str = "infer", **settings: Any) -> None:
         self.url = url
+        self.config = NodeConfig(nats_url=url, prefix=prefix, **settings)
         self.subjects = Subjects(prefix)
-        self.host_settings = host_settings
         self.engine = None
         """No real engine (the admin actor reads this for health)."""
         self.fake: FakeEngine
@@ -296,17 +299,15 @@ class FakeNode:
 
     async def start(self) -> None:
         """Streams first, then engine, bank, runners, admission, admin (node.app's order)."""
-        s = self.subjects
+        s, cfg = self.subjects, self.config
         admin_nc = await self._connect("admin")
-        await ensure_streams(admin_nc.jetstream(), s, 8 << 20)
+        await prepare_streams(admin_nc, s, cfg)
         self.fake = FakeEngine(await self._connect("engine"), s)
-        self.host = RunnerHost(await self._connect("runners"), s, **self.host_settings)
-        self.admission = Admission(await self._connect("admission"), s)
-        admin = AdminActor(admin_nc, s, self)  # type: ignore[arg-type]
-        self.actors = [
-            self.fake, BankCommitter(await self._connect("bank"), s, 5.0), self.host,
-            self.admission, admin, NodeService(admin_nc, s, admin, "0.0.0", {"prefix": s.prefix}),
-        ]
+        self.actors = await build_actors(
+            cfg, s, self._connect, self.fake, admin_nc, self, "0.0.0", {"prefix": s.prefix}
+        )
+        self.host = next(a for a in self.actors if isinstance(a, RunnerHost))
+        self.admission = next(a for a in self.actors if isinstance(a, Admission))
         for actor in self.actors:
             await actor.start()
 

@@ -15,7 +15,8 @@ from actors.engine.bank.meta import SnapshotMeta
 from actors.engine.bank.store import BankEntry
 from actors.engine import sampling as sampling_mod
 from actors.engine.interface import CancelToken, TurnSpec
-from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.loader import load_engine
+from node.config import NodeConfig
 from node.client import InfernodeClient, TurnResult
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
@@ -173,7 +174,7 @@ def spec(session: str, messages, tokens=None, max_tokens: int = 8) -> TurnSpec:
 
 @pytest.fixture
 async def engine(tiny_model: Path):
-    made = load_engine(EngineSettings(model=tiny_model, n_slots=1, threads=1, verify_restore=False))
+    made = load_engine(NodeConfig(model=tiny_model, n_slots=1, threads=1, verify_restore=False))
     yield made
     await made.close()
 
@@ -249,14 +250,14 @@ async def test_an_edited_history_reports_where_the_prefix_diverged(engine):
 async def test_a_session_whose_snapshot_was_pushed_out_of_ram_reports_evicted(tiny_model):
     """Given a RAM bank that holds one snapshot, when a second session evicts the first's, then
     the first's next turn is a miss named 'evicted'."""
-    settings = EngineSettings(model=tiny_model, n_slots=1, threads=1, verify_restore=False)
+    settings = NodeConfig(model=tiny_model, n_slots=1, threads=1, verify_restore=False)
     probe = load_engine(settings)
     try:
         a1 = await run(probe, spec("a", [user("alpha")]))
         size = probe.pool.slots[0].ctx.state_bytes()
     finally:
         await probe.close()
-    engine = load_engine(EngineSettings(
+    engine = load_engine(NodeConfig(
         model=tiny_model, n_slots=1, threads=1, verify_restore=False,
         bank_ram_bytes=int(len(size) * 1.5), bank_session_bytes=int(len(size) * 1.5),
     ))

@@ -11,7 +11,8 @@ import pytest
 from actors.engine import sampling as sampling_mod
 from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.llama_api import LlamaLibraryError
-from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.loader import load_engine
+from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from tests.helpers import until
 
@@ -34,7 +35,7 @@ def engine_factory(tiny_model: Path):
     made = []
 
     def make(**kw):
-        settings = EngineSettings(model=tiny_model, threads=1, verify_restore=False, **kw)
+        settings = NodeConfig(model=tiny_model, threads=1, verify_restore=False, **kw)
         engine = load_engine(settings)
         made.append(engine)
         return engine
@@ -82,7 +83,7 @@ async def test_tool_call_turn_then_tool_result_hits_cache_before_the_result(engi
 async def test_evicted_session_restores_from_bank_with_identical_output(engine_factory):
     """With one slot, a session evicted by another restores its snapshot, same greedy text."""
     engine = engine_factory(n_slots=1)
-    cold = engine_factory(n_slots=1, bank_ram_bytes=0, snapshots=False)
+    cold = engine_factory(n_slots=1, bank_ram_bytes=0)
     try:
         a1 = await run(engine, spec("a", [user("alpha")]))
         await run(engine, spec("b", [user("beta")]))  # evicts a, banking its state first
@@ -102,7 +103,7 @@ async def test_evicted_session_restores_from_bank_with_identical_output(engine_f
 
 async def test_without_bank_an_evicted_session_reports_the_eviction(engine_factory):
     """With snapshots off, the miss reason of an evicted session is 'evicted'."""
-    engine = engine_factory(n_slots=1, snapshots=False)
+    engine = engine_factory(n_slots=1, bank_ram_bytes=0)
     try:
         await run(engine, spec("a", [user("alpha")]))
         await run(engine, spec("b", [user("beta")]))
@@ -162,7 +163,7 @@ async def test_turns_run_on_long_lived_slot_threads(engine_factory):
 
 def test_restore_is_verified_in_a_child_process_at_load(tiny_model):
     """Loading with verification checks restore in a child and enables the bank."""
-    engine = load_engine(EngineSettings(model=tiny_model, n_slots=1, threads=1))
+    engine = load_engine(NodeConfig(model=tiny_model, n_slots=1, threads=1))
     assert engine.info.snapshots and "equal" in engine.info.snapshot_note
 
 
@@ -177,4 +178,4 @@ def test_cuda_library_without_a_gpu_fails_with_a_clear_message(tiny_model):
     except OSError:
         pass
     with pytest.raises(LlamaLibraryError, match="libcudart"):
-        load_engine(EngineSettings(model=tiny_model, n_slots=1, gpu_layers=1, verify_restore=False))
+        load_engine(NodeConfig(model=tiny_model, n_slots=1, gpu_layers=1, verify_restore=False))

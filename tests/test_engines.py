@@ -25,13 +25,13 @@ from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec, end_of_g
 from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import (
-    EngineSettings,
     LlamaCppMissingError,
     choose_engine,
     default_threads,
     load_engine,
 )
 from node.client import InfernodeClient
+from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
 
@@ -54,9 +54,10 @@ async def make_engine(engine: str, tiny_model: Path) -> AsyncIterator[MakeEngine
     """Load engines of the test's kind on the tiny model; all are closed after the test."""
     made: list[SlotEngine] = []
 
-    def make(**kw: Any) -> SlotEngine:
+    def make(progress: Callable[[float], None] | None = None, **kw: Any) -> SlotEngine:
         kw.setdefault("verify_restore", False)
-        loaded = load_engine(EngineSettings(model=tiny_model, engine=engine, threads=1, **kw))
+        config = NodeConfig(model=tiny_model, engine=engine, threads=1, **kw)
+        loaded = load_engine(config, progress)
         made.append(loaded)
         return loaded
 
@@ -115,7 +116,7 @@ async def test_snapshot_restored_after_eviction_answers_like_a_cold_recompute(ma
     """With one slot, an evicted session restores its banked state and answers what a
     recompute from scratch answers."""
     engine = make_engine(n_slots=1)
-    cold = make_engine(n_slots=1, snapshots=False)
+    cold = make_engine(n_slots=1, bank_ram_bytes=0)
     a1 = await run(engine, spec("a", [user("alpha")]))
     await run(engine, spec("b", [user("beta")]))  # evicts a, banking its state first
     history = [user("alpha"), ChatMessage(role="assistant", content=a1.text), user("more")]
@@ -189,7 +190,7 @@ async def test_a_reply_ends_at_any_end_of_generation_token(make_engine, monkeypa
 async def test_turns_make_no_threads_and_close_joins_every_engine_thread(tiny_model, engine):
     """Turns run on threads made at load; closing the engine ends all of them."""
     at_start = set(threading.enumerate())
-    loaded = load_engine(EngineSettings(model=tiny_model, engine=engine, n_slots=2, threads=1,
+    loaded = load_engine(NodeConfig(model=tiny_model, engine=engine, n_slots=2, threads=1,
                                         verify_restore=False))
     made = set(threading.enumerate()) - at_start
     try:
@@ -227,7 +228,7 @@ async def test_node_answers_a_turn_on_the_configured_engine(make_node, engine):
 @NEEDS_LLAMA_CPP
 async def test_llama_cpp_ends_replies_at_end_of_turn_markup_too(tiny_model):
     """Current llama.cpp counts chat end-of-turn markup (<|im_end|>) as end of generation."""
-    engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
                                         threads=1, verify_restore=False))
     try:
         im_end = engine.backend.tokenizer.encode("<|im_end|>", add_bos=False)
@@ -242,7 +243,7 @@ async def test_llama_cpp_ends_replies_at_end_of_turn_markup_too(tiny_model):
 async def test_repeat_penalty_never_sees_end_of_generation_tokens(tiny_model, monkeypatch):
     """End-of-turn markup in the history (<|im_end|>) is kept out of the repeat penalty, as
     EOS is, so a model is never pushed away from ending its reply."""
-    engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
                                         threads=1, verify_restore=False))
     seen: list[list[int]] = []
     real_sample = sampling_mod.Sampler.sample
@@ -269,7 +270,7 @@ async def test_a_snapshot_of_one_engine_is_never_offered_to_the_other(tiny_model
     """Both engines read the same file but keep KV state in different formats: a state
     banked by ctransformers is a model_mismatch on llama-cpp, never restored there."""
     ct, lc = (
-        load_engine(EngineSettings(model=tiny_model, engine=e, n_slots=1, threads=1,
+        load_engine(NodeConfig(model=tiny_model, engine=e, n_slots=1, threads=1,
                                    verify_restore=False))
         for e in ("ctransformers", "llama-cpp")
     )
@@ -293,7 +294,7 @@ async def test_a_snapshot_of_one_engine_is_never_offered_to_the_other(tiny_model
 @NEEDS_LLAMA_CPP
 async def test_llama_cpp_restore_is_verified_in_a_child_process_at_load(tiny_model):
     """Loading llama-cpp with verification checks per-sequence restore in a child."""
-    engine = load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
                                         threads=1))
     try:
         assert engine.info.snapshots and "equal" in engine.info.snapshot_note
@@ -306,7 +307,7 @@ def test_llama_cpp_engine_without_the_library_says_what_to_install(tiny_model, m
     """--engine llama-cpp where llama-cpp-python cannot be imported names the install."""
     monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", None)
     with pytest.raises(LlamaLibraryError, match=r"pip install 'infernode\[llamacpp\]'"):
-        load_engine(EngineSettings(model=tiny_model, engine="llama-cpp", n_slots=1,
+        load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
                                    verify_restore=False))
 
 

@@ -381,7 +381,7 @@ async def test_a_session_with_max_pending_waiting_refuses_more_with_busy_and_ans
 ):
     """While a turn is held, prompts past max_pending get busy 429; the rest are answered once."""
     limit, flood = 3, 40
-    async with FakeNode(nats_server.url, heartbeat_s=0, max_pending=limit) as node:
+    async with FakeNode(nats_server.url, heartbeat_s=0, max_pending_per_session=limit) as node:
         events = await EventCollector.start(nc, S.events_all("flood"))
         gate = node.fake.hold("flood", after=1)
         first = await _send(nc, "flood", "first")

@@ -695,7 +695,7 @@ async def test_status_idle_restored_when_the_engines_result_is_lost(nats_server,
     session goes idle with its prompt kept, and an empty prompt retries it to a commit."""
     from tests.fake_engine import Script
 
-    async with FakeNode(nats_server.url, heartbeat_s=0, probe_s=0.2) as node:
+    async with FakeNode(nats_server.url, heartbeat_s=0, turn_probe_s=0.2) as node:
         lost = await Session.watch(nc, "lost")
         node.fake.script("lost", Script(tokens=("gone",), lose_reply=True))
         await send(nc, "lost", "hello?")

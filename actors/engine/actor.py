@@ -49,8 +49,8 @@ class EngineActor(Actor):
         nc: Client,
         subjects: Subjects,
         engine: SlotEngine,
-        bank_dir: Path | None = None,
-        bank_object_store: bool = False,
+        bank_dir: Path | None,
+        bank_object_store: bool,
     ) -> None:
         super().__init__(nc, subjects)
         self.engine = engine

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -35,28 +36,42 @@ from actors.engine.verify import verify_in_child
 log = structlog.get_logger("engine")
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """The engine's part of the node configuration."""
+class EngineSettings(Protocol):
+    """The engine's part of the node configuration (``node.config.NodeConfig`` is one).
 
-    model: Path
-    engine: str = "ctransformers"
-    """ctransformers, llama-cpp or auto."""
-    n_slots: int = 2
-    n_ctx: int = 2048
-    n_batch: int = 512
-    threads: int = 0
-    """Threads per evaluation; 0 picks them for the engine (``default_threads``)."""
-    gpu_layers: int = 0
-    llama_lib: Path | None = None
-    chat_template: str = "auto"
-    bank_ram_bytes: int = 1 << 30
-    bank_session_bytes: int = 256 << 20
-    snapshots: bool = True
-    verify_restore: bool = True
-    llama_log: bool = False
-    progress: Callable[[float], None] | None = field(default=None, compare=False)
-    """Called with 0..1 while the weights load."""
+    Read-only, and without values of its own: every default lives in the node's config.
+    """
+
+    @property
+    def model(self) -> Path | None: ...
+    @property
+    def engine(self) -> str: ...
+    @property
+    def n_slots(self) -> int: ...
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_batch(self) -> int: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def gpu_layers(self) -> int: ...
+    @property
+    def llama_lib(self) -> Path | None: ...
+    @property
+    def chat_template(self) -> str: ...
+    @property
+    def bank_ram_bytes(self) -> int: ...
+    @property
+    def bank_session_bytes(self) -> int: ...
+    @property
+    def verify_restore(self) -> bool: ...
+    @property
+    def llama_log(self) -> bool: ...
+
+
+Progress = Callable[[float], None]
+"""Called with 0..1 while the weights load."""
 
 
 class LlamaCppMissingError(UnsupportedModelError):
@@ -98,18 +113,40 @@ def default_threads(engine: str, n_slots: int, cores: int | None = None) -> int:
     return cores if engine == "llama-cpp" else max(1, cores // max(1, n_slots))
 
 
-def load_engine(settings: EngineSettings) -> SlotEngine:
+@dataclass(frozen=True)
+class _Load:
+    """One load: the settings and what is resolved from them before the weights load."""
+
+    settings: EngineSettings
+    model: Path
+    threads: int
+    progress: Progress | None
+
+    @property
+    def snapshots(self) -> bool:
+        """A bank with room (``bank_ram_bytes`` > 0) is what turns snapshots on."""
+        return self.settings.bank_ram_bytes > 0
+
+    def params(self, gpu_layers: int) -> ModelParams:
+        s = self.settings
+        return ModelParams(
+            self.model, s.n_ctx, s.n_batch, gpu_layers, self.threads, progress=self.progress
+        )
+
+
+def load_engine(settings: EngineSettings, progress: Progress | None = None) -> SlotEngine:
     """Load the model once and make ``n_slots`` slots over it (blocking; call in a thread)."""
+    if settings.model is None:
+        raise ValueError("no model file to load: pass --model PATH.gguf")
     info = read_gguf_info(settings.model)
     engine = choose_engine(settings.engine, info)
     threads = settings.threads or default_threads(engine, settings.n_slots)
+    load = _Load(settings, settings.model, threads, progress)
     if engine == "llama-cpp":
-        backend, (snapshots, note), library = _load_llamacpp(settings, threads)
+        backend, (snapshots, note), library = _load_llamacpp(load)
         gpu_layers = settings.gpu_layers
     else:
-        backend, (snapshots, note), library, gpu_layers = _load_ctransformers(
-            settings, info, threads
-        )
+        backend, (snapshots, note), library, gpu_layers = _load_ctransformers(load, info)
     bank: BankStore | None = None
     if snapshots:
         bank = BankStore(settings.bank_ram_bytes, settings.bank_session_bytes)
@@ -135,27 +172,21 @@ def load_engine(settings: EngineSettings) -> SlotEngine:
     return slot_engine
 
 
-def _snapshots(
-    settings: EngineSettings, verify: Callable[[], tuple[bool, str]]
-) -> tuple[bool, str]:
+def _snapshots(load: _Load, verify: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
     """Whether snapshots are on, and why (the restore check's verdict)."""
-    if not settings.snapshots:
+    if not load.snapshots:
         return False, ""
     ok, reason = (True, "not verified (--no-verify-restore)")
-    if settings.verify_restore:
+    if load.settings.verify_restore:
         ok, reason = verify()
     if not ok:
         log.warning("snapshots_disabled", reason=reason)
     return ok, reason
 
 
-def _load_llamacpp(
-    settings: EngineSettings, threads: int
-) -> tuple[Backend, tuple[bool, str], str]:
-    params = ModelParams(
-        settings.model, settings.n_ctx, settings.n_batch, settings.gpu_layers, threads,
-        progress=settings.progress,
-    )
+def _load_llamacpp(load: _Load) -> tuple[Backend, tuple[bool, str], str]:
+    settings = load.settings
+    params = load.params(settings.gpu_layers)
     if settings.llama_lib is not None:
         log.warning(
             "llama_lib_ignored", library=str(settings.llama_lib),
@@ -163,18 +194,19 @@ def _load_llamacpp(
         )
     # Checked before loading: the check's own copy of the weights must not sit beside ours.
     snapshots = _snapshots(
-        settings, lambda: verify_llamacpp_in_child(settings.model, settings.gpu_layers)
+        load, lambda: verify_llamacpp_in_child(load.model, settings.gpu_layers)
     )
     backend = LlamaCppBackend(params, settings.n_slots, settings.llama_log)
     return backend, snapshots, "llama-cpp-python"
 
 
 def _load_ctransformers(
-    settings: EngineSettings, info: GgufInfo, threads: int
+    load: _Load, info: GgufInfo
 ) -> tuple[Backend, tuple[bool, str], str, int]:
+    settings = load.settings
     gpu_layers = settings.gpu_layers
     clamp = ""
-    if settings.snapshots and gpu_layers > info.n_layer + 1:
+    if load.snapshots and gpu_layers > info.n_layer + 1:
         # Offloading the KV cache makes this llama.cpp restore states wrongly.
         clamp = (
             f"gpu_layers lowered from {gpu_layers} to {info.n_layer + 1} so the KV cache stays "
@@ -184,11 +216,7 @@ def _load_ctransformers(
         gpu_layers = info.n_layer + 1
     cuda = gpu_layers > 0
     lib_path = llama_api.library_path(cuda, settings.llama_lib)
-    params = ModelParams(
-        settings.model, settings.n_ctx, settings.n_batch, gpu_layers, threads,
-        progress=settings.progress,
-    )
-    backend = CtransformersBackend(params, lib_path, cuda, settings.llama_log)
-    ok, reason = _snapshots(settings, lambda: verify_in_child(lib_path, settings.model, gpu_layers))
+    backend = CtransformersBackend(load.params(gpu_layers), lib_path, cuda, settings.llama_log)
+    ok, reason = _snapshots(load, lambda: verify_in_child(lib_path, load.model, gpu_layers))
     note = "; ".join(x for x in (clamp, reason) if x)
     return backend, (ok, note), str(lib_path), gpu_layers

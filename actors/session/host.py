@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import psutil
 from nats.aio.client import Client
@@ -43,31 +44,37 @@ class Tombstones(OrderedDict[str, float]):
             self.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class HostSettings:
+    """The runner host's part of the node configuration."""
+
+    max_pending: int
+    """Messages one session may have waiting for a turn."""
+    max_sessions: int
+    """Sessions held at once."""
+    tombstones: int
+    """Deleted session ids remembered (answered 410)."""
+    turn_timeout_s: float
+    """Longest wait for the engine's result of one turn."""
+    turn_probe_s: float
+    """How often a turn waiting on the engine asks whether it still runs."""
+    heartbeat_s: float
+    """Seconds between stats heartbeat log lines; 0 turns them off."""
+    stop_wait_s: float
+    """How long stopping waits for a cut turn's abort to be recorded."""
+
+
 class RunnerHost(Actor):
     """Routes admits, aborts and session control to per-session runners."""
 
     name = "session_runners"
 
-    def __init__(
-        self,
-        nc: Client,
-        subjects: Subjects,
-        max_pending: int = 64,
-        max_sessions: int = 4096,
-        tombstones: int = 1024,
-        turn_timeout_s: float = 3600.0,
-        heartbeat_s: float = 30.0,
-        stop_wait_s: float = 10.0,
-        probe_s: float = 10.0,
-    ) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, settings: HostSettings) -> None:
         super().__init__(nc, subjects)
-        self.io = BusIO(nc, subjects, turn_timeout_s, probe_s)
-        self.max_pending = max_pending
-        self.max_sessions = max_sessions
-        self.heartbeat_s = heartbeat_s
-        self.stop_wait_s = stop_wait_s
+        self.settings = settings
+        self.io = BusIO(nc, subjects, settings.turn_timeout_s, settings.turn_probe_s)
         self.runners: dict[str, SessionRunner] = {}
-        self.tombstones = Tombstones(tombstones)
+        self.tombstones = Tombstones(settings.tombstones)
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -79,14 +86,14 @@ class RunnerHost(Actor):
         await self.subscribe(s.session_control_all(), self.on_control)
         for runner in self.runners.values():
             runner.resume()
-        if self.heartbeat_s > 0:
+        if self.settings.heartbeat_s > 0:
             self.spawn(self._heartbeat(), "heartbeat")
 
     async def stop(self) -> None:
         """Abort running turns (retried after a restart), finish what is queued, close."""
         self._stopping.set()
         runners = list(self.runners.values())
-        await asyncio.gather(*(r.stop_turn(self.stop_wait_s) for r in runners))
+        await asyncio.gather(*(r.stop_turn(self.settings.stop_wait_s) for r in runners))
         # Requests already delivered are still answered: admits are recorded (no new turn
         # starts), aborts find nothing running, deletes complete.
         await super().stop()
@@ -113,11 +120,11 @@ class RunnerHost(Actor):
                     ErrorCode.UNKNOWN_SESSION,
                     f"session {req.session} does not exist, so it has no turn to retry",
                 )
-            if len(self.runners) >= self.max_sessions:
+            if len(self.runners) >= self.settings.max_sessions:
                 raise InferError(
                     ErrorCode.BUSY,
-                    f"the node holds its maximum of {self.max_sessions} sessions; delete one "
-                    "or raise --max-sessions",
+                    f"the node holds its maximum of {self.settings.max_sessions} sessions; "
+                    "delete one or raise --max-sessions",
                 )
             runner = self._runner(SessionState(req.session))
         # Queued in the runner's mailbox now, in arrival order; the answer waits for the
@@ -177,7 +184,7 @@ class RunnerHost(Actor):
         return runner
 
     def _runner(self, state: SessionState) -> SessionRunner:
-        runner = SessionRunner(self.io, state, self.max_pending, self.inflight)
+        runner = SessionRunner(self.io, state, self.settings.max_pending, self.inflight)
         self.runners[state.session] = runner
         return runner
 
@@ -190,7 +197,7 @@ class RunnerHost(Actor):
         process = psutil.Process()
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_s)
+                await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_s)
                 return
             except TimeoutError:
                 pass

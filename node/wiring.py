@@ -1,0 +1,75 @@
+"""The node's actors, built from its configuration in one place.
+
+``node.app.Node`` and the tests' node both build their actors here, so both run with the
+same limits; only the engine actor differs (the real one, or a scripted one in tests). Each
+actor is handed its part of the ``NodeConfig`` and has no defaults of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client
+
+from actors.admission import Admission
+from actors.bank_committer import BankCommitter
+from actors.base import Actor
+from actors.engine.actor import EngineActor
+from actors.engine.engine import SlotEngine
+from actors.session.host import HostSettings, RunnerHost
+from node.admin import AdminActor, NodeView
+from node.config import NodeConfig
+from node.service import NodeService
+from node.streams import ensure_streams
+from schemas.subjects import Subjects
+
+Connect = Callable[[str], Awaitable[Client]]
+"""Opens the named connection of one actor."""
+
+
+def host_settings(config: NodeConfig) -> HostSettings:
+    """The session runners' part of the configuration."""
+    return HostSettings(
+        max_pending=config.max_pending_per_session, max_sessions=config.max_sessions,
+        tombstones=config.tombstones, turn_timeout_s=config.turn_timeout_s,
+        turn_probe_s=config.turn_probe_s, heartbeat_s=config.heartbeat_s,
+        stop_wait_s=config.stop_wait_s,
+    )
+
+
+async def prepare_streams(nc: Client, subjects: Subjects, config: NodeConfig) -> None:
+    """The intake and record streams, with the configured bounds."""
+    await ensure_streams(
+        nc.jetstream(), subjects, config.max_payload,
+        config.intake_max_prompts, config.intake_max_bytes,
+    )
+
+
+async def engine_actor(
+    config: NodeConfig, subjects: Subjects, connect: Connect, engine: SlotEngine
+) -> EngineActor:
+    """The actor serving a loaded engine, with its durable bank tier as configured."""
+    return EngineActor(
+        await connect("engine"), subjects, engine, config.bank_dir, config.bank_object_store
+    )
+
+
+async def build_actors(
+    config: NodeConfig, subjects: Subjects, connect: Connect, engine: Actor,
+    admin_nc: Client, node: NodeView, version: str, metadata: dict[str, str],
+) -> list[Actor]:
+    """Every actor in start order: engine, bank committer, session runners, admission, admin,
+    and last the micro service, whose endpoints (ask, admin) open once all behind them runs.
+
+    Start order follows the data; stopping runs it in reverse, so nothing is pulled that
+    cannot be recorded and no turn is cut without its abort being recorded.
+    """
+    admin = AdminActor(admin_nc, subjects, node)
+    return [
+        engine,
+        BankCommitter(await connect("bank"), subjects, config.commit_wait_s),
+        RunnerHost(await connect("runners"), subjects, host_settings(config)),
+        Admission(await connect("admission"), subjects, config.max_payload),
+        admin,
+        NodeService(admin_nc, subjects, admin, version, metadata),
+    ]
