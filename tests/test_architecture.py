@@ -223,3 +223,20 @@ def test_imports_go_one_way_node_actors_schemas():
             assert not {e for e in edges if not e.startswith("schemas")}, name
         if name.startswith("actors"):
             assert not {e for e in edges if e.startswith("node")}, name
+
+
+def test_actor_constructors_take_settings_without_defaults_of_their_own():
+    """Every actor's ``__init__`` in actors/ has no default values: the config owns them."""
+    found = []
+    for path in _python_files("actors"):
+        for cls in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            bases = {b.id for b in cls.bases if isinstance(b, ast.Name)}
+            if "Actor" not in bases:
+                continue
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
+                    if fn.args.defaults or any(d is not None for d in fn.args.kw_defaults):
+                        found.append(f"{path.relative_to(ROOT)}:{cls.name}")
+    assert not found, "actors with defaults of their own: " + ", ".join(found)
