@@ -57,7 +57,7 @@ class AdmitReply(Frozen):
 class GenerateRequest(Frozen):
     """Runner → engine: run one turn over the full history."""
 
-    type: Literal["generate.v1"] = "generate.v1"
+    type: Literal["generate.v2"] = "generate.v2"
     """Message type and version."""
     session: str
     """The session (its slot and bank entries)."""
@@ -77,8 +77,9 @@ class GenerateRequest(Frozen):
     """Most tokens to generate."""
     token_subject: str
     """Where to publish token events as they are generated."""
-    queued_at: float
-    """Unix time the oldest answered prompt was recorded (for queue_ms)."""
+    queue_ms: float
+    """From the oldest answered prompt's recording to the turn's start, as the runner
+    measured it (the one measure the log and the ``done`` event both report)."""
 
 
 class GenerateResult(Frozen):

@@ -8,7 +8,6 @@ the last token was published, so a subscriber sees every token before ``done``.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -57,7 +56,6 @@ class EngineActor(Actor):
         self.bank_dir = bank_dir
         self.bank_object_store = bank_object_store
         self.durable: DurableTier | None = None
-        self._turns: dict[str, str] = {}
 
     async def start(self) -> None:
         """Open the bank's durable tier (rebuilding its index), then subscribe."""
@@ -110,7 +108,6 @@ class EngineActor(Actor):
         pieces: asyncio.Queue[object] = asyncio.Queue()
         publisher = loop.create_task(self._publish_tokens(req, pieces))
         cancel = CancelToken()
-        self._turns[req.session] = req.turn_id
         tokens = (
             {int(k): tuple(v) for k, v in req.assistant_tokens.items()}
             if req.model_id == self.engine.info.model_id
@@ -124,7 +121,7 @@ class EngineActor(Actor):
             stop=req.stop,
             max_tokens=req.max_tokens,
             assistant_tokens=tokens,
-            queue_ms=max(0.0, (time.time() - req.queued_at) * 1000),
+            queue_ms=req.queue_ms,
         )
         streamed: list[str] = []  # what the session has seen, kept for a failed turn's record
 
@@ -158,7 +155,6 @@ class EngineActor(Actor):
                 req, ErrorCode.INTERNAL, f"the engine failed: {e}", {}, "".join(streamed)
             )
         finally:
-            self._turns.pop(req.session, None)
             pieces.put_nowait(_DONE)
             await publisher
         await self.nc.publish(reply, encode(result))
@@ -191,13 +187,13 @@ class EngineActor(Actor):
     async def on_cancel(self, msg: Msg) -> None:
         """Stop the session's turn if it is the one named."""
         req = CancelRequest.model_validate_json(msg.data)
-        hit = self._turns.get(req.session) == req.turn_id and self.engine.cancel(req.session)
+        hit = self.engine.cancel(req.session, req.turn_id)
         await self.respond(msg, CancelReply(cancelled=hit))
 
     async def on_turn_status(self, msg: Msg) -> None:
         """Answer whether the named turn still runs here (a runner checks on a late result)."""
         req = TurnStatusRequest.model_validate_json(msg.data)
-        running = self._turns.get(req.session) == req.turn_id
+        running = self.engine.runs(req.session, req.turn_id)
         await self.respond(msg, TurnStatusReply(running=running))
 
     async def on_snapshot(self, msg: Msg) -> None:

@@ -57,7 +57,9 @@ class SlotEngine:
         self.bank = bank
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
         self._evicted: set[str] = set()
-        self._running: dict[str, CancelToken] = {}
+        """Sessions whose state left a slot or the RAM bank: a later miss says ``evicted``."""
+        self._running: dict[str, tuple[str, CancelToken]] = {}
+        """The turn each session runs (or waits for a slot to run): turn id and its cancel."""
         self.compat = Compat(backend.model_id, backend.n_ctx, template_name)
         self.turn_stats = EngineStats()
         self.info = EngineInfo(
@@ -78,12 +80,12 @@ class SlotEngine:
     ) -> TurnOutcome:
         """Run one turn of ``spec.session``; ``emit`` is called from the worker thread."""
         # Registered before the slot is ours, so a cancel while waiting for it counts too.
-        self._running[spec.session] = cancel
+        running = self._running[spec.session] = (spec.turn_id, cancel)
         waited = time.perf_counter()
         try:
             slot = await self.pool.acquire(spec.session)
         except BaseException:
-            self._running.pop(spec.session, None)
+            self._done(spec.session, running)
             raise
         lock_wait_ms = (time.perf_counter() - waited) * 1000
         try:
@@ -95,15 +97,24 @@ class SlotEngine:
                 await asyncio.wait([job])
                 raise
         finally:
-            self._running.pop(spec.session, None)
+            self._done(spec.session, running)
             await self.pool.release(slot)
 
-    def cancel(self, session: str, reason: str = "client") -> bool:
-        """Stop the running turn of ``session``; False if none runs."""
-        token = self._running.get(session)
-        if token is None:
+    def _done(self, session: str, running: tuple[str, CancelToken]) -> None:
+        if self._running.get(session) is running:
+            del self._running[session]
+
+    def runs(self, session: str, turn_id: str) -> bool:
+        """True while the turn ``turn_id`` of ``session`` runs here (or waits for a slot)."""
+        running = self._running.get(session)
+        return running is not None and running[0] == turn_id
+
+    def cancel(self, session: str, turn_id: str | None = None, reason: str = "client") -> bool:
+        """Stop the running turn of ``session`` (only if it is ``turn_id``); False if none."""
+        running = self._running.get(session)
+        if running is None or (turn_id is not None and running[0] != turn_id):
             return False
-        token.cancel(reason)
+        running[1].cancel(reason)
         return True
 
     def _turn(
@@ -128,6 +139,7 @@ class SlotEngine:
         resumed = any(m.role == "assistant" for m in spec.messages)
         source, miss, restore_ms, tier = self._prepare(slot, spec.session, tokens, resumed)
         had = len(slot.tokens)
+        slot.digest = None  # the tokens change from here on
         reused, prefill_ms = prefill(slot, tokens)
         if source == "slot" and reused < had and miss is None:
             miss = f"prefix_divergence_at_token {reused}"
@@ -137,6 +149,7 @@ class SlotEngine:
             self.backend, slot, spec.sampling, spec.stop, spec.max_tokens, emit, cancel
         )
         end = time.perf_counter()
+        slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along
         text, calls = out.raw_text, NO_CALLS
         if "<tool_call>" in out.raw_text:
             text, calls = parse_tool_calls(out.raw_text, lambda: f"call_{uuid.uuid4().hex[:12]}")
@@ -166,7 +179,7 @@ class SlotEngine:
                 total_ms=(end - t0) * 1000,
             ),
             n_tokens=len(slot.tokens),
-            token_hash=token_hash(slot.tokens),
+            token_hash=slot.digest,
         )
         self.turn_stats.record(
             spec.session, outcome.usage, outcome.cache, outcome.timings, tier
@@ -201,7 +214,7 @@ class SlotEngine:
             return "slot", None, 0.0, "slot"
         if slot.session is not None:
             self._evict(slot)
-        slot.session, slot.tokens = session, []
+        slot.session, slot.tokens, slot.digest = session, [], None
         lost = "evicted" if session in self._evicted or resumed else "new_session"
         if self.bank is None:
             return "none", lost, 0.0, ""
@@ -217,7 +230,7 @@ class SlotEngine:
             self.bank.forget(session)
             slot.tokens = []
             return "none", "model_mismatch", 0.0, ""
-        slot.tokens = list(match.entry.meta.tokens)
+        slot.tokens, slot.digest = list(match.entry.meta.tokens), match.entry.meta.token_hash
         ms = (time.perf_counter() - start) * 1000
         return "bank", match.miss_reason, ms, match.tier
 
@@ -230,13 +243,15 @@ class SlotEngine:
         if self.bank is not None and slot.tokens:
             self._bank_slot(slot, persist=False)
         log.info("slot_evicted", slot=slot.index, session=old, tokens=len(slot.tokens))
-        slot.session, slot.tokens = None, []
+        slot.session, slot.tokens, slot.digest = None, [], None
 
     def _bank_slot(self, slot: Slot, persist: bool) -> SnapshotOutcome:
         """Copy the slot's state into RAM (and, for commits, queue it for the durable tier)."""
         assert self.bank is not None and slot.session is not None
         n = len(slot.tokens)
-        existing = self.bank.get(slot.session, token_hash(slot.tokens))
+        # Only a state a failed turn left behind has no digest yet.
+        digest = slot.digest or token_hash(slot.tokens)
+        existing = self.bank.get(slot.session, digest)
         if existing is not None:
             if persist:
                 self.bank.persist(existing)
@@ -247,7 +262,7 @@ class SlotEngine:
         meta = SnapshotMeta(
             session=slot.session, tokens=tuple(slot.tokens), nbytes=len(data),
             model_id=self.compat.model_id, n_ctx=self.compat.n_ctx,
-            template=self.compat.template,
+            template=self.compat.template, token_hash=digest,
         )
         entry = BankEntry(meta, data)
         in_ram = self.bank.put(entry)
@@ -286,7 +301,7 @@ class SlotEngine:
                 if state["expired"]:
                     return SnapshotOutcome(False, reason="deadline")
                 state["started"] = True
-            if slot.session != session or token_hash(slot.tokens) != digest:
+            if slot.session != session or slot.digest != digest:
                 return self._bank_known(session, digest, "superseded")
             return self._bank_slot(slot, persist=True)
 
@@ -315,7 +330,7 @@ class SlotEngine:
 
             def clear() -> None:
                 if slot.session == session:
-                    slot.session, slot.tokens = None, []
+                    slot.session, slot.tokens, slot.digest = None, [], None
 
             await slot.worker.submit(clear)
         self._evicted.discard(session)
@@ -338,7 +353,7 @@ class SlotEngine:
 
     async def close(self) -> None:
         """Stop every worker thread, then free the model."""
-        for token in self._running.values():
+        for _, token in self._running.values():
             token.cancel("shutdown")
         await asyncio.to_thread(self.pool.close)
         self.backend.close()

@@ -73,6 +73,8 @@ class Slot:
         self.worker = SlotWorker(f"slot-{index}")
         self.session: str | None = None
         self.tokens: list[int] = []
+        self.digest: str | None = None
+        """sha256 of ``tokens`` where known (after a turn or a restore); None once they change."""
         self.busy = False
         self.last_used = 0.0
 

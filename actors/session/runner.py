@@ -277,7 +277,7 @@ class SessionRunner:
             session=self.session, turn_id=turn.id, messages=messages, assistant_tokens=tokens,
             model_id=model_id, sampling=params.sampling, stop=params.stop,
             max_tokens=params.max_tokens, token_subject=self.io.token_subject(self.session),
-            queued_at=queued_at,
+            queue_ms=turn.queue_ms,
         )
         self._turn_task = asyncio.get_running_loop().create_task(self._generate(turn, req))
         return True

@@ -78,7 +78,6 @@ class BankStore:
         self.max_session_bytes = max_session_bytes
         self.durable: DurableTier | None = None
         self._entries: dict[str, list[BankEntry]] = {}
-        self._lost: set[str] = set()
         self._lock = threading.Lock()
         self._bytes = 0
         self.evictions = 0
@@ -133,7 +132,6 @@ class BankStore:
         """
         with self._lock:
             ram = [(e.meta, e) for e in self._entries.get(session, ())]
-            lost = session in self._lost
         durable = self.durable.entries(session) if self.durable else []
         best: tuple[SnapshotMeta, BankEntry | None] | None = None
         best_n, refused = 0, None
@@ -145,8 +143,8 @@ class BankStore:
             n = common_prefix(meta.tokens, tokens)
             if best is None or n > best_n:
                 best, best_n = (meta, entry), n
-        if best is None:
-            return BankMatch(None, 0, refused or ("evicted" if lost else "new_session"))
+        if best is None:  # whether the session had state that was evicted is the engine's
+            return BankMatch(None, 0, refused or "new_session")
         if best_n == 0:
             return BankMatch(None, 0, "prefix_divergence_at_token 0")
         meta, entry = best
@@ -182,7 +180,6 @@ class BankStore:
             entries = list(self._entries.get(session, ()))
             for e in entries:
                 self._drop(e)
-            self._lost.discard(session)
             return len(entries)
 
     def session_entries(self, session: str) -> list[EntryInfo]:
@@ -222,8 +219,6 @@ class BankStore:
     def _evict(self, entry: BankEntry) -> None:
         self._drop(entry)
         self.evictions += 1
-        if not entry.durable:
-            self._lost.add(entry.meta.session)
 
     def _enforce_caps(self, session: str) -> None:
         mine = self._entries.get(session, [])
