@@ -147,6 +147,55 @@ async def test_cancel_while_waiting_for_a_slot_stops_the_turn_before_any_token(e
         await _close(engine)
 
 
+async def test_only_a_cancel_naming_the_running_turn_stops_it(engine_factory):
+    """The engine alone knows which turn runs: a stale turn id neither matches nor cancels."""
+    import asyncio
+
+    engine = engine_factory(n_slots=1)
+    started = threading.Event()
+    cancel = CancelToken()
+    try:
+        turn = asyncio.ensure_future(run(
+            engine, spec("A", [user("go")], max_tokens=100_000), cancel, lambda _: started.set()
+        ))
+        assert await asyncio.to_thread(started.wait, 30), "the turn never started"
+        assert engine.runs("A", "t") and not engine.runs("A", "older")
+        assert not engine.cancel("A", "older") and not cancel.cancelled
+        assert engine.cancel("A", "t")
+        out = await asyncio.wait_for(turn, 60)
+        assert out.finish_reason == "aborted" and not engine.runs("A", "t")
+    finally:
+        await _close(engine)
+
+
+async def test_a_states_token_hash_is_computed_once_and_reused_by_its_snapshot(
+    engine_factory, monkeypatch
+):
+    """One turn and the snapshot of its state hash the tokens once; the digest is passed on."""
+    from actors.engine import engine as engine_mod
+    from actors.engine.bank import meta as meta_mod
+    from actors.engine.tokens import token_hash
+
+    calls: list[int] = []
+
+    def counted(tokens):
+        calls.append(len(tokens))
+        return token_hash(tokens)
+
+    monkeypatch.setattr(engine_mod, "token_hash", counted)
+    monkeypatch.setattr(meta_mod, "token_hash", counted)
+    engine = engine_factory(n_slots=1)
+    try:
+        out = await run(engine, spec("h", [user("hash me")]))
+        banked = await engine.snapshot("h", out.token_hash, 10.0)
+        assert banked.stored and banked.reason is None
+        assert calls == [out.n_tokens]
+        (entry,) = engine.bank.session_entries("h")
+        assert entry["token_hash"] == out.token_hash
+    finally:
+        await _close(engine)
+
+
 async def test_turns_run_on_long_lived_slot_threads(engine_factory):
     """Turns create no threads: each slot has one worker for its lifetime."""
     engine = engine_factory(n_slots=2)
