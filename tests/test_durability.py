@@ -8,12 +8,14 @@ import os
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from actors.bank_committer import BankCommitter
 from actors.engine.bank.durable import DirectoryBackend, DurableTier
+from actors.engine.bank.objects import ObjectStoreBackend
 from node.app import Node
 from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig
@@ -189,6 +191,31 @@ async def test_a_restarted_node_restores_an_old_session_from_the_durable_tier(
     recomputed = await ask(cold.url, "old", "and now?")
     assert recomputed.done.cache.source == "none" and recomputed.done.usage.cached_tokens == 0
     assert two.text == recomputed.text and two.text
+
+
+async def test_no_slot_thread_waits_on_the_event_loop_for_an_object_store_read(
+    make_node, monkeypatch
+):
+    """Given snapshots only in the object store, when a restarted node restores one, then it
+    was fetched on the event loop: no slot thread ran an object-store call."""
+    callers: list[str] = []
+    real_call = ObjectStoreBackend._call
+
+    def watched(self, coro):  # every blocking object-store call, and the thread it ran on
+        callers.append(threading.current_thread().name)
+        return real_call(self, coro)
+
+    monkeypatch.setattr(ObjectStoreBackend, "_call", watched)
+    first = await make_node(fresh_server=True, threads=1, bank_object_store=True)
+    await ask(first.url, "remote", "keep this in the object store")
+    await committer(first).wait_handled(1)
+    await first.stop()  # finishes queued durable writes
+    second = await make_node(url=first.url, threads=1, bank_object_store=True)
+    async with InfernodeClient(second.url) as client:
+        two = await client.ask("remote", "and now?", sampling=GREEDY, max_tokens=8, timeout=60)
+    assert two.done is not None and two.done.cache.source == "bank"
+    assert "bank-writer" in callers, "the spy saw no object-store call at all"
+    assert [c for c in callers if c.startswith("slot-")] == []
 
 
 async def test_a_durable_snapshot_of_another_model_is_never_restored(

@@ -81,8 +81,9 @@ class SlotEngine:
         """Run one turn of ``spec.session``; ``emit`` is called from the worker thread."""
         # Registered before the slot is ours, so a cancel while waiting for it counts too.
         running = self._running[spec.session] = (spec.turn_id, cancel)
-        waited = time.perf_counter()
         try:
+            await self._fetch_durable(spec.session)
+            waited = time.perf_counter()
             slot = await self.pool.acquire(spec.session)
         except BaseException:
             self._done(spec.session, running)
@@ -99,6 +100,27 @@ class SlotEngine:
         finally:
             self._done(spec.session, running)
             await self.pool.release(slot)
+
+    async def _fetch_durable(self, session: str) -> None:
+        """Bring the snapshot a turn would restore from the durable tier into RAM, on the loop.
+
+        Done before the slot is taken, so a slot thread never waits on the event loop for an
+        object-store read (a miss here only means the turn computes what it cannot restore).
+        """
+        bank = self.bank
+        if bank is None or bank.durable is None or self.pool.resident(session) is not None:
+            return
+        meta = bank.to_fetch(session, self.compat)
+        if meta is None:
+            return
+        start = time.perf_counter()
+        try:
+            data = await bank.durable.fetch(meta)
+        except Exception as e:
+            log.warning("bank_durable_load_failed", session=session, error=str(e))
+            return
+        ms = (time.perf_counter() - start) * 1000
+        bank.put(BankEntry(meta, data, durable=True, fetched_ms=ms))
 
     def _done(self, session: str, running: tuple[str, CancelToken]) -> None:
         if self._running.get(session) is running:
@@ -231,7 +253,7 @@ class SlotEngine:
             slot.tokens = []
             return "none", "model_mismatch", 0.0, ""
         slot.tokens, slot.digest = list(match.entry.meta.tokens), match.entry.meta.token_hash
-        ms = (time.perf_counter() - start) * 1000
+        ms = (time.perf_counter() - start) * 1000 + match.fetch_ms
         return "bank", match.miss_reason, ms, match.tier
 
     # -- bank -----------------------------------------------------------------------------

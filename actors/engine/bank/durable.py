@@ -10,6 +10,7 @@ mid-write leaves nothing half-written to restore.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
@@ -37,15 +38,24 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class DurableBackend(Protocol):
-    """Where durable snapshots live. Every method blocks; none may run on the event loop."""
+    """Where durable snapshots live.
+
+    ``fetch`` runs on the event loop; every other method blocks and runs on the bank's writer
+    thread (or, for a ``local`` backend's ``read``, on a slot thread), never on the loop.
+    """
 
     name: str
+    local: bool
+    """True when ``read`` touches only this machine (a slot thread may call it)."""
 
     def write(self, meta: SnapshotMeta, data: bytes) -> None:
         """Store one snapshot whole."""
 
     def read(self, meta: SnapshotMeta) -> bytes:
-        """The bytes of one snapshot."""
+        """The bytes of one snapshot (blocking; only called on a ``local`` backend)."""
+
+    async def fetch(self, meta: SnapshotMeta) -> bytes:
+        """The bytes of one snapshot, on the event loop."""
 
     def delete(self, meta: SnapshotMeta) -> None:
         """Remove one snapshot (absent is fine)."""
@@ -58,6 +68,7 @@ class DirectoryBackend:
     """One file per snapshot: ``<dir>/<session>/<token hash>.kv`` (header, metadata, bytes)."""
 
     name = "dir"
+    local = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -91,6 +102,10 @@ class DirectoryBackend:
         if len(data) != meta.nbytes:
             raise ValueError(f"snapshot file holds {len(data)} bytes, expected {meta.nbytes}")
         return data
+
+    async def fetch(self, meta: SnapshotMeta) -> bytes:
+        """``read`` on a worker thread, for the event loop."""
+        return await asyncio.to_thread(self.read, meta)
 
     def delete(self, meta: SnapshotMeta) -> None:
         """Remove the file and, when empty, the session's directory."""
@@ -157,9 +172,16 @@ class DurableTier:
 
     # -- reads ----------------------------------------------------------------------------
     def load(self, meta: SnapshotMeta) -> bytes:
-        """The bytes of a snapshot from the first backend that has them (blocking)."""
+        """The bytes of a snapshot from the first local backend that has them (blocking).
+
+        Only local backends are read here: this runs on a slot thread, which must never wait
+        on the event loop (a remote snapshot is ``fetch``ed before the slot is taken).
+        """
+        local = [b for b in self.backends if b.local]
+        if not local:
+            raise OSError(f"snapshot {meta.token_hash[:12]} is remote and was not fetched")
         errors = []
-        for backend in self.backends:
+        for backend in local:
             try:
                 data = backend.read(meta)
             except Exception as e:
@@ -167,9 +189,26 @@ class DurableTier:
                 continue
             self.loads += 1
             return data
+        self._unreadable(meta)
+        raise OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
+
+    async def fetch(self, meta: SnapshotMeta) -> bytes:
+        """The bytes of a snapshot from the first backend that has them, on the event loop."""
+        errors = []
+        for backend in self.backends:
+            try:
+                data = await backend.fetch(meta)
+            except Exception as e:
+                errors.append(f"{backend.name}: {e}")
+                continue
+            self.loads += 1
+            return data
+        self._unreadable(meta)
+        raise OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
+
+    def _unreadable(self, meta: SnapshotMeta) -> None:
         with self._lock:  # unreadable everywhere: forget it rather than fail again
             self._index.get(meta.session, {}).pop(meta.token_hash, None)
-        raise OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
 
     # -- writes (on the writer thread) ----------------------------------------------------
     def persist(self, meta: SnapshotMeta, data: bytes) -> concurrent.futures.Future[None]:

@@ -4,8 +4,9 @@ Each snapshot is two objects: ``<session>/<token hash>.kv`` (the state bytes) an
 after it, ``<session>/<token hash>.meta`` (metadata and token ids). The index is rebuilt from
 the ``.meta`` objects only, and a ``.meta`` exists only once its bytes are stored.
 
-The ``DurableBackend`` methods block: they run the client's coroutines on the node's event
-loop from the bank's writer thread or a slot thread, never from the loop itself.
+Reads are ``fetch``ed on the event loop before a turn takes its slot, so a slot thread never
+waits on the loop. Writes, deletes and the index scan block: they run the client's
+coroutines on the loop from the bank's writer thread (or at open), never from the loop.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ObjectStoreBackend:
     """Snapshots as objects; blocking wrappers over the async client."""
 
     name = "object_store"
+    local = False
 
     def __init__(self, store: ObjectStore, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
@@ -69,9 +71,13 @@ class ObjectStoreBackend:
         self._call(self.store.put(head, meta_to_json(meta)))
 
     def read(self, meta: SnapshotMeta) -> bytes:
+        """Never called: the object store is not local (``fetch`` reads it on the loop)."""
+        raise OSError("object-store snapshots are fetched on the event loop, not read")
+
+    async def fetch(self, meta: SnapshotMeta) -> bytes:
         """The state bytes (the client checks the object's digest)."""
         kv, _ = self._names(meta)
-        result = self._call(self.store.get(kv))
+        result = await asyncio.wait_for(self.store.get(kv), CALL_TIMEOUT_S)
         data = result.data or b""
         if len(data) != meta.nbytes:
             raise ValueError(f"snapshot object holds {len(data)} bytes, expected {meta.nbytes}")

@@ -39,6 +39,9 @@ class BankEntry:
     """The state bytes."""
     durable: bool = False
     """Also held by the durable tier."""
+    fetched_ms: float | None = None
+    """Set while a snapshot fetched from the durable tier awaits its first restore: how
+    long the fetch took (that restore counts as a durable hit and its restore time)."""
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +71,8 @@ class BankMatch:
     """Why nothing (or only part) was reusable."""
     tier: str = ""
     """``ram`` or ``durable``: where the entry came from."""
+    fetch_ms: float = 0.0
+    """Time spent fetching it from the durable tier before the lookup."""
 
 
 class BankStore:
@@ -148,12 +153,14 @@ class BankStore:
         if best_n == 0:
             return BankMatch(None, 0, "prefix_divergence_at_token 0")
         meta, entry = best
-        tier = "ram"
+        tier, fetch_ms = "ram", 0.0
         if entry is None:
             entry = self._load(meta)
             if entry is None:
                 return BankMatch(None, 0, "evicted")
             tier = "durable"
+        elif entry.fetched_ms is not None:
+            tier, fetch_ms, entry.fetched_ms = "durable", entry.fetched_ms, None
         with self._lock:
             meta.hits += 1
             meta.last_access = time.time()
@@ -161,7 +168,24 @@ class BankStore:
             self.durable_hits += tier == "durable"
         partial = best_n < len(meta.tokens)
         reason = f"prefix_divergence_at_token {best_n}" if partial else None
-        return BankMatch(entry, best_n, reason, tier)
+        return BankMatch(entry, best_n, reason, tier, fetch_ms)
+
+    def to_fetch(self, session: str, compat: Compat) -> SnapshotMeta | None:
+        """The durable snapshot a turn of ``session`` would restore that RAM lacks, if any.
+
+        The longest one that fits wins; a RAM entry at least as long serves instead.
+        """
+        if self.durable is None:
+            return None
+        fits = [m for m in self.durable.entries(session) if m.fits(compat) is None]
+        best = max(fits, key=lambda m: len(m.tokens), default=None)
+        if best is None:
+            return None
+        with self._lock:
+            in_ram = [e.meta for e in self._entries.get(session, ())]
+        if any(len(m.tokens) >= len(best.tokens) and m.fits(compat) is None for m in in_ram):
+            return None
+        return best
 
     def _load(self, meta: SnapshotMeta) -> BankEntry | None:
         assert self.durable is not None
