@@ -6,6 +6,8 @@ sides of a ratio alike; the absolute numbers behind each ratio are printed with 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
 import json
 import logging
@@ -16,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import structlog
@@ -217,3 +220,17 @@ def print_table(title: str, ratios: Sequence[Ratio]) -> None:
         for line in r.detail.splitlines():
             print(f"    {line}")
     sys.stdout.flush()
+
+
+def run_agents_or_main(
+    args: argparse.Namespace,
+    main: Callable[[argparse.Namespace], Awaitable[int]],
+    agents_main: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+) -> int:
+    """A load benchmark's entry: ``--agents-of URL`` runs one process of agents against the
+    node at URL and prints what they saw as JSON; otherwise the benchmark itself runs."""
+    if args.agents_of:
+        args.url = args.agents_of
+        print(json.dumps(asyncio.run(agents_main(args))))
+        return 0
+    return asyncio.run(main(args))

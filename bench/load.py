@@ -42,7 +42,7 @@ import psutil  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
-from bench.common import pct  # noqa: E402
+from bench.common import pct, run_agents_or_main  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -308,9 +308,4 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    parsed = parse()
-    if parsed.agents_of:
-        parsed.url = parsed.agents_of
-        print(json.dumps(asyncio.run(agents_main(parsed))))
-        sys.exit(0)
-    sys.exit(asyncio.run(main(parsed)))
+    sys.exit(run_agents_or_main(parse(), main, agents_main))

@@ -20,15 +20,14 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.api import DeliverPolicy
 from structlog.testing import capture_logs
 
 import actors.engine.engine as engine_module
+from actors.session.records import read_log
 from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
 from schemas.chat import SamplingParams
 from schemas.records import (
-    RECORD_ADAPTER,
     AbortRecord,
     AssistantRecord,
     CommitRecord,
@@ -59,19 +58,10 @@ async def history(url: str, session: str) -> list[Any]:
 
 
 async def records(url: str, session: str) -> list[Record]:
-    """The session's record log, read from its stream."""
+    """The session's record log, read as the node reads it."""
     nc = await nats.connect(url)
     try:
-        js = nc.jetstream()
-        info = await js.stream_info(S.record_stream, subjects_filter=S.records(session))
-        count = (info.state.subjects or {}).get(S.records(session), 0)
-        if not count:
-            return []
-        sub = await js.subscribe(
-            S.records(session), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
-        msgs = [await sub.next_msg(timeout=5) for _ in range(count)]
-        return [RECORD_ADAPTER.validate_json(m.data) for m in msgs]
+        return [r async for _, r in read_log(nc.jetstream(), S, session)]
     finally:
         await nc.close()
 

@@ -17,17 +17,16 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 from structlog.testing import capture_logs
 
+from actors.session.records import read_log
 from node.client import InfernodeClient
 from node.streams import ensure_streams
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
 from schemas.messages import AbortReply, AbortRequest, PromptRequest
 from schemas.records import (
-    RECORD_ADAPTER,
     AbortRecord,
     CommitRecord,
     ProvisionalRecord,
@@ -70,20 +69,8 @@ async def abort(nc: Client, session: str) -> AbortReply:
 
 
 async def records(nc: Client, session: str) -> list[Record]:
-    """The session's record log, read from the stream."""
-    js = nc.jetstream()
-    info = await js.stream_info(S.record_stream, subjects_filter=S.records(session))
-    count = (info.state.subjects or {}).get(S.records(session), 0)
-    if not count:
-        return []
-    sub = await js.subscribe(
-        S.records(session), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
-    try:
-        msgs = [await sub.next_msg(timeout=5) for _ in range(count)]
-        return [RECORD_ADAPTER.validate_json(m.data) for m in msgs]
-    finally:
-        await sub.unsubscribe()
+    """The session's record log, read as the node reads it."""
+    return [r async for _, r in read_log(nc.jetstream(), S, session)]
 
 
 class Session:

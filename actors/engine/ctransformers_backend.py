@@ -42,7 +42,8 @@ class CtransformersBackend:
         }
         spm = self._text_of_space_prefix()
         self.tokenizer = PromptTokenizer(
-            lambda text, bos: self.model.tokenize(text, bos), specials, self.bos_id, spm
+            lambda text, bos: self.model.tokenize(text, bos), specials, self.bos_id, spm,
+            adds_bos=True,
         )
 
     def _special_tokens(self, ctx: LlamaContext) -> dict[str, int]:

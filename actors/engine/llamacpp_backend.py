@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -102,27 +101,6 @@ def _progress_callback(lib: ModuleType, params: ModelParams) -> object:
     return lib.llama_progress_callback(on_progress)
 
 
-class LlamaCppPromptTokenizer(PromptTokenizer):
-    """``PromptTokenizer`` that adds BOS only when the vocabulary asks for it."""
-
-    def __init__(
-        self,
-        tokenize: Callable[[str, bool], list[int]],
-        specials: Mapping[str, int],
-        bos_id: int,
-        adds_space_prefix: bool,
-        adds_bos: bool,
-    ) -> None:
-        super().__init__(tokenize, specials, bos_id, adds_space_prefix)
-        self.adds_bos = adds_bos
-
-    def encode(
-        self, text: str, add_bos: bool, spliced: Mapping[str, Sequence[int]] | None = None
-    ) -> list[int]:
-        """Token ids of ``text``; BOS only if the template lacks it and the model uses one."""
-        return super().encode(text, add_bos and self.adds_bos, spliced)
-
-
 class LlamaCppBackend:
     """Shared weights, one context, a sequence per slot (a ``Backend``)."""
 
@@ -158,7 +136,7 @@ class LlamaCppBackend:
         self.eos_text = texts.get(self.eos_id, "")
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
-        self.tokenizer: PromptTokenizer = LlamaCppPromptTokenizer(
+        self.tokenizer = PromptTokenizer(
             self._tokenize, specials, self.bos_id, self._adds_space_prefix(),
             adds_bos=bool(lib.llama_vocab_get_add_bos(self.vocab)) and self.bos_id != _NULL_TOKEN,
         )

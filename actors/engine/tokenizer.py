@@ -36,11 +36,14 @@ class PromptTokenizer:
         specials: Mapping[str, int],
         bos_id: int,
         adds_space_prefix: bool,
+        adds_bos: bool,
     ) -> None:
         self._tokenize = tokenize
         self._specials = dict(specials)
         self._bos_id = bos_id
         self._space_prefix = adds_space_prefix
+        self.adds_bos = adds_bos
+        """Whether the vocabulary wants a BOS token at all."""
         names = sorted((re.escape(s) for s in self._specials if s), key=len, reverse=True)
         self._special_re = re.compile("|".join(names)) if names else None
         self._cont_prefix = tokenize(_CONTINUATION, False) if adds_space_prefix else []
@@ -51,8 +54,11 @@ class PromptTokenizer:
         add_bos: bool,
         spliced: Mapping[str, Sequence[int]] | None = None,
     ) -> list[int]:
-        """Token ids of ``text``; each ``assistant_mark`` key of ``spliced`` becomes its ids."""
-        out: list[int] = [self._bos_id] if add_bos else []
+        """Token ids of ``text``; each ``assistant_mark`` key of ``spliced`` becomes its ids.
+
+        BOS leads only when asked for (the template lacks it) and the model uses one.
+        """
+        out: list[int] = [self._bos_id] if add_bos and self.adds_bos else []
         at_start = True
         pos = 0
         marks = (

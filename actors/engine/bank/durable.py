@@ -18,7 +18,7 @@ import queue
 import re
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -180,35 +180,28 @@ class DurableTier:
         local = [b for b in self.backends if b.local]
         if not local:
             raise OSError(f"snapshot {meta.token_hash[:12]} is remote and was not fetched")
-        errors = []
+        errors: list[str] = []
         for backend in local:
-            try:
-                data = backend.read(meta)
-            except Exception as e:
-                errors.append(f"{backend.name}: {e}")
-                continue
-            self.loads += 1
-            return data
-        self._unreadable(meta)
-        raise OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
+            with _noted(backend, errors):
+                return self._loaded(backend.read(meta))
+        raise self._unreadable(meta, errors)
 
     async def fetch(self, meta: SnapshotMeta) -> bytes:
         """The bytes of a snapshot from the first backend that has them, on the event loop."""
-        errors = []
+        errors: list[str] = []
         for backend in self.backends:
-            try:
-                data = await backend.fetch(meta)
-            except Exception as e:
-                errors.append(f"{backend.name}: {e}")
-                continue
-            self.loads += 1
-            return data
-        self._unreadable(meta)
-        raise OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
+            with _noted(backend, errors):
+                return self._loaded(await backend.fetch(meta))
+        raise self._unreadable(meta, errors)
 
-    def _unreadable(self, meta: SnapshotMeta) -> None:
+    def _loaded(self, data: bytes) -> bytes:
+        self.loads += 1
+        return data
+
+    def _unreadable(self, meta: SnapshotMeta, errors: list[str]) -> OSError:
         with self._lock:  # unreadable everywhere: forget it rather than fail again
             self._index.get(meta.session, {}).pop(meta.token_hash, None)
+        return OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
 
     # -- writes (on the writer thread) ----------------------------------------------------
     def persist(self, meta: SnapshotMeta, data: bytes) -> concurrent.futures.Future[None]:
@@ -299,3 +292,12 @@ class DurableTier:
                 backend.delete(meta)
             except Exception as e:
                 log.warning("bank_durable_delete_failed", backend=backend.name, error=str(e))
+
+
+@contextlib.contextmanager
+def _noted(backend: DurableBackend, errors: list[str]) -> Iterator[None]:
+    """Note a backend's failure to read and go on to the next one."""
+    try:
+        yield
+    except Exception as e:
+        errors.append(f"{backend.name}: {e}")
