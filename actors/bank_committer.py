@@ -1,9 +1,13 @@
-"""The bank committer: banks the KV state of every committed turn, after ``done``.
+"""The bank committer: the per-turn scheduler that banks every committed turn, after ``done``.
 
-It never delays a turn's stream: the runner hands it the commit after publishing ``done``
-and moves on. For each commit it asks the engine to snapshot the slot once the slot is idle
-(bounded by ``wait_s``); on a deadline or an error it logs why and drops only that snapshot,
-never the record (records live in the session's log, which it never touches).
+It owns no bank. The bank (``actors/engine/bank/``) belongs to the engine, which builds the
+store, opens its durable tier and does all snapshotting and restoring; this actor only
+decides when a committed turn's state is banked, asks the engine over the bus, and counts
+what happened. It never delays a turn's stream: the runner hands it the commit after
+publishing ``done`` and moves on. For each commit it asks the engine to snapshot the slot
+once the slot is idle (bounded by ``wait_s``); on a deadline or an error it logs why and
+drops only that snapshot, never the record (records live in the session's log, which it
+never touches).
 
 Commits are handled concurrently: one commit waiting for a busy slot must not hold back the
 commits of other sessions. A later turn of the same session simply supersedes an earlier
