@@ -1,13 +1,14 @@
 """The bank: KV snapshots of sessions in host RAM (byte caps, LRU) over an optional durable tier.
 
-Shared by the engine (which restores from it and snapshots into it when it evicts a slot)
-and the bank committer's requests (which bank every committed turn). Bytes never cross the
-bus: a snapshot can be tens of megabytes. Thread-safe: slot worker threads call it.
+Owned by the engine, which restores from it, snapshots into it when it evicts a slot, and
+banks every committed turn when the bank committer asks. Bytes never cross the bus: a
+snapshot can be tens of megabytes. Thread-safe: slot worker threads call it.
 
 Tiers: a resident slot, then this RAM tier, then the durable tier (a directory and/or a
-JetStream object store, ``durable``) when one is attached. A lookup that finds a longer
-prefix in the durable tier than in RAM loads it (on the calling slot thread) and keeps a copy
-in RAM. Only committed turns are written to the durable tier.
+JetStream object store, ``durable``) when one is attached. Before a turn takes its slot, the
+engine fetches on the event loop the durable snapshot it would restore (``to_fetch``) and
+keeps it here; a lookup on a slot thread reads only local durable backends. Only committed
+turns are written to the durable tier.
 """
 
 from __future__ import annotations
