@@ -628,9 +628,8 @@ async def test_the_done_event_and_the_log_line_report_one_queue_time(make_node, 
     node = await make_node(heartbeat_s=0)
     async with InfernodeClient(node.url) as client:
         result = await client.ask("queued", "hello", max_tokens=4, timeout=60)
-    assert result.done is not None and result.turn_id is not None
     line = await logs.wait("chat_done", turn=result.turn_id)
-    assert line["queue_ms"] == round(result.done.timings.queue_ms, 2)
+    assert line["queue_ms"] == round(result.timings.queue_ms, 2)
 
 
 async def test_stats_heartbeat_logs_sessions_inflight_and_rss(
