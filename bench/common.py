@@ -17,8 +17,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,3 +236,32 @@ def run_agents_or_main(
         print(json.dumps(asyncio.run(agents_main(args))))
         return 0
     return asyncio.run(main(args))
+
+
+class EventTally:
+    """What one load agent saw of its prompts: accepted message ids and the commits naming
+    them (the exactly-once accounting both load benchmarks share)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, tuple[str, ...]] = {}
+        """Idempotency key → message ids (from ``accepted``)."""
+        self.accepted_at: dict[str, float] = {}
+        self.parents: Counter[str] = Counter()
+        """Message id → commits naming it as a parent."""
+        self.turns: Counter[str] = Counter()
+        """Turn id → commit events for it."""
+        self.answered_at: dict[str, float] = {}
+        """Message id → first commit naming it."""
+        self.errors: list[dict[str, Any]] = []
+
+    def tally(self, kind: str, body: dict[str, Any], sent: Container[str]) -> None:
+        """Count an ``accepted`` event of a prompt in ``sent``, or a ``commit`` event."""
+        now = time.perf_counter()
+        if kind == "accepted" and body.get("idempotency_key") in sent:
+            self.ids[body["idempotency_key"]] = tuple(body["message_ids"])
+            self.accepted_at[body["idempotency_key"]] = now
+        elif kind == "commit":
+            self.turns[body["turn_id"]] += 1
+            for p in body["parent_ids"]:
+                self.parents[p] += 1
+                self.answered_at.setdefault(p, now)

@@ -42,7 +42,7 @@ import psutil  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
-from bench.common import pct, run_agents_or_main  # noqa: E402
+from bench.common import EventTally, pct, run_agents_or_main  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -51,10 +51,11 @@ S = Subjects()
 
 
 # -- the agents (child process) ---------------------------------------------------------------
-class Agent:
+class Agent(EventTally):
     """One agent: a connection, its sessions, a window of prompts in flight on each."""
 
     def __init__(self, name: str, sessions: list[str], args: argparse.Namespace) -> None:
+        super().__init__()
         self.name = name
         self.sessions = sessions
         self.args = args
@@ -63,32 +64,16 @@ class Agent:
         """Prompts the agent wanted answered; a resend after busy is the same prompt."""
         self.sent_at: dict[str, float] = {}
         """Idempotency key → when its publish started."""
-        self.accepted_at: dict[str, float] = {}
-        self.ids: dict[str, tuple[str, ...]] = {}
-        """Idempotency key → message ids (from ``accepted``)."""
-        self.answered_at: dict[str, float] = {}
-        """Message id → first commit naming it."""
-        self.parents: Counter[str] = Counter()
-        self.turns: Counter[str] = Counter()
         self.busy: set[str] = set()
         self.owed: Counter[str] = Counter()
         """Session → busy prompts not sent again yet."""
-        self.errors: list[dict[str, Any]] = []
         self.changed = asyncio.Condition()
 
     async def on_event(self, msg: Msg) -> None:
-        kind, session = msg.subject.rsplit(".", 1)[-1], msg.subject.split(".")[-2]
+        session, kind = S.event_of(msg.subject)
         body = json.loads(msg.data)
-        now = time.perf_counter()
-        if kind == "accepted" and body.get("idempotency_key") in self.sent_at:
-            self.ids[body["idempotency_key"]] = tuple(body["message_ids"])
-            self.accepted_at[body["idempotency_key"]] = now
-        elif kind == "commit":
-            self.turns[body["turn_id"]] += 1
-            for p in body["parent_ids"]:
-                self.parents[p] += 1
-                self.answered_at.setdefault(p, now)
-        elif kind == "error" and body.get("code") == "busy":
+        self.tally(kind, body, self.sent_at)
+        if kind == "error" and body.get("code") == "busy":
             self.busy.add(body.get("idempotency_key"))
             self.owed[session] += 1
         elif kind == "error":

@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from structlog.testing import capture_logs  # noqa: E402
 
-from bench.common import pct, run_agents_or_main  # noqa: E402
+from bench.common import EventTally, pct, run_agents_or_main  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -60,7 +59,7 @@ S = Subjects()
 
 # -- the agents (child process) ---------------------------------------------------------------
 @dataclass
-class Agent:
+class Agent(EventTally):
     """One agent: a connection, its sessions, and what it saw."""
 
     name: str
@@ -68,30 +67,16 @@ class Agent:
     nc: Client | None = None
     sent: dict[str, float] = field(default_factory=dict)
     """Idempotency key → publish time."""
-    ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Idempotency key → message ids (from ``accepted``)."""
-    accepted_at: dict[str, float] = field(default_factory=dict)
-    parents: Counter[str] = field(default_factory=Counter)
-    """Message id → commits naming it as a parent."""
-    turns: Counter[str] = field(default_factory=Counter)
-    """Turn id → commit events for it."""
-    answered_at: dict[str, float] = field(default_factory=dict)
-    errors: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def __post_init__(self) -> None:
+        EventTally.__init__(self)
+
     async def on_event(self, msg: Msg) -> None:
-        kind = msg.subject.rsplit(".", 1)[-1]
+        _, kind = S.event_of(msg.subject)
         body = json.loads(msg.data)
-        now = time.perf_counter()
-        if kind == "accepted" and body.get("idempotency_key") in self.sent:
-            self.ids[body["idempotency_key"]] = tuple(body["message_ids"])
-            self.accepted_at[body["idempotency_key"]] = now
-        elif kind == "commit":
-            self.turns[body["turn_id"]] += 1
-            for p in body["parent_ids"]:
-                self.parents[p] += 1
-                self.answered_at.setdefault(p, now)
-        elif kind == "error":
+        self.tally(kind, body, self.sent)
+        if kind == "error":
             self.errors.append(body)
         self.changed.set()
 

@@ -240,3 +240,18 @@ def test_actor_constructors_take_settings_without_defaults_of_their_own():
                     if fn.args.defaults or any(d is not None for d in fn.args.kw_defaults):
                         found.append(f"{path.relative_to(ROOT)}:{cls.name}")
     assert not found, "actors with defaults of their own: " + ", ".join(found)
+
+
+WIRED = {"Admission", "BankCommitter", "RunnerHost", "AdminActor", "NodeService", "EngineActor"}
+
+
+def test_the_node_and_the_tests_node_build_actors_only_through_the_wiring():
+    """Only node/wiring.py constructs the node's actors, so both nodes run with one set of limits."""
+    found = []
+    for path in [*_python_files("node"), ROOT / "tests" / "fake_engine.py"]:
+        if path.name == "wiring.py":
+            continue
+        for n in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in WIRED:
+                found.append(f"{path.relative_to(ROOT)}:{n.lineno}: {n.func.id}")
+    assert not found, "actors built outside node/wiring.py:\n" + "\n".join(found)
