@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,8 +226,8 @@ def print_table(title: str, ratios: Sequence[Ratio]) -> None:
 
 def run_agents_or_main(
     args: argparse.Namespace,
-    main: Callable[[argparse.Namespace], Awaitable[int]],
-    agents_main: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    main: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+    agents_main: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
 ) -> int:
     """A load benchmark's entry: ``--agents-of URL`` runs one process of agents against the
     node at URL and prints what they saw as JSON; otherwise the benchmark itself runs."""

@@ -41,7 +41,6 @@ from actors.engine.ctransformers_backend import CtransformersBackend  # noqa: E4
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
 from actors.engine.loader import load_engine  # noqa: E402
-from node.config import NodeConfig  # noqa: E402
 from bench.common import (  # noqa: E402
     MIB,
     BenchError,
@@ -61,6 +60,7 @@ from bench.common import (  # noqa: E402
     turn,
     user,
 )
+from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY, ModelShape  # noqa: E402
 from schemas.chat import ChatMessage  # noqa: E402
 

@@ -37,7 +37,6 @@ from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
 from actors.engine.llamacpp_backend import INSTALL_HINT, llama_cpp_available  # noqa: E402
 from actors.engine.loader import load_engine  # noqa: E402
-from node.config import NodeConfig  # noqa: E402
 from bench.common import (  # noqa: E402
     BenchError,
     Chatter,
@@ -51,6 +50,7 @@ from bench.common import (  # noqa: E402
     turn,
     user,
 )
+from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY, ModelShape  # noqa: E402
 
 ENGINES = ("ctransformers", "llama-cpp")

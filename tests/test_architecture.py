@@ -236,9 +236,10 @@ def test_actor_constructors_take_settings_without_defaults_of_their_own():
             if "Actor" not in bases:
                 continue
             for fn in cls.body:
-                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
-                    if fn.args.defaults or any(d is not None for d in fn.args.kw_defaults):
-                        found.append(f"{path.relative_to(ROOT)}:{cls.name}")
+                if not (isinstance(fn, ast.FunctionDef) and fn.name == "__init__"):
+                    continue
+                if fn.args.defaults or any(d is not None for d in fn.args.kw_defaults):
+                    found.append(f"{path.relative_to(ROOT)}:{cls.name}")
     assert not found, "actors with defaults of their own: " + ", ".join(found)
 
 
@@ -246,7 +247,7 @@ WIRED = {"Admission", "BankCommitter", "RunnerHost", "AdminActor", "NodeService"
 
 
 def test_the_node_and_the_tests_node_build_actors_only_through_the_wiring():
-    """Only node/wiring.py constructs the node's actors, so both nodes run with one set of limits."""
+    """Only node/wiring.py builds the node's actors, so both nodes run with one set of limits."""
     found = []
     for path in [*_python_files("node"), ROOT / "tests" / "fake_engine.py"]:
         if path.name == "wiring.py":

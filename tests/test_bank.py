@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from actors.bank_committer import BankCommitter
+from actors.engine import sampling as sampling_mod
 from actors.engine.bank.meta import SnapshotMeta
 from actors.engine.bank.store import BankEntry
-from actors.engine import sampling as sampling_mod
 from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.loader import load_engine
-from node.config import NodeConfig
 from node.client import InfernodeClient, TurnResult
+from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.subjects import Subjects

@@ -13,9 +13,9 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from actors.base import Actor, encode
 from actors.engine.bank.durable import DirectoryBackend, DurableBackend, DurableTier
 from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
-from actors.base import Actor, encode
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnSpec
 from schemas.errors import ErrorCode, InferError

@@ -17,7 +17,6 @@ import structlog
 
 from actors.engine.bank.meta import Compat, SnapshotMeta
 from actors.engine.bank.store import BankEntry, BankStore
-from actors.engine.tokens import token_hash
 from actors.engine.interface import (
     Backend,
     CancelToken,
@@ -30,6 +29,7 @@ from actors.engine.slots import Slot, SlotPool
 from actors.engine.stats import EngineStats
 from actors.engine.templates import ChatTemplate, parse_tool_calls
 from actors.engine.tokenizer import assistant_mark
+from actors.engine.tokens import token_hash
 from actors.engine.turn import decode, prefill
 from schemas.chat import CacheInfo, ChatMessage, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode, InferError

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import structlog
 
-from actors.engine.bank.store import BankStore
 from actors.engine import llama_api
+from actors.engine.bank.store import BankStore
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import (

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from actors.engine.tokens import common_prefix
 from actors.engine.interface import Backend, CancelToken, end_of_generation
 from actors.engine.sampling import Sampler, StopMatcher, Utf8Detokenizer
 from actors.engine.slots import Slot
+from actors.engine.tokens import common_prefix
 from schemas.chat import SamplingParams
 
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
@@ -121,7 +122,7 @@ class BusIO:
                 request.cancel()
         return parse_reply(reply.data, reply.headers, GenerateResult)
 
-    async def _await_result(self, req: GenerateRequest, request: asyncio.Future[object]) -> None:
+    async def _await_result(self, req: GenerateRequest, request: asyncio.Future[Msg]) -> None:
         while True:
             done, _ = await asyncio.wait({request}, timeout=self.probe_s)
             if done:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from actors.session.io import RunnerIO
 from actors.session.mailbox import (
     Abort,
     Admit,
@@ -27,7 +28,6 @@ from actors.session.mailbox import (
     rejected,
     wait_set,
 )
-from actors.session.io import RunnerIO
 from actors.session.records import new_id
 from actors.session.state import SessionState, parents_of, supersedes_of
 from actors.session.turn import (
