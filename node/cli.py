@@ -34,6 +34,7 @@ UP_FLAGS: dict[str, str] = {
     "--gpu-layers": "gpu_layers",
     "--llama-lib": "llama_lib",
     "--chat-template": "chat_template",
+    "--overflow": "overflow",
     "--bank-ram-bytes": "bank_ram_bytes",
     "--bank-session-bytes": "bank_session_bytes",
     "--commit-wait-s": "commit_wait_s",
@@ -66,6 +67,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--gpu-layers", type=int, help="layers offloaded to CUDA (0 = CPU only)")
     p.add_argument("--llama-lib", type=Path, help="a llama.cpp library built from the sdist")
     p.add_argument("--chat-template", help="auto, gguf, chatml, llama-2 or mistral")
+    p.add_argument(
+        "--overflow", help="truncate (default), shift or refuse: a session outgrowing --ctx"
+    )
     p.add_argument("--bank-ram-bytes", type=int, help="host RAM for KV snapshots (0 = off)")
     p.add_argument("--bank-session-bytes", type=int, help="RAM bank cap of one session")
     p.add_argument("--commit-wait-s", type=float,

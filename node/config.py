@@ -26,6 +26,7 @@ GIB = 1 << 30
 MAX_NATS_PAYLOAD = 64 * MIB
 
 ENGINES = ("ctransformers", "llama-cpp", "auto")
+OVERFLOW_POLICIES = ("truncate", "shift", "refuse")
 CHAT_TEMPLATES = ("auto", "gguf", "chatml", "llama-2", "mistral")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
@@ -68,6 +69,10 @@ class NodeConfig:
     """A llama.cpp shared library to use instead of the bundled one."""
     chat_template: str = "auto"
     """auto, gguf (the model's own), chatml, llama-2 or mistral."""
+    overflow: str = "truncate"
+    """When a session outgrows the context: truncate (leave its oldest whole turns out of the
+    window), shift (the same, keeping the KV state of what stays where the engine can), or
+    refuse (context_overflow 422)."""
     bank_ram_bytes: int = GIB
     """Host RAM for banked KV snapshots; 0 turns snapshots off."""
     bank_session_bytes: int = 256 * MIB
@@ -283,6 +288,7 @@ def _check_choices(c: NodeConfig) -> None:
     choices = {
         ("engine", "--engine"): ENGINES,
         ("chat_template", "--chat-template"): CHAT_TEMPLATES,
+        ("overflow", "--overflow"): OVERFLOW_POLICIES,
         ("log_level", "--log-level"): LOG_LEVELS,
         ("log_format", "--log-format"): LOG_FORMATS,
     }

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_TEXT = 1_000_000
 """Longest text of one message, in characters."""
 
+OverflowPolicy = Literal["refuse", "truncate", "shift"]
+"""What a turn does when the session's history outgrows the context window: ``refuse``
+answers ``context_overflow`` 422; ``truncate`` leaves the oldest whole turns out of the
+window; ``shift`` also keeps the KV state of what stays where the engine can move it."""
+
 
 class Frozen(BaseModel):
     """Base of every wire model: immutable, unknown fields refused."""
@@ -131,6 +136,10 @@ class Usage(Frozen):
     """Prompt tokens evaluated this turn."""
     completion_tokens: int
     """Tokens generated."""
+    dropped_tokens: int = 0
+    """Prompt tokens of the history left out of the context window (the log keeps them)."""
+    dropped_turns: int = 0
+    """Whole turns of the history left out of the context window."""
 
 
 class CacheInfo(Frozen):

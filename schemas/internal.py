@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from schemas.chat import CacheInfo, ChatMessage, Frozen, SamplingParams, Timings, ToolCall, Usage
+from schemas.chat import (
+    CacheInfo,
+    ChatMessage,
+    Frozen,
+    OverflowPolicy,
+    SamplingParams,
+    Timings,
+    ToolCall,
+    Usage,
+)
 from schemas.errors import ErrorCode
 from schemas.messages import FinishReason, PromptRequest
 
@@ -75,6 +84,8 @@ class GenerateRequest(Frozen):
     """Stop strings."""
     max_tokens: int
     """Most tokens to generate."""
+    overflow: OverflowPolicy | None = None
+    """Window policy of the turn; None takes the engine's default."""
     token_subject: str
     """Where to publish token events as they are generated."""
     queue_ms: float
@@ -113,6 +124,9 @@ class GenerateResult(Frozen):
     """Tokens in the slot after the turn (prompt + completion)."""
     token_hash: str = ""
     """sha256 of those token ids."""
+    window_start: int = 0
+    """Index in the request's messages of the first message after the system head that the
+    model still saw; the ones before it were left out of the window."""
     error: ErrorBody | None = None
     """Set when the turn failed."""
 

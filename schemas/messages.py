@@ -9,7 +9,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.chat import CacheInfo, ChatMessage, Frozen, SamplingParams, Timings, ToolCall, Usage
+from schemas.chat import (
+    CacheInfo,
+    ChatMessage,
+    Frozen,
+    OverflowPolicy,
+    SamplingParams,
+    Timings,
+    ToolCall,
+    Usage,
+)
 from schemas.errors import ErrorCode
 
 SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
@@ -52,6 +61,9 @@ class PromptRequest(Frozen):
     """False appends the messages without running a turn."""
     relay_to: SessionId | None = None
     """Another session that receives this turn's answer as a prompt."""
+    overflow: OverflowPolicy | None = None
+    """When the history outgrows the context: ``refuse``, ``truncate`` or ``shift``; unset
+    takes the node's ``--overflow``."""
     model: Annotated[str, Field(max_length=256)] | None = None
     """Accepted and not checked: a node serves the one model it loaded."""
     stream: bool | None = None

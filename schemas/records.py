@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from schemas.chat import ChatMessage, Frozen, SamplingParams
+from schemas.chat import ChatMessage, Frozen, OverflowPolicy, SamplingParams
 
 
 class TurnParams(Frozen):
@@ -24,6 +24,8 @@ class TurnParams(Frozen):
     """Most tokens of the reply."""
     relay_to: str | None = None
     """Session that receives the answer as a prompt."""
+    overflow: OverflowPolicy | None = None
+    """The prompt's window policy; None takes the node's."""
     answer_to: str | None = None
     """Inbox of the ask that sent the prompt: the turn's answer is published there."""
 

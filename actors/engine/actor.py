@@ -120,6 +120,7 @@ class EngineActor(Actor):
             sampling=req.sampling,
             stop=req.stop,
             max_tokens=req.max_tokens,
+            overflow=req.overflow,
             assistant_tokens=tokens,
             queue_ms=req.queue_ms,
         )

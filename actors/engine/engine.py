@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import structlog
@@ -31,7 +31,8 @@ from actors.engine.templates import ChatTemplate, parse_tool_calls
 from actors.engine.tokenizer import assistant_mark
 from actors.engine.tokens import token_hash
 from actors.engine.turn import decode, prefill
-from schemas.chat import CacheInfo, ChatMessage, Timings, ToolCall, Usage
+from actors.engine.window import Window, slide, system_head, view
+from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode, InferError
 
 log = structlog.get_logger("engine")
@@ -51,8 +52,12 @@ class SlotEngine:
         n_slots: int,
         bank: BankStore | None,
         snapshot_note: str = "",
+        overflow: OverflowPolicy = "truncate",
     ) -> None:
         self.backend = backend
+        self.overflow: OverflowPolicy = overflow
+        """The node's window policy; a prompt may name another."""
+        self._windows: dict[str, Window] = {}
         self.template = template
         self.bank = bank
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
@@ -148,16 +153,8 @@ class SlotEngine:
         lock_wait_ms: float,
     ) -> TurnOutcome:
         t0 = time.perf_counter()
-        tokens = self.prompt_tokens(spec)
+        tokens, window = self._window_tokens(spec)
         tokenize_ms = (time.perf_counter() - t0) * 1000
-        if len(tokens) >= self.backend.n_ctx:
-            raise InferError(
-                ErrorCode.CONTEXT_OVERFLOW,
-                f"the prompt is {len(tokens)} tokens but the context holds "
-                f"{self.backend.n_ctx}; shorten the history or start the node with a larger "
-                "--ctx",
-                {"prompt_tokens": len(tokens), "n_ctx": self.backend.n_ctx},
-            )
         resumed = any(m.role == "assistant" for m in spec.messages)
         source, miss, restore_ms, tier = self._prepare(slot, spec.session, tokens, resumed)
         had = len(slot.tokens)
@@ -188,6 +185,8 @@ class SlotEngine:
                 cached_tokens=reused,
                 new_prefill_tokens=len(tokens) - reused,
                 completion_tokens=out.completion_tokens,
+                dropped_tokens=window.dropped_tokens,
+                dropped_turns=window.dropped_turns,
             ),
             cache=CacheInfo(source=source, miss_reason=miss, restore_ms=restore_ms),
             timings=Timings(
@@ -202,18 +201,55 @@ class SlotEngine:
             ),
             n_tokens=len(slot.tokens),
             token_hash=slot.digest,
+            window_start=window.start,
         )
         self.turn_stats.record(
             spec.session, outcome.usage, outcome.cache, outcome.timings, tier
         )
         return outcome
 
+    def _window_tokens(self, spec: TurnSpec) -> tuple[list[int], Window]:
+        """The prompt's tokens under the turn's window policy, and the window they show."""
+        n_ctx = self.backend.n_ctx
+        policy = spec.overflow or self.overflow
+        if policy == "refuse":
+            tokens, window = self.prompt_tokens(spec), Window()
+        else:
+            cache: dict[int, list[int]] = {}
+
+            def measure(start: int) -> int:
+                msgs, ids = view(spec.messages, spec.assistant_tokens, start)
+                cache[start] = self.encode(msgs, ids)
+                return len(cache[start])
+
+            budget = max(1, n_ctx - spec.max_tokens)
+            current = self._windows.get(spec.session, Window())
+            window, _ = slide(spec.messages, current, measure, budget)
+            tokens = cache[max(window.start, system_head(spec.messages))]
+            self._windows[spec.session] = window
+        if len(tokens) >= n_ctx:
+            fix = "" if policy == "refuse" else "its newest turn alone does not fit; "
+            raise InferError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; {fix}"
+                "shorten the history, start the node with a larger --ctx"
+                + (", or send overflow: truncate" if policy == "refuse" else ""),
+                {"prompt_tokens": len(tokens), "n_ctx": n_ctx},
+            )
+        return tokens, window
+
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
-        """Render the conversation and tokenise it, splicing known assistant token ids."""
+        """Render the whole conversation and tokenise it, splicing known assistant token ids."""
+        return self.encode(spec.messages, spec.assistant_tokens)
+
+    def encode(
+        self, conversation: Sequence[ChatMessage], assistant_tokens: Mapping[int, tuple[int, ...]]
+    ) -> list[int]:
+        """Render ``conversation`` and tokenise it, splicing known assistant token ids."""
         messages: list[ChatMessage] = []
         spliced: dict[str, tuple[int, ...]] = {}
-        for i, m in enumerate(spec.messages):
-            ids = spec.assistant_tokens.get(i)
+        for i, m in enumerate(conversation):
+            ids = assistant_tokens.get(i)
             if m.role == "assistant" and ids is not None:
                 mark = assistant_mark(i)
                 messages.append(ChatMessage(role="assistant", content=mark))
@@ -356,6 +392,7 @@ class SlotEngine:
 
             await slot.worker.submit(clear)
         self._evicted.discard(session)
+        self._windows.pop(session, None)
         self.turn_stats.forget(session)
         if self.bank is not None:
             self.bank.forget(session)

@@ -15,7 +15,15 @@ from typing import Protocol
 import numpy as np
 
 from actors.engine.tokenizer import PromptTokenizer
-from schemas.chat import CacheInfo, ChatMessage, SamplingParams, Timings, ToolCall, Usage
+from schemas.chat import (
+    CacheInfo,
+    ChatMessage,
+    OverflowPolicy,
+    SamplingParams,
+    Timings,
+    ToolCall,
+    Usage,
+)
 
 
 class BackendContext(Protocol):
@@ -103,6 +111,8 @@ class TurnSpec:
     assistant_tokens: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     """Exact token ids generated for assistant messages, by message index."""
     queue_ms: float = 0.0
+    overflow: OverflowPolicy | None = None
+    """What to do when the history outgrows the context; None takes the engine's default."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class TurnOutcome:
     timings: Timings
     n_tokens: int
     token_hash: str
+    window_start: int = 0
+    """Index in the turn's messages of the first one after the system head still seen."""
 
 
 @dataclass(frozen=True)

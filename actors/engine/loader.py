@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 
@@ -32,6 +32,7 @@ from actors.engine.llamacpp_backend import INSTALL_HINT, LlamaCppBackend, llama_
 from actors.engine.llamacpp_verify import verify_in_child as verify_llamacpp_in_child
 from actors.engine.templates import select_template
 from actors.engine.verify import verify_in_child
+from schemas.chat import OverflowPolicy
 
 log = structlog.get_logger("engine")
 
@@ -60,6 +61,8 @@ class EngineSettings(Protocol):
     def llama_lib(self) -> Path | None: ...
     @property
     def chat_template(self) -> str: ...
+    @property
+    def overflow(self) -> str: ...
     @property
     def bank_ram_bytes(self) -> int: ...
     @property
@@ -154,7 +157,8 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         settings.chat_template, info.chat_template, backend.bos_text, backend.eos_text
     )
     slot_engine = SlotEngine(
-        backend, template, template.name, settings.n_slots, bank, snapshot_note=note
+        backend, template, template.name, settings.n_slots, bank, snapshot_note=note,
+        overflow=cast(OverflowPolicy, settings.overflow),
     )
     log.info(
         "engine_loaded",

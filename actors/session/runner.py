@@ -210,7 +210,7 @@ class SessionRunner:
         prompt = req.prompt
         params = TurnParams(
             sampling=prompt.sampling, stop=prompt.stop, max_tokens=prompt.max_tokens,
-            relay_to=prompt.relay_to, answer_to=req.answer_to,
+            relay_to=prompt.relay_to, answer_to=req.answer_to, overflow=prompt.overflow,
         )
         for m in prompt.messages[len(ids):]:
             record = UserRecord(
@@ -276,8 +276,8 @@ class SessionRunner:
         req = GenerateRequest(
             session=self.session, turn_id=turn.id, messages=messages, assistant_tokens=tokens,
             model_id=model_id, sampling=params.sampling, stop=params.stop,
-            max_tokens=params.max_tokens, token_subject=self.io.token_subject(self.session),
-            queue_ms=turn.queue_ms,
+            max_tokens=params.max_tokens, overflow=params.overflow,
+            token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
         )
         self._turn_task = asyncio.get_running_loop().create_task(self._generate(turn, req))
         return True

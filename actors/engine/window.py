@@ -1,0 +1,109 @@
+"""The context window of a session: which whole turns of its history the model still sees.
+
+The record log keeps every message; the window is a view over it. With the ``truncate``
+policy the oldest whole turns go first — a turn is a user message with everything that
+answers it (assistant replies, tool calls and their results) — while the leading system
+messages, the tool set (it lives in the system part of the template) and the newest turn
+always stay. A tool call and its result are in one turn, so they are never split.
+
+When the window has to move, it moves further than the bare minimum (to half of what the
+context holds for the prompt), and it stays where it is while the conversation still fits:
+consecutive turns then render the same prefix, so their KV state is reused from the slot or
+the bank instead of being evaluated again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from schemas.chat import ChatMessage
+
+KEEP_FRACTION = 0.5
+"""Share of the prompt budget a moved window fills, leaving room for the turns that follow."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a session's window starts, and what it has dropped so far."""
+
+    start: int = 0
+    """Index of the first kept message after the leading system messages."""
+    dropped_turns: int = 0
+    """Whole turns left out of the window."""
+    dropped_messages: int = 0
+    """Messages left out of the window."""
+    dropped_tokens: int = 0
+    """Prompt tokens those messages took when they last were in the window."""
+
+
+def turn_starts(messages: Sequence[ChatMessage]) -> list[int]:
+    """Index of every user message that starts a turn (after the leading system messages)."""
+    head = system_head(messages)
+    return [i for i in range(head, len(messages)) if messages[i].role == "user"]
+
+
+def system_head(messages: Sequence[ChatMessage]) -> int:
+    """How many leading system messages there are: they always stay in the window."""
+    n = 0
+    while n < len(messages) and messages[n].role == "system":
+        n += 1
+    return n
+
+
+def view(
+    messages: Sequence[ChatMessage], tokens: Mapping[int, tuple[int, ...]], start: int
+) -> tuple[tuple[ChatMessage, ...], dict[int, tuple[int, ...]]]:
+    """The messages from ``start`` on, after the system head, with their token ids re-indexed."""
+    head = system_head(messages)
+    keep = list(range(head)) + list(range(max(start, head), len(messages)))
+    kept = tuple(messages[i] for i in keep)
+    ids = {new: tokens[old] for new, old in enumerate(keep) if old in tokens}
+    return kept, ids
+
+
+def slide(
+    messages: Sequence[ChatMessage],
+    current: Window,
+    measure: Callable[[int], int],
+    budget: int,
+) -> tuple[Window, int]:
+    """The window for this turn and its prompt length in tokens.
+
+    ``measure(start)`` is the prompt length with the window starting at ``start``; ``budget``
+    is how many prompt tokens fit beside the reply. The window stays at ``current.start``
+    when that fits; otherwise it moves to the first turn start that fills at most
+    ``KEEP_FRACTION`` of the budget, or to the newest turn when nothing smaller fits.
+    """
+    head = system_head(messages)
+    if current.start > head and (
+        current.start >= len(messages) or messages[current.start].role != "user"
+    ):  # not this conversation's window (the session was rebuilt): start over
+        current = Window()
+    start = max(current.start, head)
+    length = measure(start)
+    if length <= budget:
+        return current, length
+    starts = [s for s in turn_starts(messages) if s > start]
+    if not starts:  # only the newest turn is left: it cannot be cut
+        return current, length
+    target = int(budget * KEEP_FRACTION)
+    lo, hi = 0, len(starts) - 1  # the least dropped start whose prompt fits the target
+    lengths: dict[int, int] = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lengths[mid] = measure(starts[mid])
+        if lengths[mid] <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    new = starts[lo]
+    new_length = lengths[lo] if lo in lengths else measure(new)
+    dropped = messages[start:new]
+    moved = Window(
+        start=new,
+        dropped_turns=current.dropped_turns + sum(1 for m in dropped if m.role == "user"),
+        dropped_messages=current.dropped_messages + len(dropped),
+        dropped_tokens=current.dropped_tokens + max(0, length - new_length),
+    )
+    return moved, new_length

@@ -1,0 +1,169 @@
+"""Sessions that outlive the context: the window policy on the real engine (tiny model)
+and through a node: oldest whole turns leave the window, the log keeps everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.engine.interface import CancelToken, TurnSpec
+from actors.engine.loader import load_engine
+from actors.engine.window import view
+from node.client import InfernodeClient
+from node.config import NodeConfig
+from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
+from schemas.errors import InferError
+
+GREEDY = SamplingParams(temperature=0.0)
+SYSTEM = ChatMessage(role="system", content="You are the window keeper. Remember rule 7.")
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def said(text: str) -> ChatMessage:
+    return ChatMessage(role="assistant", content=text)
+
+
+def tool_exchange(n: int) -> list[ChatMessage]:
+    """A user turn whose answer calls a tool, gets its result, then answers."""
+    call = ToolCall(id=f"call_{n}", function=FunctionCall(name="lookup", arguments='{"q": 1}'))
+    return [
+        user(f"look up item {n} in the catalogue please"),
+        ChatMessage(role="assistant", content="", tool_calls=(call,)),
+        ChatMessage(role="tool", content=f"item {n} is a red bicycle", tool_call_id=call.id),
+        said(f"item {n} is a red bicycle"),
+    ]
+
+
+def long_conversation(turns: int) -> list[ChatMessage]:
+    msgs = [SYSTEM]
+    for n in range(turns):
+        if n % 3 == 1:
+            msgs += tool_exchange(n)
+        else:
+            msgs += [user(f"question number {n} about the weather today"), said(f"answer {n}")]
+    return msgs
+
+
+def spec(session: str, messages, max_tokens: int = 8, overflow=None) -> TurnSpec:
+    return TurnSpec(
+        session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
+        max_tokens=max_tokens, overflow=overflow,
+    )
+
+
+@pytest.fixture
+def engine_factory(tiny_model: Path):
+    made = []
+
+    def make(**kw):
+        kw.setdefault("n_ctx", 256)
+        engine = load_engine(NodeConfig(model=tiny_model, threads=1, verify_restore=False, **kw))
+        made.append(engine)
+        return engine
+
+    return make
+
+
+async def run(engine, s: TurnSpec):
+    return await engine.run_turn(s, lambda text: None, CancelToken())
+
+
+async def test_truncate_leaves_out_oldest_whole_turns_and_keeps_the_system_message(
+    engine_factory,
+):
+    """A history 3× the context: the turn runs, the window starts at a user message, the
+    system message stays, tool calls keep their results, and done counts what was dropped."""
+    engine = engine_factory()
+    try:
+        msgs = [*long_conversation(40), user("and now the newest question")]
+        assert len(engine.prompt_tokens(spec("w", msgs))) > 3 * 256
+        out = await run(engine, spec("w", msgs, max_tokens=16))
+        assert out.usage.prompt_tokens + 16 <= 256
+        assert out.usage.dropped_turns > 0 and out.usage.dropped_tokens > 0
+        start = out.window_start
+        assert msgs[start].role == "user" and start > 1
+        kept, _ = view(msgs, {}, start)
+        assert kept[0] == SYSTEM and kept[-1] == msgs[-1]
+        assert kept[1:] == tuple(msgs[start:])
+        calls = {c.id for m in kept for c in (m.tool_calls or ())}
+        results = {m.tool_call_id for m in kept if m.role == "tool"}
+        assert calls == results  # never a call without its result, nor a result without call
+        assert out.usage.dropped_turns == sum(1 for m in msgs[1:start] if m.role == "user")
+        text = engine.template.render(list(kept), add_generation_prompt=True)
+        assert SYSTEM.content in text and "newest question" in text
+    finally:
+        await engine.close()
+
+
+async def test_refuse_policy_answers_context_overflow_and_names_the_way_out(engine_factory):
+    """A prompt that asks for ``refuse`` gets today's 422 instead of a window."""
+    engine = engine_factory()
+    try:
+        msgs = [*long_conversation(40), user("newest")]
+        with pytest.raises(InferError) as info:
+            await run(engine, spec("r", msgs, overflow="refuse"))
+        assert info.value.code.value == "context_overflow"
+        assert "overflow: truncate" in info.value.message
+    finally:
+        await engine.close()
+
+
+async def test_a_newest_turn_longer_than_the_context_is_still_refused(engine_factory):
+    """The newest turn is never cut: alone over the context it is a 422, not a window."""
+    engine = engine_factory()
+    try:
+        msgs = [SYSTEM, user("hello there " * 400)]
+        with pytest.raises(InferError) as info:
+            await run(engine, spec("big", msgs))
+        assert info.value.code.value == "context_overflow"
+    finally:
+        await engine.close()
+
+
+async def test_turns_after_a_truncation_reuse_the_kept_prefix(engine_factory):
+    """Once the window moved, the following turns keep its start and reuse its KV state."""
+    engine = engine_factory(n_slots=1)
+    try:
+        msgs = [*long_conversation(40), user("first after the fill")]
+        first = await run(engine, spec("k", msgs, max_tokens=8))
+        assert first.usage.dropped_turns > 0
+        msgs += [said(first.text), user("second after the fill")]
+        second = await run(engine, spec("k", msgs, max_tokens=8))
+        assert second.window_start == first.window_start
+        assert second.usage.dropped_turns == first.usage.dropped_turns
+        # Everything the first turn evaluated that the second renders alike is reused.
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens
+        assert second.usage.new_prefill_tokens < second.usage.prompt_tokens // 2
+    finally:
+        await engine.close()
+
+
+async def test_a_session_driven_through_three_times_its_context_keeps_answering(make_node):
+    """Through a node at --ctx 256: every ask is answered once, the window moves, and the
+    history still returns every record the session ever had."""
+    node = await make_node(n_ctx=256)
+    async with InfernodeClient(node.url) as client:
+        first = await client.ask("long", [SYSTEM, user("start the long conversation")],
+                                 max_tokens=16)
+        answers, sent_tokens = [first], first.usage.prompt_tokens
+        n = 0
+        while sent_tokens < 3 * 256 or answers[-1].usage.dropped_turns == 0:
+            n += 1
+            reply = await client.ask("long", f"message {n}: tell me more about windows",
+                                     max_tokens=16)
+            answers.append(reply)
+            sent_tokens += reply.usage.new_prefill_tokens + reply.usage.completion_tokens
+            assert n < 200, "the window never moved"
+        assert all(a.finish_reason in ("stop", "length") for a in answers)
+        assert len({a.record_id for a in answers}) == len(answers)
+        parents = [p for a in answers for p in a.parent_ids]
+        assert len(parents) == len(set(parents)) == n + 2  # every message answered once
+        assert answers[-1].usage.prompt_tokens + 16 <= 256
+        history = await client.history("long")
+        users = [r for r in history.records if r.kind == "user"]
+        assert len(users) == n + 2  # the system message and every user message
+        assert sum(1 for r in history.records if r.kind == "assistant") == n + 1
