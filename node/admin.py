@@ -31,7 +31,7 @@ from schemas.admin import (
 )
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import SessionDeleteReply, SessionDeleteRequest
-from schemas.records import Record
+from schemas.records import CommitRecord, Record
 from schemas.subjects import Subjects, is_session_id
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class AdminActor(Actor):
             code = ErrorCode.GONE if gone else ErrorCode.UNKNOWN_SESSION
             raise InferError(code, f"session {req.session} does not exist")
         log = read_log(self.nc.jetstream(), self.subjects, req.session)
-        records = [_describe(r) async for _, r in log]
+        records = mark_window([r async for _, r in log])
         return HistoryReply(
             session=req.session, generation=runner.state.generation, records=tuple(records)
         )
@@ -151,6 +151,28 @@ class AdminActor(Actor):
         )
         done: SessionDeleteReply = parse_reply(reply.data, reply.headers, SessionDeleteReply)
         return DeleteReply(session=done.session)
+
+
+def mark_window(records: list[Record]) -> list[HistoryItemInfo]:
+    """Describe ``records``, marking the messages the model no longer sees.
+
+    The newest commit that names a window start decides: every message logged before that
+    record, except the leading system messages (they always stay), is out of the window.
+    """
+    window_from = next(
+        (r.window_from for r in reversed(records) if isinstance(r, CommitRecord)), None
+    )
+    out, before, head = [], window_from is not None, True
+    for r in records:
+        info = _describe(r)
+        message = getattr(r, "message", None)
+        if r.id == window_from:
+            before = False
+        if message is not None:
+            head = head and message.role == "system"
+            info = info.model_copy(update={"in_window": not (before and not head)})
+        out.append(info)
+    return out
 
 
 def _describe(r: Record) -> HistoryItemInfo:

@@ -155,7 +155,8 @@ async def history(c: InfernodeClient, args: argparse.Namespace) -> int:
         text = (r.content or r.reason or "").replace("\n", " ")
         if len(text) > 90:
             text = text[:87] + "..."
-        marks = {"generation": r.generation, "supersedes": r.supersedes, "status": r.status}
+        marks = {"generation": r.generation, "supersedes": r.supersedes, "status": r.status,
+                 "window": "out" if r.in_window is False else None}
         extra = " ".join(f"{k}={v}" for k, v in marks.items() if v is not None)
         print(f"  {r.kind:<12} {r.role or '':<9} {extra} {text}".rstrip())
     return 0

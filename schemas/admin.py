@@ -121,6 +121,9 @@ class HistoryItemInfo(Frozen):
     """For aborts."""
     status: str | None = None
     """For assistant/provisional: committed or ABORTED."""
+    in_window: bool | None = None
+    """For messages: False once the model no longer sees it (it left the context window);
+    the log keeps it all the same."""
 
 
 class HistoryReply(Frozen):

@@ -125,6 +125,9 @@ class CommitRecord(Frozen):
     """User records answered."""
     supersedes: str | None = None
     """A provisional record this commit replaces (retry of an aborted turn)."""
+    window_from: str | None = None
+    """First record (after the leading system messages) the model still saw this turn;
+    the messages logged before it had left the context window. None: nothing had."""
     ts: float
     """Unix time."""
 

@@ -167,3 +167,9 @@ async def test_a_session_driven_through_three_times_its_context_keeps_answering(
         users = [r for r in history.records if r.kind == "user"]
         assert len(users) == n + 2  # the system message and every user message
         assert sum(1 for r in history.records if r.kind == "assistant") == n + 1
+        messages = [r for r in history.records if r.role is not None]
+        assert messages[0].role == "system" and messages[0].in_window is True
+        out = [r for r in messages if r.in_window is False]
+        assert out and out == messages[1:1 + len(out)]  # the oldest, after the system message
+        assert sum(1 for r in out if r.kind == "user") == answers[-1].usage.dropped_turns
+        assert all(r.in_window for r in messages[1 + len(out):])

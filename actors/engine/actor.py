@@ -146,6 +146,7 @@ class EngineActor(Actor):
                 model_id=self.engine.info.model_id,
                 n_tokens=out.n_tokens,
                 token_hash=out.token_hash,
+                window_start=out.window_start,
             )
         except InferError as e:
             result = self._failed(req, e.code, e.message, e.details, "".join(streamed))

@@ -159,6 +159,13 @@ class SessionState:
             ))
         self.pending = back + self.pending
 
+    def record_at(self, taken: list[Pending], index: int) -> str | None:
+        """Record id of message ``index`` of the conversation ``messages_for(taken)`` gave."""
+        if index < len(self.history):
+            return self.history[index].record_id
+        rest = index - len(self.history)
+        return taken[rest].record.id if rest < len(taken) else None
+
     def messages_for(
         self, taken: list[Pending]
     ) -> tuple[tuple[ChatMessage, ...], dict[int, tuple[int, ...]], str | None]:

@@ -68,6 +68,7 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
     commit = CommitRecord(
         id=new_id("commit"), turn_id=turn.id, assistant_id=assistant.id,
         generation=st.generation + 1, parent_ids=turn.parent_ids, supersedes=turn.supersedes,
+        window_from=st.record_at(turn.taken, r.window_start) if r.usage.dropped_turns else None,
         ts=time.time(),
     )
     await io.append(s, assistant)
