@@ -3,7 +3,8 @@
 Agent ``i`` owns session ``<name>-i``. A hop is one prompt to agent ``i``'s session with
 ``relay_to`` naming agent ``i+1``'s: agent ``i`` answers, and the node itself delivers that
 answer as a prompt to agent ``i+1``, which answers in turn. The next agent then takes the
-next hop. Every answer is printed with who said it.
+next hop. Every answer is printed with who said it. A hop whose turn fails (an ``error``
+event on either session) ends the run at once, naming the hop and the node's reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from nats.aio.msg import Msg
 
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage
-from schemas.messages import DoneEvent, PromptRequest
+from schemas.errors import InferError
+from schemas.messages import DoneEvent, ErrorEvent, PromptRequest
 from schemas.subjects import EventKind
 
 Say = Callable[[str], None]
@@ -45,20 +47,27 @@ async def run_mesh(
         raise ValueError("a mesh needs at least 2 agents")
     sessions = [f"{name}-{i}" for i in range(agents)]
     report = MeshReport()
-    answered: asyncio.Queue[tuple[str, DoneEvent]] = asyncio.Queue()
+    answered: asyncio.Queue[tuple[str, DoneEvent | ErrorEvent]] = asyncio.Queue()
+    hop = {"name": ""}
 
-    async def on_done(msg: Msg) -> None:
-        session, _ = client.subjects.event_of(msg.subject)
-        answered.put_nowait((session, DoneEvent.model_validate_json(msg.data)))
+    async def on_event(msg: Msg) -> None:
+        session, kind = client.subjects.event_of(msg.subject)
+        model = DoneEvent if kind == EventKind.DONE.value else ErrorEvent
+        answered.put_nowait((session, model.model_validate_json(msg.data)))
 
     subs = [
-        await client.nc.subscribe(client.subjects.events(s, EventKind.DONE), cb=on_done)
-        for s in sessions
+        await client.nc.subscribe(client.subjects.events(s, kind), cb=on_event)
+        for s in sessions for kind in (EventKind.DONE, EventKind.ERROR)
     ]
 
     async def next_answer(session: str) -> str:
         while True:
             who, done = await asyncio.wait_for(answered.get(), timeout)
+            if isinstance(done, ErrorEvent):
+                raise InferError(
+                    done.code, f"{hop['name']} failed: {who} answered {done.code.value} "
+                    f"({done.status}): {done.message}", done.details,
+                )
             report.answers.append((who, done.text))
             say(f"{who}: {done.text.strip()!r}")
             if who == session:
@@ -69,6 +78,7 @@ async def run_mesh(
         for r in range(rounds):
             for i, session in enumerate(sessions):
                 target = sessions[(i + 1) % agents]
+                hop["name"] = f"hop {report.hops + 1} (round {r + 1}, {session} -> {target})"
                 say(f"--- round {r + 1}, {session} -> {target}")
                 await _send(client, session, text, target, max_tokens)
                 await next_answer(session)

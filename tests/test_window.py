@@ -12,6 +12,7 @@ from actors.engine.loader import load_engine
 from actors.engine.window import view
 from node.client import InfernodeClient
 from node.config import NodeConfig
+from node.mesh import run_mesh
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import InferError
 
@@ -173,3 +174,26 @@ async def test_a_session_driven_through_three_times_its_context_keeps_answering(
         assert out and out == messages[1:1 + len(out)]  # the oldest, after the system message
         assert sum(1 for r in out if r.kind == "user") == answers[-1].usage.dropped_turns
         assert all(r.in_window for r in messages[1 + len(out):])
+
+
+async def test_a_three_agent_mesh_runs_thirty_rounds_at_a_small_context(make_node):
+    """3 agents relaying for 30 rounds at --ctx 512: every hop completes, none fails."""
+    node = await make_node(n_ctx=512, heartbeat_s=0)
+    async with InfernodeClient(node.url) as client:
+        report = await run_mesh(client, agents=3, rounds=30, max_tokens=32, say=lambda s: None,
+                                timeout=120)
+        assert report.hops == 90 and len(report.answers) >= 180
+        history = await client.history("mesh-0")
+        assert any(r.in_window is False for r in history.records)  # its window did move
+
+
+async def test_a_failed_mesh_hop_is_reported_at_once_with_the_hop_and_the_reason(make_node):
+    """With refuse, the hop whose session overflows ends the run with its error event, not
+    with the mesh's timeout."""
+    node = await make_node(n_ctx=512, heartbeat_s=0, overflow="refuse")
+    async with InfernodeClient(node.url) as client:
+        with pytest.raises(InferError) as info:
+            await run_mesh(client, agents=3, rounds=30, max_tokens=32, say=lambda s: None,
+                           timeout=600)
+    assert info.value.code.value == "context_overflow"
+    assert info.value.message.startswith("hop ") and "mesh-" in info.value.message
