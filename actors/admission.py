@@ -26,6 +26,7 @@ from actors.base import (
     parse_reply,
     validation_sentence,
 )
+from actors.constraints import check_enforceable
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import PromptRequest
@@ -177,6 +178,7 @@ class Admission(Actor):
                 ErrorCode.BAD_REQUEST,
                 f"the prompt names session {prompt.session!r} but was published for {session!r}",
             )
+        check_enforceable(prompt)
         return prompt
 
     async def _reject(

@@ -125,8 +125,15 @@ class SamplingParams(Frozen):
     """Seed of the sampler; same seed and history give the same text."""
 
 
+class PromptTokensDetails(Frozen):
+    """OpenAI's breakdown of the prompt tokens."""
+
+    cached_tokens: int = 0
+    """Prompt tokens whose KV state was reused (the same as ``Usage.cached_tokens``)."""
+
+
 class Usage(Frozen):
-    """Token counts of one turn."""
+    """Token counts of one turn (infernode's own fields and OpenAI's)."""
 
     prompt_tokens: int
     """Tokens of the rendered prompt."""
@@ -140,6 +147,22 @@ class Usage(Frozen):
     """Prompt tokens of the history left out of the context window (the log keeps them)."""
     dropped_turns: int = 0
     """Whole turns of the history left out of the context window."""
+    total_tokens: int = 0
+    """``prompt_tokens + completion_tokens`` (filled in when not given)."""
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+    """OpenAI's ``cached_tokens`` (filled in when not given)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_fields(cls, data: object) -> object:
+        # Derived, never sent separately by the engine; set so every reader sees OpenAI's shape.
+        if isinstance(data, dict):
+            data = dict(data)
+            data.setdefault(
+                "total_tokens", data.get("prompt_tokens", 0) + data.get("completion_tokens", 0)
+            )
+            data.setdefault("prompt_tokens_details", {"cached_tokens": data.get("cached_tokens", 0)})
+        return data
 
 
 class CacheInfo(Frozen):

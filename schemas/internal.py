@@ -16,6 +16,7 @@ from schemas.chat import (
 )
 from schemas.errors import ErrorCode
 from schemas.messages import FinishReason, PromptRequest
+from schemas.tools import ResponseFormat, Tool, ToolChoice
 
 
 class ErrorBody(Frozen):
@@ -91,6 +92,12 @@ class GenerateRequest(Frozen):
     queue_ms: float
     """From the oldest answered prompt's recording to the turn's start, as the runner
     measured it (the one measure the log and the ``done`` event both report)."""
+    tools: tuple[Tool, ...] = ()
+    """The session's tool set, rendered into the prompt."""
+    tool_choice: ToolChoice | None = None
+    """How the reply may call them."""
+    response_format: ResponseFormat | None = None
+    """The JSON format the reply is forced into, if any."""
 
 
 class GenerateResult(Frozen):

@@ -20,6 +20,15 @@ from schemas.chat import (
     Usage,
 )
 from schemas.errors import ErrorCode
+from schemas.tools import (
+    NamedToolChoice,
+    ResponseFormat,
+    Tool,
+    ToolCallDelta,
+    ToolChoice,
+    constrains_output,
+    forced_tool,
+)
 
 SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 FinishReason = Literal["stop", "length", "tool_calls", "aborted", "error"]
@@ -74,6 +83,12 @@ class PromptRequest(Frozen):
     """OpenAI's end-user id; accepted, not used."""
     parallel_tool_calls: bool | None = None
     """Accepted; every tool call the model makes is parsed and returned."""
+    tools: Annotated[tuple[Tool, ...], Field(max_length=128)] | None = None
+    """The session's tool set from now on (replaces the previous set; ``[]`` clears it)."""
+    tool_choice: ToolChoice | None = None
+    """``auto`` (default), ``none``, ``required`` or a named function, for this reply."""
+    response_format: ResponseFormat | None = None
+    """``json_object`` or ``json_schema``: the reply is forced to such JSON by a grammar."""
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +109,26 @@ class PromptRequest(Frozen):
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
         return data
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> PromptRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"tools: the function {dup!r} is declared twice")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and self.tools is not None:
+            if choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice: names the function {choice.function.name!r}, which is not "
+                    f"among the declared tools ({', '.join(names) or 'none'})"
+                )
+        if forced_tool(choice) and constrains_output(self.response_format):
+            raise ValueError(
+                "response_format: a JSON response format cannot be combined with a forced tool "
+                "call (tool_choice required or named); choose one"
+            )
+        return self
 
 
 def _merge(
@@ -202,6 +237,19 @@ class DoneEvent(Frozen):
     """Prefix reuse of this turn."""
     timings: Timings
     """Timing buckets."""
+
+
+class ToolCallEvent(Frozen):
+    """A piece of a tool call while it is generated (OpenAI's streamed ``tool_calls`` shape)."""
+
+    type: Literal["tool_call.v1"] = "tool_call.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    tool_calls: tuple[ToolCallDelta, ...]
+    """The delta: the name first (with the call id), then pieces of the arguments."""
 
 
 class CommitEvent(Frozen):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from schemas.chat import ChatMessage, Frozen, OverflowPolicy, SamplingParams
+from schemas.tools import ResponseFormat, Tool, ToolChoice
 
 
 class TurnParams(Frozen):
@@ -28,6 +29,10 @@ class TurnParams(Frozen):
     """The prompt's window policy; None takes the node's."""
     answer_to: str | None = None
     """Inbox of the ask that sent the prompt: the turn's answer is published there."""
+    tool_choice: ToolChoice | None = None
+    """How the reply may call the session's tools (``auto`` when absent)."""
+    response_format: ResponseFormat | None = None
+    """The JSON format the reply is forced into, if any."""
 
 
 class UserRecord(Frozen):
@@ -47,6 +52,21 @@ class UserRecord(Frozen):
     """Whether the prompt asked for a turn."""
     params: TurnParams = TurnParams()
     """How the reply was asked for."""
+    ts: float
+    """Unix time of recording."""
+
+
+class ToolsRecord(Frozen):
+    """The session's tool set from here on (a prompt that carried ``tools``)."""
+
+    type: Literal["record.tools.v1"] = "record.tools.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    tools: tuple[Tool, ...]
+    """The new set (it replaces the previous one; empty clears it)."""
+    intake_seq: int | None = None
+    """Sequence of the prompt in the intake stream."""
     ts: float
     """Unix time of recording."""
 
@@ -162,6 +182,7 @@ class DeleteRecord(Frozen):
 
 Record = Annotated[
     UserRecord
+    | ToolsRecord
     | TurnStartRecord
     | AssistantRecord
     | ProvisionalRecord

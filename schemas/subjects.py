@@ -32,6 +32,7 @@ class EventKind(StrEnum):
     ACCEPTED = "accepted"
     STARTED = "started"
     TOKEN = "token"
+    TOOL_CALL = "tool_call"
     PROVISIONAL = "provisional"
     COMMIT = "commit"
     ABORTED = "aborted"

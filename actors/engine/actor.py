@@ -32,8 +32,9 @@ from schemas.internal import (
     TurnStatusReply,
     TurnStatusRequest,
 )
-from schemas.messages import TokenEvent
-from schemas.subjects import Subjects
+from schemas.messages import TokenEvent, ToolCallEvent
+from schemas.subjects import EventKind, Subjects
+from schemas.tools import ToolCallDelta
 
 _DONE = object()
 
@@ -123,6 +124,9 @@ class EngineActor(Actor):
             overflow=req.overflow,
             assistant_tokens=tokens,
             queue_ms=req.queue_ms,
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+            response_format=req.response_format,
         )
         streamed: list[str] = []  # what the session has seen, kept for a failed turn's record
 
@@ -130,8 +134,11 @@ class EngineActor(Actor):
             streamed.append(text)
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
+        def emit_call(delta: ToolCallDelta) -> None:  # same queue: order with the text kept
+            loop.call_soon_threadsafe(pieces.put_nowait, delta)
+
         try:
-            out = await self.engine.run_turn(spec, emit, cancel)
+            out = await self.engine.run_turn(spec, emit, cancel, emit_call)
             result = GenerateResult(
                 session=req.session,
                 turn_id=req.turn_id,
@@ -176,10 +183,15 @@ class EngineActor(Actor):
 
     async def _publish_tokens(self, req: GenerateRequest, pieces: asyncio.Queue[object]) -> None:
         index = 0
+        calls_subject = self.subjects.events(req.session, EventKind.TOOL_CALL)
         while True:
             item = await pieces.get()
             if item is _DONE:
                 return
+            if isinstance(item, ToolCallDelta):
+                call = ToolCallEvent(session=req.session, turn_id=req.turn_id, tool_calls=(item,))
+                await self.nc.publish(calls_subject, encode(call))
+                continue
             event = TokenEvent(
                 session=req.session, turn_id=req.turn_id, index=index, text=str(item)
             )

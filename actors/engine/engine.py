@@ -17,6 +17,7 @@ import structlog
 
 from actors.engine.bank.meta import Compat, SnapshotMeta
 from actors.engine.bank.store import BankEntry, BankStore
+from actors.engine.grammar import Grammars
 from actors.engine.interface import (
     Backend,
     CancelToken,
@@ -30,15 +31,22 @@ from actors.engine.stats import EngineStats
 from actors.engine.templates import ChatTemplate, parse_tool_calls
 from actors.engine.tokenizer import assistant_mark
 from actors.engine.tokens import token_hash
+from actors.engine.tool_stream import ToolCallStream
 from actors.engine.turn import decode, prefill
 from actors.engine.window import Window, slide, system_head, view
 from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode, InferError
+from schemas.tools import Tool, ToolCallDelta
 
 log = structlog.get_logger("engine")
 
 CacheSource = Literal["slot", "bank", "none"]
 NO_CALLS: tuple[ToolCall, ...] = ()
+
+
+def new_call_id() -> str:
+    """A tool call id."""
+    return f"call_{uuid.uuid4().hex[:12]}"
 
 
 class SlotEngine:
@@ -66,6 +74,7 @@ class SlotEngine:
         self._running: dict[str, tuple[str, CancelToken]] = {}
         """The turn each session runs (or waits for a slot to run): turn id and its cancel."""
         self.compat = Compat(backend.model_id, backend.n_ctx, template_name)
+        self.grammars = Grammars(backend)
         self.turn_stats = EngineStats()
         self.info = EngineInfo(
             engine=backend.name,
@@ -81,9 +90,14 @@ class SlotEngine:
 
     # -- turns ----------------------------------------------------------------------------
     async def run_turn(
-        self, spec: TurnSpec, emit: Callable[[str], None], cancel: CancelToken
+        self,
+        spec: TurnSpec,
+        emit: Callable[[str], None],
+        cancel: CancelToken,
+        emit_call: Callable[[ToolCallDelta], None] | None = None,
     ) -> TurnOutcome:
-        """Run one turn of ``spec.session``; ``emit`` is called from the worker thread."""
+        """Run one turn of ``spec.session``; ``emit`` and ``emit_call`` (tool-call deltas)
+        are called from the worker thread."""
         # Registered before the slot is ours, so a cancel while waiting for it counts too.
         running = self._running[spec.session] = (spec.turn_id, cancel)
         try:
@@ -95,7 +109,9 @@ class SlotEngine:
             raise
         lock_wait_ms = (time.perf_counter() - waited) * 1000
         try:
-            job = slot.worker.submit(lambda: self._turn(slot, spec, emit, cancel, lock_wait_ms))
+            job = slot.worker.submit(
+                lambda: self._turn(slot, spec, emit, cancel, lock_wait_ms, emit_call)
+            )
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -151,9 +167,11 @@ class SlotEngine:
         emit: Callable[[str], None],
         cancel: CancelToken,
         lock_wait_ms: float,
+        emit_call: Callable[[ToolCallDelta], None] | None = None,
     ) -> TurnOutcome:
         t0 = time.perf_counter()
         tokens, window = self._window_tokens(spec)
+        constraint = self.grammars.constraint(spec)
         tokenize_ms = (time.perf_counter() - t0) * 1000
         resumed = any(m.role == "assistant" for m in spec.messages)
         source, miss, restore_ms, tier = self._prepare(slot, spec.session, tokens, resumed)
@@ -164,14 +182,24 @@ class SlotEngine:
             miss = f"prefix_divergence_at_token {reused}"
         if reused == 0:
             source, tier = "none", ""
+        parses_calls = spec.tool_choice != "none"
+        calls_stream = ToolCallStream(new_call_id)
+
+        def emit_text(text: str) -> None:
+            emit(text)
+            if parses_calls and emit_call is not None:
+                for delta in calls_stream.feed(text):
+                    emit_call(delta)
+
         out = decode(
-            self.backend, slot, spec.sampling, spec.stop, spec.max_tokens, emit, cancel
+            self.backend, slot, spec.sampling, spec.stop, spec.max_tokens, emit_text, cancel,
+            constraint,
         )
         end = time.perf_counter()
         slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along
         text, calls = out.raw_text, NO_CALLS
-        if "<tool_call>" in out.raw_text:
-            text, calls = parse_tool_calls(out.raw_text, lambda: f"call_{uuid.uuid4().hex[:12]}")
+        if parses_calls and "<tool_call>" in out.raw_text:
+            text, calls = parse_tool_calls(out.raw_text, calls_stream.next_id)
         finish = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
         ttft = ((out.first_token_at or end) - t0) * 1000
         outcome = TurnOutcome(
@@ -219,7 +247,7 @@ class SlotEngine:
 
             def measure(start: int) -> int:
                 msgs, ids = view(spec.messages, spec.assistant_tokens, start)
-                cache[start] = self.encode(msgs, ids)
+                cache[start] = self.encode(msgs, ids, spec.tools)
                 return len(cache[start])
 
             budget = max(1, n_ctx - spec.max_tokens)
@@ -240,12 +268,16 @@ class SlotEngine:
 
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
         """Render the whole conversation and tokenise it, splicing known assistant token ids."""
-        return self.encode(spec.messages, spec.assistant_tokens)
+        return self.encode(spec.messages, spec.assistant_tokens, spec.tools)
 
     def encode(
-        self, conversation: Sequence[ChatMessage], assistant_tokens: Mapping[int, tuple[int, ...]]
+        self,
+        conversation: Sequence[ChatMessage],
+        assistant_tokens: Mapping[int, tuple[int, ...]],
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
-        """Render ``conversation`` and tokenise it, splicing known assistant token ids."""
+        """Render ``conversation`` (with ``tools``) and tokenise it, splicing known assistant
+        token ids."""
         messages: list[ChatMessage] = []
         spliced: dict[str, tuple[int, ...]] = {}
         for i, m in enumerate(conversation):
@@ -256,8 +288,9 @@ class SlotEngine:
                 spliced[mark] = ids
             else:
                 messages.append(m)
+        listed = [t.model_dump(exclude_none=True) for t in tools]
         try:
-            text = self.template.render(messages, add_generation_prompt=True)
+            text = self.template.render(messages, add_generation_prompt=True, tools=listed)
         except ValueError as e:
             raise InferError(ErrorCode.BAD_REQUEST, f"the chat template failed: {e}") from e
         bos = self.backend.bos_text

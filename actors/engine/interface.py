@@ -24,6 +24,7 @@ from schemas.chat import (
     ToolCall,
     Usage,
 )
+from schemas.tools import ResponseFormat, Tool, ToolChoice
 
 
 class BackendContext(Protocol):
@@ -113,6 +114,12 @@ class TurnSpec:
     queue_ms: float = 0.0
     overflow: OverflowPolicy | None = None
     """What to do when the history outgrows the context; None takes the engine's default."""
+    tools: tuple[Tool, ...] = ()
+    """The session's tools, rendered into the prompt."""
+    tool_choice: ToolChoice | None = None
+    """How the reply may call them; ``none`` leaves tool-call markup as text."""
+    response_format: ResponseFormat | None = None
+    """A JSON format the reply is forced into."""
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,19 @@ class Sampler:
         # than the arithmetic on them.
         self._work = np.empty(n_vocab, dtype=np.float32)
         self._cum = np.empty(n_vocab, dtype=np.float32)
+        self._mask_buf = np.empty(n_vocab, dtype=np.float32)
 
-    def sample(self, logits: np.ndarray, recent: Sequence[int]) -> int:
-        """The next token id given ``logits`` (n_vocab) and the tokens just before it."""
+    def sample(
+        self, logits: np.ndarray, recent: Sequence[int], allowed: np.ndarray | None = None
+    ) -> int:
+        """The next token id given ``logits`` (n_vocab) and the tokens just before it.
+
+        ``allowed`` (a boolean mask, from a grammar) removes every other token first, so
+        penalties, temperature, top-k and top-p see only what the grammar permits.
+        """
         z = np.asarray(logits, dtype=np.float32)[: self.n_vocab]
+        if allowed is not None:
+            z = self._masked(z, allowed)
         if self.params.temperature == 0.0:
             return int(np.argmax(z))
         z = self._penalised(z, recent)
@@ -58,6 +67,12 @@ class Sampler:
         if ids is not None:
             pick = int(ids[pick])
         return int(pool[pick]) if pool is not None else pick
+
+    def _masked(self, z: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        out = self._mask_buf[: z.size]
+        out.fill(-np.inf)
+        np.copyto(out, z, where=allowed[: z.size])
+        return out
 
     def _penalised(self, z: np.ndarray, recent: Sequence[int]) -> np.ndarray:
         """Repetition, then frequency and presence penalties, in llama.cpp's order."""

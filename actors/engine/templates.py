@@ -23,6 +23,13 @@ text. Two pieces make that hold:
   the property; GGUF templates that trim or rewrite content may lack it, which costs cache
   reuse, not correctness.
 
+Tools reach the model through the template: a template that uses ``tools`` gets them as HF
+chat templates expect (a list of OpenAI tool dicts); one that does not (many GGUF templates,
+e.g. SmolLM2's) gets the hermes tools block (``tools_block``) at the end of its system
+message, or in a system message of its own. Likewise a template that never reads
+``tool_calls`` gets each call written into its message's content as a canonical block, so a
+call the client sends back never disappears from the prompt.
+
 Tool calls are hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
 blocks, one per call, after any content, separated by newlines. In chatml a tool result is
 its own ``<|im_start|>tool`` turn; llama-2 and mistral have no tool role, so a result is
@@ -36,6 +43,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
+import jinja2.meta
 import structlog
 
 from actors.engine.template_sandbox import (
@@ -54,6 +62,7 @@ __all__ = [
     "format_tool_call",
     "parse_tool_calls",
     "select_template",
+    "tools_block",
 ]
 
 log = structlog.get_logger("engine")
@@ -162,6 +171,41 @@ def format_tool_call(name: str, arguments: str) -> str:
     return "<tool_call>" + tojson({"name": name, "arguments": _arguments_value(arguments)}) + (
         "</tool_call>"
     )
+
+
+def tools_block(tools: Sequence[Mapping[str, object]]) -> str:
+    """The hermes tools block, as the built-in templates' ``tools_text`` macro writes it."""
+    listed = "".join("\n" + tojson(dict(t)) for t in tools)
+    return (
+        "You can call these functions (JSON schemas):\n<tools>" + listed + "\n</tools>\nTo "
+        'call one, reply with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>, '
+        "one block per call."
+    )
+
+
+def _with_tools_in_system(
+    messages: list[dict[str, object]], tools: Sequence[Mapping[str, object]]
+) -> list[dict[str, object]]:
+    block = tools_block(tools)
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first['content']}\n\n{block}" if first["content"] else block
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
+
+
+def _calls_in_content(message: dict[str, object]) -> dict[str, object]:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    blocks = [
+        "<tool_call>" + tojson({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+        + "</tool_call>"
+        for c in calls
+    ]
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    out["content"] = "\n".join([str(message["content"])] * bool(message["content"]) + blocks)
+    return out
 
 
 def _arguments_value(arguments: str) -> object:
@@ -281,11 +325,16 @@ class ChatTemplate:
         env = GuardedEnvironment(max_output_chars)
         try:
             self._template = env.from_string(source)
+            names = jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"the chat template does not parse: {e.message} (line "
                                 f"{e.lineno})") from e
         except (TemplateError, RecursionError, MemoryError) as e:
             raise TemplateError(f"the chat template does not compile: {e}") from e
+        self.reads_tools = "tools" in names
+        """Whether the template renders ``tools`` itself (else the tools block is added)."""
+        self.reads_tool_calls = "tool_calls" in source
+        """Whether the template renders ``tool_calls`` (else calls are written as content)."""
 
     def render(
         self,
@@ -297,8 +346,13 @@ class ChatTemplate:
     ) -> str:
         """The prompt text; ``raw_assistant[i]`` replaces assistant message ``i`` verbatim."""
         raw = raw_assistant or {}
+        dicts = [_message_dict(m, raw.get(i)) for i, m in enumerate(messages)]
+        if not self.reads_tool_calls:
+            dicts = [_calls_in_content(d) for d in dicts]
+        if tools and not self.reads_tools:
+            dicts = _with_tools_in_system(dicts, tools)
         context = {
-            "messages": [_message_dict(m, raw.get(i)) for i, m in enumerate(messages)],
+            "messages": dicts,
             "tools": [dict(t) for t in tools] if tools else None,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,

@@ -73,6 +73,19 @@ class PromptTokenizer:
         self._encode_text(text[pos:], out, at_start)
         return out
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the control and user-defined tokens recognised by their text."""
+        return frozenset(self._specials.values())
+
+    def special_id(self, text: str) -> int | None:
+        """The id of the special token spelled ``text``, if the vocabulary has one."""
+        return self._specials.get(text)
+
+    def continuation(self, text: str) -> list[int]:
+        """Ids of ``text`` as it follows other text (no leading space added, no specials)."""
+        return self._plain(text, False) if text else []
+
     def _encode_text(self, text: str, out: list[int], at_start: bool) -> bool:
         pos = 0
         if self._special_re is not None:

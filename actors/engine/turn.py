@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from actors.engine.grammar import Constraint
 from actors.engine.interface import Backend, CancelToken, end_of_generation
 from actors.engine.sampling import Sampler, StopMatcher, Utf8Detokenizer
 from actors.engine.slots import Slot
@@ -49,8 +50,13 @@ def decode(
     max_tokens: int,
     emit: Callable[[str], None],
     cancel: CancelToken,
+    constraint: Constraint | None = None,
 ) -> DecodeResult:
-    """Generate until EOS, a stop string, ``max_tokens``, the context end, or cancel."""
+    """Generate until EOS, a stop string, ``max_tokens``, the context end, or cancel.
+
+    Under a ``constraint`` only tokens its grammar allows are sampled, and the reply ends
+    as soon as the grammar is complete.
+    """
     start = time.perf_counter()
     sampler = Sampler(sampling, backend.eos_id, backend.n_vocab)
     detok = Utf8Detokenizer()
@@ -70,12 +76,15 @@ def decode(
         recent = slot.tokens[-last_n:]
         if len(eog) > 1:  # like EOS, end-of-turn markup recurs in every history: no penalty
             recent = [t for t in recent if t not in eog]
-        token = sampler.sample(slot.ctx.logits(), recent)
+        allowed = constraint.allowed() if constraint is not None else None
+        token = sampler.sample(slot.ctx.logits(), recent, allowed)
         if first_at is None:
             first_at = time.perf_counter()
         if token in eog:
             finish = "stop"
             break
+        if constraint is not None:
+            constraint.consume(token)
         safe, stopped = stopper.feed(detok.feed(backend.piece(token)))
         if safe:
             parts.append(safe)
@@ -86,6 +95,9 @@ def decode(
         slot.ctx.eval([token], len(slot.tokens))
         slot.tokens.append(token)
         generated.append(token)
+        if constraint is not None and constraint.complete:
+            finish = "stop"
+            break
     if finish != "stop" or not stopper.stopped:
         tail, _ = stopper.feed(detok.flush())
         tail += stopper.flush()

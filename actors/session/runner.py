@@ -30,6 +30,7 @@ from actors.session.mailbox import (
 )
 from actors.session.records import new_id
 from actors.session.state import SessionState, parents_of, supersedes_of
+from actors.session.tools import tool_refusal
 from actors.session.turn import (
     Turn,
     aborted_result,
@@ -43,7 +44,7 @@ from actors.session.turn import (
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, GenerateRequest, GenerateResult
 from schemas.messages import AbortReply, AcceptedEvent, StartedEvent, StatusEvent
-from schemas.records import DeleteRecord, TurnParams, TurnStartRecord, UserRecord
+from schemas.records import DeleteRecord, ToolsRecord, TurnParams, TurnStartRecord, UserRecord
 from schemas.subjects import EventKind
 
 log = structlog.get_logger("session_runner")
@@ -204,29 +205,39 @@ class SessionRunner:
                 "the prompt has no messages and no aborted turn waits for a retry; send at "
                 "least one message",
             )
-        return None
+        return tool_refusal(st, prompt)
 
     async def _record_messages(self, req: AdmitRequest, ids: list[str]) -> None:
         prompt = req.prompt
         params = TurnParams(
             sampling=prompt.sampling, stop=prompt.stop, max_tokens=prompt.max_tokens,
             relay_to=prompt.relay_to, answer_to=req.answer_to, overflow=prompt.overflow,
+            tool_choice=prompt.tool_choice, response_format=prompt.response_format,
         )
+        if prompt.tools is not None and prompt.tools != self.state.tools and not ids:
+            await self._append_or_retry(ToolsRecord(
+                id=new_id("tools"), tools=prompt.tools, intake_seq=req.intake_seq,
+                ts=time.time(),
+            ))
+            self.state.tools = prompt.tools
         for m in prompt.messages[len(ids):]:
             record = UserRecord(
                 id=new_id("msg"), message=m, intake_seq=req.intake_seq,
                 idempotency_key=req.idempotency_key, reply=prompt.reply, params=params,
                 ts=time.time(),
             )
-            try:
-                await self.io.append(self.session, record)
-            except Exception as e:  # left in intake: admission offers it again
-                raise InferError(
-                    ErrorCode.UNAVAILABLE,
-                    f"the record log did not store the prompt ({e!r}); it is retried",
-                ) from e
+            await self._append_or_retry(record)
             self.state.add_user(record)
             ids.append(record.id)
+
+    async def _append_or_retry(self, record: UserRecord | ToolsRecord) -> None:
+        try:
+            await self.io.append(self.session, record)
+        except Exception as e:  # left in intake: admission offers it again
+            raise InferError(
+                ErrorCode.UNAVAILABLE,
+                f"the record log did not store the prompt ({e!r}); it is retried",
+            ) from e
 
     # -- turns -----------------------------------------------------------------------------
     async def _after_turn(self) -> None:
@@ -278,6 +289,7 @@ class SessionRunner:
             model_id=model_id, sampling=params.sampling, stop=params.stop,
             max_tokens=params.max_tokens, overflow=params.overflow,
             token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
+            tools=st.tools, tool_choice=params.tool_choice, response_format=params.response_format,
         )
         self._turn_task = asyncio.get_running_loop().create_task(self._generate(turn, req))
         return True

@@ -26,9 +26,11 @@ from schemas.records import (
     DeleteRecord,
     ProvisionalRecord,
     Record,
+    ToolsRecord,
     TurnStartRecord,
     UserRecord,
 )
+from schemas.tools import Tool
 
 RETRIED_REASONS = frozenset({"shutdown", "node_restart"})
 """Abort reasons after which a turn's prompts are answered without being asked again."""
@@ -77,6 +79,8 @@ class SessionState:
     """A turn start with no commit or abort yet (only during a rebuild)."""
     open_taken: list[Pending] = field(default_factory=list)
     """The input of ``open_turn``."""
+    tools: tuple[Tool, ...] = ()
+    """The session's current tool set (the last ``ToolsRecord``)."""
 
     # -- admits ----------------------------------------------------------------------------
     def add_user(self, record: UserRecord) -> None:
@@ -90,6 +94,11 @@ class SessionState:
         if record.idempotency_key:
             ids = self.keys.get(record.idempotency_key, ())
             self.keys[record.idempotency_key] = (*ids, record.id)
+
+    def call_ids(self) -> set[str]:
+        """Ids of every tool call the conversation holds (history and pending)."""
+        messages = [h.message for h in self.history] + [p.record.message for p in self.pending]
+        return {c.id for m in messages for c in m.tool_calls or ()}
 
     def has_deferred(self) -> bool:
         """True while an aborted turn's input waits for a retry."""
@@ -192,6 +201,8 @@ def apply(state: SessionState, record: Record) -> None:
     state.records += 1
     if isinstance(record, UserRecord):
         state.add_user(record)
+    elif isinstance(record, ToolsRecord):
+        state.tools = record.tools
     elif isinstance(record, TurnStartRecord):
         _replay_turn_start(state, record)
     elif isinstance(record, AssistantRecord):
