@@ -57,7 +57,8 @@ async def make_node(
 
     ``make_node()`` joins ``nats_server``; ``fresh_server=True`` starts another server the
     fixture owns (it outlives the node, so a restarted node finds its streams);
-    ``url=...`` joins that server. Other keywords are NodeConfig settings.
+    ``url=...`` joins that server. Other keywords are NodeConfig settings (``model=`` runs
+    another GGUF).
     """
     from node.app import Node
     from node.config import NodeConfig
@@ -74,10 +75,10 @@ async def make_node(
             await server.start()
             url = server.url
         settings.setdefault("threads", 1)
+        settings.setdefault("model", tiny_model)
         config = NodeConfig(
             nats_url=url or nats_server.url,
             data_dir=tmp_path / f"node-{n}",
-            model=tiny_model,
             **settings,
         )
         node = Node(config)
