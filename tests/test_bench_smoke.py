@@ -1,4 +1,4 @@
-"""The engine benchmark runs end to end in its quick mode; no speed is asserted here."""
+"""The engine and grammar benchmarks run end to end in their quick modes; no speed is asserted."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ RATIO_LINES = (
 )
 
 
-@pytest.mark.timeout(90)
-def test_quick_engine_benchmark_prints_every_ratio_and_exits_0() -> None:
-    """`python bench/engine.py --quick` prints each ratio with a value and a verdict, exit 0."""
-    pytest.importorskip("ctransformers")
+GRAMMAR_RATIO_LINES = (
+    "decode tok/s: JSON schema / free",
+    "tool loop: prefix-hit / reusable tokens (turns >= 2)",
+)
+
+
+def _check_quick_run(script: str, names: tuple[str, ...]) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "engine.py"), "--quick"],
+        [sys.executable, str(ROOT / "bench" / script), "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,9 +34,22 @@ def test_quick_engine_benchmark_prints_every_ratio_and_exits_0() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    for name in RATIO_LINES:
+    for name in names:
         line = next((x for x in lines if x.startswith(name)), None)
         assert line is not None, f"no {name!r} line in:\n{proc.stdout}"
         value, _op, _target, verdict = line[len(name) :].split()
         float(value)  # measured, whatever it is
         assert verdict in ("PASS", "FAIL")
+
+
+@pytest.mark.timeout(90)
+def test_quick_engine_benchmark_prints_every_ratio_and_exits_0() -> None:
+    """`python bench/engine.py --quick` prints each ratio with a value and a verdict, exit 0."""
+    pytest.importorskip("ctransformers")
+    _check_quick_run("engine.py", RATIO_LINES)
+
+
+@pytest.mark.timeout(90)
+def test_quick_grammar_benchmark_prints_both_ratios_and_exits_0() -> None:
+    """`python bench/grammar.py --quick` prints the grammar and tool-loop ratios, exit 0."""
+    _check_quick_run("grammar.py", GRAMMAR_RATIO_LINES)
