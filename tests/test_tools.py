@@ -231,3 +231,21 @@ async def test_a_change_of_tools_costs_only_the_tokens_after_the_first_differenc
         assert after.usage.new_prefill_tokens == len(tokens) - shared
     finally:
         await engine.close()
+
+
+async def test_the_readme_tools_example_gets_a_valid_forced_call(make_node, nc):
+    """The README's tools prompt, sent verbatim, is answered by a call valid for its schema."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Tools and JSON output", 1)[1]
+    body = section.split("```json\n", 1)[1].split("```", 1)[0]
+    example = json.loads(body)
+    await make_node()
+    events = await EventCollector.start(nc, S.events("readme", "done"))
+    await nc.jetstream().publish(S.prompt("readme"), body.encode())
+    await events.wait_until(lambda ms: len(ms) >= 1, timeout=60)
+    [call] = json.loads(events.messages[0].data)["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    schema = example["tools"][0]["function"]["parameters"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
