@@ -249,3 +249,17 @@ async def test_the_readme_tools_example_gets_a_valid_forced_call(make_node, nc):
     assert call["function"]["name"] == "get_weather"
     schema = example["tools"][0]["function"]["parameters"]
     jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-2", "mistral"])
+def test_built_in_templates_write_the_same_tools_block_as_templates_without_tools(name: str):
+    """Every built-in template lists tools exactly as a GGUF template without tools gets them."""
+    from actors.engine.templates import FALLBACK_SOURCES, ChatTemplate
+    from actors.engine.tool_text import tools_block
+
+    tools = [WEATHER.model_dump(exclude_none=True), CLOCK.model_dump(exclude_none=True)]
+    built_in = ChatTemplate(FALLBACK_SOURCES[name], "<s>", "</s>", name=name)
+    assert built_in.reads_tools
+    rendered = built_in.render([ChatMessage(role="system", content="Be brief."), user("hi")],
+                               tools=tools)
+    assert tools_block(tools) in rendered

@@ -52,6 +52,7 @@ from actors.engine.template_sandbox import (
     render_guarded,
     tojson,
 )
+from actors.engine.tool_text import calls_in_content, tools_block, with_tools_in_system
 from schemas.chat import ChatMessage, FunctionCall, ToolCall
 
 __all__ = [
@@ -171,41 +172,6 @@ def format_tool_call(name: str, arguments: str) -> str:
     return "<tool_call>" + tojson({"name": name, "arguments": _arguments_value(arguments)}) + (
         "</tool_call>"
     )
-
-
-def tools_block(tools: Sequence[Mapping[str, object]]) -> str:
-    """The hermes tools block, as the built-in templates' ``tools_text`` macro writes it."""
-    listed = "".join("\n" + tojson(dict(t)) for t in tools)
-    return (
-        "You can call these functions (JSON schemas):\n<tools>" + listed + "\n</tools>\nTo "
-        'call one, reply with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>, '
-        "one block per call."
-    )
-
-
-def _with_tools_in_system(
-    messages: list[dict[str, object]], tools: Sequence[Mapping[str, object]]
-) -> list[dict[str, object]]:
-    block = tools_block(tools)
-    if messages and messages[0]["role"] == "system":
-        first = dict(messages[0])
-        first["content"] = f"{first['content']}\n\n{block}" if first["content"] else block
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": block}, *messages]
-
-
-def _calls_in_content(message: dict[str, object]) -> dict[str, object]:
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return message
-    blocks = [
-        "<tool_call>" + tojson({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
-        + "</tool_call>"
-        for c in calls
-    ]
-    out = {k: v for k, v in message.items() if k != "tool_calls"}
-    out["content"] = "\n".join([str(message["content"])] * bool(message["content"]) + blocks)
-    return out
 
 
 def _arguments_value(arguments: str) -> object:
@@ -348,9 +314,9 @@ class ChatTemplate:
         raw = raw_assistant or {}
         dicts = [_message_dict(m, raw.get(i)) for i, m in enumerate(messages)]
         if not self.reads_tool_calls:
-            dicts = [_calls_in_content(d) for d in dicts]
+            dicts = [calls_in_content(d) for d in dicts]
         if tools and not self.reads_tools:
-            dicts = _with_tools_in_system(dicts, tools)
+            dicts = with_tools_in_system(dicts, tools)
         context = {
             "messages": dicts,
             "tools": [dict(t) for t in tools] if tools else None,
