@@ -51,7 +51,7 @@ def _call_schema(tool: Tool) -> dict[str, object]:
     params = dict(tool.function.parameters)
     # References are written against the parameters' root; lifted to the call's root they
     # still resolve.
-    defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+    defs: JsonSchema = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
     return _with_options({
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": params},

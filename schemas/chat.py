@@ -161,7 +161,8 @@ class Usage(Frozen):
             data.setdefault(
                 "total_tokens", data.get("prompt_tokens", 0) + data.get("completion_tokens", 0)
             )
-            data.setdefault("prompt_tokens_details", {"cached_tokens": data.get("cached_tokens", 0)})
+            cached = {"cached_tokens": data.get("cached_tokens", 0)}
+            data.setdefault("prompt_tokens_details", cached)
         return data
 
 

@@ -117,12 +117,12 @@ class PromptRequest(Frozen):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"tools: the function {dup!r} is declared twice")
         choice = self.tool_choice
-        if isinstance(choice, NamedToolChoice) and self.tools is not None:
-            if choice.function.name not in names:
-                raise ValueError(
-                    f"tool_choice: names the function {choice.function.name!r}, which is not "
-                    f"among the declared tools ({', '.join(names) or 'none'})"
-                )
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if named is not None and self.tools is not None and named not in names:
+            raise ValueError(
+                f"tool_choice: names the function {named!r}, which is not among the declared "
+                f"tools ({', '.join(names) or 'none'})"
+            )
         if forced_tool(choice) and constrains_output(self.response_format):
             raise ValueError(
                 "response_format: a JSON response format cannot be combined with a forced tool "

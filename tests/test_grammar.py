@@ -120,7 +120,7 @@ def test_streamed_deltas_add_up_to_the_parsed_calls_whatever_the_chunking():
             chunks.append(text[at : at + n])
             at += n
         counter = iter(range(100))
-        stream = ToolCallStream(lambda: f"call_{next(counter)}")
+        stream = ToolCallStream(lambda counter=counter: f"call_{next(counter)}")
         deltas = [d for chunk in chunks for d in stream.feed(chunk)]
         _, calls = parse_tool_calls(text, stream.next_id)
         assert [c.function.name for c in calls] == ["get_w\u00e9ather", "clock"]

@@ -106,7 +106,8 @@ def _hermes_messages(chat: list[ChatMessage], tools: tuple[Tool, ...]) -> list[d
                                        ensure_ascii=False) + "</tool_call>"
             for c in msg.tool_calls or ()
         ]
-        out.append({"role": msg.role, "content": "\n".join(([content] if content else []) + blocks)})
+        text = "\n".join(([content] if content else []) + blocks)
+        out.append({"role": msg.role, "content": text})
     if tools:
         listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in _tool_dicts(tools))
         block = ("You can call these functions (JSON schemas):\n<tools>" + listed + "\n</tools>\n"
@@ -159,28 +160,36 @@ def test_smollm2_template_renders_what_llama_cpp_python_renders(name: str, smoll
 
 QWEN_HERMES = r"""{%- if tools %}
 {{- '<|im_start|>system\n' }}
-{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
-{{- "\n\n# Tools\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}
+{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- "\n\n# Tools\n\nYou are provided with function signatures within <tools></tools> "
+    "XML tags:\n<tools>" }}
 {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
-{{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.<|im_end|>\n" }}
+{{- "\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags.<|im_end|>\n" }}
 {%- else %}
-{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- endif %}
 {%- endif %}
 {%- for message in messages %}
-{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+{%- if (message.role == "user") or (message.role == "system" and not loop.first)
+      or (message.role == "assistant" and not message.tool_calls) %}
 {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
 {%- elif message.role == "assistant" %}
 {{- '<|im_start|>' + message.role }}
 {%- if message.content %}{{- '\n' + message.content }}{%- endif %}
 {%- for tool_call in message.tool_calls %}
 {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
-{{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}
+{{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}
+{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}
 {%- endfor %}
 {{- '<|im_end|>\n' }}
 {%- elif message.role == "tool" %}
-{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+{{- '<|im_start|>user' }}{%- endif %}
 {{- '\n<tool_response>\n' }}{{- message.content }}{{- '\n</tool_response>' }}
-{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\n' }}{%- endif %}
+{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+{{- '<|im_end|>\n' }}{%- endif %}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}

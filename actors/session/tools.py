@@ -7,10 +7,10 @@ in its schema (``schemas/messages.py``) and in admission (``actors/constraints.p
 
 from __future__ import annotations
 
+from actors.session.state import SessionState
 from schemas.errors import ErrorCode, InferError
 from schemas.messages import PromptRequest
 from schemas.tools import NamedToolChoice, Tool, forced_tool
-from actors.session.state import SessionState
 
 
 def tool_refusal(state: SessionState, prompt: PromptRequest) -> InferError | None:
