@@ -76,8 +76,11 @@ def decode(
         recent = slot.tokens[-last_n:]
         if len(eog) > 1:  # like EOS, end-of-turn markup recurs in every history: no penalty
             recent = [t for t in recent if t not in eog]
-        allowed = constraint.allowed() if constraint is not None else None
-        token = sampler.sample(slot.ctx.logits(), recent, allowed)
+        logits = slot.ctx.logits()
+        if constraint is None:
+            token = sampler.sample(logits, recent)
+        else:
+            token = sampler.sample(logits, recent, constraint.allowed())
         if first_at is None:
             first_at = time.perf_counter()
         if token in eog:
