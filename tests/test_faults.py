@@ -253,12 +253,12 @@ def fail_first_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real_decode = engine_module.decode
     failures: list[str] = []
 
-    def failing_decode(backend, slot, sampling, stop, max_tokens, emit, cancel):  # noqa: ANN001
+    def failing_decode(backend, slot, sampling, stop, max_tokens, emit, cancel, *rest):  # noqa: ANN001
         if not failures:
             failures.append(slot.session)
             emit("partial ")
             raise RuntimeError("the GPU fell off the bus")
-        return real_decode(backend, slot, sampling, stop, max_tokens, emit, cancel)
+        return real_decode(backend, slot, sampling, stop, max_tokens, emit, cancel, *rest)
 
     monkeypatch.setattr(engine_module, "decode", failing_decode)
     return failures
