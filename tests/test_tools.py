@@ -13,9 +13,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from actors.engine.bank.store import common_prefix
 from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.tokens import common_prefix
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
