@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec  # noqa: E402
 from actors.engine.llamacpp_backend import llama_cpp_available  # noqa: E402
-from actors.engine.loader import EngineSettings, load_engine  # noqa: E402
+from actors.engine.loader import load_engine  # noqa: E402
 from bench.common import (  # noqa: E402
     BenchError,
     Ratio,
@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     quiet_logs,
     spread,
 )
+from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.tools import JsonSchemaFormat, Tool  # noqa: E402
@@ -146,7 +147,7 @@ async def run_all(args: argparse.Namespace) -> list[Ratio]:
     threads = args.threads
     if args.quick:
         model, engine_name, threads = bench_model(TINY, "tiny"), "ctransformers", 1
-    engine = await asyncio.to_thread(load_engine, EngineSettings(
+    engine = await asyncio.to_thread(load_engine, NodeConfig(
         model=model, engine=engine_name if args.engine == "auto" else args.engine,
         threads=threads, n_slots=1, n_ctx=4096, verify_restore=False,
     ))

@@ -18,10 +18,11 @@ import pytest
 from actors.constraints import check_enforceable, schema_problem
 from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.llamacpp_backend import llama_cpp_available
-from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.loader import load_engine
 from actors.engine.sampling import Sampler
 from actors.engine.templates import parse_tool_calls
 from actors.engine.tool_stream import ToolCallStream
+from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import InferError
 from schemas.messages import PromptRequest
@@ -63,7 +64,7 @@ async def test_twenty_sampled_replies_under_a_schema_all_parse_and_validate(
     tiny_model: Path, engine_name: str
 ):
     """With the schema every reply validates; without it the same seeds give no JSON."""
-    engine = load_engine(EngineSettings(model=tiny_model, engine=engine_name, threads=1,
+    engine = load_engine(NodeConfig(model=tiny_model, engine=engine_name, threads=1,
                                         n_slots=1, verify_restore=False))
     fmt = JsonSchemaFormat.model_validate({"json_schema": {"schema": SCHEMA}})
     try:

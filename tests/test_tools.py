@@ -14,9 +14,10 @@ import jsonschema
 import pytest
 
 from actors.engine.interface import CancelToken, TurnSpec
-from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.loader import load_engine
 from actors.engine.tokens import common_prefix
 from node.client import InfernodeClient
+from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.subjects import Subjects
@@ -205,7 +206,7 @@ async def test_bad_tool_input_gets_one_typed_error_records_nothing_and_the_sessi
 
 async def test_a_change_of_tools_costs_only_the_tokens_after_the_first_difference(tiny_model):
     """Turn 2 with one more tool re-evaluates only from where its prompt first differs."""
-    engine = load_engine(EngineSettings(model=tiny_model, threads=1, n_slots=1,
+    engine = load_engine(NodeConfig(model=tiny_model, threads=1, n_slots=1,
                                         verify_restore=False))
     try:
         greedy = SamplingParams(temperature=0.0)
