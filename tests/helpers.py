@@ -110,3 +110,31 @@ async def publish_prompt(
         headers={MSG_ID_HEADER: key},
     )
     return key
+
+
+async def turn(
+    nc: Client, session: str, prompt: PromptRequest, timeout: float = 60, prefix: str = "infer"
+) -> dict[str, list[dict[str, Any]]]:
+    """Publish ``prompt`` with a fresh idempotency key; its events by kind, once a turn
+    committed or the prompt was refused (one prompt at a time per session)."""
+    subjects = Subjects(prefix)
+    events = await EventCollector.start(nc, subjects.events_all(session))
+    key = uuid.uuid4().hex
+    body = prompt.model_copy(update={"idempotency_key": key}).model_dump_json()
+    await nc.jetstream().publish(subjects.prompt(session), body.encode())
+
+    def finished(ms: list[Msg]) -> bool:
+        for m in ms:
+            data = json.loads(m.data)
+            if m.subject.endswith(".commit") or (
+                m.subject.endswith(".error") and data.get("idempotency_key") == key
+            ):
+                return True
+        return False
+
+    await events.wait_until(finished, timeout=timeout)
+    await events.stop()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for m in events.messages:
+        out.setdefault(m.subject.rsplit(".", 1)[-1], []).append(json.loads(m.data))
+    return out

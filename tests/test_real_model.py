@@ -27,7 +27,7 @@ from node.demo_model import write_llama_gguf
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.messages import PromptRequest
 from schemas.tools import Tool
-from tests.test_tools import turn
+from tests.helpers import turn
 
 
 def _smollm2() -> Path | None:

@@ -7,8 +7,6 @@ because the grammar makes them so.
 from __future__ import annotations
 
 import json
-import uuid
-from typing import Any
 
 import jsonschema
 import pytest
@@ -22,7 +20,7 @@ from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.subjects import Subjects
 from schemas.tools import Tool
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, turn
 
 S = Subjects()
 SAMPLED = SamplingParams(temperature=1.0, seed=11)
@@ -42,30 +40,6 @@ CLOCK = Tool.model_validate({"function": {
 
 def user(text: str) -> ChatMessage:
     return ChatMessage(role="user", content=text)
-
-
-async def turn(nc: Any, session: str, prompt: PromptRequest, timeout: float = 60) -> dict:
-    """Publish ``prompt`` and return its events by kind once it is committed or refused."""
-    events = await EventCollector.start(nc, S.events_all(session))
-    key = uuid.uuid4().hex
-    body = prompt.model_copy(update={"idempotency_key": key}).model_dump_json()
-    await nc.jetstream().publish(S.prompt(session), body.encode())
-
-    def finished(ms: list) -> bool:
-        for m in ms:
-            data = json.loads(m.data)
-            if m.subject.endswith(".commit") or (
-                m.subject.endswith(".error") and data.get("idempotency_key") == key
-            ):
-                return True
-        return False
-
-    await events.wait_until(finished, timeout=timeout)
-    await events.stop()
-    out: dict[str, list[dict]] = {}
-    for m in events.messages:
-        out.setdefault(m.subject.rsplit(".", 1)[-1], []).append(json.loads(m.data))
-    return out
 
 
 async def record_count(url: str, session: str) -> int:
