@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from actors.engine.interface import CancelToken, TurnSpec
+from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import load_engine
 from actors.engine.window import view
 from node.client import InfernodeClient
@@ -197,3 +198,66 @@ async def test_a_failed_mesh_hop_is_reported_at_once_with_the_hop_and_the_reason
                            timeout=600)
     assert info.value.code.value == "context_overflow"
     assert info.value.message.startswith("hop ") and "mesh-" in info.value.message
+
+
+async def _until_the_window_moves(engine) -> tuple[int, int]:
+    """Drive one session until a turn moves its window: (its new prefill, its question)."""
+    msgs, ids = [SYSTEM], {}
+    for n in range(100):
+        msgs.append(user(f"and then what happened to bicycle number {n} in the story"))
+        out = await run(engine, TurnSpec(session="s", turn_id=f"t{n}", messages=tuple(msgs),
+                                         sampling=GREEDY, max_tokens=16, assistant_tokens=ids))
+        if out.usage.dropped_turns:
+            asked = engine.backend.tokenizer.encode(msgs[-1].content, add_bos=False)
+            return out.usage.new_prefill_tokens, len(asked)
+        ids[len(msgs)] = out.completion_ids
+        msgs.append(said(out.text))
+    raise AssertionError("the window never moved")
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+async def test_shift_on_llama_cpp_keeps_the_kv_of_what_stays(tiny_model):
+    """When the window moves, shift moves the kept cells instead of evaluating them again:
+    only the new question is evaluated, where truncate evaluates the kept turns again too."""
+    new_prefill = {}
+    for policy in ("shift", "truncate"):
+        engine = load_engine(NodeConfig(
+            model=tiny_model, engine="llama-cpp", n_slots=1, n_ctx=512, threads=1,
+            verify_restore=False, overflow=policy,
+        ))
+        try:
+            new_prefill[policy], asked = await _until_the_window_moves(engine)
+        finally:
+            await engine.close()
+    assert new_prefill["shift"] <= asked + 24  # the question and the turns' markup only
+    assert new_prefill["truncate"] > new_prefill["shift"] + 16
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+async def test_a_shifted_state_banks_and_restores_exactly(tiny_model):
+    """The bytes of a shifted sequence restored into another slot continue like it; a cold
+    recompute of the same window is close (re-rotated keys and the moved
+    cells' layout are not bit-equal) and picks the same next token."""
+    import numpy as np
+
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=2, n_ctx=512,
+                                    threads=1, verify_restore=False, overflow="shift"))
+    try:
+        await _until_the_window_moves(engine)
+        shifted = engine.pool.resident("s")
+        other = next(s for s in engine.pool.slots if s is not shifted)
+        n, probe = len(shifted.tokens), shifted.tokens[-3:]
+        banked = shifted.ctx.state_bytes()
+        other.ctx.set_state(banked)
+        shifted.ctx.eval(probe, n)
+        other.ctx.eval(probe, n)
+        warm, restored = shifted.ctx.logits(), other.ctx.logits()
+        other.ctx.eval([*shifted.tokens[:n], *probe], 0)  # the same window, evaluated cold
+        cold = other.ctx.logits()
+        scale = float(np.max(np.abs(cold)))
+        assert float(np.max(np.abs(restored - warm))) < 1e-3 * scale
+        for got in (restored, warm):
+            assert int(np.argmax(got)) == int(np.argmax(cold))
+            assert float(np.max(np.abs(got - cold))) < 0.05 * scale
+    finally:
+        await engine.close()

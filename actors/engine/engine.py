@@ -33,7 +33,7 @@ from actors.engine.tokenizer import assistant_mark
 from actors.engine.tokens import token_hash
 from actors.engine.tool_stream import ToolCallStream
 from actors.engine.turn import decode, prefill
-from actors.engine.window import Window, slide, system_head, view
+from actors.engine.window import Window, shift_kept, slide, system_head, view
 from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
 from schemas.errors import ErrorCode, InferError
 from schemas.tools import Tool, ToolCallDelta
@@ -175,8 +175,10 @@ class SlotEngine:
         tokenize_ms = (time.perf_counter() - t0) * 1000
         resumed = any(m.role == "assistant" for m in spec.messages)
         source, miss, restore_ms, tier = self._prepare(slot, spec.session, tokens, resumed)
-        had = len(slot.tokens)
         slot.digest = None  # the tokens change from here on
+        if (spec.overflow or self.overflow) == "shift":
+            shift_kept(slot, tokens)
+        had = len(slot.tokens)
         reused, prefill_ms = prefill(slot, tokens)
         if source == "slot" and reused < had and miss is None:
             miss = f"prefix_divergence_at_token {reused}"

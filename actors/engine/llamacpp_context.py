@@ -264,6 +264,27 @@ class LlamaCppSequence:
             trim = False
             self._filled = n_past + start + len(chunk)
 
+    def shift(self, start: int, end: int) -> bool:
+        """Drop cells ``start``…``end`` and move the later ones down by ``end - start``.
+
+        The kept cells' K vectors are re-rotated by llama.cpp (RoPE shift) instead of being
+        evaluated again; False when this model's memory cannot shift.
+        """
+        lib, ctx, seq = self.shared.lib, self.shared, self.seq_id
+
+        def move() -> bool:
+            if not lib.llama_memory_can_shift(ctx.memory):
+                return False
+            lib.llama_memory_seq_rm(ctx.memory, seq, start, end)
+            lib.llama_memory_seq_add(ctx.memory, seq, end, -1, start - end)
+            return True
+
+        moved = bool(ctx.call(move))
+        if moved:
+            self._filled -= end - start
+            self._logits = None
+        return moved
+
     def logits(self) -> np.ndarray:
         """Logits after the last evaluated token."""
         if self._logits is None:

@@ -17,8 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from actors.engine.bank.store import common_prefix
+from actors.engine.slots import Slot
 from schemas.chat import ChatMessage
 
+PROBE_TOKENS = 8
+"""Tokens of the new prompt, right after the common prefix, looked for further on in the slot
+to find where the kept part of a moved window begins."""
 KEEP_FRACTION = 0.5
 """Share of the prompt budget a moved window fills, leaving room for the turns that follow."""
 
@@ -107,3 +112,31 @@ def slide(
         dropped_tokens=current.dropped_tokens + max(0, length - new_length),
     )
     return moved, new_length
+
+
+def shift_kept(slot: Slot, tokens: list[int]) -> int:
+    """Where the window moved, drop the left-out cells and shift the kept ones down.
+
+    Finds the kept part of the slot (the new prompt after its common prefix, further on in
+    the slot) and asks the context to remove the cells in between and move the rest to
+    their new positions, so the prefill that follows reuses them. Returns how many cells
+    were removed: 0 when nothing was found or the context cannot shift (ctransformers' build
+    has no such call: there the window is recomputed from the common prefix, as truncate).
+    """
+    shift = getattr(slot.ctx, "shift", None)
+    p = common_prefix(slot.tokens, tokens)
+    have, rest = slot.tokens, tokens[p:]
+    if shift is None or len(rest) < PROBE_TOKENS:
+        return 0
+    # Questions of one session often start alike: the kept part is where the longest run of
+    # the new prompt continues, not the first place its opening tokens appear.
+    gap, best = 0, PROBE_TOKENS - 1
+    for d in range(1, len(have) - p - PROBE_TOKENS + 1):
+        if have[p + d] == rest[0]:
+            run = common_prefix(have[p + d :], rest)
+            if run > best:
+                gap, best = d, run
+    if not gap or not shift(p, p + gap):
+        return 0
+    slot.tokens = have[:p] + have[p + gap :]
+    return gap
