@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from actors.engine.bank.store import common_prefix
 from actors.engine.slots import Slot
+from actors.engine.tokens import common_prefix
 from schemas.chat import ChatMessage
 
 PROBE_TOKENS = 8
