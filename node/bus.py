@@ -62,8 +62,11 @@ def refusal_hint(error: BaseException | None) -> str | None:
 class _ConnectionEvents:
     """nats-py callbacks that log, and remember the last error for the first connect."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, fail_fast_after: int = 0) -> None:
         self.log = log.bind(connection=name)
+        self.fail_fast_after = fail_fast_after
+        """Unreachable addresses that end the first connect (0: never, retry to the deadline)."""
+        self.unreachable = 0
         self.nc: Client | None = None
         self.connected = False
         self.last_error: BaseException | None = None
@@ -75,6 +78,12 @@ class _ConnectionEvents:
     async def on_error(self, error: Exception) -> None:
         self.last_error = error
         hint = refusal_hint(error)
+        if hint is None and self.fail_fast_after and isinstance(error, OSError):
+            # Nothing listens at any given address: a one-shot command says so at once
+            # instead of retrying until its deadline.
+            self.unreachable += 1
+            if self.unreachable >= self.fail_fast_after:
+                hint = REACH_HINT
         if hint is not None and not self.connected and not self.refused.done():
             self.refusal = error
             self.refused.set_result(hint)
@@ -97,11 +106,16 @@ async def connect(
     name: str = "infernode",
     *,
     timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    fail_fast: bool = False,
 ) -> Client:
-    """A connected client named ``name`` to ``url`` (or ``config.nats_url``), or BusError."""
+    """A connected client named ``name`` to ``url`` (or ``config.nats_url``), or BusError.
+
+    ``fail_fast`` ends the first connect at the first refused or unreachable address, for
+    one-shot commands; the node itself keeps trying until ``timeout``.
+    """
     options = config.nats_connect_options(url, name)
     shown = ",".join(options["servers"])
-    events = _ConnectionEvents(name)
+    events = _ConnectionEvents(name, len(options["servers"]) if fail_fast else 0)
     nc = Client()
     events.nc = nc
     attempt = asyncio.ensure_future(

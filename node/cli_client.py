@@ -13,9 +13,11 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+from nats.errors import NoRespondersError
+from nats.js.errors import NoStreamResponseError
 from pydantic import BaseModel
 
-from node.bus import BusError
+from node.bus import REACH_HINT, BusError
 from node.client import InfernodeClient, TurnAborted, TurnResult
 from node.config import NodeConfig
 from node.logging import configure_logging
@@ -25,6 +27,8 @@ from schemas.errors import InferError
 from schemas.subjects import is_session_id
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+CONNECT_TIMEOUT_S = 0.8
+"""A one-shot command's first connect: an unreachable node is reported within a second."""
 
 Command = Callable[[InfernodeClient, argparse.Namespace], Awaitable[int]]
 
@@ -72,14 +76,26 @@ async def run_client_command(
     # stdout carries the answer (or JSON); only warnings, on stderr, besides it.
     configure_logging("warning", config.log_format, sys.stderr)
     try:
-        async with InfernodeClient(url, prefix=args.prefix or config.prefix, config=config) as c:
+        async with InfernodeClient(
+            url, prefix=args.prefix or config.prefix, config=config,
+            connect_timeout=CONNECT_TIMEOUT_S, fail_fast=True,
+        ) as c:
             return await command(c, args)
     except InferError as e:
         return _fail(f"{e.code.value} ({e.status}): {e.message}", 1)
     except TurnAborted as e:
         return _fail(str(e), 2)
     except BusError as e:
-        return _fail(str(e), 3)
+        if e.hint != REACH_HINT:
+            return _fail(str(e), 3)  # NATS refused us: the sentence names the settings to fix
+        return _fail(f"no node at {url}: NATS is not reachable ({e.reason}); {e.hint}", 3)
+    except (NoRespondersError, NoStreamResponseError):
+        # NATS answered, but nothing subscribes to the node's subjects under this prefix.
+        return _fail(
+            f"no node at {url}: NATS answers but no infernode serves prefix "
+            f"{args.prefix or config.prefix!r}; start one with `infernode up --nats-url {url}`",
+            3,
+        )
     except (OSError, TimeoutError) as e:
         return _fail(f"no answer from the node at {url}: {e or type(e).__name__}", 3)
 

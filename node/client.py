@@ -89,19 +89,25 @@ class InfernodeClient:
         nc: Client | None = None,
         config: NodeConfig | None = None,
         connect_timeout: float = 5.0,
+        fail_fast: bool = False,
     ) -> None:
-        """``config`` carries NATS credentials and TLS; ``nc`` reuses an open connection."""
+        """``config`` carries NATS credentials and TLS; ``nc`` reuses an open connection.
+
+        ``fail_fast`` gives up the first connect as soon as every address refused it.
+        """
         self.url = url
         self.subjects = Subjects(prefix)
         self.config = config or NodeConfig()
         self.connect_timeout = connect_timeout
+        self.fail_fast = fail_fast
         self._nc = nc
         self._own = nc is None
 
     async def __aenter__(self) -> InfernodeClient:
         if self._nc is None:
             self._nc = await connect(
-                self.config, self.url, "infernode-client", timeout=self.connect_timeout
+                self.config, self.url, "infernode-client", timeout=self.connect_timeout,
+                fail_fast=self.fail_fast,
             )
         return self
 

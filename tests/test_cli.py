@@ -114,3 +114,60 @@ def test_invalid_session_id_on_the_cli_is_a_readable_error(env: dict[str, str]) 
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "bad.id" in done.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _health_exit(url: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    import asyncio
+
+    from node import cli_client
+    from node.cli import build_parser
+
+    args = build_parser().parse_args(["health", "--nats-url", url])
+    # The deadline is the behaviour under test: a dead address must not wait out a retry loop.
+    code = await asyncio.wait_for(
+        cli_client.run_client_command(args, args.command_fn, {}), timeout=1.0
+    )
+    return code, capsys.readouterr().err
+
+
+async def test_client_command_reports_no_node_within_a_second_when_nothing_listens(capsys):
+    """Given a URL where nothing listens, `health` says "no node at URL" and exits 3 within 1 s."""
+    url = f"nats://127.0.0.1:{_closed_port()}"
+    code, err = await _health_exit(url, capsys)
+    assert code == 3
+    assert f"no node at {url}" in err and "not reachable" in err
+
+
+async def test_client_command_reports_no_node_when_nats_runs_without_a_node(nats_server, capsys):
+    """Given a NATS server with no infernode on it, `health` says "no node at URL" and exits 3."""
+    code, err = await _health_exit(nats_server.url, capsys)
+    assert code == 3
+    assert f"no node at {nats_server.url}" in err and "no infernode serves" in err
+
+
+def test_prompt_without_a_node_on_a_running_nats_exits_3_without_a_traceback(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Given NATS but no node, `infernode prompt` exits 3 with a sentence, not a traceback."""
+    import asyncio
+
+    from node.nats_server import EmbeddedNats
+
+    async def run() -> subprocess.CompletedProcess[str]:
+        async with EmbeddedNats(tmp_path / "nats") as server:
+            return await asyncio.to_thread(
+                subprocess.run, _cli("prompt", "s1", "hi", "--nats-url", server.url),
+                env=env, capture_output=True, text=True, timeout=60,
+            )
+
+    done = asyncio.run(run())
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "no node at nats://" in done.stderr
