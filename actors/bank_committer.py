@@ -17,10 +17,12 @@ snapshot that has not been taken yet.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from prometheus_client import Histogram
 
 from actors.base import Actor, encode, parse_reply
 from schemas.internal import BankCommitRequest, SnapshotReply, SnapshotRequest
@@ -28,6 +30,8 @@ from schemas.subjects import Subjects
 
 _REPLY_MARGIN_S = 5.0
 """Extra time for the engine's reply on top of its own bounded wait."""
+COMMIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds: a small snapshot of an idle slot up to the default 30 s wait for a busy one."""
 
 
 class BankCommitter(Actor):
@@ -43,6 +47,12 @@ class BankCommitter(Actor):
         self.handled = 0
         self.dropped: Counter[str] = Counter()
         self.bytes_stored = 0
+        # Unregistered: the node's metrics collector yields it (one per node, no globals).
+        self.commit_seconds = Histogram(
+            "infernode_bank_commit_seconds",
+            "Time from a turn's commit notice to its KV snapshot stored or dropped.",
+            buckets=COMMIT_BUCKETS, registry=None,
+        )
         self._progress = asyncio.Condition()
 
     async def start(self) -> None:
@@ -60,6 +70,7 @@ class BankCommitter(Actor):
             session=req.session, generation=req.generation, token_hash=req.token_hash,
             wait_s=self.wait_s,
         )
+        started = time.perf_counter()
         try:
             reply = await self.nc.request(
                 self.subjects.engine_snapshot(), encode(snap),
@@ -68,6 +79,7 @@ class BankCommitter(Actor):
             out: SnapshotReply = parse_reply(reply.data, reply.headers, SnapshotReply)
         except Exception as e:  # the engine failed or never answered: drop the snapshot
             out = SnapshotReply(stored=False, reason=f"error: {e!r}")
+        self.commit_seconds.observe(time.perf_counter() - started)
         try:
             self._account(req, out)
         finally:

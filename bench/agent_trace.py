@@ -200,12 +200,16 @@ async def main(args: argparse.Namespace) -> int:
             rows, pairs = await trace(client, plan, tools)
             metrics = await client.metrics()
         report(rows, pairs)
-        c = metrics.counters
-        print(f"bank: {int(c.get('bank_hits', 0))} hits, {metrics.evictions} evictions, "
-              f"{int(c.get('bank_committer_stored', 0))} commits stored, "
-              f"{int(sum(v for k, v in c.items() if k.startswith('bank_committer_dropped')))} "
-              f"dropped; restore p50 {metrics.latency['restore_ms'].p50:.1f} ms, "
-              f"p90 {metrics.latency['restore_ms'].p90:.1f} ms")
+        restore_p50 = metrics.quantile("infernode_bank_restore_seconds", 0.5) or 0.0
+        restore_p90 = metrics.quantile("infernode_bank_restore_seconds", 0.9) or 0.0
+        evictions = (metrics.value("infernode_slot_evictions_total")
+                     + metrics.value("infernode_bank_evictions_total"))
+        print(f"bank: {metrics.total('infernode_bank_restores_total'):.0f} restores, "
+              f"{evictions:.0f} evictions, "
+              f"{metrics.value('infernode_bank_snapshots_stored_total'):.0f} commits stored, "
+              f"{metrics.total('infernode_bank_snapshots_dropped_total'):.0f} dropped; "
+              f"restore p50 ~{restore_p50 * 1000:.1f} ms, p90 ~{restore_p90 * 1000:.1f} ms "
+              "(from histogram buckets)")
         print(f"wall time {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -23,8 +23,6 @@ from schemas.admin import (
     HealthReply,
     HistoryItemInfo,
     HistoryReply,
-    MetricsReply,
-    Percentiles,
     SessionRequest,
     SessionsReply,
     SessionSummary,
@@ -112,33 +110,8 @@ class AdminActor(Actor):
         )
 
     async def on_metrics(self, data: bytes) -> MetricsReply:
-        """Prefix-cache hit ratio, latency percentiles, evictions, and every actor's counters."""
-        counters: dict[str, float] = {"sessions": len(self._host().runners)}
-        engine = self.node.engine
-        latency: dict[str, Percentiles] = {}
-        ratio, evictions = 0.0, 0
-        if engine is not None:
-            turns = engine.turn_stats
-            ratio = turns.hit_ratio
-            counters.update({f"engine_{k}": v for k, v in turns.counters().items()})
-            latency = {
-                name: Percentiles(count=int(p["count"]), p50=p["p50"], p90=p["p90"],
-                                  p99=p["p99"], max=p["max"])
-                for name, p in turns.latency().items()
-            }
-            evictions = turns.slot_evictions
-            if engine.bank is not None:
-                bank = engine.bank.stats()
-                counters.update({f"bank_{k}": float(v) for k, v in bank.items()})
-                evictions += bank["evictions"]
-        for actor in self.node.actors:
-            counters[f"{actor.name}_errors"] = actor.errors
-            stats = getattr(actor, "stats", None)
-            if callable(stats):
-                counters.update({f"{actor.name}_{k}": float(v) for k, v in stats().items()})
-        return MetricsReply(
-            counters=counters, prefix_hit_ratio=ratio, evictions=evictions, latency=latency,
-        )
+        """The node's metric families: the numbers its Prometheus endpoint serves."""
+        return self.node.metrics.reply()
 
     async def on_delete(self, data: bytes) -> DeleteReply:
         """Delete a session: waits for an in-flight commit; its bank entries go too."""

@@ -27,6 +27,7 @@ from actors.engine.template_sandbox import TemplateError
 from node.bus import BusError, connect
 from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
+from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
 from node.nats_server import EmbeddedNats, NatsServerError
 from node.wiring import build_actors, engine_actor, prepare_streams
@@ -70,6 +71,7 @@ class Node:
         self.engine: SlotEngine | None = None
         self.actors: list[Actor] = []
         self._conns: list[Client] = []
+        self.metrics = NodeMetrics(self)
         self.metrics_http: MetricsHttp | None = None
 
     async def __aenter__(self) -> Node:
@@ -113,7 +115,9 @@ class Node:
         for actor in self.actors:
             await actor.start()
         if cfg.metrics_port is not None:
-            self.metrics_http = MetricsHttp(admin_nc, s, cfg.metrics_port, cfg.metrics_host)
+            self.metrics_http = MetricsHttp(
+                self.metrics.registry, cfg.metrics_port, cfg.metrics_host
+            )
             await self.metrics_http.start()
         # Ready means reachable: every subscription has reached the server before we say so.
         for nc in self._conns:

@@ -21,7 +21,7 @@ from node.bus import REACH_HINT, BusError
 from node.client import InfernodeClient, TurnAborted, TurnResult
 from node.config import NodeConfig
 from node.logging import configure_logging
-from node.metrics_http import flatten_numbers
+from schemas.admin import MetricsReply
 from schemas.chat import SamplingParams
 from schemas.errors import InferError
 from schemas.subjects import is_session_id
@@ -179,14 +179,36 @@ async def history(c: InfernodeClient, args: argparse.Namespace) -> int:
 
 
 async def metrics(c: InfernodeClient, args: argparse.Namespace) -> int:
-    """Counters and distributions of the node."""
+    """Counters and gauges one per line; histograms as count, sum and estimated quantiles."""
     reply = await c.metrics(timeout=args.timeout or 10.0)
     if args.json:
         _print_json(reply)
         return 0
-    for name, value in sorted(flatten_numbers(reply.model_dump(mode="json")).items()):
-        print(f"{name:<48} {value:g}")
+    for line in metrics_lines(reply):
+        print(line)
     return 0
+
+
+def metrics_lines(reply: MetricsReply) -> list[str]:
+    """The readable form of a metrics reply, in the families' Prometheus names."""
+    prompt = reply.value("infernode_prompt_tokens_total")
+    reused = reply.value("infernode_cached_prompt_tokens_total")
+    lines = [f"{'prefix hit ratio (reused / prompt tokens)':<56} "
+             f"{reused / prompt if prompt else 0.0:.3f}"]
+    for family in reply.families:
+        if family.kind == "histogram":
+            count = reply.value(f"{family.name}_count")
+            total = reply.value(f"{family.name}_sum")
+            qs = [(q, reply.quantile(family.name, q)) for q in (0.5, 0.9, 0.99)]
+            shown = " ".join(f"p{int(q * 100)}~{v:.4g}" for q, v in qs if v is not None)
+            lines.append(f"{family.name:<56} count {count:.0f} sum {total:.6g} s {shown}".rstrip())
+            continue
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            name = f"{sample.name}{{{labels}}}" if labels else sample.name
+            value = int(sample.value) if sample.value.is_integer() else sample.value
+            lines.append(f"{name:<56} {value}")
+    return lines
 
 
 async def health(c: InfernodeClient, args: argparse.Namespace) -> int:

@@ -139,34 +139,71 @@ class HistoryReply(Frozen):
     """The records, oldest first."""
 
 
-class Percentiles(Frozen):
-    """A latency distribution over recent turns, in milliseconds."""
+class MetricSample(Frozen):
+    """One number of a metric family, as Prometheus exposes it."""
 
-    count: int
-    """Samples in the window."""
-    p50: float
-    """Median."""
-    p90: float
-    """90th percentile."""
-    p99: float
-    """99th percentile."""
-    max: float
-    """Largest sample."""
+    name: str
+    """Sample name: the family name, or with ``_bucket``/``_count``/``_sum`` for histograms."""
+    labels: dict[str, str] = {}
+    """Label values (``le`` for a histogram bucket's upper bound)."""
+    value: float
+    """The value, exact (no rounding)."""
+
+
+class MetricFamily(Frozen):
+    """A Prometheus metric family: name, type, help text and its samples."""
+
+    name: str
+    """Family name (``infernode_...``; counters without the ``_total`` their samples carry)."""
+    kind: Literal["counter", "gauge", "histogram"]
+    """Prometheus type."""
+    help: str
+    """What it measures."""
+    samples: tuple[MetricSample, ...]
+    """Its samples."""
 
 
 class MetricsReply(Frozen):
-    """Counters and distributions of the node."""
+    """The node's metrics: the same families its Prometheus endpoint serves."""
 
-    type: Literal["metrics.v1"] = "metrics.v1"
+    type: Literal["metrics.v2"] = "metrics.v2"
     """Message type and version."""
-    counters: dict[str, float]
-    """Named counters and gauges."""
-    prefix_hit_ratio: float = 0.0
-    """Prompt tokens reused from a slot or the bank ÷ all prompt tokens."""
-    evictions: int = 0
-    """Slots handed to another session plus bank entries dropped for space."""
-    latency: dict[str, Percentiles] = {}
-    """ttft_ms, decode_ms_per_token, restore_ms, prefill_ms_per_token."""
+    families: tuple[MetricFamily, ...]
+    """Every metric family, counters, gauges and latency histograms in seconds."""
+
+    def value(self, sample: str, **labels: str) -> float:
+        """The value of ``sample`` with exactly these labels; 0 when it has not been seen."""
+        for family in self.families:
+            for s in family.samples:
+                if s.name == sample and s.labels == labels:
+                    return s.value
+        return 0.0
+
+    def total(self, sample: str) -> float:
+        """The sum of ``sample`` over every label combination."""
+        return sum(s.value for f in self.families for s in f.samples if s.name == sample)
+
+    def quantile(self, histogram: str, q: float) -> float | None:
+        """Estimate of the ``q`` quantile of a histogram, interpolated in its bucket.
+
+        The same estimate PromQL's ``histogram_quantile`` makes; None with no observations.
+        """
+        buckets = sorted(
+            (float(s.labels["le"]), s.value) for f in self.families if f.name == histogram
+            for s in f.samples if s.name == f"{histogram}_bucket"
+        )
+        if not buckets or buckets[-1][1] == 0:
+            return None
+        rank = q * buckets[-1][1]
+        lower, below = 0.0, 0.0
+        for upper, count in buckets:
+            if count >= rank:
+                if upper == float("inf"):
+                    return lower
+                inside = count - below
+                return lower + (upper - lower) * ((rank - below) / inside if inside else 0.0)
+            lower, below = upper, count
+        return lower
 
 
 class DeleteReply(Frozen):

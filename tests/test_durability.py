@@ -183,7 +183,7 @@ async def test_a_restarted_node_restores_an_old_session_from_the_durable_tier(
     assert health.bank_tiers == ("ram", tier)
     assert two.done.cache.source == "bank" and two.done.usage.cached_tokens == reusable
     assert two.done.cache.restore_ms > 0
-    assert metrics.counters["bank_durable_hits"] == 1
+    assert metrics.value("infernode_bank_restores_total", tier="durable") == 1
 
     cold = await make_node(fresh_server=True, threads=1, n_slots=1, bank_ram_bytes=0)
     await ask(cold.url, "old", "remember this conversation")

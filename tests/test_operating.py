@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,6 @@ import pytest
 
 from node.client import InfernodeClient, TurnAborted
 from node.mesh import run_mesh
-from node.metrics_http import prometheus_text
 from schemas.chat import SamplingParams
 from schemas.errors import ErrorCode, InferError
 from schemas.subjects import Subjects
@@ -105,29 +105,26 @@ async def _http_get(port: int, path: str) -> tuple[str, str]:
 
 
 async def test_metrics_endpoint_serves_prometheus_text_with_request_and_cache_numbers(make_node):
-    """Given --metrics-port, a scrape after one turn shows the node up and its counters."""
+    """Given --metrics-port, a scrape after two turns shows sessions, turns and token counters."""
     node = await make_node(metrics_port=0)
     assert node.metrics_http is not None
     async with InfernodeClient(node.url) as c:
         await c.complete("m-1", "hello", sampling=GREEDY, max_tokens=4)
+        await c.complete("m-1", "again", sampling=GREEDY, max_tokens=4)
     status, body = await _http_get(node.metrics_http.port, "/metrics")
     assert status.endswith("200 OK")
-    assert "infernode_up 1" in body
     values = {
         line.split()[0]: float(line.split()[1])
         for line in body.splitlines() if line and not line.startswith("#")
     }
-    assert values["infernode_counters_sessions"] >= 1
-    assert any(name.startswith("infernode_counters_bank") for name in values)
+    assert values["infernode_sessions"] == 1
+    assert values["infernode_turns_total"] == 2
+    assert values["infernode_time_to_first_token_seconds_count"] == 2
+    assert values["infernode_cached_prompt_tokens_total"] > 0
+    # Exact, not printed with 6 significant digits: the default 1 GiB reads back as itself.
+    assert values["infernode_bank_ram_capacity_bytes"] == 1 << 30
     missing, _ = await _http_get(node.metrics_http.port, "/nope")
     assert missing.endswith("404 Not Found")
-
-
-def test_prometheus_text_names_are_sanitised_and_typed():
-    """Names with odd characters become valid metric names; _total names are counters."""
-    text = prometheus_text({"a.b-c": 1.5, "turns_total": 3})
-    assert "infernode_a_b_c 1.5" in text
-    assert "# TYPE infernode_turns_total counter" in text
 
 
 async def test_node_answers_micro_service_ping_and_info(make_node, nc):
@@ -164,7 +161,7 @@ async def test_cli_sessions_history_metrics_health_and_abort_read_the_node(make_
         assert runs[name].returncode == 0, (name, runs[name].stderr)
     assert "cli-s" in runs["sessions"].stdout
     assert "generation 1" in runs["history"].stdout and "commit" in runs["history"].stdout
-    assert "counters_sessions" in runs["metrics"].stdout
+    assert re.search(r"^infernode_sessions +1$", runs["metrics"].stdout, re.M)
     assert "no turn was running" in runs["abort"].stdout
     assert json.loads(runs["json"].stdout)["sessions"][0]["session"] == "cli-s"
     assert runs["missing"].returncode == 1 and "404" in runs["missing"].stderr

@@ -1,20 +1,27 @@
-"""What the engine measured: prefix-cache hit ratio, latency percentiles, per-session cache.
+"""What the engine measured: prompt and cache token counts, latency histograms, per-session cache.
 
 Updated on slot threads as each turn ends; read on the event loop by admin (``sessions``,
-``metrics``), hence the lock.
-Latencies keep a bounded window of recent turns, so percentiles describe current behaviour.
+``metrics``), hence the lock. Latencies are Prometheus histograms in seconds (cumulative
+bucket counts and a sum): they add up across nodes and over time, unlike a window's
+percentiles. The histograms are owned here and registered by the node's metrics collector.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import dataclass
+
+from prometheus_client import Histogram
 
 from schemas.chat import CacheInfo, Timings, Usage
 
-WINDOW = 2048
-"""Recent turns the percentiles are computed over."""
+# Bucket upper bounds in seconds, spanning a tiny CPU model to a large one on a loaded host.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PER_TOKEN_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+RESTORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -28,37 +35,44 @@ class LastTurn:
     tier: str = ""
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    """count, p50, p90, p99 and max (nearest rank) of ``values``."""
-    if not values:
-        return {"count": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
-
-    return {
-        "count": float(len(ordered)), "p50": rank(0.50), "p90": rank(0.90),
-        "p99": rank(0.99), "max": ordered[-1],
-    }
-
-
 class EngineStats:
-    """Counters and windows of the engine's turns."""
+    """Counters and latency histograms of the engine's turns."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.turns = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
-        self.restores = 0
         self.slot_evictions = 0
         self.misses: dict[str, int] = {}
         self.last: dict[str, LastTurn] = {}
-        self._ttft: deque[float] = deque(maxlen=WINDOW)
-        self._decode_tok: deque[float] = deque(maxlen=WINDOW)
-        self._restore: deque[float] = deque(maxlen=WINDOW)
-        self._prefill_tok: deque[float] = deque(maxlen=WINDOW)
+        # Unregistered (registry=None): each engine owns its own, so two nodes in one
+        # process never share a global registry; the node's collector yields them.
+        self.ttft = Histogram(
+            "infernode_time_to_first_token_seconds",
+            "Time from a turn's start to its first generated token.",
+            buckets=TTFT_BUCKETS, registry=None,
+        )
+        self.prefill = Histogram(
+            "infernode_prefill_seconds_per_token",
+            "Prefill time of a turn divided by the prompt tokens it evaluated (not reused).",
+            buckets=PER_TOKEN_BUCKETS, registry=None,
+        )
+        self.decode = Histogram(
+            "infernode_decode_seconds_per_token",
+            "Decode time of a turn divided by the tokens it generated.",
+            buckets=PER_TOKEN_BUCKETS, registry=None,
+        )
+        self.restore = Histogram(
+            "infernode_bank_restore_seconds",
+            "Time to restore a banked KV snapshot into a slot (a durable read included).",
+            buckets=RESTORE_BUCKETS, registry=None,
+        )
+        self.queue = Histogram(
+            "infernode_queue_seconds",
+            "Time a turn waited between its prompt being recorded and the engine taking it.",
+            buckets=QUEUE_BUCKETS, registry=None,
+        )
 
     def record(self, session: str, usage: Usage, cache: CacheInfo, t: Timings, tier: str) -> None:
         """Account one finished turn."""
@@ -76,13 +90,13 @@ class EngineStats:
             kind = cache.miss_reason.split(" ")[0]
             self.misses[kind] = self.misses.get(kind, 0) + 1
         if cache.source == "bank":
-            self.restores += 1
-            self._restore.append(cache.restore_ms)
-        self._ttft.append(t.ttft_ms)
+            self.restore.observe(cache.restore_ms / 1000)
+        self.ttft.observe(t.ttft_ms / 1000)
+        self.queue.observe(t.queue_ms / 1000)
         if usage.completion_tokens:
-            self._decode_tok.append(t.decode_ms / usage.completion_tokens)
+            self.decode.observe(t.decode_ms / 1000 / usage.completion_tokens)
         if usage.new_prefill_tokens:
-            self._prefill_tok.append(t.prefill_ms / usage.new_prefill_tokens)
+            self.prefill.observe(t.prefill_ms / 1000 / usage.new_prefill_tokens)
 
     def forget(self, session: str) -> None:
         """A session was deleted."""
@@ -94,25 +108,19 @@ class EngineStats:
         """Prefix-cache hit tokens ÷ prompt (query) tokens, over every turn."""
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
-    def latency(self) -> dict[str, dict[str, float]]:
-        """Percentiles in milliseconds: TTFT, decode per token, restore, prefill per token."""
-        with self._lock:
-            windows = {
-                "ttft_ms": list(self._ttft),
-                "decode_ms_per_token": list(self._decode_tok),
-                "restore_ms": list(self._restore),
-                "prefill_ms_per_token": list(self._prefill_tok),
-            }
-        return {name: percentiles(values) for name, values in windows.items()}
+    def histograms(self) -> tuple[Histogram, ...]:
+        """The latency histograms, for the node's metrics collector."""
+        return (self.ttft, self.prefill, self.decode, self.restore, self.queue)
 
-    def counters(self) -> dict[str, float]:
-        """Flat counters for the metrics reply."""
+    def counters(self) -> dict[str, int]:
+        """Totals since start: turns, prompt and reused tokens, slot evictions."""
         with self._lock:
-            misses = dict(self.misses)
-        out = {
-            "turns": float(self.turns), "prompt_tokens": float(self.prompt_tokens),
-            "cached_tokens": float(self.cached_tokens), "prefix_hit_ratio": self.hit_ratio,
-            "restores": float(self.restores), "slot_evictions": float(self.slot_evictions),
-        }
-        out.update({f"miss_{k}": float(v) for k, v in misses.items()})
-        return out
+            return {
+                "turns": self.turns, "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens, "slot_evictions": self.slot_evictions,
+            }
+
+    def misses_by_reason(self) -> dict[str, int]:
+        """Turns that reused less than their whole prompt, by the first word of the reason."""
+        with self._lock:
+            return dict(self.misses)
