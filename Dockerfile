@@ -9,7 +9,7 @@ COPY actors ./actors
 COPY node ./node
 RUN pip install . && useradd --create-home --uid 1000 infernode && mkdir -p /data /models \
     && chown infernode /data
-USER infernode
+USER 1000
 VOLUME ["/data"]
 EXPOSE 9464
 ENTRYPOINT []

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import re
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -138,3 +142,33 @@ async def turn(
     for m in events.messages:
         out.setdefault(m.subject.rsplit(".", 1)[-1], []).append(json.loads(m.data))
     return out
+
+
+class LineReader:
+    """Reads a pipe on a thread so the test can wait for a line with a deadline."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:  # type: ignore[no-untyped-def]
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)  # the process closed its output: no line can match any more
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """The first line matching ``pattern``; fails at the deadline or when output ends."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self.lines.put(None)
+                break
+            self.seen.append(line)
+            if m := pattern.search(line):
+                return m
+        raise AssertionError(f"no line matching {pattern.pattern!r} in {timeout} s: {self.seen}")

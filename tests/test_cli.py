@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import LineReader
 
 READY = re.compile(r"infernode: ready on (nats://\S+)")
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "node.cli", *args]
-
-
-class LineReader:
-    """Reads a pipe on a thread so the test can wait for a line with a deadline."""
-
-    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:  # type: ignore[no-untyped-def]
-        for line in stream:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if m := pattern.search(line):
-                return m
-        raise AssertionError(f"no line matching {pattern.pattern!r} in {timeout} s: {self.seen}")
 
 
 @pytest.fixture

