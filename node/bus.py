@@ -14,13 +14,15 @@ import contextlib
 import ssl
 from typing import Any
 
-import structlog
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
 from node.config import NodeConfig
+from node.logging import library_logger
 
-log = structlog.get_logger("bus")
+# The client library runs inside agents' programs: it never prints, it logs (see
+# library_logger), so a host whose stdout carries a protocol keeps it clean.
+log = library_logger("bus")
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 

@@ -15,10 +15,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
+
+import structlog
 
 from node import cli_client
 from node.config import ConfigError, NodeConfig
 from node.logging import configure_logging
+
+log = structlog.get_logger("cli")
 
 # Flags of `up` and the NodeConfig field each one sets.
 UP_FLAGS: dict[str, str] = {
@@ -159,9 +164,30 @@ async def _mesh(client: cli_client.InfernodeClient, args: argparse.Namespace) ->
     return 0
 
 
-def load_progress(stream=sys.stderr) -> Callable[[float], None]:  # type: ignore[no-untyped-def]
-    """A progress bar on a terminal; a line per quarter otherwise."""
-    tty = stream.isatty()
+class Say:
+    """What `up` tells its user: plain lines on a terminal, structlog events in JSON mode.
+
+    In JSON mode every line on stdout and stderr is one JSON object, so a log shipper (or
+    compose's log driver) never meets a plain line.
+    """
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def __call__(
+        self, event: str, text: str, *, stream: TextIO | None = None, level: str = "info",
+        **fields: object,
+    ) -> None:
+        """Print ``text`` (to ``stream``, stderr by default), or log ``event`` with ``fields``."""
+        if self.as_json:
+            getattr(log, level)(event, **fields)
+        else:
+            print(text, file=stream or sys.stderr, flush=True)
+
+
+def load_progress(say: Say, stream: TextIO = sys.stderr) -> Callable[[float], None]:
+    """A progress bar on a terminal; a line (or a JSON event) per quarter otherwise."""
+    tty = stream.isatty() and not say.as_json
     shown = {"last": -1}
 
     def report(fraction: float) -> None:
@@ -173,7 +199,7 @@ def load_progress(stream=sys.stderr) -> Callable[[float], None]:  # type: ignore
                 print(f"\rinfernode: loading model [{bar}] {pct:3d}%", end=end, file=stream,
                       flush=True)
         elif pct // 25 != shown["last"] // 25 or shown["last"] < 0:
-            print(f"infernode: loading model {pct}%", file=stream, flush=True)
+            say("model_loading", f"infernode: loading model {pct}%", stream=stream, percent=pct)
         shown["last"] = pct
 
     return report
@@ -184,48 +210,64 @@ async def _up(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, field) for field in UP_FLAGS.values()}
     config = NodeConfig.from_env(os.environ, **overrides)
-    configure_logging(config.log_level, config.log_format)
+    say = Say(configure_logging(config.log_level, config.log_format))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node = Node(config, on_load_progress=load_progress())
-    print("infernode: starting (loading the model)...", file=sys.stderr, flush=True)
+    node = Node(config, on_load_progress=load_progress(say))
+    say("node_starting", "infernode: starting (loading the model)...")
     try:
         await node.start()
     except StartError as e:
-        print(f"infernode: cannot start: {e}", file=sys.stderr)
+        say("start_failed", f"infernode: cannot start: {e}", level="error", error=str(e))
         return 1
     try:
-        demo = "" if config.model else "  [demo model: random weights, wiring only]"
-        print(f"infernode: ready on {node.url}{demo}", flush=True)
-        hint = "" if config.nats_url else f" --nats-url {node.url}"
-        print(f'  try:  infernode prompt demo "Hello there"{hint}', flush=True)
-        if node.metrics_http is not None:
-            print(f"  metrics: http://{config.metrics_host}:{node.metrics_http.port}/metrics",
-                  flush=True)
+        _say_ready(say, node)
         if args.demo_agents:
-            await _demo_agents(node, args.demo_agents, stop)
+            await _demo_agents(node, args.demo_agents, stop, say)
         await stop.wait()
-        print("infernode: stopping...", file=sys.stderr, flush=True)
+        say("node_stopping", "infernode: stopping...")
     finally:
         await node.stop()
     return 0
 
 
-async def _demo_agents(node, agents: int, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
+    config = node.config
+    demo = "" if config.model else "  [demo model: random weights, wiring only]"
+    hint = "" if config.nats_url else f" --nats-url {node.url}"
+    try_command = f'infernode prompt demo "Hello there"{hint}'
+    metrics = None
+    if node.metrics_http is not None:
+        metrics = f"http://{config.metrics_host}:{node.metrics_http.port}/metrics"
+    if say.as_json:
+        log.info("up_ready", nats=node.url, demo_model=config.model is None,
+                 try_command=try_command, metrics=metrics)
+        return
+    print(f"infernode: ready on {node.url}{demo}", flush=True)
+    print(f"  try:  {try_command}", flush=True)
+    if metrics is not None:
+        print(f"  metrics: {metrics}", flush=True)
+
+
+async def _demo_agents(node, agents: int, stop: asyncio.Event, say: Say) -> None:  # type: ignore[no-untyped-def]
     from node.client import InfernodeClient
     from node.mesh import run_mesh
 
     async with InfernodeClient(node.url, prefix=node.config.prefix, config=node.config) as c:
-        mesh = asyncio.ensure_future(run_mesh(c, max(agents, 2), rounds=1))
+        def line(text: str) -> None:
+            say("demo_mesh", text, stream=sys.stdout, line=text)
+
+        mesh = asyncio.ensure_future(run_mesh(c, max(agents, 2), rounds=1, say=line))
         halt = asyncio.ensure_future(stop.wait())
         await asyncio.wait({mesh, halt}, return_when=asyncio.FIRST_COMPLETED)
         if not mesh.done():
             mesh.cancel()
         halt.cancel()
         if mesh.done() and not mesh.cancelled() and mesh.exception() is not None:
-            print(f"infernode: demo mesh failed: {mesh.exception()}", file=sys.stderr)
+            say("demo_mesh_failed", f"infernode: demo mesh failed: {mesh.exception()}",
+                level="error", error=str(mesh.exception()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

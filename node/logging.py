@@ -28,8 +28,11 @@ class _InfernodeHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the root handler we installed, so configuring again replaces it."""
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog and stdlib logging; calling it again reconfigures, never stacks."""
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> bool:
+    """Configure structlog and stdlib logging; calling it again reconfigures, never stacks.
+
+    Returns whether lines are JSON, so a command knows to say everything as events too.
+    """
     if level not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)} (got {level!r})")
     if fmt not in FORMATS:
@@ -44,11 +47,22 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     _configure_stdlib(LEVELS[level], out, shared, renderer)
+    return isinstance(renderer, structlog.processors.JSONRenderer)
 
 
 def get_logger(**bind: Any) -> Any:
     """A structlog logger with ``bind`` already bound (``actor=...``, ``session=...``)."""
     return structlog.get_logger(**bind)
+
+
+def library_logger(name: str) -> Any:
+    """A structlog logger over the stdlib logger ``infernode.<name>``, for client-side code.
+
+    A program that embeds the client decides where its lines go with ``logging`` (nothing
+    below WARNING shows without its configuration, and never on stdout); under
+    ``configure_logging`` the same lines are the node's own structured events.
+    """
+    return structlog.wrap_logger(logging.getLogger(f"infernode.{name}"))
 
 
 def _shared_processors() -> list[Processor]:

@@ -29,6 +29,15 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 _BINARY_NAME = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _TAIL_LINES = 50
 _GENERATED_CONFIG = "nats-server.conf"
+_LEVEL_RE = re.compile(r"\[(FTL|ERR|WRN|INF|DBG|TRC)\]")
+# nats-server's own levels; its info lines (banner, listening) are detail for the node.
+_LEVELS = {"FTL": "critical", "ERR": "error", "WRN": "warning"}
+
+
+def server_log_level(line: str) -> str:
+    """The structlog level of a nats-server log line: [ERR] is error, [WRN] warning, ..."""
+    match = _LEVEL_RE.search(line)
+    return _LEVELS.get(match.group(1), "debug") if match else "debug"
 
 
 class NatsServerError(RuntimeError):
@@ -273,8 +282,9 @@ class EmbeddedNats:
     async def _drain(self) -> None:
         # Keeps the pipe empty so the server never blocks writing its log.
         while (line := await self._readline()) is not None:
-            if "[ERR]" in line or "[FTL]" in line:
-                log.warning("nats_server_log", line=line)
+            level = server_log_level(line)
+            if level != "debug":
+                getattr(log, level)("nats_server_log", line=line)
         code = await self._wait_exit()
         if not self._stopping:
             log.error("nats_server_exited", returncode=code, output=self.output[-10:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,7 +14,8 @@ import pytest
 
 from tests.helpers import LineReader
 
-READY = re.compile(r"infernode: ready on (nats://\S+)")
+# Without a terminal `up` logs JSON: its ready line is the `up_ready` event.
+READY = re.compile(r'"event": "up_ready"')
 
 
 def _cli(*args: str) -> list[str]:
@@ -37,9 +39,9 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
     )
     try:
         out = LineReader(up.stdout)
-        url = out.wait_for(READY, timeout=90).group(1)
-        hint = out.wait_for(re.compile(r"infernode prompt "), timeout=5)
-        assert url in hint.string
+        ready = json.loads(out.wait_for(READY, timeout=90).string)
+        url = ready["nats"]
+        assert ready["try_command"].startswith("infernode prompt ") and url in ready["try_command"]
 
         # No --nats-url: the prompt command finds the node through the data dir it wrote.
         prompt = subprocess.run(
@@ -145,3 +147,58 @@ def test_prompt_without_a_node_on_a_running_nats_exits_3_without_a_traceback(
     done = asyncio.run(run())
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr and "no node at nats://" in done.stderr
+
+
+def test_up_in_json_mode_writes_only_json_objects_on_stdout_and_stderr(
+    env: dict[str, str]
+) -> None:
+    """Given `up --log-format json`, every line of both streams is one JSON object, progress too."""
+    up = subprocess.Popen(_cli("up", "--log-format", "json", "--demo-agents", "2"), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        err, out = LineReader(up.stderr), LineReader(up.stdout)
+        err.wait_for(READY, timeout=90)
+        err.wait_for(re.compile(r'"event": "demo_mesh"'), timeout=90)  # the mesh's lines
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        err.wait_for(re.compile(r'"event": "node_stopped"'), timeout=10)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=10)
+    events = [json.loads(line) for line in err.seen + out.seen]  # fails on any plain line
+    assert all(isinstance(e, dict) and "event" in e for e in events)
+    names = [e["event"] for e in events]
+    assert {"node_starting", "model_loading", "up_ready", "node_stopping"} <= set(names)
+    assert [e["percent"] for e in events if e["event"] == "model_loading"][-1] == 100
+
+
+async def test_client_library_never_prints_to_the_host_programs_stdout(
+    make_node, env: dict[str, str]
+) -> None:
+    """Given a program that embeds InfernodeClient without configuring logging, its stdout holds
+    only what it printed; with logging configured, the client's events reach that logging."""
+    program = (
+        "import asyncio, logging, sys\n"
+        "from node.client import InfernodeClient\n"
+        "if sys.argv[2] == 'debug':\n"
+        "    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)\n"
+        "async def main():\n"
+        "    async with InfernodeClient(sys.argv[1]) as c:\n"
+        "        print((await c.health()).status)\n"
+        "asyncio.run(main())\n"
+    )
+    import asyncio
+
+    node = await make_node()
+    quiet, debug = [
+        await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", program, node.url, mode], env=env,
+            capture_output=True, text=True, timeout=60,
+        )
+        for mode in ("quiet", "debug")
+    ]
+    assert quiet.returncode == 0 and debug.returncode == 0, quiet.stderr + debug.stderr
+    assert quiet.stdout == "ok\n" and debug.stdout == "ok\n"
+    assert quiet.stderr == ""
+    assert "nats_connected" in debug.stderr and "infernode.bus" in debug.stderr

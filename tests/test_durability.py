@@ -28,7 +28,8 @@ from tests.helpers import EventCollector
 
 GREEDY = SamplingParams(temperature=0.0)
 S = Subjects()
-READY = re.compile(r"infernode: ready on (nats://\S+)")
+# Without a terminal `up` logs JSON: its ready line is the `up_ready` event.
+READY = re.compile(r'"event": "up_ready"')
 
 
 def user(text: str) -> ChatMessage:

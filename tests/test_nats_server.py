@@ -182,3 +182,20 @@ async def test_bus_connect_to_a_stopped_server_raises_bus_error_with_a_fix(tmp_p
     message = str(info.value)
     assert f"cannot reach NATS at {url}" in message
     assert "infernode up" in message and "--nats-url" in message
+
+
+async def test_server_error_lines_are_logged_at_error_level(nats_server: EmbeddedNats):
+    """Given a client that sends a malformed CONNECT, the server's [ERR] line is logged as error."""
+    from tests.helpers import until
+
+    with capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", nats_server.port)
+        await reader.readline()  # INFO
+        writer.write(b"CONNECT {bad\r\n")
+        await writer.drain()
+        await reader.read()  # the server closes the connection after logging why
+        writer.close()
+        await until(lambda: any(e["event"] == "nats_server_log" for e in logs), 10,
+                    "the [ERR] line")
+    (line,) = [e for e in logs if e["event"] == "nats_server_log"]
+    assert line["log_level"] == "error" and "[ERR]" in line["line"]
