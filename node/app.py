@@ -29,7 +29,7 @@ from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
 from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
-from node.nats_server import EmbeddedNats, NatsServerError
+from node.nats_server import DEFAULT_PORT, EmbeddedNats, NatsServerError
 from node.wiring import build_actors, engine_actor, prepare_streams
 from schemas.subjects import Subjects
 
@@ -96,7 +96,10 @@ class Node:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         if cfg.nats_url is None:
-            self.nats = EmbeddedNats(cfg.data_dir / "nats", max_payload=cfg.max_payload)
+            self.nats = EmbeddedNats(
+                cfg.data_dir / "nats", port=DEFAULT_PORT, any_port_if_taken=True,
+                max_payload=cfg.max_payload,
+            )
             await self.nats.start()
             self.url = self.nats.url
             (cfg.data_dir / "nats.url").write_text(self.url + "\n")

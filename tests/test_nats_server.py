@@ -199,3 +199,23 @@ async def test_server_error_lines_are_logged_at_error_level(nats_server: Embedde
                     "the [ERR] line")
     (line,) = [e for e in logs if e["event"] == "nats_server_log"]
     assert line["log_level"] == "error" and "[ERR]" in line["line"]
+
+
+async def test_a_port_in_use_makes_the_server_pick_another_and_say_so(tmp_path: Path):
+    """Given the wanted port held by another listener, the server takes a free one and logs why;
+    without the fallback the start fails with the server's own reason."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        wanted = holder.getsockname()[1]
+        with pytest.raises(NatsServerError, match="exited"):
+            await EmbeddedNats(tmp_path / "strict", port=wanted).start()
+        with capture_logs() as logs:
+            async with EmbeddedNats(tmp_path / "any", port=wanted, any_port_if_taken=True) as s:
+                assert s.port not in (None, wanted) and s.port_taken == wanted
+                client = await nats.connect(s.url)
+                await client.close()
+    (said,) = [e for e in logs if e["event"] == "nats_port_taken"]
+    assert said["log_level"] == "warning" and said["url"] == s.url and str(wanted) in said["hint"]
