@@ -52,6 +52,8 @@ UP_FLAGS: dict[str, str] = {
     "--tombstones": "tombstones",
     "--intake-max-prompts": "intake_max_prompts",
     "--intake-max-bytes": "intake_max_bytes",
+    "--records-max-age": "records_max_age",
+    "--records-max-bytes": "records_max_bytes",
     "--heartbeat-s": "heartbeat_s",
     "--log-level": "log_level",
     "--log-format": "log_format",
@@ -92,6 +94,10 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--intake-max-prompts", type=int,
                    help="prompts the intake stream holds before publishes are refused")
     p.add_argument("--intake-max-bytes", type=int, help="bytes the intake stream holds")
+    p.add_argument("--records-max-age", type=float,
+                   help="seconds records are kept in the record stream (0 = for ever)")
+    p.add_argument("--records-max-bytes", type=int,
+                   help="bytes the record stream holds, oldest dropped first (0 = unlimited)")
     p.add_argument("--heartbeat-s", type=float, help="seconds between stats log lines")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")

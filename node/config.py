@@ -87,6 +87,10 @@ class NodeConfig:
     """Prompts the intake stream holds before publishes are refused (never dropped)."""
     intake_max_bytes: int = 1 << 30
     """Bytes the intake stream holds before publishes are refused."""
+    records_max_age: float = 0.0
+    """Seconds a record stays in the record stream; 0 keeps records for ever."""
+    records_max_bytes: int = 0
+    """Bytes the record stream holds, the oldest records dropped first; 0 is unlimited."""
     max_pending_per_session: int = 64
     """Prompts a session may have waiting before new ones get busy (429)."""
     max_sessions: int = 4096
@@ -313,6 +317,7 @@ def _check_counts(c: NodeConfig) -> None:
         ("max_pending_per_session", "--max-pending"): 1,
         ("max_sessions", "--max-sessions"): 1,
         ("tombstones", "--tombstones"): 0,
+        ("records_max_bytes", "--records-max-bytes"): 0,
     }
     for (name, flag), least in minimums.items():
         value = getattr(c, name)
@@ -334,6 +339,11 @@ def _check_durations(c: NodeConfig) -> None:
                 f"{name} must be more than 0 seconds (got {getattr(c, name)}); "
                 f"set INFERNODE_{name.upper()} to a positive number"
             )
+    if not c.records_max_age >= 0:
+        _fail(
+            f"records_max_age must be 0 (keep for ever) or more seconds "
+            f"(got {c.records_max_age}); pass --records-max-age 0"
+        )
     if not c.heartbeat_s >= 0:
         _fail(
             f"heartbeat_s must be 0 (off) or more seconds (got {c.heartbeat_s}); "

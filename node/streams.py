@@ -31,11 +31,15 @@ async def ensure_streams(
     max_msg_bytes: int,
     intake_max_prompts: int = INTAKE_MAX_PROMPTS,
     intake_max_bytes: int = INTAKE_MAX_BYTES,
+    records_max_age: float = 0.0,
+    records_max_bytes: int = 0,
 ) -> None:
     """Create (or update) the intake and record streams and admission's consumer.
 
     The intake is bounded: when admission falls that far behind, JetStream refuses the
-    publish (the agent sees the error and may retry) instead of growing without end.
+    publish (the agent sees the error and may retry) instead of growing without end. The
+    record log keeps everything unless the operator sets an age or size (0 = no limit);
+    past a limit JetStream drops the oldest records.
     """
     intake = StreamConfig(
         name=subjects.prompt_stream,
@@ -55,6 +59,9 @@ async def ensure_streams(
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_S,
         max_msg_size=max_msg_bytes,
+        max_age=records_max_age,
+        max_bytes=records_max_bytes or -1,
+        discard=DiscardPolicy.OLD,
     )
     for config in (intake, records):
         try:

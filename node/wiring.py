@@ -38,10 +38,11 @@ def host_settings(config: NodeConfig) -> HostSettings:
 
 
 async def prepare_streams(nc: Client, subjects: Subjects, config: NodeConfig) -> None:
-    """The intake and record streams, with the configured bounds."""
+    """The intake and record streams, with the configured bounds and retention."""
     await ensure_streams(
         nc.jetstream(), subjects, config.max_payload,
         config.intake_max_prompts, config.intake_max_bytes,
+        config.records_max_age, config.records_max_bytes,
     )
 
 

@@ -5,6 +5,7 @@ Nothing outside this module spells a subject string; a test enforces it.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -224,6 +225,17 @@ class Subjects:
     def bank_bucket(self) -> str:
         """Object store bucket of the bank's durable tier."""
         return f"{self._stream_base}_BANK"
+
+    @property
+    def bank_object_stream(self) -> str:
+        """The JetStream stream behind the bank's object store (``OBJ_<bucket>``)."""
+        return f"OBJ_{self.bank_bucket}"
+
+    def bank_object_meta(self, name: str) -> str:
+        """The object store's metadata subject of object ``name`` (JetStream's object store
+        layout: ``$O.<bucket>.M.<url-safe base64 of the name>``)."""
+        encoded = base64.urlsafe_b64encode(name.encode()).decode()
+        return f"$O.{self.bank_bucket}.M.{encoded}"
 
     @property
     def admission_consumer(self) -> str:

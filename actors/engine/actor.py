@@ -88,8 +88,11 @@ class EngineActor(Actor):
         if self.bank_dir is not None:
             backends.append(DirectoryBackend(self.bank_dir))
         if self.bank_object_store:
-            store = await open_object_store(self.nc.jetstream(), self.subjects.bank_bucket)
-            backends.append(ObjectStoreBackend(store, asyncio.get_running_loop()))
+            js = self.nc.jetstream()
+            store = await open_object_store(js, self.subjects.bank_bucket)
+            backends.append(
+                ObjectStoreBackend(store, asyncio.get_running_loop(), js, self.subjects)
+            )
         tier = DurableTier(backends)
         try:
             await asyncio.to_thread(tier.open)

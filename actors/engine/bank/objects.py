@@ -22,6 +22,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundErr
 from nats.js.object_store import ObjectStore
 
 from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json
+from schemas.subjects import Subjects
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 120.0
@@ -45,9 +46,14 @@ class ObjectStoreBackend:
     name = "object_store"
     local = False
 
-    def __init__(self, store: ObjectStore, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, store: ObjectStore, loop: asyncio.AbstractEventLoop, js: JetStreamContext,
+        subjects: Subjects,
+    ) -> None:
         self.store = store
         self.loop = loop
+        self.js = js
+        self.subjects = subjects
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
@@ -84,10 +90,17 @@ class ObjectStoreBackend:
         return data
 
     def delete(self, meta: SnapshotMeta) -> None:
-        """Metadata first (the snapshot disappears from a rebuilt index), then the bytes."""
+        """Metadata first (the snapshot disappears from a rebuilt index), then the bytes.
+
+        The store marks a deleted object with a message naming it (and so its session);
+        that marker is purged too, so a deleted snapshot leaves nothing in the stream.
+        """
         for name in reversed(self._names(meta)):
             with contextlib.suppress(ObjectNotFoundError, NotFoundError):
                 self._call(self.store.delete(name))
+            self._call(self.js.purge_stream(
+                self.subjects.bank_object_stream, subject=self.subjects.bank_object_meta(name)
+            ))
 
     def scan(self) -> list[SnapshotMeta]:
         """Metadata of every live snapshot in the bucket."""
