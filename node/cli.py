@@ -262,7 +262,9 @@ def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
         print(f"  metrics: {metrics}", flush=True)
 
 
-async def _demo_agents(node, agents: int, stop: asyncio.Event, say: Say) -> None:  # type: ignore[no-untyped-def]
+async def _demo_agents(  # type: ignore[no-untyped-def]
+    node, agents: int, stop: asyncio.Event, say: Say
+) -> None:
     from node.client import InfernodeClient
     from node.mesh import run_mesh
 

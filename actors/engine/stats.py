@@ -103,11 +103,6 @@ class EngineStats:
         with self._lock:
             self.last.pop(session, None)
 
-    @property
-    def hit_ratio(self) -> float:
-        """Prefix-cache hit tokens ÷ prompt (query) tokens, over every turn."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
     def histograms(self) -> tuple[Histogram, ...]:
         """The latency histograms, for the node's metrics collector."""
         return (self.ttft, self.prefill, self.decode, self.restore, self.queue)
