@@ -112,8 +112,8 @@ async def connect(
 ) -> Client:
     """A connected client named ``name`` to ``url`` (or ``config.nats_url``), or BusError.
 
-    ``fail_fast`` ends the first connect at the first refused or unreachable address, for
-    one-shot commands; the node itself keeps trying until ``timeout``.
+    ``fail_fast`` ends the first connect once every address refused it or was unreachable,
+    for one-shot commands; the node itself keeps trying until ``timeout``.
     """
     options = config.nats_connect_options(url, name)
     shown = ",".join(options["servers"])

@@ -104,6 +104,21 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def own_logging():  # type: ignore[no-untyped-def]
+    """Put back the logging configuration an in-process command replaces (it is global)."""
+    import logging
+
+    import structlog
+
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 async def _health_exit(url: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     import asyncio
 
@@ -118,7 +133,9 @@ async def _health_exit(url: str, capsys: pytest.CaptureFixture[str]) -> tuple[in
     return code, capsys.readouterr().err
 
 
-async def test_client_command_reports_no_node_within_a_second_when_nothing_listens(capsys):
+async def test_client_command_reports_no_node_within_a_second_when_nothing_listens(
+    capsys, own_logging
+):
     """Given a URL where nothing listens, `health` says "no node at URL" and exits 3 within 1 s."""
     url = f"nats://127.0.0.1:{_closed_port()}"
     code, err = await _health_exit(url, capsys)
@@ -126,7 +143,9 @@ async def test_client_command_reports_no_node_within_a_second_when_nothing_liste
     assert f"no node at {url}" in err and "not reachable" in err
 
 
-async def test_client_command_reports_no_node_when_nats_runs_without_a_node(nats_server, capsys):
+async def test_client_command_reports_no_node_when_nats_runs_without_a_node(
+    nats_server, capsys, own_logging
+):
     """Given a NATS server with no infernode on it, `health` says "no node at URL" and exits 3."""
     code, err = await _health_exit(nats_server.url, capsys)
     assert code == 3
