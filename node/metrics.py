@@ -11,13 +11,14 @@ numbers are left to PromQL.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from actors.admission import Admission
+from actors.base import Actor
 from actors.bank_committer import BankCommitter
 from actors.session.host import RunnerHost
 from schemas.admin import MetricFamily, MetricSample, MetricsReply
@@ -25,7 +26,6 @@ from schemas.admin import MetricFamily, MetricSample, MetricsReply
 if TYPE_CHECKING:
     from actors.engine.bank.store import BankStore
     from actors.engine.engine import SlotEngine
-    from node.app import Node
 
 NS = "infernode_"
 
@@ -44,10 +44,17 @@ def gauge(
     return GaugeMetricFamily(NS + name, text, value=value, labels=list(labels) or None)
 
 
+class MetricSource(Protocol):
+    """What the collector reads: the node's actors and its engine (the node itself)."""
+
+    actors: list[Actor]
+    engine: SlotEngine | None
+
+
 class NodeMetrics(Collector):
     """Collects the node's families from its actors and engine on every scrape."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: MetricSource) -> None:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
