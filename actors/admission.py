@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from actors.base import (
@@ -61,15 +62,38 @@ class Admission(Actor):
         self.admitted = 0
         self.rejected = 0
         self.deferred = 0
+        self._deferred_now: set[int] = set()
+        """Ids of the prompts of the batch in hand that were deferred."""
 
     async def start(self) -> None:
-        """Bind the durable pull consumer and start pulling."""
+        """Take over the durable pull consumer and start pulling."""
+        await self._take_over()
         self._sub = await self.js.pull_subscribe(
             self.subjects.prompt_all(),
             durable=self.subjects.admission_consumer,
             stream=self.subjects.prompt_stream,
         )
         self._loop_task = asyncio.get_running_loop().create_task(self._pull(), name="admission")
+
+    async def _take_over(self) -> None:
+        """Offer again, at once and in stream order, what a killed predecessor had pulled.
+
+        Prompts delivered to a node that died before acking them would otherwise come back
+        only after the consumer's ack wait, behind prompts published after them. Nothing
+        is lost by recreating the consumer: a work-queue stream keeps every unacked prompt,
+        the new consumer starts from the first, and the runners recognise what they had
+        already recorded by its intake sequence. (One node's admission owns the consumer.)
+        """
+        stream, durable = self.subjects.prompt_stream, self.subjects.admission_consumer
+        try:
+            info = await self.js.consumer_info(stream, durable)
+        except NotFoundError:  # pull_subscribe creates it
+            return
+        if info.num_ack_pending == 0:
+            return
+        self.log.info("intake_taken_over", unacked=info.num_ack_pending)
+        await self.js.delete_consumer(stream, durable)
+        await self.js.add_consumer(stream, info.config)
 
     async def stop(self) -> None:
         """Finish the prompt in hand, then stop pulling (the rest stays in the stream)."""
@@ -102,11 +126,17 @@ class Admission(Actor):
         by_session: dict[str, list[Msg]] = {}
         for msg in msgs:
             by_session.setdefault(msg.subject, []).append(msg)
+        self._deferred_now.clear()
         await asyncio.gather(*(self._admit_in_order(group) for group in by_session.values()))
 
     async def _admit_in_order(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
+        for i, msg in enumerate(msgs):
             await self._boundary(self.on_prompt, msg)
+            if id(msg) in self._deferred_now:  # the session's later prompts wait behind this one
+                for later in msgs[i + 1:]:
+                    session = self.subjects.session_of_prompt(msg.subject)
+                    await self._defer(later, session, "an earlier prompt was deferred")
+                return
 
     async def on_prompt(self, msg: Msg) -> None:
         """Validate one prompt and have its runner record it."""
@@ -152,10 +182,11 @@ class Admission(Actor):
             return await self._defer(msg, token, e)
         await self._settle(msg, rejected=False)
 
-    async def _defer(self, msg: Msg, session: str, error: Exception) -> None:
+    async def _defer(self, msg: Msg, session: str, error: Exception | str) -> None:
         """Not recorded, but not refused either: the stream offers it again shortly."""
         self.log.warning("admit_deferred", session=session, error=repr(error))
         self.deferred += 1
+        self._deferred_now.add(id(msg))
         try:
             await msg.nak(delay=RETRY_S)
         except Exception as e:  # NATS is away: the ack deadline redelivers it anyway

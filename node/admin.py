@@ -157,6 +157,7 @@ def _describe(r: Record) -> HistoryItemInfo:
         content=message.content if message else None, turn_id=getattr(r, "turn_id", None),
         generation=getattr(r, "generation", None), supersedes=getattr(r, "supersedes", None),
         reason=getattr(r, "reason", None), status=status,
+        parent_ids=getattr(r, "parent_ids", ()),
     )
 
 

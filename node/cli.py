@@ -48,6 +48,8 @@ UP_FLAGS: dict[str, str] = {
     "--metrics-port": "metrics_port",
     "--metrics-host": "metrics_host",
     "--max-pending": "max_pending_per_session",
+    "--max-pending-bytes": "max_pending_bytes",
+    "--max-session-bytes": "max_session_bytes",
     "--max-sessions": "max_sessions",
     "--tombstones": "tombstones",
     "--intake-max-prompts": "intake_max_prompts",
@@ -89,6 +91,10 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--batch", type=int, dest="n_batch", help="prompt tokens per evaluation")
     p.add_argument("--max-pending", type=int, dest="max_pending_per_session",
                    help="prompts a session may have waiting before busy (429)")
+    p.add_argument("--max-pending-bytes", type=int,
+                   help="bytes a session may have waiting before busy (429)")
+    p.add_argument("--max-session-bytes", type=int,
+                   help="bytes a session may record before too_large (413)")
     p.add_argument("--max-sessions", type=int, help="sessions held before busy (429)")
     p.add_argument("--tombstones", type=int, help="deleted session ids remembered (410)")
     p.add_argument("--intake-max-prompts", type=int,

@@ -44,6 +44,7 @@ from schemas.messages import (
     StartedEvent,
     TokenEvent,
 )
+from schemas.records import RERUN_REASONS
 from schemas.subjects import ERROR_HEADER, MSG_ID_HEADER, AdminVerb, Subjects, is_session_id
 
 M = TypeVar("M", bound=BaseModel)
@@ -157,8 +158,10 @@ class InfernodeClient:
         """Send a prompt and yield the tokens of the turn that answers it.
 
         ``tools``, ``tool_choice`` and ``response_format`` take OpenAI's shapes. Raises
-        ``InferError`` on an error event and ``TurnAborted`` if the turn is aborted. Pass
-        ``result`` to receive the done and commit events.
+        ``InferError`` on an error event and ``TurnAborted`` if the turn is aborted. A turn
+        the node cut and runs again by itself (``RERUN_REASONS``: the bus lost its result,
+        the node stopped) is followed: its tokens so far are yielded, then the rerun's.
+        Pass ``result`` to receive the done and commit events.
         """
         prompt = PromptRequest(
             messages=_messages(text), sampling=sampling or SamplingParams(),
@@ -321,4 +324,7 @@ async def _follow(
         elif isinstance(event, CommitEvent) and event.turn_id == out.turn_id:
             out.commit = event
         elif isinstance(event, AbortedEvent) and event.turn_id == out.turn_id:
-            raise TurnAborted(event)
+            if event.reason not in RERUN_REASONS:
+                raise TurnAborted(event)
+            # The node runs the turn again by itself; its ``started`` names the same parents.
+            out.turn_id, out.text, out.tokens = None, "", []

@@ -93,6 +93,10 @@ class NodeConfig:
     """Bytes the record stream holds, the oldest records dropped first; 0 is unlimited."""
     max_pending_per_session: int = 64
     """Prompts a session may have waiting before new ones get busy (429)."""
+    max_pending_bytes: int = 16 * MIB
+    """Bytes of messages a session may have waiting before new ones get busy (429)."""
+    max_session_bytes: int = 64 * MIB
+    """Bytes of messages a session may record in all before new ones get too_large (413)."""
     max_sessions: int = 4096
     """Sessions the node keeps runners for."""
     tombstones: int = 1024
@@ -315,6 +319,8 @@ def _check_counts(c: NodeConfig) -> None:
         ("bank_ram_bytes", "--bank-ram-bytes"): 0,
         ("bank_session_bytes", "--bank-session-bytes"): 0,
         ("max_pending_per_session", "--max-pending"): 1,
+        ("max_pending_bytes", "--max-pending-bytes"): KIB,
+        ("max_session_bytes", "--max-session-bytes"): KIB,
         ("max_sessions", "--max-sessions"): 1,
         ("tombstones", "--tombstones"): 0,
         ("records_max_bytes", "--records-max-bytes"): 0,

@@ -14,6 +14,12 @@ from schemas.chat import ChatMessage, Frozen, OverflowPolicy, SamplingParams
 from schemas.tools import ResponseFormat, Tool, ToolChoice
 
 
+RERUN_REASONS = frozenset({"shutdown", "node_restart", "unavailable"})
+"""Abort reasons after which the node runs the turn again by itself: the node stopped or
+restarted, or the bus lost the engine's result. An agent waiting for its answer keeps
+waiting (the ``aborted`` event of such a turn is followed by a new ``started``)."""
+
+
 class TurnParams(Frozen):
     """How a prompt asked to be answered; kept so a restarted node answers it alike."""
 

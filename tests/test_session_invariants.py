@@ -34,7 +34,7 @@ from schemas.records import (
     UserRecord,
 )
 from schemas.subjects import ABORTED_HEADER, MSG_ID_HEADER, Subjects
-from tests.fake_engine import FakeNode
+from tests.fake_engine import FakeEngine, FakeNode
 from tests.helpers import EventCollector
 
 S = Subjects()
@@ -492,7 +492,8 @@ async def test_status_idle_restored_on_every_failure_path(node: FakeNode, nc: Cl
     Given a turn that fails in the engine, overflows the context, is aborted, is cut by a
     node shutdown, or finds no engine, then a typed error or abort is published and the
     session's last status is idle; a shutdown-cut turn is answered after the restart, its
-    commit superseding the shutdown's provisional.
+    commit superseding the shutdown's provisional; a turn that found no engine is run again
+    by the node, with no retry prompt, once an engine answers.
     """
     async def ends_idle(watch: Session) -> dict[str, Any]:
         status = await watch.idle()
@@ -542,9 +543,15 @@ async def test_status_idle_restored_on_every_failure_path(node: FakeNode, nc: Cl
         await again.fake.stop()  # no engine answers now
         lost = await Session.watch(nc, "lost")
         await send(nc, "lost", "anyone?")
-        await lost.until(lambda s: bool(s.of("error")))
-        assert lost.of("error")[0]["code"] == "unavailable"
-        await ends_idle(lost)
+        await lost.until(lambda s: bool(s.of("aborted")))
+        assert lost.of("aborted")[0]["reason"] == "unavailable" and lost.of("error") == []
+        assert (await ends_idle(lost))["pending"] == 1  # kept, and run again by itself
+        back = FakeEngine(await again._connect("engine-back"), again.subjects)
+        await back.start()
+        try:
+            assert (await lost.commits(1, timeout=40))[0]["generation"] == 1
+        finally:
+            await back.stop()
 
 
 # -- 8. delete ----------------------------------------------------------------------------
@@ -685,20 +692,27 @@ async def test_abort_and_retry_on_the_real_engine(make_node, nc: Client):
     assert kinds == [("provisional", "ABORTED"), ("assistant", "committed")]
 
 
-async def test_status_idle_restored_when_the_engines_result_is_lost(nats_server, nc: Client):
+async def test_a_turn_whose_result_the_bus_lost_is_rerun_without_a_retry_prompt(
+    nats_server, nc: Client
+):
     """Given an engine whose result never arrives (lost in a reconnect), when the runner asks
-    whether the turn still runs and hears no, then the turn fails 503 within a probe, the
-    session goes idle with its prompt kept, and an empty prompt retries it to a commit."""
+    whether the turn still runs and hears no, then the cut turn is recorded as aborted
+    (reason ``unavailable``, no error event), the session goes idle with its prompt kept,
+    and the node runs it again by itself: one commit answers it, superseding the cut turn."""
     from tests.fake_engine import Script
 
     async with FakeNode(nats_server.url, heartbeat_s=0, turn_probe_s=0.2) as node:
         lost = await Session.watch(nc, "lost")
         node.fake.script("lost", Script(tokens=("gone",), lose_reply=True))
-        await send(nc, "lost", "hello?")
-        await lost.until(lambda s: bool(s.of("error")) and bool(s.of("aborted")))
-        error = lost.of("error")[0]
-        assert error["code"] == "unavailable" and error["status"] == 503
-        assert (await lost.idle())["pending"] == 1
-        await retry(nc, "lost")
-        commit = (await lost.commits(1))[0]
-        assert commit["generation"] == 1
+        asked = (await lost.accepted(await send(nc, "lost", "hello?")))["message_ids"]
+        commit = (await lost.commits(1, timeout=20))[0]
+        assert commit["parent_ids"] == asked and commit["generation"] == 1
+        aborted = lost.of("aborted")
+        assert [a["reason"] for a in aborted] == ["unavailable"] and lost.of("error") == []
+        assert commit["supersedes"] == aborted[0]["provisional_id"]
+        kinds = lost.kinds()
+        between = kinds[kinds.index("aborted"):len(kinds) - kinds[::-1].index("started")]
+        statuses = [e for e in lost.of("status") if e["state"] == "idle"]
+        assert "status" in between and statuses[0]["pending"] == 1
+        assert len(node.fake.requests) == 2
+        assert (await lost.idle())["pending"] == 0

@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors.base import Actor
+from actors.session.admit import SessionLimits
 from actors.session.io import BusIO
 from actors.session.records import close_interrupted, rebuild
 from actors.session.runner import SessionRunner
@@ -50,6 +51,10 @@ class HostSettings:
 
     max_pending: int
     """Messages one session may have waiting for a turn."""
+    max_pending_bytes: int
+    """Bytes of messages one session may have waiting for a turn."""
+    max_session_bytes: int
+    """Bytes of messages one session may record in all."""
     max_sessions: int
     """Sessions held at once."""
     tombstones: int
@@ -73,6 +78,9 @@ class RunnerHost(Actor):
         super().__init__(nc, subjects)
         self.settings = settings
         self.io = BusIO(nc, subjects, settings.turn_timeout_s, settings.turn_probe_s)
+        self.limits = SessionLimits(
+            settings.max_pending, settings.max_pending_bytes, settings.max_session_bytes
+        )
         self.runners: dict[str, SessionRunner] = {}
         self.tombstones = Tombstones(settings.tombstones)
         self._stopping = asyncio.Event()
@@ -184,7 +192,7 @@ class RunnerHost(Actor):
         return runner
 
     def _runner(self, state: SessionState) -> SessionRunner:
-        runner = SessionRunner(self.io, state, self.settings.max_pending, self.inflight)
+        runner = SessionRunner(self.io, state, self.limits, self.inflight)
         self.runners[state.session] = runner
         return runner
 

@@ -14,6 +14,7 @@ from typing import Protocol
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
@@ -42,6 +43,20 @@ PROBE_TIMEOUT_S = 5.0
 """Longest wait for the engine's answer to a turn-status probe."""
 FORGET_TIMEOUT_S = 5.0
 """Longest wait for the engine to drop a deleted session's state."""
+
+
+def too_large_for_the_bus(size: int, max_payload: int) -> InferError:
+    """The error of a turn whose conversation does not fit in one NATS message.
+
+    Never ``unavailable``: no retry can make it fit, so a client must not retry it.
+    """
+    return InferError(
+        ErrorCode.TOO_LARGE,
+        f"this turn's conversation is {size} bytes, more than the {max_payload} bytes one "
+        "NATS message carries (the server's max_payload); continue in a new session, "
+        "delete this one, or raise the server's max_payload",
+        {"bytes": size, "max_payload": max_payload},
+    )
 
 
 class RunnerIO(Protocol):
@@ -107,14 +122,19 @@ class BusIO:
         whether the turn still runs; when it does not and no result came, the turn fails
         as unavailable (its prompts stay recorded) instead of hanging.
         """
+        data = encode(req)
+        if len(data) > self.nc.max_payload:
+            raise too_large_for_the_bus(len(data), self.nc.max_payload)
         request = asyncio.ensure_future(self.nc.request(
-            self.subjects.engine_generate(), encode(req), timeout=self.turn_timeout_s
+            self.subjects.engine_generate(), data, timeout=self.turn_timeout_s
         ))
         try:
             await self._await_result(req, request)
             reply = request.result()
         except (InferError, asyncio.CancelledError):
             raise
+        except MaxPayloadError as e:  # the server's limit is lower than the one it announced
+            raise too_large_for_the_bus(len(data), self.nc.max_payload) from e
         except Exception as e:
             raise InferError(ErrorCode.UNAVAILABLE, f"no engine answered: {e!r}") from e
         finally:
@@ -137,7 +157,7 @@ class BusIO:
             raise InferError(
                 ErrorCode.UNAVAILABLE,
                 "the engine finished this turn but its result was lost (NATS reconnected "
-                "meanwhile); the prompt is kept: send an empty prompt to retry it",
+                "meanwhile); the prompt is kept and the turn runs again",
             )
 
     async def _engine_runs(self, req: GenerateRequest) -> bool:

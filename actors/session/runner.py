@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from actors.session.admit import SessionLimits, refusal
 from actors.session.io import RunnerIO
 from actors.session.mailbox import (
     Abort,
@@ -29,7 +30,7 @@ from actors.session.mailbox import (
     wait_set,
 )
 from actors.session.records import new_id
-from actors.session.state import SessionState, parents_of, supersedes_of
+from actors.session.state import RETRIED_REASONS, SessionState, parents_of, supersedes_of
 from actors.session.tools import tool_refusal
 from actors.session.turn import (
     Turn,
@@ -50,7 +51,9 @@ from schemas.subjects import EventKind
 log = structlog.get_logger("session_runner")
 
 RETRY_AFTER_S = 1.0
-"""How soon a runner tries again to start a turn whose start could not be recorded."""
+"""How soon a runner tries again to record a turn's start or end the log did not take."""
+MAX_RERUN_WAIT_S = 30.0
+"""Longest back-off before rerunning a turn the bus failed again and again."""
 
 __all__ = ["SessionRunner"]
 
@@ -59,12 +62,13 @@ class SessionRunner:
     """The actor of one session."""
 
     def __init__(
-        self, io: RunnerIO, state: SessionState, max_pending: int, inflight: Callable[[], int]
+        self, io: RunnerIO, state: SessionState, limits: SessionLimits,
+        inflight: Callable[[], int],
     ) -> None:
         self.io = io
         self.state = state
-        self.max_pending = max_pending
-        """Most messages that may wait for a turn."""
+        self.limits = limits
+        """What the session may hold and have waiting."""
         self.inflight = inflight
         """Turns running on the node now (for the log lines)."""
         self.session = state.session
@@ -80,6 +84,11 @@ class SessionRunner:
         self._closed_error = InferError(ErrorCode.UNAVAILABLE, "the node is stopping")
         self._turn_task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._reruns = 0
+        """Turns in a row the bus failed (the back-off before the next rerun grows)."""
+        self._rerun_at = 0.0
+        """``time.monotonic()`` before which no rerun starts."""
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"runner:{self.session}"
         )
@@ -184,28 +193,8 @@ class SessionRunner:
             await self._after_turn()
 
     def _refusal(self, req: AdmitRequest) -> InferError | None:
-        st, prompt = self.state, req.prompt
-        if prompt.expect_generation is not None and prompt.expect_generation != st.generation:
-            return InferError(
-                ErrorCode.CONFLICT,
-                f"session {self.session} is at generation {st.generation}, not "
-                f"{prompt.expect_generation}; nothing was recorded",
-                {"generation": st.generation, "expected": prompt.expect_generation},
-            )
-        if len(st.pending) + len(prompt.messages) > self.max_pending:
-            return InferError(
-                ErrorCode.BUSY,
-                f"session {self.session} already has {len(st.pending)} messages waiting; "
-                "retry after its current turn",
-                {"pending": len(st.pending)},
-            )
-        if not prompt.messages and not (prompt.reply and st.has_deferred()):
-            return InferError(
-                ErrorCode.BAD_REQUEST,
-                "the prompt has no messages and no aborted turn waits for a retry; send at "
-                "least one message",
-            )
-        return tool_refusal(st, prompt)
+        refused = refusal(self.state, req.prompt, self.turn is not None, self.limits)
+        return refused or tool_refusal(self.state, req.prompt)
 
     async def _record_messages(self, req: AdmitRequest, ids: list[str]) -> None:
         prompt = req.prompt
@@ -246,8 +235,13 @@ class SessionRunner:
             await self._finish_delete()
             if self.closed:
                 return
-        if not self.stopping and self.state.wants_turn() and await self._start_turn():
-            return
+        if not self.stopping and self.state.wants_turn():
+            wait = self._rerun_at - time.monotonic()
+            if wait > 0:  # a turn the bus failed: its rerun waits out the back-off
+                if self._retry is None:
+                    self._retry = asyncio.get_running_loop().call_later(wait, self.resume)
+            elif await self._start_turn():
+                return
         if not self.stopping:
             self.state.fold_unanswered_appends()
         await self._status("idle")
@@ -310,33 +304,56 @@ class SessionRunner:
         """Commit, or record the honest provisional of an aborted or failed turn."""
         outcome = "failed"
         try:
-            if r.error is not None:
-                await record_failure(self.io, self.state, turn, r)
-            elif r.finish_reason == "aborted" or turn.abort_waiters:
-                # An agent that asked for an abort gets one, even when the engine finished
-                # the turn before the cancel reached it: nothing it refused is committed.
-                await record_abort(self.io, self.state, turn, r.raw_text, turn.abort_reason)
-                outcome = "aborted"
-            else:
-                await record_commit(self.io, self.state, turn, r)
-                outcome = "committed"
+            outcome = await self._record_end(turn, r)
         except Exception as e:
             self.log.exception("turn_end_not_recorded", turn=turn.id, error=repr(e))
+            if not turn.recorded and not (self.stopping or self.closed):
+                # The turn stays the running one and its end is recorded once the log is
+                # back: a second turn start over the same input would not replay.
+                self._later(RETRY_AFTER_S, lambda: self.mailbox.put_nowait(TurnDone(turn, r)))
+                return
             if not turn.recorded:  # its input waits again, as if the turn never ran
                 self.state.put_back(turn.taken)
-        finally:
-            self.turn = None
-            self._turn_task = None
-            stopped = outcome != "committed"
-            for fut in turn.abort_waiters:
-                if not fut.done():
-                    fut.set_result(AbortReply(
-                        session=self.session, aborted=stopped, turn_id=turn.id
-                    ))
-            self.log.info("chat_done", **chat_done_fields(
-                turn, r, outcome, self.state.generation, self.inflight()
-            ))
+        self.turn = None
+        self._turn_task = None
+        stopped = outcome != "committed"
+        for fut in turn.abort_waiters:
+            if not fut.done():
+                fut.set_result(AbortReply(session=self.session, aborted=stopped, turn_id=turn.id))
+        self.log.info("chat_done", **chat_done_fields(
+            turn, r, outcome, self.state.generation, self.inflight()
+        ))
         await self._after_turn()
+
+    async def _record_end(self, turn: Turn, r: GenerateResult) -> str:
+        """Record how the turn ended; its outcome for the ``chat_done`` line."""
+        lost = r.error is not None and r.error.code == ErrorCode.UNAVAILABLE
+        if r.error is not None and not (lost and turn.abort_waiters):
+            if await record_failure(self.io, self.state, turn, r) in RETRIED_REASONS:
+                # Run it again, later each time the bus fails it again.
+                self._rerun_at = time.monotonic() + min(
+                    RETRY_AFTER_S * 2**self._reruns, MAX_RERUN_WAIT_S
+                )
+                self._reruns += 1
+            return "failed"
+        if r.finish_reason == "aborted" or turn.abort_waiters:
+            # An agent that asked for an abort gets one, even when the engine finished
+            # the turn (or the bus lost its result) before the cancel reached it.
+            await record_abort(self.io, self.state, turn, r.raw_text, turn.abort_reason)
+            return "aborted"
+        await record_commit(self.io, self.state, turn, r)
+        self._reruns = 0
+        return "committed"
+
+    def _later(self, delay: float, then: Callable[[], None]) -> None:
+        """Run ``then`` after ``delay`` seconds unless the runner closed meanwhile."""
+        def fire() -> None:
+            self._timers.discard(handle)
+            if not self.closed:
+                then()
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
 
     # -- abort / delete / stop -------------------------------------------------------------
     async def on_abort(self, cmd: Abort) -> None:
@@ -378,6 +395,8 @@ class SessionRunner:
         self._closed_error = InferError(ErrorCode.GONE, f"session {self.session} was deleted")
         if self._retry is not None:
             self._retry.cancel()
+        for timer in self._timers:
+            timer.cancel()
         if not done.done():
             done.set_result(None)
         self.idle.set()
@@ -402,6 +421,8 @@ class SessionRunner:
         self.closed = True
         if self._retry is not None:
             self._retry.cancel()
+        for timer in self._timers:
+            timer.cancel()
         for task in (self._task, self._turn_task):
             if task is not None and not task.done():
                 task.cancel()

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from schemas.chat import ChatMessage
 from schemas.records import (
+    RERUN_REASONS,
     AbortRecord,
     AssistantRecord,
     CommitRecord,
@@ -32,10 +34,23 @@ from schemas.records import (
 )
 from schemas.tools import Tool
 
-RETRIED_REASONS = frozenset({"shutdown", "node_restart"})
+_K = TypeVar("_K", int, str)
+
+RETRIED_REASONS = RERUN_REASONS
 """Abort reasons after which a turn's prompts are answered without being asked again."""
-DROPPED_REASONS = frozenset({"context_overflow"})
+DROPPED_REASONS = frozenset({"context_overflow", "too_large"})
 """Abort reasons after which a turn's input is dropped: it can never be answered."""
+SEEN_PER_SESSION = 1024
+"""Intake sequences and idempotency keys a session remembers (the most recent ones).
+
+A redelivery concerns a prompt recorded but not yet acked, and admission acks right after
+recording, so only recent sequences can come back; keeping every one would grow a
+session's memory with every turn it ever ran."""
+
+
+def message_bytes(message: ChatMessage) -> int:
+    """What a message weighs in the record log and in a turn's request (its JSON)."""
+    return len(message.model_dump_json())
 
 
 @dataclass
@@ -59,6 +74,8 @@ class Pending:
     """Input of an aborted turn, waiting for a retry (never folded as an append)."""
     supersedes: str | None = None
     """The provisional record of the aborted turn that last answered it."""
+    nbytes: int = 0
+    """Size of the message (``message_bytes``), counted against the pending bound."""
 
 
 @dataclass
@@ -74,6 +91,8 @@ class SessionState:
     keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Record ids written for each idempotency key."""
     records: int = 0
+    recorded_bytes: int = 0
+    """Bytes of every message the session recorded (user and assistant): its log's size."""
     last_assistant: dict[str, AssistantRecord] = field(default_factory=dict)
     open_turn: TurnStartRecord | None = None
     """A turn start with no commit or abort yet (only during a rebuild)."""
@@ -87,13 +106,17 @@ class SessionState:
         """A user message was recorded."""
         if record.reply:
             self.keep_deferred_as_context()
-        self.pending.append(Pending(record, record.reply))
+        nbytes = message_bytes(record.message)
+        self.recorded_bytes += nbytes
+        self.pending.append(Pending(record, record.reply, nbytes=nbytes))
         if record.intake_seq is not None:
-            ids = self.intake_seqs.get(record.intake_seq, ())
-            self.intake_seqs[record.intake_seq] = (*ids, record.id)
+            _remember(self.intake_seqs, record.intake_seq, record.id)
         if record.idempotency_key:
-            ids = self.keys.get(record.idempotency_key, ())
-            self.keys[record.idempotency_key] = (*ids, record.id)
+            _remember(self.keys, record.idempotency_key, record.id)
+
+    def pending_bytes(self) -> int:
+        """Bytes of the messages waiting for a turn (or to join the history)."""
+        return sum(p.nbytes for p in self.pending)
 
     def call_ids(self) -> set[str]:
         """Ids of every tool call the conversation holds (history and pending)."""
@@ -150,6 +173,7 @@ class SessionState:
         self.history.append(
             HistoryItem(assistant.id, assistant.message, assistant.token_ids, assistant.model_id)
         )
+        self.recorded_bytes += message_bytes(assistant.message)
         self.generation = commit.generation
 
     def abort(self, taken: list[Pending], provisional_id: str, reason: str) -> None:
@@ -165,6 +189,7 @@ class SessionState:
                 wants_reply=retry and answered,
                 deferred=not retry and answered,
                 supersedes=provisional_id if answered else None,
+                nbytes=p.nbytes,
             ))
         self.pending = back + self.pending
 
@@ -183,6 +208,13 @@ class SessionState:
         tokens = {i: h.token_ids for i, h in enumerate(self.history) if h.token_ids}
         model = next((h.model_id for h in reversed(self.history) if h.model_id), None)
         return tuple(msgs), tokens, model
+
+
+def _remember(seen: dict[_K, tuple[str, ...]], key: _K, record_id: str) -> None:
+    """Add ``record_id`` under ``key``, forgetting the oldest keys past the bound."""
+    seen[key] = (*seen.get(key, ()), record_id)
+    while len(seen) > SEEN_PER_SESSION:
+        del seen[next(iter(seen))]
 
 
 def parents_of(taken: list[Pending]) -> tuple[str, ...]:

@@ -32,6 +32,9 @@ from schemas.messages import (
 from schemas.records import AssistantRecord, CommitRecord, TurnParams
 from schemas.subjects import EventKind
 
+UNANSWERABLE = frozenset({ErrorCode.CONTEXT_OVERFLOW, ErrorCode.TOO_LARGE})
+"""Failures no rerun can fix: the turn's input is dropped (see ``DROPPED_REASONS``)."""
+
 
 @dataclass
 class Turn:
@@ -125,16 +128,25 @@ async def record_abort(
 
 
 async def record_failure(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateResult) -> str:
-    """Publish the typed error, then record the turn as aborted; the abort reason."""
+    """Record a failed turn as aborted; the abort reason.
+
+    A turn the bus failed (``unavailable``: the result was lost, no engine answered) is
+    run again by the runner, so the agent gets no error, only the cut turn's ``aborted``.
+    Any other failure is published as a typed error first.
+    """
     err = r.error
     assert err is not None
+    if err.code == ErrorCode.UNAVAILABLE:
+        # The runner runs the turn again: its asks are answered by that run.
+        await record_abort(io, st, turn, r.raw_text or r.text, "unavailable")
+        return "unavailable"
     error = InferError(err.code, err.message, err.details)
     event = ErrorEvent(
         session=st.session, code=err.code, status=error.status, message=err.message,
         turn_id=turn.id, details=err.details,
     )
     await io.event(st.session, EventKind.ERROR, event)
-    reason = err.code.value if err.code == ErrorCode.CONTEXT_OVERFLOW else "engine_error"
+    reason = err.code.value if err.code in UNANSWERABLE else "engine_error"
     await record_abort(io, st, turn, r.raw_text or r.text, reason, answer=False)
     await answer_asks(io, turn, event, error)
     return reason
