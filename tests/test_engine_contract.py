@@ -22,12 +22,16 @@ from actors.engine.engine import SlotEngine
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.internal import (
+    CancelReply,
     CancelRequest,
+    ForgetReply,
     ForgetRequest,
     GenerateRequest,
     GenerateResult,
     SnapshotReply,
     SnapshotRequest,
+    TurnStatusReply,
+    TurnStatusRequest,
 )
 from schemas.messages import TokenEvent
 from schemas.subjects import EventKind, Subjects
@@ -57,12 +61,16 @@ class Wire:
         return await self.nc.request(subject, encode(body), timeout=timeout)
 
     async def status(self, session: str, turn_id: str) -> bytes:
-        probe = CancelRequest(session=session, turn_id=turn_id)
-        return (await self.ask(self.s.engine_turn_status(), probe)).data
+        probe = TurnStatusRequest(session=session, turn_id=turn_id)
+        data = (await self.ask(self.s.engine_turn_status(), probe)).data
+        TurnStatusReply.model_validate_json(data)
+        return data
 
     async def cancel(self, session: str, turn_id: str) -> bytes:
         cancel = CancelRequest(session=session, turn_id=turn_id)
-        return (await self.ask(self.s.engine_cancel(session), cancel)).data
+        data = (await self.ask(self.s.engine_cancel(session), cancel)).data
+        CancelReply.model_validate_json(data)
+        return data
 
 
 async def run_sequence(wire: Wire, hold_long_turn: Any) -> dict[str, Any]:
@@ -106,7 +114,7 @@ async def run_sequence(wire: Wire, hold_long_turn: Any) -> dict[str, Any]:
     out["cut"] = {"finish": cut.finish_reason, "turn_id": cut.turn_id, "error": cut.error}
     out["status_after"] = await wire.status(session, "turn_b")
     forget = await wire.ask(wire.s.engine_forget(), ForgetRequest(session=session))
-    out["forget"] = forget.data
+    out["forget"] = ForgetReply.model_validate_json(forget.data)
     await tokens.stop()
     return out
 
@@ -135,7 +143,9 @@ async def test_the_scripted_engine_answers_the_same_sequence_as_the_real_engine_
         await fake.stop()
     assert real["first"]["finish_ok"] and real["first"]["error"] is None
     assert real["cut"] == {"finish": "aborted", "turn_id": "turn_b", "error": None}
-    assert real["status_running"] != real["status_after"]
+    assert TurnStatusReply.model_validate_json(real["status_running"]).running
+    assert not TurnStatusReply.model_validate_json(real["status_after"]).running
+    assert CancelReply.model_validate_json(real["cancel_running"]).cancelled
     assert scripted == real
 
 
