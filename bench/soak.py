@@ -180,17 +180,20 @@ async def start_node(data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
+    said: list[str] = []
     try:
         async with asyncio.timeout(120):
             while line := (await proc.stdout.readline()).decode(errors="replace"):
+                said.append(line.rstrip())
                 if match := READY.search(line):
                     asyncio.get_running_loop().create_task(_drain(proc))
                     return proc, match.group(1)
     except TimeoutError:
         pass
-    proc.kill()
+    if proc.returncode is None:
+        proc.kill()
     await proc.wait()
-    raise BenchError("the node did not print its ready line")
+    raise BenchError("the node did not print its ready line: " + " | ".join(said[-5:]))
 
 
 async def _drain(proc: asyncio.subprocess.Process) -> None:
