@@ -29,7 +29,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.admission import Admission
-from node.client import InfernodeClient
+from node.client import InfernodeClient, TurnResult
 from node.nats_server import EmbeddedNats
 from node.streams import ensure_streams
 from schemas.chat import ChatMessage, SamplingParams
@@ -218,18 +218,24 @@ async def test_a_deleted_session_answers_gone_after_the_node_restarts(nats_serve
 async def test_a_client_waiting_on_a_turn_the_bus_lost_gets_the_answer_of_its_rerun(
     nats_server, nc: Client
 ):
-    """Given an agent waiting in ``InfernodeClient.ask`` on a turn whose result the bus lost,
-    when the node reruns the turn, then ``ask`` returns the rerun's committed answer instead
-    of raising."""
+    """Given an agent streaming with ``InfernodeClient.prompt`` and another waiting in
+    ``ask``, each on a turn whose result the bus lost, when the node reruns the turns, then
+    both get the rerun's committed answer instead of an error or an abort."""
     from tests.fake_engine import Script
 
     async with FakeNode(nats_server.url, heartbeat_s=0, turn_probe_s=0.2) as node:
-        node.fake.script("wait", Script(tokens=("lost",), lose_reply=True))
-        node.fake.script("wait", Script(tokens=("found", " it")))
+        for session in ("stream", "asked"):
+            node.fake.script(session, Script(tokens=("lost",), lose_reply=True))
+            node.fake.script(session, Script(tokens=("found", " it")))
         async with InfernodeClient(node.url, nc=nc) as client:
-            result = await client.ask("wait", "are you there?", timeout=30)
+            result = TurnResult()
+            async for _ in client.prompt("stream", "are you there?", timeout=30, result=result):
+                pass
+            answer = await client.ask("asked", "are you there?", timeout=30)
     assert result.commit is not None and result.commit.generation == 1
     assert result.text == "found it" and result.done is not None
+    assert answer.text == "found it" and answer.generation == 1
+    assert answer.finish_reason != "aborted"
 
 
 async def test_a_turn_whose_end_the_log_did_not_take_is_recorded_once_the_log_is_back(

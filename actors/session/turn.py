@@ -29,7 +29,13 @@ from schemas.messages import (
     ErrorEvent,
     ProvisionalEvent,
 )
-from schemas.records import AssistantRecord, CommitRecord, TurnParams
+from schemas.records import (
+    AbortRecord,
+    AssistantRecord,
+    CommitRecord,
+    ProvisionalRecord,
+    TurnParams,
+)
 from schemas.subjects import EventKind
 
 UNANSWERABLE = frozenset({ErrorCode.CONTEXT_OVERFLOW, ErrorCode.TOO_LARGE})
@@ -52,6 +58,11 @@ class Turn:
     abort_reason: str = "client"
     recorded: bool = False
     """True once the state took in the turn's end (commit or abort)."""
+    commit_records: tuple[AssistantRecord, CommitRecord] | None = None
+    abort_records: tuple[ProvisionalRecord, AbortRecord] | None = None
+    """The end records, built once: an end recorded again after a failed append writes the
+    same record ids, which the log deduplicates (an append whose ack was lost is not a
+    second answer)."""
 
 
 async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateResult) -> int:
@@ -62,18 +73,20 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
         tool_calls=r.tool_calls, finish_reason=r.finish_reason, usage=r.usage, cache=r.cache,
         timings=r.timings,
     ))
-    message = ChatMessage(role="assistant", content=r.text, tool_calls=r.tool_calls or None)
-    assistant = AssistantRecord(
-        id=new_id("msg"), turn_id=turn.id, message=message, parent_ids=turn.parent_ids,
-        finish_reason=r.finish_reason, token_ids=r.completion_ids, model_id=r.model_id or None,
-        ts=time.time(),
-    )
-    commit = CommitRecord(
-        id=new_id("commit"), turn_id=turn.id, assistant_id=assistant.id,
-        generation=st.generation + 1, parent_ids=turn.parent_ids, supersedes=turn.supersedes,
-        window_from=st.record_at(turn.taken, r.window_start) if r.usage.dropped_turns else None,
-        ts=time.time(),
-    )
+    if turn.commit_records is None:
+        message = ChatMessage(role="assistant", content=r.text, tool_calls=r.tool_calls or None)
+        built = AssistantRecord(
+            id=new_id("msg"), turn_id=turn.id, message=message, parent_ids=turn.parent_ids,
+            finish_reason=r.finish_reason, token_ids=r.completion_ids,
+            model_id=r.model_id or None, ts=time.time(),
+        )
+        window = st.record_at(turn.taken, r.window_start) if r.usage.dropped_turns else None
+        turn.commit_records = built, CommitRecord(
+            id=new_id("commit"), turn_id=turn.id, assistant_id=built.id,
+            generation=st.generation + 1, parent_ids=turn.parent_ids,
+            supersedes=turn.supersedes, window_from=window, ts=time.time(),
+        )
+    assistant, commit = turn.commit_records
     await io.append(s, assistant)
     await io.append(s, commit)
     st.commit(turn.taken, assistant, commit)
@@ -104,7 +117,9 @@ async def record_abort(
     stopping or restarting): then the retry answers them.
     """
     s = st.session
-    provisional, abort = abort_records(turn.id, turn.parent_ids, text, reason)
+    if turn.abort_records is None:
+        turn.abort_records = abort_records(turn.id, turn.parent_ids, text, reason)
+    provisional, abort = turn.abort_records
     await io.append(s, provisional)
     await io.append(s, abort)
     st.abort(turn.taken, provisional.id, reason)
