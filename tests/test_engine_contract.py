@@ -54,7 +54,7 @@ class Wire:
             session=session, turn_id=turn_id,
             messages=(ChatMessage(role="user", content="say something"),),
             sampling=GREEDY, max_tokens=max_tokens,
-            token_subject=self.s.events(session, EventKind.TOKEN), queued_at=0.0,
+            token_subject=self.s.events(session, EventKind.TOKEN), queue_ms=0.0,
         )
 
     async def ask(self, subject: str, body: Any, timeout: float = 60.0) -> Msg:
