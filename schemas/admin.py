@@ -121,15 +121,12 @@ class HistoryItemInfo(Frozen):
     """For aborts."""
     status: str | None = None
     """For assistant/provisional: committed or ABORTED."""
-<<<<<<< HEAD
     in_window: bool | None = None
     """For messages: False once the model no longer sees it (it left the context window);
     the log keeps it all the same."""
-=======
     parent_ids: tuple[str, ...] = ()
     """For assistant, provisional and commit records: the user records the turn answers
     (an agent that missed the events finds the answer to its accepted ids here)."""
->>>>>>> 20685bb (Faults round two: sessions recover without the agent (a turn the bus failed is rerun with back-off, a turn's end is recorded once the log is back, admission takes over what a killed node had pulled, in intake order and without the ack wait); sessions bound the bytes they hold and wait on (413/429); a conversation larger than one NATS message fails 413; expect_generation admits only an idle session at that generation; redelivery bookkeeping is bounded; history items name their parents; the client follows a rerun; bench/soak.py; tests for each finding and the missing fault, abort and engine-contract tests)
 
 
 class HistoryReply(Frozen):
