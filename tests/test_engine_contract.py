@@ -160,11 +160,11 @@ async def test_an_abort_over_nats_stops_the_real_engine_within_one_token(
     at_cancel: list[int] = []
     real_decode, real_cancel = engine_module.decode, SlotEngine.cancel
 
-    def counting_decode(backend, slot, sampling, stop, max_tokens, emit, cancel):  # noqa: ANN001
+    def counting_decode(backend, slot, sampling, stop, max_tokens, emit, cancel, *rest):  # noqa: ANN001
         def counted(text: str) -> None:
             emitted.append(text)
             emit(text)
-        return real_decode(backend, slot, sampling, stop, max_tokens, counted, cancel)
+        return real_decode(backend, slot, sampling, stop, max_tokens, counted, cancel, *rest)
 
     def noting_cancel(self: SlotEngine, session: str, reason: str = "client") -> bool:
         at_cancel.append(len(emitted))
