@@ -176,6 +176,7 @@ async def start_node(data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "node.cli", "up", "--data-dir", str(data_dir),
         "--bank-ram-bytes", str(8 << 20), "--heartbeat-s", "0", "--log-level", "warning",
+        "--log-format", "console",
         "--threads", "1", env=env, cwd=Path(__file__).resolve().parents[1],
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
