@@ -16,6 +16,7 @@ from node.config import NodeConfig
 from node.mesh import run_mesh
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import InferError
+from schemas.messages import ErrorEvent, PromptRequest
 
 GREEDY = SamplingParams(temperature=0.0)
 SYSTEM = ChatMessage(role="system", content="You are the window keeper. Remember rule 7.")
@@ -261,3 +262,25 @@ async def test_a_shifted_state_banks_and_restores_exactly(tiny_model):
             assert float(np.max(np.abs(got - cold))) < 0.05 * scale
     finally:
         await engine.close()
+
+
+async def test_a_prompts_overflow_field_overrides_the_nodes_policy(make_node):
+    """On a truncating node, a prompt that says ``overflow: refuse`` past the context gets
+    the 422; the next prompt without it is answered from the moved window."""
+    node = await make_node(n_ctx=256)
+    async with InfernodeClient(node.url) as client:
+        total = 0
+        for n in range(100):
+            reply = await client.ask("ovr", f"message {n}: tell me more about windows",
+                                     max_tokens=16)
+            total = reply.usage.prompt_tokens + reply.usage.dropped_tokens
+            if total > 256:
+                break
+        prompt = PromptRequest(messages=(user("and refuse now"),), max_tokens=16,
+                               overflow="refuse")
+        msg = await client.nc.request(client.subjects.ask("ovr"),
+                                      prompt.model_dump_json().encode(), timeout=60)
+        error = ErrorEvent.model_validate_json(msg.data)
+        assert error.code.value == "context_overflow" and error.status == 422
+        after = await client.ask("ovr", "and go on", max_tokens=16)
+        assert after.usage.dropped_turns > 0 and after.finish_reason in ("stop", "length")
