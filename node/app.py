@@ -24,13 +24,14 @@ from actors.engine.llama_api import LlamaLibraryError
 from actors.engine.llama_model import ModelLoadError
 from actors.engine.loader import load_engine
 from actors.engine.template_sandbox import TemplateError
+from actors.gateway import ApiKeysError, Gateway, GatewayBindError
 from node.bus import BusError, connect
 from node.config import NodeConfig
 from node.demo_model import write_llama_gguf
 from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
 from node.nats_server import DEFAULT_PORT, EmbeddedNats, NatsServerError
-from node.wiring import build_actors, engine_actor, prepare_streams
+from node.wiring import build_actors, engine_actor, gateway_settings, prepare_streams
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("node")
@@ -40,7 +41,7 @@ VERSION = "0.1.0"
 # What can stop a start for a reason the user can fix; anything else is a bug and propagates.
 _USER_ERRORS = (
     BusError, NatsServerError, ModelFileError, UnsupportedModelError, ModelLoadError,
-    LlamaLibraryError, TemplateError, OSError,
+    LlamaLibraryError, TemplateError, OSError, ApiKeysError, GatewayBindError,
 )
 
 
@@ -73,6 +74,7 @@ class Node:
         self._conns: list[Client] = []
         self.metrics = NodeMetrics(self)
         self.metrics_http: MetricsHttp | None = None
+        self.gateway: Gateway | None = None
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -122,6 +124,10 @@ class Node:
                 self.metrics.registry, cfg.metrics_port, cfg.metrics_host
             )
             await self.metrics_http.start()
+        if cfg.openai_port is not None:
+            settings = gateway_settings(cfg, cfg.openai_port, cfg.openai_host, model.stem)
+            self.gateway = Gateway(await self._connect("gateway"), s, settings)
+            await self.gateway.start()
         # Ready means reachable: every subscription has reached the server before we say so.
         for nc in self._conns:
             await nc.flush()
@@ -134,6 +140,9 @@ class Node:
 
     async def stop(self) -> None:
         """Stop actors in reverse order, free the engine, close connections and NATS."""
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
         if self.metrics_http is not None:
             await self.metrics_http.stop()
             self.metrics_http = None

@@ -4,6 +4,7 @@
     infernode prompt demo "Hello there"   # stream a reply
     infernode sessions | history S | abort S | metrics | health
     infernode demo mesh --agents 3        # a ring of agents relaying answers
+    infernode openai --port 8000          # the OpenAI chat completions API for a node
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TextIO
 
 import structlog
 
-from node import cli_client
+from node import cli_client, cli_gateway
 from node.config import ConfigError, NodeConfig
 from node.logging import configure_logging
 
@@ -60,6 +61,12 @@ UP_FLAGS: dict[str, str] = {
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--llama-log": "llama_log",
+    "--openai-port": "openai_port",
+    "--openai-host": "openai_host",
+    "--api-keys": "api_keys",
+    "--openai-max-body-bytes": "openai_max_body_bytes",
+    "--openai-max-requests": "openai_max_requests",
+    "--openai-header-timeout-s": "openai_header_timeout_s",
 }
 
 
@@ -108,6 +115,15 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")
     p.add_argument("--llama-log", action="store_const", const=True, help="show llama.cpp's log")
+    p.add_argument("--openai-port", type=int,
+                   help="serve the OpenAI chat completions API on this port")
+    p.add_argument("--openai-host", help="address of the OpenAI port (default 127.0.0.1)")
+    p.add_argument("--api-keys", type=Path, help="file of `KEY AGENT` lines for the OpenAI API")
+    p.add_argument("--openai-max-body-bytes", type=int, help="largest OpenAI request body")
+    p.add_argument("--openai-max-requests", type=int,
+                   help="OpenAI requests at once before 429")
+    p.add_argument("--openai-header-timeout-s", type=float,
+                   help="seconds a connection has to send its request headers")
     p.add_argument("--demo-agents", type=int, default=0,
                    help="also run a ring of N agents relaying to each other, then keep serving")
 
@@ -162,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     _client_parsers(sub)
+    cli_gateway.add_parser(sub)
     return parser
 
 
@@ -250,12 +267,14 @@ def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
     demo = "" if config.model else "  [demo model: random weights, wiring only]"
     hint = "" if config.nats_url else f" --nats-url {node.url}"
     try_command = f'infernode prompt demo "Hello there"{hint}'
-    metrics = None
+    metrics = openai = None
     if node.metrics_http is not None:
         metrics = f"http://{config.metrics_host}:{node.metrics_http.port}/metrics"
+    if node.gateway is not None:
+        openai = f"http://{config.openai_host}:{node.gateway.port}/v1"
     if say.as_json:
         log.info("up_ready", nats=node.url, demo_model=config.model is None,
-                 try_command=try_command, metrics=metrics)
+                 try_command=try_command, metrics=metrics, openai=openai)
         return
     taken = node.nats.port_taken if node.nats is not None else None
     if taken is not None:
@@ -266,6 +285,8 @@ def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
     print(f"  try:  {try_command}", flush=True)
     if metrics is not None:
         print(f"  metrics: {metrics}", flush=True)
+    if openai is not None:
+        print(f"  OpenAI API: {openai}", flush=True)
 
 
 async def _demo_agents(  # type: ignore[no-untyped-def]
@@ -301,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             return asyncio.run(_up(args))
+        if args.command == "openai":
+            return asyncio.run(cli_gateway.run(args, os.environ))
         return asyncio.run(cli_client.run_client_command(args, args.command_fn, os.environ))
     except ConfigError as e:
         print(f"infernode: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ LOG_FORMATS = ("auto", "json", "console")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 DEFAULT_INBOX_PREFIX = "_INBOX"
 _INBOX_PREFIX_RE = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -117,6 +118,18 @@ class NodeConfig:
     """Port for HTTP metrics; None serves none (0 picks a free port)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics port listens on (0.0.0.0 in a container)."""
+    openai_port: int | None = None
+    """Port of the OpenAI-compatible HTTP gateway in this process; None runs none."""
+    openai_host: str = "127.0.0.1"
+    """Address the gateway listens on; beyond loopback only with ``api_keys``."""
+    api_keys: Path | None = None
+    """File of ``KEY AGENT`` lines: bearer keys the gateway accepts, and whose they are."""
+    openai_max_body_bytes: int = 8 * MIB
+    """Largest request body the gateway reads; larger ones are refused (413) unread."""
+    openai_max_requests: int = 256
+    """Requests the gateway handles at once; more are refused (429, Retry-After)."""
+    openai_header_timeout_s: float = 10.0
+    """Seconds a connection has to send its request headers before it is closed."""
     verify_restore: bool = True
     """Check at load that a restored KV state equals the live one."""
     llama_log: bool = False
@@ -370,6 +383,29 @@ def _check_sizes(c: NodeConfig) -> None:
         )
 
 
+def _check_gateway(c: NodeConfig) -> None:
+    if c.openai_port is not None and not 0 <= c.openai_port <= 65535:
+        _fail(
+            "openai_port must be a port between 0 (any free port) and 65535 "
+            f"(got {c.openai_port}); pass --openai-port 8000, or leave it unset"
+        )
+    if c.openai_max_body_bytes < KIB or c.openai_max_requests < 1:
+        _fail(
+            "openai_max_body_bytes must be at least 1024 and openai_max_requests at least 1; "
+            f"pass --openai-max-body-bytes {8 * MIB} and --openai-max-requests 256"
+        )
+    if not c.openai_header_timeout_s > 0:
+        _fail(
+            "openai_header_timeout_s must be more than 0 seconds; pass "
+            "--openai-header-timeout-s 10"
+        )
+    if c.api_keys is None and c.openai_host not in LOOPBACK_HOSTS:
+        _fail(
+            f"the OpenAI gateway may listen on {c.openai_host} only with API keys; pass "
+            "--api-keys FILE, or --openai-host 127.0.0.1"
+        )
+
+
 def _check_prefix(c: NodeConfig) -> None:
     try:
         Subjects(c.prefix)
@@ -403,6 +439,7 @@ def _check_files(c: NodeConfig) -> None:
         ("nats_tls_ca", "INFERNODE_NATS_TLS_CA"): c.nats_tls_ca,
         ("nats_tls_cert", "INFERNODE_NATS_TLS_CERT"): c.nats_tls_cert,
         ("nats_tls_key", "INFERNODE_NATS_TLS_KEY"): c.nats_tls_key,
+        ("api_keys", "--api-keys FILE"): c.api_keys,
     }
     for (name, how), value in files.items():
         if value is not None and not Path(value).is_file():
@@ -437,6 +474,7 @@ _CHECKS: tuple[Callable[[NodeConfig], None], ...] = (
     _check_counts,
     _check_durations,
     _check_sizes,
+    _check_gateway,
     _check_prefix,
     _check_nats_url,
     _check_files,

@@ -16,6 +16,7 @@ from actors.bank_committer import BankCommitter
 from actors.base import Actor
 from actors.engine.actor import EngineActor
 from actors.engine.engine import SlotEngine
+from actors.gateway import GatewaySettings, HttpLimits, read_api_keys
 from actors.session.host import HostSettings, RunnerHost
 from node.admin import AdminActor, NodeView
 from node.config import NodeConfig
@@ -35,6 +36,22 @@ def host_settings(config: NodeConfig) -> HostSettings:
         tombstones=config.tombstones, turn_timeout_s=config.turn_timeout_s,
         turn_probe_s=config.turn_probe_s, heartbeat_s=config.heartbeat_s,
         stop_wait_s=config.stop_wait_s,
+    )
+
+
+def gateway_settings(
+    config: NodeConfig, port: int, host: str, model_name: str | None = None
+) -> GatewaySettings:
+    """The OpenAI gateway's part of the configuration (keys read from their file)."""
+    return GatewaySettings(
+        port=port, host=host,
+        api_keys=read_api_keys(config.api_keys) if config.api_keys else {},
+        limits=HttpLimits(
+            max_body_bytes=config.openai_max_body_bytes,
+            max_requests=config.openai_max_requests,
+        ),
+        header_timeout_s=config.openai_header_timeout_s,
+        model_name=model_name,
     )
 
 

@@ -137,6 +137,10 @@ class Subjects:
         """Every event of ``session`` (default: of every session)."""
         return f"{self.prefix}.events.{session}.>"
 
+    def event_kind(self, subject: str) -> str:
+        """The kind (last token) of an event subject."""
+        return subject.rsplit(".", 1)[-1]
+
     def rejected(self) -> str:
         """Error events for prompts that name no valid session."""
         return f"{self.prefix}.rejected"
@@ -236,6 +240,16 @@ class Subjects:
         layout: ``$O.<bucket>.M.<url-safe base64 of the name>``)."""
         encoded = base64.urlsafe_b64encode(name.encode()).decode()
         return f"$O.{self.bank_bucket}.M.{encoded}"
+
+    @property
+    def gateway_bucket(self) -> str:
+        """KV bucket where OpenAI gateways index committed conversations (shared by all)."""
+        return f"{self._stream_base}_GATEWAY"
+
+    @property
+    def gateway_answers_bucket(self) -> str:
+        """KV bucket of answers kept for retried ``Idempotency-Key`` requests (with a TTL)."""
+        return f"{self._stream_base}_GATEWAY_ANSWERS"
 
     @property
     def admission_consumer(self) -> str:

@@ -1,0 +1,271 @@
+"""One chat completion end to end: plan the session, run the turn, answer in OpenAI's shape.
+
+A call holds its session's lock (on this gateway) from the publish until the commit, so two
+calls of one conversation never race into one coalesced turn; across gateways the
+``expect_generation`` check turns such a race into a fork instead. A call whose client goes
+away before the answer aborts the turn, and the conversation index forgets that branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+
+from actors.gateway.responses import SSE_DONE, CompletionShape, answer_message
+from actors.gateway.sessions import Plan, SessionRouter
+from actors.gateway.turns import DuplicatePromptError, NodeTurn, TurnAbortedError
+from actors.gateway.wire import ChatCompletionRequest, prompt_for
+from schemas.errors import ErrorCode, InferError
+from schemas.gateway import StoredAnswer
+from schemas.messages import CommitEvent, DoneEvent, TokenEvent
+from schemas.subjects import Subjects
+
+log = structlog.get_logger("gateway").bind(actor="gateway")
+
+_TOOL_OPEN = "<tool_call>"
+
+
+class ContentFilter:
+    """Streams text up to a tool call's markup; the call itself arrives parsed at the end."""
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> str:
+        """What of ``text`` may be shown now."""
+        if self._in_call:
+            return ""
+        text = self._held + text
+        at = text.find(_TOOL_OPEN)
+        if at >= 0:
+            self._in_call, self._held = True, ""
+            return text[:at]
+        # Hold back a tail that could still grow into the opening tag.
+        keep = next((k for k in range(min(len(text), len(_TOOL_OPEN) - 1), 0, -1)
+                     if _TOOL_OPEN.startswith(text[-k:])), 0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """Held text once the turn is done."""
+        held, self._held = self._held, ""
+        return "" if self._in_call else held
+
+
+@dataclass
+class OpenCall:
+    """A call whose prompt the session recorded; its answer is still to come."""
+
+    service: ChatService
+    plan: Plan
+    turn: NodeTurn
+    shape: CompletionShape
+    lock: asyncio.Lock
+    idempotency: str | None
+    finished: bool = False
+    done: DoneEvent | None = None
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def session(self) -> str:
+        """The session id the client sees."""
+        return self.plan.visible
+
+    async def events(self) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """The turn's tokens and its done event; the commit is recorded before this ends."""
+        try:
+            async for event in self.turn.events():
+                if isinstance(event, CommitEvent):
+                    await self._committed(event)
+                    return
+                if isinstance(event, DoneEvent):
+                    self.done = event
+                yield event
+        except TurnAbortedError as e:
+            self.finished = True
+            await self.service.router.aborted(self.plan)
+            await self.release()
+            raise InferError(
+                ErrorCode.UNAVAILABLE, f"the turn was aborted ({e.event.reason}); retry the "
+                "request", {"retry_after_s": 1},
+            ) from e
+        finally:
+            if not self.finished:
+                await self._give_up()
+
+    async def complete(self) -> dict[str, Any]:
+        """The whole answer as a ``chat.completion``."""
+        async for _ in self.events():
+            pass
+        assert self.done is not None
+        return self.shape.completion(self.done, self.session)
+
+    async def stream(self, include_usage: bool) -> AsyncIterator[str]:
+        """The answer as server-sent events in OpenAI's chunk shape."""
+        shown = ContentFilter()
+        yield self.shape.chunk({"role": "assistant", "content": ""})
+        # Closed with the stream, so a client leaving mid-answer aborts the turn at once.
+        async with contextlib.aclosing(self.events()) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    text = shown.feed(event.text)
+                    if text:
+                        yield self.shape.chunk({"content": text})
+                    continue
+                tail = shown.flush()
+                if tail:
+                    yield self.shape.chunk({"content": tail})
+                yield self.shape.finish(event)
+                if include_usage:
+                    yield self.shape.chunk({}, usage_of=event, empty=True)
+        yield SSE_DONE
+
+    async def _committed(self, commit: CommitEvent) -> None:
+        self.finished = True
+        assert self.done is not None
+        try:
+            await self.service.router.committed(self.plan, answer_message(self.done),
+                                                commit.generation)
+            if self.idempotency is not None:
+                body = self.shape.completion(self.done, self.session)
+                await self.service.keep_answer(self.idempotency, self.session, body)
+        finally:
+            await self.release()
+
+    async def _give_up(self) -> None:
+        """The client left or the turn failed before its commit: stop it and let go."""
+        self.finished = True
+        try:
+            if self.done is None:
+                await asyncio.shield(self._abort())
+        finally:
+            await self.release()
+
+    async def _abort(self) -> None:
+        await self.turn.abort("client_disconnected")
+        await self.service.router.aborted(self.plan)
+        log.info("gateway_turn_aborted", session=self.plan.session)
+
+    async def release(self) -> None:
+        """Stop listening and free the session for the next call."""
+        if self._released:
+            return
+        self._released = True
+        await self.turn.close()
+        self.lock.release()
+        self.service.release_idempotency(self.idempotency)
+
+
+class ChatService:
+    """Runs chat completions against the node over NATS."""
+
+    def __init__(
+        self, nc: Client, subjects: Subjects, router: SessionRouter, turn_timeout: float,
+    ) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.router = router
+        self.turn_timeout = turn_timeout
+        self.model = "infernode"
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._inflight: dict[str, asyncio.Event] = {}
+
+    async def stored_answer(self, agent: str, client_key: str | None) -> StoredAnswer | None:
+        """The answer already given to this ``Idempotency-Key``, waiting for one in flight."""
+        if client_key is None:
+            return None
+        key = scoped_key(agent, client_key)
+        running = self._inflight.get(key)
+        if running is not None:
+            await asyncio.wait_for(running.wait(), self.turn_timeout)
+        return await self.router.index.answer(key)
+
+    async def keep_answer(self, key: str, session: str, body: dict[str, Any]) -> None:
+        """Keep an answer for retries."""
+        await self.router.index.keep_answer(
+            key, StoredAnswer(session=session, completion=json.dumps(body))
+        )
+
+    def release_idempotency(self, key: str | None) -> None:
+        """Wake retries of ``key`` waiting on this gateway."""
+        if key is not None and key in self._inflight:
+            self._inflight.pop(key).set()
+
+    async def open(
+        self, agent: str, req: ChatCompletionRequest, named: str | None, client_key: str | None
+    ) -> OpenCall:
+        """Plan the call, publish its prompt and return once the session recorded it."""
+        idem = scoped_key(agent, client_key) if client_key else None
+        if idem is not None:
+            self._inflight.setdefault(idem, asyncio.Event())
+        try:
+            return await self._open(agent, req, named, idem)
+        except BaseException:
+            self.release_idempotency(idem)
+            raise
+
+    async def _open(
+        self, agent: str, req: ChatCompletionRequest, named: str | None, idem: str | None
+    ) -> OpenCall:
+        plan = await self.router.plan(agent, named, req.chat_messages())
+        for attempt in range(2):
+            lock = self._locks.setdefault(plan.session, asyncio.Lock())
+            await lock.acquire()
+            key = _attempt_key(idem, plan, attempt)
+            turn = NodeTurn(self.nc, self.subjects, plan.session,
+                            prompt_for(req, plan.new_messages, key, plan.expect_generation),
+                            self.turn_timeout)
+            try:
+                await turn.start()
+            except InferError as e:
+                await turn.close()
+                lock.release()
+                if e.code != ErrorCode.CONFLICT or attempt or (plan.base == 0 and not named):
+                    raise
+                if plan.base == 0:
+                    raise InferError(
+                        ErrorCode.CONFLICT, f"session {plan.visible} has history this gateway "
+                        "has not recorded; send its new messages to another session id",
+                        e.details,
+                    ) from e
+                plan = self.router.fork(plan)
+                continue
+            except DuplicatePromptError:
+                await turn.close()
+                lock.release()
+                raise InferError(
+                    ErrorCode.CONFLICT, "a request with this Idempotency-Key is still being "
+                    "answered; retry it shortly", {"retry_after_s": 1},
+                ) from None
+            except BaseException:
+                await turn.close()
+                lock.release()
+                raise
+            shape = CompletionShape(f"chatcmpl-{uuid.uuid4().hex}", self.model)
+            return OpenCall(self, plan, turn, shape, lock, idem)
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def scoped_key(agent: str, client_key: str) -> str:
+    """An agent's ``Idempotency-Key`` as a key no other agent can hit."""
+    return hashlib.sha256(f"{agent}\0{client_key}".encode()).hexdigest()
+
+
+def _attempt_key(idem: str | None, plan: Plan, attempt: int) -> str:
+    # A fork is a different prompt, so it must not look like a retry of the first one.
+    if idem is None:
+        return uuid.uuid4().hex
+    return hashlib.sha256(f"{idem}\0{plan.session}\0{attempt}".encode()).hexdigest()

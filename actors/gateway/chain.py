@@ -1,0 +1,145 @@
+"""Conversations by hash chain, indexed in JetStream KV: how a stateless call finds its session.
+
+Hash ``i`` of a conversation covers its messages ``0..i`` and the agent that owns it, so
+one agent's conversation can never be continued by another. After every committed turn the
+gateway stores ``p.<hash of the conversation so far>`` → (session, generation); a later call
+that resends that conversation plus new messages finds the session by looking its prefixes
+up, longest first, and sends only the new messages. The index lives in a KV bucket, so it
+outlives a gateway restart and is shared by every gateway in front of the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import TypeVar
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from schemas.chat import ChatMessage
+from schemas.gateway import ConversationEntry, SessionChain, StoredAnswer
+from schemas.subjects import Subjects
+
+M = TypeVar("M", ConversationEntry, SessionChain, StoredAnswer)
+
+ANSWER_TTL_S = 24 * 3600.0
+"""How long an ``Idempotency-Key`` answer is kept for retries."""
+MAX_LOOKUPS = 64
+"""Longest conversations try their 64 longest prefixes (a new conversation stops there)."""
+
+
+def canonical(message: ChatMessage) -> bytes:
+    """The bytes of a message that decide whether two messages are the same."""
+    calls = [
+        [c.id, c.function.name, c.function.arguments] for c in message.tool_calls or ()
+    ]
+    return json.dumps(
+        [message.role, message.content or "", message.name, message.tool_call_id, calls],
+        separators=(",", ":"), ensure_ascii=False,
+    ).encode()
+
+
+def chain(agent: str, messages: Sequence[ChatMessage], after: Sequence[str] = ()) -> list[str]:
+    """Hash ``i`` covers the agent and messages ``0..i`` (continuing the chain ``after``)."""
+    out: list[str] = []
+    if after:
+        link = bytes.fromhex(after[-1])
+    else:
+        link = hashlib.sha256(b"infernode-conversation-v1\0" + agent.encode()).digest()
+    for m in messages:
+        link = hashlib.sha256(link + canonical(m)).digest()
+        out.append(link.hex())
+    return out
+
+
+def common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading links two chains share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ConversationIndex:
+    """The KV buckets of the gateway: conversation prefixes, named sessions, answers."""
+
+    def __init__(self, conversations: KeyValue, answers: KeyValue) -> None:
+        self.conversations = conversations
+        self.answers = answers
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, subjects: Subjects) -> ConversationIndex:
+        """Bind the buckets, creating them on first use."""
+        conversations = await _bucket(js, KeyValueConfig(
+            bucket=subjects.gateway_bucket, history=1, storage=StorageType.FILE,
+            description="infernode gateway: committed conversations by hash chain",
+        ))
+        answers = await _bucket(js, KeyValueConfig(
+            bucket=subjects.gateway_answers_bucket, history=1, ttl=ANSWER_TTL_S,
+            storage=StorageType.FILE, description="infernode gateway: idempotent answers",
+        ))
+        return cls(conversations, answers)
+
+    async def longest_prefix(
+        self, links: Sequence[str], upto: int
+    ) -> tuple[int, ConversationEntry] | None:
+        """The longest of the first ``upto`` prefixes that is a committed conversation."""
+        for n in range(upto, max(upto - MAX_LOOKUPS, 0), -1):
+            entry = await self._get(self.conversations, f"p.{links[n - 1]}", ConversationEntry)
+            if entry is not None:
+                return n, entry
+        return None
+
+    async def committed(self, links: Sequence[str], session: str, generation: int) -> None:
+        """The conversation ``links`` is committed in ``session`` at ``generation``."""
+        entry = ConversationEntry(session=session, generation=generation, messages=len(links))
+        await self.conversations.put(f"p.{links[-1]}", entry.model_dump_json().encode())
+
+    async def forget_prefix(self, link: str) -> None:
+        """A conversation can no longer be continued where it was (its turn was aborted)."""
+        await self.conversations.delete(f"p.{link}")
+
+    async def session_chain(self, session: str) -> SessionChain | None:
+        """What the gateways know of a named session."""
+        return await self._get(self.conversations, f"s.{session}", SessionChain)
+
+    async def put_session_chain(self, value: SessionChain) -> None:
+        """Record a named session's committed conversation."""
+        await self.conversations.put(f"s.{value.session}", value.model_dump_json().encode())
+
+    async def answer(self, key: str) -> StoredAnswer | None:
+        """The kept answer of an idempotency key."""
+        return await self._get(self.answers, f"i.{key}", StoredAnswer)
+
+    async def keep_answer(self, key: str, value: StoredAnswer) -> None:
+        """Keep an answer for retries of its idempotency key."""
+        await self.answers.put(f"i.{key}", value.model_dump_json().encode())
+
+    @staticmethod
+    async def _get(
+        kv: KeyValue, key: str, model: type[M]
+    ) -> M | None:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        try:
+            return model.model_validate_json(entry.value)
+        except ValidationError:  # written by another version: treat as unknown
+            return None
+
+
+async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(config)

@@ -1,0 +1,279 @@
+"""The HTTP face of the gateway: a Starlette app with OpenAI's routes and error objects.
+
+Starlette parses HTTP (through uvicorn); this module only decides. Every refusal is an
+OpenAI error object with the matching status; a request is never read past the body limit,
+and past the concurrency limit a request is answered 429 before anything else is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from actors.gateway.calls import ChatService, OpenCall
+from actors.gateway.responses import (
+    SSE_DONE,
+    CompletionShape,
+    error_body,
+    infer_error_body,
+    retry_after,
+    sse,
+)
+from actors.gateway.wire import parse_request
+from schemas.errors import ErrorCode, InferError
+
+log = structlog.get_logger("gateway").bind(actor="gateway")
+
+SESSION_HEADER = "X-Session-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one gateway accepts."""
+
+    max_body_bytes: int = 8 << 20
+    """Largest request body; larger ones get 413 without being read."""
+    max_requests: int = 256
+    """Requests handled at once; more get 429 with ``Retry-After``."""
+
+
+class Unauthorized(Exception):
+    """No valid bearer key (only raised when the gateway has keys)."""
+
+
+class GatewayApp:
+    """Routes, auth and limits around a ``ChatService``."""
+
+    def __init__(
+        self, service: ChatService, api_keys: dict[str, str], limits: HttpLimits
+    ) -> None:
+        self.service = service
+        self.api_keys = api_keys
+        self.limits = limits
+        self.asgi: ASGIApp = RequestLimit(self._starlette(), limits.max_requests)
+
+    def _starlette(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            ],
+            exception_handlers={
+                InferError: _infer_error, HTTPException: _http_error,
+                Unauthorized: _unauthorized, ClientDisconnect: _gone,
+                Exception: _internal_error,
+            },
+        )
+
+    # -- routes ---------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        """The loaded model (OpenAI's ``list`` of one)."""
+        self._agent(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        """One model by id; 404 for any other."""
+        self._agent(request)
+        if request.path_params["model"] != self.service.model:
+            raise InferError(ErrorCode.UNKNOWN_SESSION, f"model {request.path_params['model']!r}"
+                             f" is not served here; this node serves {self.service.model!r}",
+                             {"param": "model"})
+        return JSONResponse(self._model_card())
+
+    async def chat(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``."""
+        agent = self._agent(request)
+        req = parse_request(await self._body(request))
+        named = request.headers.get(SESSION_HEADER) or req.session_hint()
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        stored = await self.service.stored_answer(agent, key)
+        if stored is not None:
+            return _replay(stored.completion, stored.session, req.stream)
+        call = await self.service.open(agent, req, named, key)
+        headers = {SESSION_HEADER: call.session}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStreamResponse(_guarded(call, include_usage), headers=headers)
+        body = await _complete_unless_gone(request, call)
+        return JSONResponse(body, headers=headers)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.service.model, "object": "model", "created": 0,
+                "owned_by": "infernode"}
+
+    def _agent(self, request: Request) -> str:
+        """The agent a bearer key belongs to ('' when the gateway has no keys)."""
+        if not self.api_keys:
+            return ""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        agent = self.api_keys.get(token.strip()) if scheme.lower() == "bearer" else None
+        if agent is None:
+            raise Unauthorized()
+        return agent
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise _too_large(limit) if declared.isdigit() else InferError(
+                ErrorCode.BAD_REQUEST, "Content-Length is not a number")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that stop the moment the client goes away.
+
+    Starlette only notices a vanished client when a write fails, which may be long after
+    (a turn waiting for a slot writes nothing); listening for ``http.disconnect`` cancels
+    the stream, and with it the turn, at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str]) -> None:
+        super().__init__(content, headers={**headers, "Cache-Control": "no-cache"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def stream_then_stop() -> None:
+                await self.stream_response(send)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream_then_stop)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+
+class RequestLimit:
+    """ASGI middleware: at most ``limit`` requests at once, 429 with Retry-After past it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            self.refused += 1
+            response = _error_response(429, "too many requests at once; retry shortly",
+                                       ErrorCode.BUSY.value, retry="1")
+            await response(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+async def _guarded(call: OpenCall, include_usage: bool) -> AsyncIterator[str]:
+    """The call's stream; a failure after the first byte becomes an SSE error event."""
+    try:
+        async for line in call.stream(include_usage):
+            yield line
+    except InferError as e:
+        yield sse(infer_error_body(e))
+        yield SSE_DONE
+
+
+async def _complete_unless_gone(request: Request, call: OpenCall) -> dict[str, Any]:
+    answer = asyncio.ensure_future(call.complete())
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not answer.done():
+        answer.cancel()  # the call's cleanup aborts the turn
+        await asyncio.gather(answer, return_exceptions=True)
+        raise ClientDisconnect()
+    return answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _replay(completion: str, session: str, stream: bool) -> Response:
+    """A kept answer, given again to a retried request (as a stream when asked)."""
+    headers = {SESSION_HEADER: session}
+    body = json.loads(completion)
+    if not stream:
+        return JSONResponse(body, headers=headers)
+    shape = CompletionShape(body["id"], body["model"])
+    choice = body["choices"][0]
+    delta = {k: v for k, v in choice["message"].items() if v is not None}
+
+    async def lines() -> AsyncIterator[str]:
+        yield shape.chunk(delta)
+        yield shape.chunk({}, choice["finish_reason"])
+        yield SSE_DONE
+
+    return EventStreamResponse(lines(), headers=headers)
+
+
+def _too_large(limit: int) -> InferError:
+    return InferError(ErrorCode.TOO_LARGE,
+                      f"the request body is larger than {limit} bytes; send less")
+
+
+def _error_response(
+    status: int, message: str, code: str, param: str | None = None, retry: str | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": retry} if retry is not None else None
+    return JSONResponse(error_body(status, message, code, param), status, headers=headers)
+
+
+async def _infer_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InferError)
+    body = infer_error_body(exc)
+    retry = retry_after(exc)
+    return JSONResponse(body, exc.status, headers={"Retry-After": retry} if retry else None)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error_response(exc.status_code, f"{request.method} {request.url.path}: "
+                           f"{exc.detail}", code)
+
+
+async def _unauthorized(request: Request, exc: Exception) -> Response:
+    return _error_response(401, "a valid API key is required: send `Authorization: Bearer "
+                           "<key>`", "invalid_api_key")
+
+
+async def _gone(request: Request, exc: Exception) -> Response:
+    # Nobody reads this; uvicorn needs a response to close the exchange.
+    return Response(status_code=499)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("gateway_request_failed", error=repr(exc), path=request.url.path)
+    return _error_response(500, f"the gateway failed: {type(exc).__name__}",
+                           ErrorCode.INTERNAL.value)

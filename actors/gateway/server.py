@@ -1,0 +1,159 @@
+"""The gateway as a running thing: uvicorn serving the app, next to one NATS connection.
+
+uvicorn parses HTTP; two guards are added at the connection level, where the app cannot
+see: a connection that has not finished sending its request headers within
+``header_timeout_s`` is closed (uvicorn would wait for ever: the slow-loris attack), and
+connections beyond ``max_connections`` are closed as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+import structlog
+import uvicorn
+from nats.aio.client import Client
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from actors.gateway.calls import ChatService
+from actors.gateway.chain import ConversationIndex
+from actors.gateway.http import GatewayApp, HttpLimits
+from actors.gateway.sessions import SessionRouter
+from schemas.admin import HealthReply
+from schemas.subjects import AdminVerb, Subjects
+
+log = structlog.get_logger("gateway").bind(actor="gateway")
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class GatewayBindError(ValueError):
+    """The gateway may not listen where it was asked to; the message says why."""
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway needs, handed in by the node's configuration."""
+
+    port: int = 8000
+    """TCP port (0 picks a free one)."""
+    host: str = "127.0.0.1"
+    """Address to listen on; beyond loopback only with API keys."""
+    api_keys: dict[str, str] = field(default_factory=dict)
+    """Bearer key → agent; empty means no auth (loopback only)."""
+    limits: HttpLimits = HttpLimits()
+    """Body size and concurrency limits."""
+    max_connections: int = 2048
+    """Open connections; more are closed on arrival."""
+    header_timeout_s: float = 10.0
+    """Time a connection has to send its request headers."""
+    turn_timeout_s: float = 600.0
+    """Longest a call waits for its turn's answer."""
+    model_name: str | None = None
+    """Name under ``/v1/models``; None asks the node's health."""
+
+    def __post_init__(self) -> None:
+        if not self.api_keys and self.host not in LOOPBACK:
+            raise GatewayBindError(
+                f"the OpenAI gateway would listen on {self.host} without API keys; give it "
+                "--api-keys FILE (or INFERNODE_API_KEYS) or listen on 127.0.0.1"
+            )
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a header deadline and a connection cap."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request on a kept-alive connection gets its own deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            # A request whose headers arrived has a cycle still running; anything else is a
+            # connection sending nothing or dribbling its headers.
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+class Gateway:
+    """The OpenAI-compatible HTTP door: a client of the node over NATS."""
+
+    name = "gateway"
+
+    def __init__(self, nc: Client, subjects: Subjects, settings: GatewaySettings) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.settings = settings
+        self.port: int | None = None
+        self.app: GatewayApp | None = None
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the index, bind the port and serve."""
+        s = self.settings
+        index = await ConversationIndex.open(self.nc.jetstream(), self.subjects)
+        service = ChatService(self.nc, self.subjects, SessionRouter(index), s.turn_timeout_s)
+        service.model = s.model_name or await self._model_name()
+        self.app = GatewayApp(service, s.api_keys, s.limits)
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        self._socket = socket.create_server((s.host, s.port), family=family, backlog=1024)
+        config = uvicorn.Config(
+            self.app.asgi, http=guarded_protocol(s.header_timeout_s, s.max_connections),
+            ws="none", lifespan="off", log_config=None, access_log=False,
+            timeout_keep_alive=5, timeout_graceful_shutdown=5,
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[self._socket])
+        self._server = server
+        self.port = self._socket.getsockname()[1]
+        log.info("gateway_ready", host=s.host, port=self.port, model=service.model,
+                 auth=bool(s.api_keys))
+
+    async def stop(self) -> None:
+        """Stop accepting, let running calls finish (bounded), close the port."""
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._server.shutdown(sockets=[self._socket] if self._socket else None)
+            self._server = None
+            self._socket = None
+
+    async def _model_name(self) -> str:
+        try:
+            msg = await self.nc.request(self.subjects.admin(AdminVerb.HEALTH), b"{}", timeout=2)
+            return HealthReply.model_validate_json(msg.data).model
+        except Exception as e:  # no node yet: the gateway still serves once one comes
+            log.info("gateway_model_unknown", error=repr(e))
+            return "infernode"

@@ -1,0 +1,173 @@
+"""One turn as the gateway sees it over NATS: publish the prompt durably, follow its events.
+
+The gateway is a client like any agent: the prompt goes into the intake stream and the
+answer is read from ``<prefix>.events.<session>.*``. The events subscription is made before
+the publish (one connection keeps order), so no event of the turn can be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError
+from pydantic import BaseModel, ValidationError
+
+from schemas.errors import ErrorCode, InferError
+from schemas.messages import (
+    AbortedEvent,
+    AbortRequest,
+    AcceptedEvent,
+    CommitEvent,
+    DoneEvent,
+    ErrorEvent,
+    PromptRequest,
+    StartedEvent,
+    TokenEvent,
+)
+from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects
+
+_EVENTS: dict[str, type[BaseModel]] = {
+    EventKind.ACCEPTED: AcceptedEvent,
+    EventKind.STARTED: StartedEvent,
+    EventKind.TOKEN: TokenEvent,
+    EventKind.DONE: DoneEvent,
+    EventKind.COMMIT: CommitEvent,
+    EventKind.ABORTED: AbortedEvent,
+    EventKind.ERROR: ErrorEvent,
+}
+_QUEUE_LIMIT = 65_536
+"""Events one turn may have waiting (a client that reads slower than the model writes)."""
+
+
+class TurnAbortedError(Exception):
+    """The turn was aborted (by a client, an operator or a shutdown)."""
+
+    def __init__(self, event: AbortedEvent) -> None:
+        super().__init__(f"the turn was aborted ({event.reason})")
+        self.event = event
+
+
+class DuplicatePromptError(Exception):
+    """JetStream had already stored this idempotency key: another request carries it."""
+
+
+@dataclass
+class NodeTurn:
+    """The events of the turn that answers one prompt."""
+
+    nc: Client
+    subjects: Subjects
+    session: str
+    prompt: PromptRequest
+    timeout: float
+    turn_id: str | None = None
+    message_ids: tuple[str, ...] = ()
+    done: DoneEvent | None = None
+    commit: CommitEvent | None = None
+    _queue: asyncio.Queue[BaseModel] = field(default_factory=lambda: asyncio.Queue(_QUEUE_LIMIT))
+    _sub: Subscription | None = None
+    _deadline: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """The prompt's idempotency key."""
+        assert self.prompt.idempotency_key is not None
+        return self.prompt.idempotency_key
+
+    async def start(self) -> AcceptedEvent:
+        """Publish the prompt and wait until the session recorded it (or refused it)."""
+        self._deadline = asyncio.get_running_loop().time() + self.timeout
+        self._sub = await self.nc.subscribe(
+            self.subjects.events_all(self.session), cb=self._on_event
+        )
+        try:
+            ack = await self.nc.jetstream().publish(
+                self.subjects.prompt(self.session), self.prompt.model_dump_json().encode(),
+                headers={MSG_ID_HEADER: self.key}, timeout=min(self.timeout, 10.0),
+            )
+        except APIError as e:
+            raise InferError(
+                ErrorCode.BUSY, f"the node's intake refused the prompt ({e.description}); "
+                "retry shortly", {"retry_after_s": 1},
+            ) from e
+        except (NoRespondersError, NatsTimeoutError, TimeoutError) as e:
+            raise InferError(
+                ErrorCode.UNAVAILABLE, "no node took the prompt; is `infernode up` running "
+                "against this NATS server?",
+            ) from e
+        if ack.duplicate:
+            raise DuplicatePromptError(self.key)
+        while True:
+            event = await self._next()
+            if isinstance(event, AcceptedEvent) and event.idempotency_key == self.key:
+                self.message_ids = event.message_ids
+                return event
+            if isinstance(event, ErrorEvent) and event.idempotency_key == self.key:
+                raise InferError(event.code, event.message, event.details)
+
+    async def events(self) -> AsyncIterator[TokenEvent | DoneEvent | CommitEvent]:
+        """Tokens, then done, then commit; raises on an error event or an abort."""
+        while self.commit is None:
+            event = await self._next()
+            if isinstance(event, StartedEvent) and set(event.parent_ids) & set(self.message_ids):
+                self.turn_id = event.turn_id
+            elif self.turn_id is None or getattr(event, "turn_id", None) != self.turn_id:
+                continue
+            elif isinstance(event, ErrorEvent):
+                raise InferError(event.code, event.message, event.details)
+            elif isinstance(event, AbortedEvent):
+                raise TurnAbortedError(event)
+            elif isinstance(event, TokenEvent | DoneEvent | CommitEvent):
+                if isinstance(event, DoneEvent):
+                    self.done = event
+                elif isinstance(event, CommitEvent):
+                    self.commit = event
+                yield event
+
+    async def abort(self, reason: str) -> None:
+        """Ask the node to stop this session's running turn (best effort)."""
+        body = AbortRequest(reason=reason).model_dump_json().encode()
+        try:
+            await self.nc.request(self.subjects.abort(self.session), body, timeout=5.0)
+        except Exception:  # the node may be gone; the turn then ends on its own
+            return
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # a closed connection has nothing to unsubscribe
+                pass
+            self._sub = None
+
+    async def _next(self) -> BaseModel:
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._queue.get(), max(remaining, 0.001))
+        except TimeoutError:
+            raise InferError(
+                ErrorCode.UNAVAILABLE,
+                f"the node did not finish the turn within {self.timeout:g} s",
+                {"retry_after_s": 5},
+            ) from None
+
+    async def _on_event(self, msg: Msg) -> None:
+        kind = self.subjects.event_kind(msg.subject)
+        model = _EVENTS.get(kind)
+        if model is None:
+            return
+        try:
+            event = model.model_validate_json(msg.data)
+        except ValidationError:  # another node version's event: not ours to read
+            return
+        if self._queue.full():  # a stalled reader; the turn fails rather than grows memory
+            return
+        self._queue.put_nowait(event)
