@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bank")
 
+SHARED_HEAD = 16
+"""Tokens an entry of another session must share with a prompt to be compared at all."""
+SHARED_CANDIDATES = 32
+"""Other sessions' entries compared per lookup (most recently used first)."""
+
 
 @dataclass
 class BankEntry:
@@ -84,6 +89,9 @@ class BankStore:
         self.max_session_bytes = max_session_bytes
         self.durable: DurableTier | None = None
         self._entries: dict[str, list[BankEntry]] = {}
+        self._by_head: dict[tuple[int, ...], list[BankEntry]] = {}
+        """Entries of every session by their first ``SHARED_HEAD`` tokens: content-addressed
+        lookups (a fork, a shared system prompt) only compare entries that can match."""
         self._lock = threading.Lock()
         self._bytes = 0
         self.evictions = 0
@@ -106,6 +114,8 @@ class BankStore:
                     entry.durable = entry.durable or (same and old.durable)
                     self._drop(old)
             self._entries.setdefault(entry.meta.session, []).append(entry)
+            if len(entry.meta.tokens) >= SHARED_HEAD:
+                self._by_head.setdefault(entry.meta.tokens[:SHARED_HEAD], []).append(entry)
             self._bytes += entry.nbytes
             self.stored += 1
             self._enforce_caps(entry.meta.session)
@@ -132,12 +142,14 @@ class BankStore:
         return True
 
     def best_match(self, session: str, tokens: Sequence[int], compat: Compat) -> BankMatch:
-        """The snapshot of ``session`` sharing the longest token prefix with ``tokens``.
+        """The snapshot sharing the longest token prefix with ``tokens``: one of
+        ``session``'s, or content-addressed, one of another session's RAM entries.
 
         Blocking when the best one lies in the durable tier: call on a slot thread.
         """
         with self._lock:
             ram = [(e.meta, e) for e in self._entries.get(session, ())]
+            ram += [(e.meta, e) for e in self._shared(session, tokens)]
         durable = self.durable.entries(session) if self.durable else []
         best: tuple[SnapshotMeta, BankEntry | None] | None = None
         best_n, refused = 0, None
@@ -233,6 +245,17 @@ class BankStore:
             out.update({f"durable_{k}": v for k, v in self.durable.stats().items()})
         return out
 
+    def _shared(self, session: str, tokens: Sequence[int]) -> list[BankEntry]:
+        """Other sessions' entries that start like ``tokens``, most recently used first.
+
+        Restoring one is safe: only the common prefix is kept, and the KV state of the same
+        tokens under the same model and template is the same whoever computed it.
+        """
+        same_head = self._by_head.get(tuple(tokens[:SHARED_HEAD]), [])
+        others = [e for e in same_head if e.meta.session != session]
+        others.sort(key=lambda e: e.meta.last_access, reverse=True)
+        return others[:SHARED_CANDIDATES]
+
     def _drop(self, entry: BankEntry) -> None:
         mine = self._entries.get(entry.meta.session, [])
         if entry in mine:
@@ -240,6 +263,13 @@ class BankStore:
             self._bytes -= entry.nbytes
         if not mine:
             self._entries.pop(entry.meta.session, None)
+        key = entry.meta.tokens[:SHARED_HEAD]
+        # By identity: entries compare by value, and their bytes can be megabytes.
+        rest = [e for e in self._by_head.get(key, ()) if e is not entry]
+        if rest:
+            self._by_head[key] = rest
+        else:
+            self._by_head.pop(key, None)
 
     def _evict(self, entry: BankEntry) -> None:
         self._drop(entry)
