@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 from pydantic import BaseModel, ValidationError
 
 from schemas.errors import ErrorCode, InferError
@@ -97,7 +97,7 @@ class NodeTurn:
                 ErrorCode.BUSY, f"the node's intake refused the prompt ({e.description}); "
                 "retry shortly", {"retry_after_s": 1},
             ) from e
-        except (NoRespondersError, NatsTimeoutError, TimeoutError) as e:
+        except (NoRespondersError, NoStreamResponseError, NatsTimeoutError, TimeoutError) as e:
             raise InferError(
                 ErrorCode.UNAVAILABLE, "no node took the prompt; is `infernode up` running "
                 "against this NATS server?",
