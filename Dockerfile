@@ -11,6 +11,6 @@ RUN pip install . && useradd --create-home --uid 1000 infernode && mkdir -p /dat
     && chown infernode /data
 USER 1000
 VOLUME ["/data"]
-EXPOSE 9464
+EXPOSE 9464 8000
 ENTRYPOINT []
 CMD ["infernode", "up", "--data-dir", "/data"]

@@ -260,3 +260,7 @@ class Subjects:
     def service_name(self) -> str:
         """Name under which the node registers as a NATS micro service."""
         return "infernode"
+
+    def service_info(self) -> str:
+        """The micro service's INFO subject (its metadata names the model file)."""
+        return f"$SRV.INFO.{self.service_name}"

@@ -247,3 +247,19 @@ def test_dockerignore_keeps_models_data_and_environments_out_of_the_build_contex
         for source in sources.split():
             assert not _dockerignored(f"{source.rstrip('/')}/x.py" if "." not in source
                                       else source, patterns), source
+
+
+def test_compose_openai_profile_runs_the_gateway_with_keys_beyond_loopback(compose):
+    """The gateway service parses with the real CLI, listens on 0.0.0.0 only with API keys
+    from a secret, and waits for a healthy node."""
+    gateway = compose["services"]["gateway"]
+    assert gateway["profiles"] == ["openai"]
+    _parses(gateway["command"])
+    command = gateway["command"]
+    assert command[1] == "openai" and command[command.index("--host") + 1] == "0.0.0.0"
+    keys = command[command.index("--api-keys") + 1]
+    assert keys == f"/run/secrets/{gateway['secrets'][0]}"
+    assert gateway["secrets"][0] in compose["secrets"]
+    port = command[command.index("--port") + 1]
+    assert f"{port}:{port}" in gateway["ports"]
+    assert gateway["depends_on"]["node"]["condition"] == "service_healthy"

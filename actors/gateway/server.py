@@ -9,8 +9,10 @@ connections beyond ``max_connections`` are closed as they arrive.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 import structlog
 import uvicorn
@@ -151,7 +153,12 @@ class Gateway:
             self._socket = None
 
     async def _model_name(self) -> str:
+        """The node's model file name (from its micro service metadata), else its health."""
         try:
+            msg = await self.nc.request(self.subjects.service_info(), b"", timeout=2)
+            path = json.loads(msg.data).get("metadata", {}).get("model")
+            if path:
+                return PurePath(path).stem
             msg = await self.nc.request(self.subjects.admin(AdminVerb.HEALTH), b"{}", timeout=2)
             return HealthReply.model_validate_json(msg.data).model
         except Exception as e:  # no node yet: the gateway still serves once one comes
