@@ -1,4 +1,5 @@
-"""The engine and grammar benchmarks run end to end in their quick modes; no speed is asserted."""
+"""The engine, grammar and gateway benchmarks run end to end in their quick modes; no speed
+is asserted."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ GRAMMAR_RATIO_LINES = (
 )
 
 
-def _check_quick_run(script: str, names: tuple[str, ...]) -> None:
+def _check_quick_run(script: str, names: tuple[str, ...], timeout: float = 60) -> list[str]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +41,7 @@ def _check_quick_run(script: str, names: tuple[str, ...]) -> None:
         value, _op, _target, verdict = line[len(name) :].split()
         float(value)  # measured, whatever it is
         assert verdict in ("PASS", "FAIL")
+    return lines
 
 
 @pytest.mark.timeout(90)
@@ -53,3 +55,19 @@ def test_quick_engine_benchmark_prints_every_ratio_and_exits_0() -> None:
 def test_quick_grammar_benchmark_prints_both_ratios_and_exits_0() -> None:
     """`python bench/grammar.py --quick` prints the grammar and tool-loop ratios, exit 0."""
     _check_quick_run("grammar.py", GRAMMAR_RATIO_LINES)
+
+
+GATEWAY_RATIO_LINES = (
+    "TTFT turns>=2: ours / llama_cpp.server",
+    "prefix hit: cached / reusable tokens",
+    "gateway overhead p50 ms (over NATS direct)",
+)
+
+
+@pytest.mark.timeout(150)
+def test_quick_gateway_benchmark_prints_every_ratio_and_exits_0() -> None:
+    """`python bench/gateway.py --quick` prints each ratio with a verdict, exit 0; the prefix
+    hit of the stateless conversations is measured and meets its target."""
+    lines = _check_quick_run("gateway.py", GATEWAY_RATIO_LINES, timeout=140)
+    hit = next(x for x in lines if x.startswith(GATEWAY_RATIO_LINES[1]))
+    assert float(hit[len(GATEWAY_RATIO_LINES[1]):].split()[0]) >= 0.95, hit

@@ -30,7 +30,7 @@ from schemas.gateway import StoredAnswer
 from schemas.messages import CommitEvent, DoneEvent, TokenEvent
 from schemas.subjects import Subjects
 
-log = structlog.get_logger("gateway").bind(actor="gateway")
+log = structlog.get_logger("gateway")
 
 _TOOL_OPEN = "<tool_call>"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -29,6 +30,8 @@ M = TypeVar("M", ConversationEntry, SessionChain, StoredAnswer)
 
 ANSWER_TTL_S = 24 * 3600.0
 """How long an ``Idempotency-Key`` answer is kept for retries."""
+KNOWN_ENTRIES = 65_536
+"""Prefix entries a gateway keeps in memory (about 10 MiB)."""
 MAX_LOOKUPS = 64
 """Longest conversations try their 64 longest prefixes (a new conversation stops there)."""
 
@@ -73,6 +76,10 @@ class ConversationIndex:
     def __init__(self, conversations: KeyValue, answers: KeyValue) -> None:
         self.conversations = conversations
         self.answers = answers
+        # Prefix entries this gateway read or wrote. A stale one is harmless: the call sends
+        # its generation as expect_generation, and a session that moved on answers 409 (a
+        # fork), so the bucket is read only on a miss.
+        self._known: OrderedDict[str, ConversationEntry] = OrderedDict()
 
     @classmethod
     async def open(cls, js: JetStreamContext, subjects: Subjects) -> ConversationIndex:
@@ -92,18 +99,30 @@ class ConversationIndex:
     ) -> tuple[int, ConversationEntry] | None:
         """The longest of the first ``upto`` prefixes that is a committed conversation."""
         for n in range(upto, max(upto - MAX_LOOKUPS, 0), -1):
-            entry = await self._get(self.conversations, f"p.{links[n - 1]}", ConversationEntry)
+            key = f"p.{links[n - 1]}"
+            entry = self._known.get(key)
+            if entry is None:
+                entry = await self._get(self.conversations, key, ConversationEntry)
             if entry is not None:
+                self._remember(key, entry)
                 return n, entry
         return None
+
+    def _remember(self, key: str, entry: ConversationEntry) -> None:
+        self._known[key] = entry
+        self._known.move_to_end(key)
+        while len(self._known) > KNOWN_ENTRIES:
+            self._known.popitem(last=False)
 
     async def committed(self, links: Sequence[str], session: str, generation: int) -> None:
         """The conversation ``links`` is committed in ``session`` at ``generation``."""
         entry = ConversationEntry(session=session, generation=generation, messages=len(links))
         await self.conversations.put(f"p.{links[-1]}", entry.model_dump_json().encode())
+        self._remember(f"p.{links[-1]}", entry)
 
     async def forget_prefix(self, link: str) -> None:
         """A conversation can no longer be continued where it was (its turn was aborted)."""
+        self._known.pop(f"p.{link}", None)
         await self.conversations.delete(f"p.{link}")
 
     async def session_chain(self, session: str) -> SessionChain | None:

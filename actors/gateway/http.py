@@ -34,7 +34,7 @@ from actors.gateway.responses import (
 from actors.gateway.wire import parse_request
 from schemas.errors import ErrorCode, InferError
 
-log = structlog.get_logger("gateway").bind(actor="gateway")
+log = structlog.get_logger("gateway")
 
 SESSION_HEADER = "X-Session-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"

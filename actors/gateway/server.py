@@ -26,7 +26,7 @@ from actors.gateway.sessions import SessionRouter
 from schemas.admin import HealthReply
 from schemas.subjects import AdminVerb, Subjects
 
-log = structlog.get_logger("gateway").bind(actor="gateway")
+log = structlog.get_logger("gateway")
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
