@@ -40,7 +40,15 @@ if __package__ in (None, ""):
 
 import httpx  # noqa: E402
 
-from bench.common import Chatter, Ratio, bench_model, median, pct, print_table, quiet_logs  # noqa: E402
+from bench.common import (  # noqa: E402
+    Chatter,
+    Ratio,
+    bench_model,
+    median,
+    pct,
+    print_table,
+    quiet_logs,
+)
 from node.app import Node  # noqa: E402
 from node.client import InfernodeClient  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
@@ -147,11 +155,20 @@ async def conversations(
                 if t > 0:
                     ttfts.append(ttft)
                 if t > 0 and prev:  # llama_cpp.server streams no usage
-                    details = usage.get("prompt_tokens_details") or {}
-                    cached += int(details.get("cached_tokens") or 0)  # type: ignore[union-attr]
-                    reusable += int(prev["prompt_tokens"]) + int(prev["completion_tokens"])  # type: ignore[call-overload]
+                    cached += _cached(usage)
+                    reusable += _count(prev, "prompt_tokens") + _count(prev, "completion_tokens")
                 previous[c] = usage
     return ttfts, cached, reusable
+
+
+def _count(usage: dict[str, object], name: str) -> int:
+    value = usage.get(name)
+    return value if isinstance(value, int) else 0
+
+
+def _cached(usage: dict[str, object]) -> int:
+    details = usage.get("prompt_tokens_details")
+    return _count(details, "cached_tokens") if isinstance(details, dict) else 0
 
 
 async def overhead(node: Node, base: str, pairs: int, max_tokens: int) -> list[float]:
@@ -191,11 +208,12 @@ async def overhead(node: Node, base: str, pairs: int, max_tokens: int) -> list[f
 async def main(args: argparse.Namespace) -> None:
     quiet_logs()
     model = args.model or (bench_model(TINY, "tiny") if args.quick else default_model())
+    engine = "auto" if args.quick and args.model is None else args.engine
     threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
     n_conv, turns = (2, 3) if args.quick else (args.conversations, args.turns)
     max_tokens, words = (4, 8) if args.quick else (16, 40)
     with tempfile.TemporaryDirectory() as tmp:
-        config = NodeConfig(data_dir=Path(tmp), model=model, engine=args.engine, threads=threads,
+        config = NodeConfig(data_dir=Path(tmp), model=model, engine=engine, threads=threads,
                             openai_port=0, log_level="warning", n_ctx=args.ctx)
         async with Node(config) as node, llama_cpp_server(model, threads, args.ctx) as theirs:
             assert node.gateway is not None
@@ -225,7 +243,8 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--engine", default="auto")
+    # The same llama.cpp build as the server it is compared with.
+    p.add_argument("--engine", default="llama-cpp")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--conversations", type=int, default=4)

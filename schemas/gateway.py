@@ -52,3 +52,18 @@ class StoredAnswer(Frozen):
     """Session id the client saw (``X-Session-Id``)."""
     completion: str
     """The chat completion object, as JSON."""
+
+
+def prefix_key(link: str) -> str:
+    """KV key of the conversation whose hash chain ends in ``link``."""
+    return f"p.{link}"
+
+
+def session_key(session: str) -> str:
+    """KV key of a named session's chain."""
+    return f"s.{session}"
+
+
+def answer_key(digest: str) -> str:
+    """KV key of the answer kept for a scoped idempotency key."""
+    return f"i.{digest}"

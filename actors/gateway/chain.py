@@ -23,7 +23,14 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from schemas.chat import ChatMessage
-from schemas.gateway import ConversationEntry, SessionChain, StoredAnswer
+from schemas.gateway import (
+    ConversationEntry,
+    SessionChain,
+    StoredAnswer,
+    answer_key,
+    prefix_key,
+    session_key,
+)
 from schemas.subjects import Subjects
 
 M = TypeVar("M", ConversationEntry, SessionChain, StoredAnswer)
@@ -99,7 +106,7 @@ class ConversationIndex:
     ) -> tuple[int, ConversationEntry] | None:
         """The longest of the first ``upto`` prefixes that is a committed conversation."""
         for n in range(upto, max(upto - MAX_LOOKUPS, 0), -1):
-            key = f"p.{links[n - 1]}"
+            key = prefix_key(links[n - 1])
             entry = self._known.get(key)
             if entry is None:
                 entry = await self._get(self.conversations, key, ConversationEntry)
@@ -117,29 +124,29 @@ class ConversationIndex:
     async def committed(self, links: Sequence[str], session: str, generation: int) -> None:
         """The conversation ``links`` is committed in ``session`` at ``generation``."""
         entry = ConversationEntry(session=session, generation=generation, messages=len(links))
-        await self.conversations.put(f"p.{links[-1]}", entry.model_dump_json().encode())
-        self._remember(f"p.{links[-1]}", entry)
+        await self.conversations.put(prefix_key(links[-1]), entry.model_dump_json().encode())
+        self._remember(prefix_key(links[-1]), entry)
 
     async def forget_prefix(self, link: str) -> None:
         """A conversation can no longer be continued where it was (its turn was aborted)."""
-        self._known.pop(f"p.{link}", None)
-        await self.conversations.delete(f"p.{link}")
+        self._known.pop(prefix_key(link), None)
+        await self.conversations.delete(prefix_key(link))
 
     async def session_chain(self, session: str) -> SessionChain | None:
         """What the gateways know of a named session."""
-        return await self._get(self.conversations, f"s.{session}", SessionChain)
+        return await self._get(self.conversations, session_key(session), SessionChain)
 
     async def put_session_chain(self, value: SessionChain) -> None:
         """Record a named session's committed conversation."""
-        await self.conversations.put(f"s.{value.session}", value.model_dump_json().encode())
+        await self.conversations.put(session_key(value.session), value.model_dump_json().encode())
 
     async def answer(self, key: str) -> StoredAnswer | None:
         """The kept answer of an idempotency key."""
-        return await self._get(self.answers, f"i.{key}", StoredAnswer)
+        return await self._get(self.answers, answer_key(key), StoredAnswer)
 
     async def keep_answer(self, key: str, value: StoredAnswer) -> None:
         """Keep an answer for retries of its idempotency key."""
-        await self.answers.put(f"i.{key}", value.model_dump_json().encode())
+        await self.answers.put(answer_key(key), value.model_dump_json().encode())
 
     @staticmethod
     async def _get(
