@@ -166,6 +166,21 @@ async def test_client_leaving_mid_stream_aborts_the_turn(make_node, nc):
     assert history.generation == 0
 
 
+async def test_client_leaving_before_a_non_streamed_answer_aborts_the_turn(make_node, nc):
+    """A non-streamed call whose client goes away once tokens flow aborts the turn too."""
+    node, base = await _gateway_node(make_node)
+    events = await EventCollector.start(nc, S.events_all("quitter"))
+    body = {"model": "any", "messages": [_user("talk")], "max_tokens": 4000, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as http:
+        call = asyncio.ensure_future(http.post(f"{base}/chat/completions", json=body,
+                                               headers={"X-Session-Id": "quitter"}))
+        await events.wait_until(lambda ms: any(m.subject.endswith(".token") for m in ms))
+        call.cancel()  # httpx closes the connection
+        await asyncio.gather(call, return_exceptions=True)
+    await events.wait_until(lambda ms: any(m.subject.endswith(".aborted") for m in ms))
+    assert (await _history(node.url, "quitter")).generation == 0
+
+
 async def test_retries_with_one_idempotency_key_are_answered_once(make_node):
     """A retried request with the same Idempotency-Key gets the same answer, one turn."""
     node, base = await _gateway_node(make_node)

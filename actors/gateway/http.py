@@ -208,6 +208,7 @@ async def _complete_unless_gone(request: Request, call: OpenCall) -> dict[str, A
     await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
     if not answer.done():
+        log.info("gateway_client_gone", session=call.plan.session)
         answer.cancel()  # the call's cleanup aborts the turn
         await asyncio.gather(answer, return_exceptions=True)
         raise ClientDisconnect()

@@ -149,9 +149,11 @@ class NodeTurn:
             self._sub = None
 
     async def _next(self) -> BaseModel:
-        remaining = self._deadline - asyncio.get_running_loop().time()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as an event arrives, and a client gone mid-answer would not abort the turn.
         try:
-            return await asyncio.wait_for(self._queue.get(), max(remaining, 0.001))
+            async with asyncio.timeout_at(self._deadline):
+                return await self._queue.get()
         except TimeoutError:
             raise InferError(
                 ErrorCode.UNAVAILABLE,
