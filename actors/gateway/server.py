@@ -155,7 +155,7 @@ class Gateway:
     async def _model_name(self) -> str:
         """The node's model file name (from its micro service metadata), else its health."""
         try:
-            msg = await self.nc.request(self.subjects.service_info(), b"", timeout=2)
+            msg = await self.nc.request(self.subjects.service_info(), b"{}", timeout=2)
             path = json.loads(msg.data).get("metadata", {}).get("model")
             if path:
                 return PurePath(path).stem
