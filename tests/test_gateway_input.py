@@ -162,3 +162,19 @@ async def test_no_node_behind_the_gateway_is_a_503(nc):
             httpx.AsyncClient(timeout=30) as http:
         r = await http.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", json=CHAT)
     assert _error(r, 503)["code"] == "unavailable" and r.headers["retry-after"]
+
+
+def test_openai_sampling_fields_map_one_to_one_onto_the_prompt():
+    """Temperature, top_p, top_k, penalties, seed, stop, max tokens and model reach the prompt."""
+    from actors.gateway.wire import parse_request, prompt_for
+
+    req = parse_request(b'{"model": "m1", "messages": [{"role": "user", "content": "x"}], '
+                        b'"temperature": 0.3, "top_p": 0.5, "top_k": 7, "seed": 9, '
+                        b'"frequency_penalty": 0.4, "presence_penalty": -0.2, "stop": "END", '
+                        b'"max_completion_tokens": 33, "repeat_penalty": 1.3}')
+    prompt = prompt_for(req, req.chat_messages(), "k" * 8, 2)
+    s = prompt.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.seed) == (0.3, 0.5, 7, 9)
+    assert (s.frequency_penalty, s.presence_penalty, s.repeat_penalty) == (0.4, -0.2, 1.3)
+    assert prompt.stop == ("END",) and prompt.max_tokens == 33 and prompt.model == "m1"
+    assert prompt.expect_generation == 2 and prompt.idempotency_key == "k" * 8

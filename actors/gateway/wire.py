@@ -137,10 +137,10 @@ class ChatCompletionRequest(_Lenient):
     """Ignored."""
     service_tier: str | None = None
     """Ignored."""
-    frequency_penalty: float | None = None
-    """Ignored (see ``repeat_penalty``)."""
-    presence_penalty: float | None = None
-    """Ignored (see ``repeat_penalty``)."""
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    """Penalty growing with how often a token already appeared."""
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    """Penalty on any token that already appeared."""
     logit_bias: dict[str, float] | None = None
     """Ignored."""
     logprobs: Literal[False] | None = None
@@ -207,6 +207,8 @@ def prompt_for(
         top_p=req.top_p or base.top_p,
         top_k=base.top_k if req.top_k is None else req.top_k,
         repeat_penalty=req.repeat_penalty or base.repeat_penalty,
+        frequency_penalty=req.frequency_penalty or base.frequency_penalty,
+        presence_penalty=req.presence_penalty or base.presence_penalty,
         seed=req.seed,
     )
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -215,7 +217,8 @@ def prompt_for(
         return PromptRequest(
             messages=messages, sampling=sampling, stop=stop,
             max_tokens=max_tokens or PromptRequest.model_fields["max_tokens"].default,
-            idempotency_key=key, expect_generation=expect_generation,
+            idempotency_key=key, expect_generation=expect_generation, model=req.model,
+            user=req.user,
         )
     except ValidationError as e:
         raise InferError(ErrorCode.BAD_REQUEST, _sentence(e), {"param": _param(e)}) from e
