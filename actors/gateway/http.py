@@ -229,6 +229,8 @@ def _replay(completion: str, session: str, stream: bool) -> Response:
     shape = CompletionShape(body["id"], body["model"])
     choice = body["choices"][0]
     delta = {k: v for k, v in choice["message"].items() if v is not None}
+    if "tool_calls" in delta:  # stream deltas number their calls
+        delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
 
     async def lines() -> AsyncIterator[str]:
         yield shape.chunk(delta)
