@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from actors.gateway import Gateway, GatewayBindError, GatewaySettings
-from node.app import gateway_settings
+from node.wiring import gateway_settings
 from node.client import InfernodeClient
 from node.config import ConfigError, NodeConfig
 from schemas.subjects import Subjects
