@@ -200,7 +200,8 @@ class Admission(Actor):
                 {"bytes": len(msg.data), "limit": self.max_prompt_bytes},
             )
         try:
-            prompt = PromptRequest.model_validate_json(msg.data)
+            # Strict: a wrong JSON type ("10", true for a number) is refused, never coerced.
+            prompt = PromptRequest.model_validate_json(msg.data, strict=True)
         except ValidationError as e:
             sentence = validation_sentence(e)
             raise InferError(ErrorCode.BAD_REQUEST, f"invalid prompt: {sentence}") from e

@@ -97,7 +97,7 @@ class AdminActor(Actor):
 
     async def on_session(self, data: bytes) -> HistoryReply:
         """The record log of one session, honest about aborted turns."""
-        req = SessionRequest.model_validate_json(data)
+        req = SessionRequest.model_validate_json(data, strict=True)
         runner = self._host().runners.get(req.session)
         if runner is None:
             gone = req.session in self._host().tombstones
@@ -115,7 +115,7 @@ class AdminActor(Actor):
 
     async def on_delete(self, data: bytes) -> DeleteReply:
         """Delete a session: waits for an in-flight commit; its bank entries go too."""
-        req = SessionRequest.model_validate_json(data)
+        req = SessionRequest.model_validate_json(data, strict=True)
         if not is_session_id(req.session):
             raise InferError(ErrorCode.BAD_REQUEST, f"{req.session[:64]!r} is not a session id")
         reply = await self.nc.request(

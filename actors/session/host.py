@@ -146,7 +146,10 @@ class RunnerHost(Actor):
     async def on_abort(self, msg: Msg) -> None:
         """An agent aborts the running turn of a session (answered once it is recorded)."""
         session = self.subjects.session_of_abort(msg.subject)
-        body = AbortRequest.model_validate_json(msg.data) if msg.data.strip() else AbortRequest()
+        body = (
+            AbortRequest.model_validate_json(msg.data, strict=True)
+            if msg.data.strip() else AbortRequest()
+        )
         runner = self._known(session)
         # Waiting for the engine must not hold up other sessions' aborts: answer in a task.
         self.spawn(self._boundary(lambda m: self._answer_abort(m, runner, body), msg), "abort")
