@@ -135,7 +135,9 @@ class InfernodeClient:
             prompt = prompt.model_copy(update={"idempotency_key": key})
         js = self.nc.jetstream()
         await js.publish(
-            self.subjects.prompt(session), _body(prompt, extra), headers={MSG_ID_HEADER: key}
+            self.subjects.prompt(session), _body(prompt, extra),
+            # Session and key: unique even on a stream that de-duplicates across sessions.
+            headers={MSG_ID_HEADER: f"{session}:{key}"},
         )
         return key
 

@@ -17,7 +17,11 @@ from nats.js.errors import NotFoundError
 from schemas.subjects import Subjects
 
 DUPLICATE_WINDOW_S = 120.0
-"""How long JetStream remembers a ``Nats-Msg-Id`` to drop a retried publish."""
+"""How long JetStream remembers a record's ``Nats-Msg-Id`` to drop a retried append."""
+INTAKE_DUPLICATE_WINDOW_S = 0.1
+"""JetStream's de-duplication is stream-wide, so on the intake it would drop agent B's prompt
+for carrying the ``Nats-Msg-Id`` agent A used. It is kept to the server's minimum there;
+each session runner de-duplicates by idempotency key within its own session instead."""
 
 
 INTAKE_MAX_PROMPTS = 100_000
@@ -46,7 +50,7 @@ async def ensure_streams(
         subjects=[subjects.prompt_all()],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
-        duplicate_window=DUPLICATE_WINDOW_S,
+        duplicate_window=INTAKE_DUPLICATE_WINDOW_S,
         max_msg_size=max_msg_bytes,
         max_msgs=intake_max_prompts,
         max_bytes=intake_max_bytes,

@@ -5,6 +5,7 @@ Each model is frozen, refuses unknown fields, and carries a versioned ``type`` l
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -129,6 +130,11 @@ class PromptRequest(Frozen):
                 "call (tool_choice required or named); choose one"
             )
         return self
+
+    def digest(self) -> str:
+        """sha256 of what the prompt asks, its key and session left out: a retry's is equal."""
+        body = self.model_dump_json(exclude={"session", "idempotency_key"})
+        return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _merge(

@@ -54,6 +54,8 @@ class UserRecord(Frozen):
     """Sequence of the prompt in the intake stream (redeliveries are recognised by it)."""
     idempotency_key: str | None = None
     """Idempotency key of the prompt."""
+    prompt_digest: str | None = None
+    """``PromptRequest.digest()`` of the prompt: the key reused for another prompt is refused."""
     reply: bool = True
     """Whether the prompt asked for a turn."""
     params: TurnParams = TurnParams()

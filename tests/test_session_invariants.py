@@ -304,7 +304,7 @@ async def test_reply_false_appends_without_a_turn(node: FakeNode, nc: Client):
 
 
 async def test_a_republished_prompt_is_recorded_once(node: FakeNode, nc: Client):
-    """Given a prompt published twice with one idempotency key, it is recorded and answered once."""
+    """A prompt published twice with one key is recorded and answered once; the retry is told."""
     watch = await Session.watch(nc, "idem")
     prompt = PromptRequest(messages=(user("once"),), idempotency_key="k-1")
     for msg_id in ("a", "b"):  # two intake messages, one key
@@ -315,7 +315,11 @@ async def test_a_republished_prompt_is_recorded_once(node: FakeNode, nc: Client)
     await watch.commits(2)
     users = [r for r in await records(nc, "idem") if isinstance(r, UserRecord)]
     assert [u.message.content for u in users] == ["once", "barrier"]
-    assert len(watch.of("accepted")) == 2
+    # The retry is answered too: an accepted event naming the first one's records.
+    once = [e for e in watch.of("accepted") if e["idempotency_key"] == "k-1"]
+    assert [e["duplicate"] for e in once] == [False, True]
+    assert once[1]["message_ids"] == once[0]["message_ids"]
+    assert len(watch.of("accepted")) == 3
 
 
 # -- 4. generation counter ----------------------------------------------------------------

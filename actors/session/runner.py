@@ -167,11 +167,13 @@ class SessionRunner:
             err = InferError(ErrorCode.GONE, f"session {self.session} is being deleted")
             cmd.done.set_result(rejected(err))
             return
-        if len(seen) >= max(len(prompt.messages), 1) or (not seen and key and key in st.keys):
-            known = seen or st.keys.get(key or "", ())
+        if len(seen) >= max(len(prompt.messages), 1):  # a redelivery of what is recorded
             cmd.done.set_result(
-                AdmitReply(outcome="duplicate", message_ids=known, generation=st.generation)
+                AdmitReply(outcome="duplicate", message_ids=seen, generation=st.generation)
             )
+            return
+        if not seen and key and key in st.keys:
+            await self._repeated_key(cmd, key)
             return
         if not seen:  # a redelivery of a partly recorded prompt was checked the first time
             refusal = self._refusal(req)
@@ -192,6 +194,26 @@ class SessionRunner:
         if self.turn is None:
             await self._after_turn()
 
+    async def _repeated_key(self, cmd: Admit, key: str) -> None:
+        """A key seen before: a retry is answered ``duplicate``; another prompt is refused."""
+        st, prompt = self.state, cmd.req.prompt
+        first = st.key_digests.get(key)
+        if first is not None and first != prompt.digest():
+            cmd.done.set_result(rejected(InferError(
+                ErrorCode.CONFLICT,
+                f"idempotency key {key!r} was already used in session {self.session} for a "
+                "different prompt; nothing was recorded: use a new key for a new prompt",
+            )))
+            return
+        known = st.keys[key]
+        cmd.done.set_result(
+            AdmitReply(outcome="duplicate", message_ids=known, generation=st.generation)
+        )
+        await self.io.event(self.session, EventKind.ACCEPTED, AcceptedEvent(
+            session=self.session, message_ids=known, generation=st.generation,
+            idempotency_key=key, duplicate=True,
+        ))
+
     def _refusal(self, req: AdmitRequest) -> InferError | None:
         refused = refusal(self.state, req.prompt, self.turn is not None, self.limits)
         return refused or tool_refusal(self.state, req.prompt)
@@ -209,10 +231,12 @@ class SessionRunner:
                 ts=time.time(),
             ))
             self.state.tools = prompt.tools
+        digest = prompt.digest() if req.idempotency_key else None
         for m in prompt.messages[len(ids):]:
             record = UserRecord(
                 id=new_id("msg"), message=m, intake_seq=req.intake_seq,
                 idempotency_key=req.idempotency_key, reply=prompt.reply, params=params,
+                prompt_digest=digest,
                 ts=time.time(),
             )
             await self._append_or_retry(record)

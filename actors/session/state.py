@@ -90,6 +90,8 @@ class SessionState:
     """Record ids written for each intake sequence (a redelivery is recognised by it)."""
     keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Record ids written for each idempotency key."""
+    key_digests: dict[str, str] = field(default_factory=dict)
+    """Digest of the prompt each idempotency key was first recorded for."""
     records: int = 0
     recorded_bytes: int = 0
     """Bytes of every message the session recorded (user and assistant): its log's size."""
@@ -113,6 +115,10 @@ class SessionState:
             _remember(self.intake_seqs, record.intake_seq, record.id)
         if record.idempotency_key:
             _remember(self.keys, record.idempotency_key, record.id)
+            if record.prompt_digest:
+                self.key_digests.setdefault(record.idempotency_key, record.prompt_digest)
+                while len(self.key_digests) > SEEN_PER_SESSION:  # bounded as ``keys`` is
+                    del self.key_digests[next(iter(self.key_digests))]
 
     def pending_bytes(self) -> int:
         """Bytes of the messages waiting for a turn (or to join the history)."""
