@@ -177,6 +177,8 @@ class Admission(Actor):
             if e.code in TRANSIENT:
                 return await self._defer(msg, token, e)
             await self._reject(token, e, key, answer_to)
+            if prompt.relay_from is not None:  # the session whose answer it was hears why
+                await self._reject(prompt.relay_from, e, key, None)
             return await self._settle(msg, rejected=True)
         except Exception as e:  # no runner answered: leave it in the stream for later
             return await self._defer(msg, token, e)

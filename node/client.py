@@ -45,7 +45,14 @@ from schemas.messages import (
     TokenEvent,
 )
 from schemas.records import RERUN_REASONS
-from schemas.subjects import ERROR_HEADER, MSG_ID_HEADER, AdminVerb, Subjects, is_session_id
+from schemas.subjects import (
+    ERROR_HEADER,
+    MSG_ID_HEADER,
+    AdminVerb,
+    EventKind,
+    Subjects,
+    is_session_id,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -187,6 +194,41 @@ class InfernodeClient:
                 yield token
         finally:
             await sub.unsubscribe()
+
+    async def accept_relays(
+        self, session: str, sources: Sequence[str], timeout: float = 30.0
+    ) -> AcceptedEvent:
+        """Let ``session`` accept relayed answers from ``sources`` (replaces its last grant).
+
+        Returns once the grant is recorded: a relay published after it is let in.
+        """
+        prompt = PromptRequest(
+            accept_relays_from=tuple(sources), reply=False, idempotency_key=uuid.uuid4().hex
+        )
+        queue: asyncio.Queue[tuple[str, BaseModel]] = asyncio.Queue()
+
+        async def on_event(msg: Msg) -> None:
+            kind = msg.subject.rsplit(".", 1)[-1]
+            model = _EVENT_TYPES[kind]
+            queue.put_nowait((kind, model.model_validate_json(msg.data)))
+
+        subs = [
+            await self.nc.subscribe(self.subjects.events(session, kind), cb=on_event)
+            for kind in (EventKind.ACCEPTED, EventKind.ERROR)
+        ]
+        try:
+            await self.send(session, prompt)
+            while True:
+                _, event = await asyncio.wait_for(queue.get(), timeout)
+                if getattr(event, "idempotency_key", None) != prompt.idempotency_key:
+                    continue
+                if isinstance(event, ErrorEvent):
+                    raise InferError(event.code, event.message, event.details)
+                assert isinstance(event, AcceptedEvent)
+                return event
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
 
     async def complete(self, session: str, text: str, **kw: Any) -> TurnResult:
         """Send a prompt, follow its events, and return them once the turn is committed."""

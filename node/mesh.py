@@ -2,9 +2,10 @@
 
 Agent ``i`` owns session ``<name>-i``. A hop is one prompt to agent ``i``'s session with
 ``relay_to`` naming agent ``i+1``'s: agent ``i`` answers, and the node itself delivers that
-answer as a prompt to agent ``i+1``, which answers in turn. The next agent then takes the
-next hop. Every answer is printed with who said it. A hop whose turn fails (an ``error``
-event on either session) ends the run at once, naming the hop and the node's reason.
+answer as a prompt to agent ``i+1`` (which granted relays from agent ``i`` first), which
+answers in turn. The next agent then takes the next hop. Every answer is printed with who
+said it. A hop whose turn fails (an ``error`` event on either session) ends the run at once,
+naming the hop and the node's reason.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ async def run_mesh(
         model = DoneEvent if kind == EventKind.DONE.value else ErrorEvent
         answered.put_nowait((session, model.model_validate_json(msg.data)))
 
+    # Each agent lets its ring predecessor's answers in: nothing else can relay to it.
+    for i, session in enumerate(sessions):
+        await client.accept_relays(session, [sessions[i - 1]])
     subs = [
         await client.nc.subscribe(client.subjects.events(s, kind), cb=on_event)
         for s in sessions for kind in (EventKind.DONE, EventKind.ERROR)

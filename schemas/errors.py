@@ -9,6 +9,7 @@ class ErrorCode(StrEnum):
     """What went wrong, in words a client can branch on."""
 
     BAD_REQUEST = "bad_request"
+    FORBIDDEN = "forbidden"
     UNKNOWN_SESSION = "unknown_session"
     CONFLICT = "conflict"
     GONE = "gone"
@@ -21,6 +22,7 @@ class ErrorCode(StrEnum):
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.FORBIDDEN: 403,
     ErrorCode.UNKNOWN_SESSION: 404,
     ErrorCode.CONFLICT: 409,
     ErrorCode.GONE: 410,

@@ -70,7 +70,14 @@ class PromptRequest(Frozen):
     reply: bool = True
     """False appends the messages without running a turn."""
     relay_to: SessionId | None = None
-    """Another session that receives this turn's answer as a prompt."""
+    """Another session that receives this turn's answer as a prompt (if it granted it)."""
+    accept_relays_from: Annotated[tuple[SessionId, ...], Field(max_length=256)] | None = None
+    """Sessions whose relayed answers this session accepts; replaces the earlier grant
+    (``[]`` revokes all). Only who may publish to this session can grant, so a relay never
+    reaches a session its sender could not write to."""
+    relay_from: SessionId | None = None
+    """Set by the node on a relayed answer: the session it comes from. It is recorded only
+    when this session granted that source (``forbidden`` 403 otherwise)."""
     overflow: OverflowPolicy | None = None
     """When the history outgrows the context: ``refuse``, ``truncate`` or ``shift``; unset
     takes the node's ``--overflow``."""

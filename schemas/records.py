@@ -177,6 +177,19 @@ class AbortRecord(Frozen):
     """Unix time."""
 
 
+class RelayGrantRecord(Frozen):
+    """The sessions whose relayed answers this session accepts from now on."""
+
+    type: Literal["record.relay_grant.v1"] = "record.relay_grant.v1"
+    """Record type and version."""
+    id: str
+    """Record id."""
+    sources: tuple[str, ...]
+    """Granted source sessions; replaces the previous grant."""
+    ts: float
+    """Unix time."""
+
+
 class DeleteRecord(Frozen):
     """The session was deleted; records before it are history no more."""
 
@@ -196,6 +209,7 @@ Record = Annotated[
     | ProvisionalRecord
     | CommitRecord
     | AbortRecord
+    | RelayGrantRecord
     | DeleteRecord,
     Field(discriminator="type"),
 ]

@@ -68,10 +68,11 @@ async def test_client_abort_raises_turn_aborted_for_the_prompting_agent(make_nod
 
 
 async def test_relay_to_sends_the_answer_as_a_prompt_to_the_other_session(make_node, nc):
-    """Given relay_to, the finished answer arrives as a user message of the other session."""
+    """Given relay_to and the target's grant, the answer arrives as a user message there."""
     node = await make_node()
     target = await EventCollector.start(nc, S.events_all("relay-b"))
     async with InfernodeClient(node.url) as c:
+        await c.accept_relays("relay-b", ["relay-a"])
         result = await c.complete("relay-a", "pass this on", relay_to="relay-b", max_tokens=6,
                              sampling=GREEDY)
         await target.wait_until(lambda ms: any(m.subject.endswith(".commit") for m in ms), 60)

@@ -43,13 +43,45 @@ def refusal(
     bound = _byte_bound(st, prompt, limits)
     if bound is not None:
         return bound
-    if not prompt.messages and not (prompt.reply and st.has_deferred()):
+    if prompt.relay_from is not None and prompt.relay_from not in st.relay_grants:
+        # The node relays with its own credentials: the target's grant is the authority.
+        return InferError(
+            ErrorCode.FORBIDDEN,
+            f"session {st.session} does not accept relays from {prompt.relay_from}: a prompt "
+            f"to {st.session} must first grant it with accept_relays_from",
+            {"relay_from": prompt.relay_from},
+        )
+    grant_only = prompt.accept_relays_from is not None
+    if not prompt.messages and not grant_only and not (prompt.reply and st.has_deferred()):
         return InferError(
             ErrorCode.BAD_REQUEST,
             "the prompt has no messages and no aborted turn waits for a retry; send at "
             "least one message",
         )
     return None
+
+
+def key_conflict(
+    st: SessionState, key: str, prompt: PromptRequest, ask: bool = False
+) -> InferError | None:
+    """A conflict when ``key`` was recorded for a different prompt, or for an ``ask`` (the
+    first ask gets the answer); None for a true retry of a prompt."""
+    if ask:
+        return InferError(
+            ErrorCode.CONFLICT,
+            f"an ask with idempotency key {key!r} was already accepted; its answer goes to "
+            f"that ask and is in the history of session {st.session}",
+            {"idempotency_key": key},
+        )
+    first = st.key_digests.get(key)
+    if first is None or first == prompt.digest():
+        return None
+    return InferError(
+        ErrorCode.CONFLICT,
+        f"idempotency key {key!r} was already used in session {st.session} for a different "
+        "prompt; nothing was recorded: use a new key for a new prompt",
+        {"idempotency_key": key},
+    )
 
 
 def generation_conflict(st: SessionState, expected: int, turn_running: bool) -> InferError | None:

@@ -117,13 +117,20 @@ class RunnerHost(Actor):
             )
         runner = self.runners.get(req.session)
         if runner is None:
+            if req.prompt.relay_from is not None:  # never creates a session: none granted it
+                raise InferError(
+                    ErrorCode.UNKNOWN_SESSION,
+                    f"session {req.session} does not exist, so it accepts no relays from "
+                    f"{req.prompt.relay_from}",
+                    {"relay_from": req.prompt.relay_from},
+                )
             if req.prompt.expect_generation:
                 raise InferError(
                     ErrorCode.UNKNOWN_SESSION,
                     f"session {req.session} does not exist, so it cannot be at generation "
                     f"{req.prompt.expect_generation}",
                 )
-            if not req.prompt.messages:
+            if not req.prompt.messages and req.prompt.accept_relays_from is None:
                 raise InferError(
                     ErrorCode.UNKNOWN_SESSION,
                     f"session {req.session} does not exist, so it has no turn to retry",

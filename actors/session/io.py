@@ -199,7 +199,8 @@ class BusIO:
         given = params or TurnParams()
         prompt = PromptRequest(
             messages=(ChatMessage(role="user", content=text, name=source),), idempotency_key=key,
-            sampling=given.sampling, stop=given.stop, max_tokens=given.max_tokens,
+            relay_from=source, sampling=given.sampling, stop=given.stop,
+            max_tokens=given.max_tokens,
         )
         await self.js.publish(
             self.subjects.prompt(target), encode(prompt), headers={MSG_ID_HEADER: key}

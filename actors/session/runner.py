@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
-from actors.session.admit import SessionLimits, refusal
+from actors.session.admit import SessionLimits, key_conflict, refusal
 from actors.session.io import RunnerIO
 from actors.session.mailbox import (
     Abort,
@@ -45,7 +45,14 @@ from actors.session.turn import (
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, GenerateRequest, GenerateResult
 from schemas.messages import AbortReply, AcceptedEvent, StartedEvent, StatusEvent
-from schemas.records import DeleteRecord, ToolsRecord, TurnParams, TurnStartRecord, UserRecord
+from schemas.records import (
+    DeleteRecord,
+    RelayGrantRecord,
+    ToolsRecord,
+    TurnParams,
+    TurnStartRecord,
+    UserRecord,
+)
 from schemas.subjects import EventKind
 
 log = structlog.get_logger("session_runner")
@@ -181,8 +188,10 @@ class SessionRunner:
                 cmd.done.set_result(rejected(refusal))
                 return
         ids = list(seen)
+        if not seen and prompt.accept_relays_from is not None:
+            await self._record_grant(prompt.accept_relays_from)
         await self._record_messages(req, ids)
-        if prompt.reply and not prompt.messages:
+        if prompt.reply and not prompt.messages and prompt.accept_relays_from is None:
             st.retry_deferred()
         cmd.done.set_result(
             AdmitReply(outcome="recorded", message_ids=tuple(ids), generation=st.generation)
@@ -197,13 +206,9 @@ class SessionRunner:
     async def _repeated_key(self, cmd: Admit, key: str) -> None:
         """A key seen before: a retry is answered ``duplicate``; another prompt is refused."""
         st, prompt = self.state, cmd.req.prompt
-        first = st.key_digests.get(key)
-        if first is not None and first != prompt.digest():
-            cmd.done.set_result(rejected(InferError(
-                ErrorCode.CONFLICT,
-                f"idempotency key {key!r} was already used in session {self.session} for a "
-                "different prompt; nothing was recorded: use a new key for a new prompt",
-            )))
+        conflict = key_conflict(st, key, prompt, ask=cmd.req.answer_to is not None)
+        if conflict is not None:
+            cmd.done.set_result(rejected(conflict))
             return
         known = st.keys[key]
         cmd.done.set_result(
@@ -217,6 +222,11 @@ class SessionRunner:
     def _refusal(self, req: AdmitRequest) -> InferError | None:
         refused = refusal(self.state, req.prompt, self.turn is not None, self.limits)
         return refused or tool_refusal(self.state, req.prompt)
+
+    async def _record_grant(self, sources: tuple[str, ...]) -> None:
+        record = RelayGrantRecord(id=new_id("grant"), sources=sources, ts=time.time())
+        await self._append_or_retry(record)
+        self.state.relay_grants = frozenset(sources)
 
     async def _record_messages(self, req: AdmitRequest, ids: list[str]) -> None:
         prompt = req.prompt
@@ -243,7 +253,9 @@ class SessionRunner:
             self.state.add_user(record)
             ids.append(record.id)
 
-    async def _append_or_retry(self, record: UserRecord | ToolsRecord) -> None:
+    async def _append_or_retry(
+        self, record: UserRecord | ToolsRecord | RelayGrantRecord
+    ) -> None:
         try:
             await self.io.append(self.session, record)
         except Exception as e:  # left in intake: admission offers it again

@@ -28,6 +28,7 @@ from schemas.records import (
     DeleteRecord,
     ProvisionalRecord,
     Record,
+    RelayGrantRecord,
     ToolsRecord,
     TurnStartRecord,
     UserRecord,
@@ -92,6 +93,8 @@ class SessionState:
     """Record ids written for each idempotency key."""
     key_digests: dict[str, str] = field(default_factory=dict)
     """Digest of the prompt each idempotency key was first recorded for."""
+    relay_grants: frozenset[str] = frozenset()
+    """Sessions whose relayed answers this session accepts (its latest grant)."""
     records: int = 0
     recorded_bytes: int = 0
     """Bytes of every message the session recorded (user and assistant): its log's size."""
@@ -252,6 +255,8 @@ def apply(state: SessionState, record: Record) -> None:
     elif isinstance(record, AbortRecord):
         parents = state.open_turn.parent_ids if state.open_turn else ()
         state.abort(_close_open_turn(state, parents), record.provisional_id, record.reason)
+    elif isinstance(record, RelayGrantRecord):
+        state.relay_grants = frozenset(record.sources)
     elif isinstance(record, ProvisionalRecord):
         pass
     elif isinstance(record, DeleteRecord):
