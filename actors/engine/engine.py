@@ -29,7 +29,7 @@ from actors.engine.interface import (
 from actors.engine.slots import Slot, SlotPool
 from actors.engine.stats import EngineStats
 from actors.engine.templates import ChatTemplate, parse_tool_calls
-from actors.engine.tokenizer import assistant_mark
+from actors.engine.tokenizer import assistant_mark, shield_nonce, shielded
 from actors.engine.tokens import token_hash
 from actors.engine.tool_stream import ToolCallStream
 from actors.engine.turn import decode, prefill
@@ -282,14 +282,15 @@ class SlotEngine:
         token ids."""
         messages: list[ChatMessage] = []
         spliced: dict[str, tuple[int, ...]] = {}
+        tokenizer, nonce = self.backend.tokenizer, shield_nonce()
         for i, m in enumerate(conversation):
             ids = assistant_tokens.get(i)
             if m.role == "assistant" and ids is not None:
                 mark = assistant_mark(i)
                 messages.append(ChatMessage(role="assistant", content=mark))
                 spliced[mark] = ids
-            else:
-                messages.append(m)
+            else:  # what an agent wrote is text: it never becomes a control token
+                messages.append(shielded(m, tokenizer, nonce))
         listed = [t.model_dump(exclude_none=True) for t in tools]
         try:
             text = self.template.render(messages, add_generation_prompt=True, tools=listed)
@@ -297,7 +298,7 @@ class SlotEngine:
             raise InferError(ErrorCode.BAD_REQUEST, f"the chat template failed: {e}") from e
         bos = self.backend.bos_text
         add_bos = not (bos and text.startswith(bos))
-        return self.backend.tokenizer.encode(text, add_bos, spliced)
+        return tokenizer.encode(text, add_bos, spliced, nonce)
 
     def _prepare(
         self, slot: Slot, session: str, tokens: list[int], resumed: bool
