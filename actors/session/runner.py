@@ -183,9 +183,9 @@ class SessionRunner:
             await self._repeated_key(cmd, key)
             return
         if not seen:  # a redelivery of a partly recorded prompt was checked the first time
-            refusal = self._refusal(req)
-            if refusal is not None:
-                cmd.done.set_result(rejected(refusal))
+            refused = self._refusal(req)
+            if refused is not None:
+                cmd.done.set_result(rejected(refused))
                 return
         ids = list(seen)
         if not seen and prompt.accept_relays_from is not None:
