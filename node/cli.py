@@ -136,6 +136,8 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--relay-to", default=None, help="send the answer on to this session")
+    p.add_argument("--accept-relays-from", action="append", default=None, metavar="OTHER",
+                   help="let OTHER's relayed answers into this session (repeat for more)")
     cli_client.add_connection_flags(p)
     p.set_defaults(command_fn=cli_client.prompt)
 

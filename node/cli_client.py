@@ -113,6 +113,7 @@ async def prompt(c: InfernodeClient, args: argparse.Namespace) -> int:
     async for token in c.prompt(
         args.session, args.text, sampling=sampling, max_tokens=args.max_tokens,
         timeout=args.timeout or 600.0, result=result, relay_to=args.relay_to,
+        accept_relays_from=args.accept_relays_from,
     ):
         print(token.text, end="", flush=True)
     done = result.done

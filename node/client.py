@@ -161,6 +161,7 @@ class InfernodeClient:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
+        accept_relays_from: Sequence[str] | None = None,
         timeout: float = 600.0,
         result: TurnResult | None = None,
     ) -> AsyncIterator[TokenEvent]:
@@ -176,6 +177,7 @@ class InfernodeClient:
             messages=_messages(text), sampling=sampling or SamplingParams(),
             max_tokens=max_tokens, stop=tuple(stop), expect_generation=expect_generation,
             relay_to=relay_to, idempotency_key=uuid.uuid4().hex,
+            accept_relays_from=None if accept_relays_from is None else tuple(accept_relays_from),
         )
         extra = _openai_extra(tools, tool_choice, response_format)
         out = result if result is not None else TurnResult()

@@ -14,7 +14,10 @@ to a session can grant. On ``node/examples/nats-agents.conf`` on a real nats-ser
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 
 from node.client import InfernodeClient
 from node.config import NodeConfig
@@ -94,3 +97,22 @@ async def test_relays_to_invented_session_ids_create_no_session(make_node, agent
         assert sessions == {"a-1", "a-2"}
     finally:
         await a.nc.close()
+
+
+async def test_cli_grants_relays_with_accept_relays_from(make_node, nc):
+    """`infernode prompt B "..." --accept-relays-from A` lets A's relayed answer into B."""
+    node = await make_node(**QUIET)
+    landed = await EventCollector.start(nc, S.events("cli-b", "commit"))
+    granted = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "node.cli", "prompt", "cli-b", "hello", "--max-tokens", "2",
+         "--accept-relays-from", "cli-a", "--nats-url", node.url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert granted.returncode == 0, granted.stderr
+    await landed.wait_until(lambda ms: len(ms) >= 1, timeout=30)
+    async with InfernodeClient(node.url) as client:
+        relayed = await client.ask("cli-a", "pass on", relay_to="cli-b", sampling=GREEDY,
+                                   max_tokens=3)
+    await landed.wait_until(lambda ms: len(ms) >= 2, timeout=30)
+    assert (await user_texts(node.url, "cli-b"))[-1] == relayed.text
