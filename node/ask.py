@@ -82,7 +82,8 @@ class AskDoor:
         try:
             ack = await self.js.publish(
                 self.subjects.prompt(session), encode(prompt),
-                headers={MSG_ID_HEADER: key, ANSWER_TO_HEADER: inbox},
+                # Session and key: JetStream de-duplicates ids across the whole stream.
+                headers={MSG_ID_HEADER: f"{session}:{key}", ANSWER_TO_HEADER: inbox},
             )
         except Exception as e:
             raise InferError(

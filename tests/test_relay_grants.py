@@ -59,7 +59,9 @@ async def test_relay_to_another_agents_session_is_refused_and_own_sessions_still
         errors = await relay_errors(a, "a-1")
         landed = await EventCollector.start(a.nc, S.events("a-2", "commit"))
         async with InfernodeClient(node.url, config=a.config()) as client_a:
-            await client_a.complete("a-1", "pass to b", relay_to="b-1", sampling=GREEDY, max_tokens=3)
+            await client_a.complete(
+                "a-1", "pass to b", relay_to="b-1", sampling=GREEDY, max_tokens=3
+            )
             (msg,) = await errors.wait_until(lambda ms: len(ms) >= 1, timeout=30)
             refusal = json.loads(msg.data)
             assert (refusal["code"], refusal["status"]) == ("forbidden", 403), refusal
@@ -86,7 +88,9 @@ async def test_relays_to_invented_session_ids_create_no_session(make_node, agent
         invented = [f"made-up-{i}" for i in range(4)]
         async with InfernodeClient(node.url, config=a.config()) as client_a:
             for target in invented:
-                await client_a.complete("a-1", "spam", relay_to=target, sampling=GREEDY, max_tokens=2)
+                await client_a.complete(
+                    "a-1", "spam", relay_to=target, sampling=GREEDY, max_tokens=2
+                )
             await errors.wait_until(lambda ms: len(ms) >= len(invented), timeout=30)
             codes = {json.loads(m.data)["code"] for m in errors.messages}
             assert codes == {"unknown_session"}
@@ -112,7 +116,7 @@ async def test_cli_grants_relays_with_accept_relays_from(make_node, nc):
     assert granted.returncode == 0, granted.stderr
     await landed.wait_until(lambda ms: len(ms) >= 1, timeout=30)
     async with InfernodeClient(node.url) as client:
-        relayed = await client.ask("cli-a", "pass on", relay_to="cli-b", sampling=GREEDY,
+        relayed = await client.complete("cli-a", "pass on", relay_to="cli-b", sampling=GREEDY,
                                    max_tokens=3)
     await landed.wait_until(lambda ms: len(ms) >= 2, timeout=30)
     assert (await user_texts(node.url, "cli-b"))[-1] == relayed.text
