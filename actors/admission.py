@@ -202,8 +202,7 @@ class Admission(Actor):
                 {"bytes": len(msg.data), "limit": self.max_prompt_bytes},
             )
         try:
-            # Strict: a wrong JSON type ("10", true for a number) is refused, never coerced.
-            prompt = PromptRequest.model_validate_json(msg.data, strict=True)
+            prompt = PromptRequest.model_validate_json(msg.data)
         except ValidationError as e:
             sentence = validation_sentence(e)
             raise InferError(ErrorCode.BAD_REQUEST, f"invalid prompt: {sentence}") from e

@@ -29,7 +29,7 @@ def read_ask(data: bytes) -> PromptRequest:
         raise InferError(ErrorCode.BAD_REQUEST, "the ask body is not UTF-8 text") from e
     if text.lstrip().startswith("{"):
         try:
-            return PromptRequest.model_validate_json(data, strict=True)
+            return PromptRequest.model_validate_json(data)
         except ValidationError as e:
             sentence = validation_sentence(e)
             raise InferError(ErrorCode.BAD_REQUEST, f"invalid prompt: {sentence}") from e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 MAX_TEXT = 1_000_000
 """Longest text of one message, in characters."""
@@ -105,23 +105,23 @@ def _text_of_part(part: object) -> str:
 
 
 class SamplingParams(Frozen):
-    """How the next tokens are chosen."""
+    """How the next tokens are chosen (strict types: "0.5" or true for a number is refused)."""
 
-    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    temperature: Annotated[float, Strict(), Field(ge=0.0, le=5.0)] = 0.7
     """0 means greedy (deterministic)."""
-    top_k: Annotated[int, Field(ge=0, le=100_000)] = 40
+    top_k: Annotated[int, Strict(), Field(ge=0, le=100_000)] = 40
     """Keep the k most likely tokens; 0 keeps all."""
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    top_p: Annotated[float, Strict(), Field(gt=0.0, le=1.0)] = 0.95
     """Nucleus sampling mass."""
-    repeat_penalty: Annotated[float, Field(ge=0.5, le=2.0)] = 1.1
+    repeat_penalty: Annotated[float, Strict(), Field(ge=0.5, le=2.0)] = 1.1
     """Penalty on tokens among the last ``repeat_last_n`` (1.0 = off)."""
-    repeat_last_n: Annotated[int, Field(ge=0, le=4096)] = 64
+    repeat_last_n: Annotated[int, Strict(), Field(ge=0, le=4096)] = 64
     """How many recent tokens the penalties look at."""
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Strict(), Field(ge=-2.0, le=2.0)] = 0.0
     """Subtracted from a token's logit once per use among the last ``repeat_last_n`` (OpenAI's)."""
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    presence_penalty: Annotated[float, Strict(), Field(ge=-2.0, le=2.0)] = 0.0
     """Subtracted from the logit of every token used among the last ``repeat_last_n``."""
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)] | None = None
     """Seed of the sampler; same seed and history give the same text."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 
 from schemas.chat import (
     CacheInfo,
@@ -57,7 +57,7 @@ class PromptRequest(Frozen):
     """Optional; must equal the subject's session when given."""
     messages: Annotated[tuple[ChatMessage, ...], Field(max_length=256)] = ()
     """Messages to append; empty asks for a turn over what is pending (a retry)."""
-    expect_generation: Annotated[int, Field(ge=0)] | None = None
+    expect_generation: Annotated[int, Strict(), Field(ge=0)] | None = None
     """Refuse (409) unless the session's committed generation equals this."""
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     """A retried publish with the same key is recorded once (also via ``Nats-Msg-Id``)."""
@@ -65,9 +65,9 @@ class PromptRequest(Frozen):
     """Sampling parameters of the reply."""
     stop: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=64)], ...], Field(max_length=8)] = ()
     """Strings that end the reply (not included in it); one string or a list."""
-    max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
+    max_tokens: Annotated[int, Strict(), Field(ge=1, le=32_768)] = 256
     """Most tokens the reply may have (``max_completion_tokens`` is read as this)."""
-    reply: bool = True
+    reply: Annotated[bool, Strict()] = True
     """False appends the messages without running a turn."""
     relay_to: SessionId | None = None
     """Another session that receives this turn's answer as a prompt (if it granted it)."""
@@ -83,13 +83,13 @@ class PromptRequest(Frozen):
     takes the node's ``--overflow``."""
     model: Annotated[str, Field(max_length=256)] | None = None
     """Accepted and not checked: a node serves the one model it loaded."""
-    stream: bool | None = None
+    stream: Annotated[bool, Strict()] | None = None
     """Accepted; a turn's events always stream on ``<prefix>.events.<session>.*``."""
     n: Literal[1] = 1
     """Number of choices; only 1."""
     user: Annotated[str, Field(max_length=256)] | None = None
     """OpenAI's end-user id; accepted, not used."""
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Annotated[bool, Strict()] | None = None
     """Accepted; every tool call the model makes is parsed and returned."""
     tools: Annotated[tuple[Tool, ...], Field(max_length=128)] | None = None
     """The session's tool set from now on (replaces the previous set; ``[]`` clears it)."""
