@@ -210,7 +210,7 @@ class InfernodeClient:
         queue: asyncio.Queue[tuple[str, BaseModel]] = asyncio.Queue()
 
         async def on_event(msg: Msg) -> None:
-            kind = msg.subject.rsplit(".", 1)[-1]
+            _, kind = self.subjects.event_of(msg.subject)
             model = _EVENT_TYPES[kind]
             queue.put_nowait((kind, model.model_validate_json(msg.data)))
 
