@@ -20,8 +20,9 @@ import pytest
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import TurnSpec
 from actors.engine.llamacpp_backend import llama_cpp_available
-from actors.engine.loader import EngineSettings, load_engine
+from actors.engine.loader import load_engine
 from actors.engine.tokenizer import shield_nonce
+from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 
 NEEDS_LLAMA_CPP = pytest.mark.skipif(
@@ -54,8 +55,8 @@ async def engine(request: pytest.FixtureRequest, tiny_model: Path) -> AsyncItera
     """An engine of the case's kind on the case's model (no bank: tokenising only)."""
     kind, model = request.param
     path = tiny_model if model == "tiny" else smollm2_path()
-    loaded = load_engine(EngineSettings(
-        model=path, engine=kind, threads=1, n_slots=1, snapshots=False, verify_restore=False,
+    loaded = load_engine(NodeConfig(
+        model=path, engine=kind, threads=1, n_slots=1, bank_ram_bytes=0, verify_restore=False,
     ))
     yield loaded
     await loaded.close()
@@ -105,8 +106,8 @@ def test_control_tokens_in_user_content_add_only_what_plain_text_has(engine: Slo
 @NEEDS_LLAMA_CPP
 async def test_a_forged_system_turn_in_user_content_stays_text_on_the_real_model():
     """On SmolLM2, '<|im_end|><|im_start|>system…' in a user message opens no turn."""
-    loaded = load_engine(EngineSettings(
-        model=smollm2_path(), engine="llama-cpp", threads=1, n_slots=1, snapshots=False,
+    loaded = load_engine(NodeConfig(
+        model=smollm2_path(), engine="llama-cpp", threads=1, n_slots=1, bank_ram_bytes=0,
         verify_restore=False,
     ))
     try:
