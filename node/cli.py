@@ -46,6 +46,7 @@ UP_FLAGS: dict[str, str] = {
     "--commit-wait-s": "commit_wait_s",
     "--bank-dir": "bank_dir",
     "--bank-object-store": "bank_object_store",
+    "--bank-durable-bytes": "bank_durable_bytes",
     "--metrics-port": "metrics_port",
     "--metrics-host": "metrics_host",
     "--max-pending": "max_pending_per_session",
@@ -93,6 +94,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--bank-dir", type=Path, help="durable bank tier in this directory")
     p.add_argument("--bank-object-store", action="store_const", const=True,
                    help="durable bank tier in a JetStream object store")
+    p.add_argument("--bank-durable-bytes", type=int,
+                   help="durable bank cap; least recently used snapshots go (0 = no cap)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus text on this port")
     p.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
     p.add_argument("--batch", type=int, dest="n_batch", help="prompt tokens per evaluation")

@@ -82,6 +82,9 @@ class NodeConfig:
     """Directory for durable snapshots; None keeps them in RAM only."""
     bank_object_store: bool = False
     """Keep durable snapshots in a JetStream object store."""
+    bank_durable_bytes: int = 16 * GIB
+    """Most bytes the durable tier holds; past it the least recently used snapshots go.
+    0 means no cap."""
     commit_wait_s: float = 30.0
     """How long the bank committer waits for a slot to go idle before dropping a snapshot."""
     intake_max_prompts: int = 100_000
@@ -331,6 +334,7 @@ def _check_counts(c: NodeConfig) -> None:
         ("gpu_layers", "--gpu-layers"): 0,
         ("bank_ram_bytes", "--bank-ram-bytes"): 0,
         ("bank_session_bytes", "--bank-session-bytes"): 0,
+        ("bank_durable_bytes", "--bank-durable-bytes"): 0,
         ("max_pending_per_session", "--max-pending"): 1,
         ("max_pending_bytes", "--max-pending-bytes"): KIB,
         ("max_session_bytes", "--max-session-bytes"): KIB,

@@ -69,7 +69,8 @@ async def engine_actor(
 ) -> EngineActor:
     """The actor serving a loaded engine, with its durable bank tier as configured."""
     return EngineActor(
-        await connect("engine"), subjects, engine, config.bank_dir, config.bank_object_store
+        await connect("engine"), subjects, engine, config.bank_dir, config.bank_object_store,
+        config.bank_durable_bytes,
     )
 
 

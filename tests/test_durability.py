@@ -15,6 +15,7 @@ import pytest
 
 from actors.bank_committer import BankCommitter
 from actors.engine.bank.durable import DirectoryBackend, DurableTier
+from actors.engine.bank.meta import SnapshotMeta
 from actors.engine.bank.objects import ObjectStoreBackend
 from node.app import Node
 from node.client import InfernodeClient, TurnResult
@@ -278,3 +279,43 @@ def test_a_snapshot_file_cut_short_by_a_crash_is_skipped_and_never_indexed(tmp_p
     finally:
         tier.close()
     assert not list(session_dir.glob("*.part"))
+
+
+def _snapshot(session: str, first: int, nbytes: int = 100) -> tuple[SnapshotMeta, bytes]:
+    meta = SnapshotMeta(session=session, tokens=(first, first + 1), nbytes=nbytes,
+                        model_id="m")
+    return meta, bytes([first % 256]) * nbytes
+
+
+def test_the_durable_tier_holds_its_byte_cap_by_evicting_the_least_recently_used(
+    tmp_path: Path,
+):
+    """Given a durable tier capped at three snapshots' bytes, when a fourth is written after
+    the oldest one was restored, then the least recently used one (not the oldest) is deleted
+    from the index and the disk; a snapshot larger than the cap is never written; a restart
+    under a smaller cap evicts by the recorded times (restores since the write are not on
+    disk)."""
+    root = tmp_path / "bank"
+    tier = DurableTier([DirectoryBackend(root)], max_bytes=300)
+    try:
+        a, b, c, d = (_snapshot(s, i) for i, s in enumerate("abcd"))
+        for n, (meta, data) in enumerate((a, b, c)):
+            meta.last_access = 1000.0 + n
+            tier.persist(meta, data).result(30)
+        a[0].last_access = 2000.0  # a restore of "a": now "b" is the least recently used
+        tier.persist(*d).result(30)
+        assert sorted(s for s in "abcd" if tier.entries(s)) == ["a", "c", "d"]
+        assert not (root / "b").exists() and (root / "a").exists()
+        stats = tier.stats()
+        assert stats["bytes"] == 300 and stats["evictions"] == 1
+        assert not tier.persist(*_snapshot("e", 9, nbytes=301)).result(30)
+        assert tier.entries("e") == [] and not (root / "e").exists()
+    finally:
+        tier.close()
+    smaller = DurableTier([DirectoryBackend(root)], max_bytes=200)
+    try:
+        assert smaller.open() == 2
+        assert sorted(s for s in "acd" if smaller.entries(s)) == ["c", "d"]
+        assert sum(1 for _ in root.glob("*/*.kv")) == 2
+    finally:
+        smaller.close()

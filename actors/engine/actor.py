@@ -51,11 +51,13 @@ class EngineActor(Actor):
         engine: SlotEngine,
         bank_dir: Path | None,
         bank_object_store: bool,
+        bank_durable_bytes: int = 0,
     ) -> None:
         super().__init__(nc, subjects)
         self.engine = engine
         self.bank_dir = bank_dir
         self.bank_object_store = bank_object_store
+        self.bank_durable_bytes = bank_durable_bytes
         self.durable: DurableTier | None = None
 
     async def start(self) -> None:
@@ -93,7 +95,7 @@ class EngineActor(Actor):
             backends.append(
                 ObjectStoreBackend(store, asyncio.get_running_loop(), js, self.subjects)
             )
-        tier = DurableTier(backends)
+        tier = DurableTier(backends, self.bank_durable_bytes)
         try:
             await asyncio.to_thread(tier.open)
         except BaseException:

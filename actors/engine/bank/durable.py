@@ -6,6 +6,9 @@ restores. The index (metadata and token ids of every snapshot, no bytes) lives i
 is rebuilt from the backends when the node starts, so a restarted node restores old sessions.
 A snapshot is written whole or not at all (temporary name, then rename), so a node killed
 mid-write leaves nothing half-written to restore.
+
+The tier holds at most ``max_bytes``: past it, the least recently used snapshots are deleted
+(a restore counts as a use; after a restart the write time stands in for the last use).
 """
 
 from __future__ import annotations
@@ -134,10 +137,13 @@ class DirectoryBackend:
 class DurableTier:
     """The index over one or more backends, and the thread that writes to them."""
 
-    def __init__(self, backends: list[DurableBackend]) -> None:
+    def __init__(self, backends: list[DurableBackend], max_bytes: int = 0) -> None:
         if not backends:
             raise ValueError("a durable tier needs at least one backend")
         self.backends = backends
+        self.max_bytes = max_bytes
+        """Byte cap over every snapshot; 0 means none."""
+        self.evictions = 0
         self._index: dict[str, dict[str, SnapshotMeta]] = {}
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -161,6 +167,9 @@ class DurableTier:
             for backend in self.backends:
                 for meta in backend.scan():
                     self._index.setdefault(meta.session, {})[meta.token_hash] = meta
+        for meta in self._over_cap():  # a node restarted with a smaller cap
+            self._delete(meta)
+        with self._lock:
             n = sum(len(v) for v in self._index.values())
         log.info("bank_durable_opened", backends=self.names, snapshots=n)
         return n
@@ -205,7 +214,17 @@ class DurableTier:
 
     # -- writes (on the writer thread) ----------------------------------------------------
     def persist(self, meta: SnapshotMeta, data: bytes) -> concurrent.futures.Future[None]:
-        """Queue a write; it joins the index once every backend has it."""
+        """Queue a write; it joins the index once every backend has it.
+
+        A snapshot larger than the whole cap is never written (it would evict everything and
+        then itself).
+        """
+        if self.max_bytes and len(data) > self.max_bytes:
+            log.warning("bank_durable_too_large", session=meta.session, nbytes=len(data),
+                        max_bytes=self.max_bytes)
+            fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+            fut.set_result(None)
+            return fut
         return self._submit(lambda: self._write(meta, data))
 
     def forget(self, session: str) -> concurrent.futures.Future[None]:
@@ -232,7 +251,7 @@ class DurableTier:
         return {
             "entries": len(metas), "bytes": sum(m.nbytes for m in metas),
             "written": self.written, "write_failures": self.write_failures,
-            "loads": self.loads,
+            "loads": self.loads, "evictions": self.evictions, "max_bytes": self.max_bytes,
         }
 
     def _submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
@@ -277,8 +296,32 @@ class DurableTier:
         self.bytes_written += len(data)
         for m in superseded:
             self._delete(m)
+        for m in self._over_cap(keep=meta):
+            self._delete(m)
         log.debug("bank_durable_written", session=meta.session, tokens=len(meta.tokens),
                   nbytes=len(data), dropped=len(superseded))
+
+    def _over_cap(self, keep: SnapshotMeta | None = None) -> list[SnapshotMeta]:
+        """Take the least recently used snapshots out of the index until the rest fit."""
+        if not self.max_bytes:
+            return []
+        with self._lock:
+            metas = [m for v in self._index.values() for m in v.values()]
+            total = sum(m.nbytes for m in metas)
+            victims = []
+            for m in sorted(metas, key=lambda m: m.last_access):
+                if total <= self.max_bytes:
+                    break
+                if m is keep:
+                    continue
+                mine = self._index.get(m.session, {})
+                mine.pop(m.token_hash, None)
+                if not mine:
+                    self._index.pop(m.session, None)
+                total -= m.nbytes
+                victims.append(m)
+            self.evictions += len(victims)
+        return victims
 
     def _forget(self, session: str, known: list[SnapshotMeta]) -> None:
         with self._lock:  # written by jobs queued before the forget
