@@ -51,7 +51,7 @@ class EngineActor(Actor):
         engine: SlotEngine,
         bank_dir: Path | None,
         bank_object_store: bool,
-        bank_durable_bytes: int = 0,
+        bank_durable_bytes: int,
     ) -> None:
         super().__init__(nc, subjects)
         self.engine = engine
