@@ -175,6 +175,13 @@ class CacheInfo(Frozen):
     """new_session, evicted, prefix_divergence_at_token N, template_mismatch, model_mismatch."""
     restore_ms: float = 0.0
     """Time spent restoring a snapshot."""
+    shared_from: Literal["ram", "durable"] | None = None
+    """Set when the restored prefix was banked by another session (a shared system prompt):
+    the bank tier it came from. None when the state was this session's own."""
+    shared_tokens: int = 0
+    """Prompt tokens reused from another session's snapshot (the shared prefix)."""
+    shared_prefix: str | None = None
+    """sha256 of the shared prefix's token ids (``tokens.token_hash``): which prefix it was."""
 
 
 class Timings(Frozen):

@@ -174,7 +174,9 @@ class SlotEngine:
         constraint = self.grammars.constraint(spec)
         tokenize_ms = (time.perf_counter() - t0) * 1000
         resumed = any(m.role == "assistant" for m in spec.messages)
-        source, miss, restore_ms, tier = self._prepare(slot, spec.session, tokens, resumed)
+        source, miss, restore_ms, tier, shared = self._prepare(
+            slot, spec.session, tokens, resumed
+        )
         slot.digest = None  # the tokens change from here on
         if (spec.overflow or self.overflow) == "shift":
             shift_kept(slot, tokens)
@@ -183,7 +185,7 @@ class SlotEngine:
         if source == "slot" and reused < had and miss is None:
             miss = f"prefix_divergence_at_token {reused}"
         if reused == 0:
-            source, tier = "none", ""
+            source, tier, shared = "none", "", False
         parses_calls = spec.tool_choice != "none"
         calls_stream = ToolCallStream(new_call_id)
 
@@ -218,7 +220,7 @@ class SlotEngine:
                 dropped_tokens=window.dropped_tokens,
                 dropped_turns=window.dropped_turns,
             ),
-            cache=CacheInfo(source=source, miss_reason=miss, restore_ms=restore_ms),
+            cache=_cache_info(source, miss, restore_ms, tokens[:reused] if shared else None, tier),
             timings=Timings(
                 queue_ms=spec.queue_ms,
                 lock_wait_ms=lock_wait_ms,
@@ -302,31 +304,35 @@ class SlotEngine:
 
     def _prepare(
         self, slot: Slot, session: str, tokens: list[int], resumed: bool
-    ) -> tuple[CacheSource, str | None, float, str]:
-        """Make ``slot`` hold the best state for ``session``: (source, miss, ms, tier)."""
+    ) -> tuple[CacheSource, str | None, float, str, bool]:
+        """Make ``slot`` hold the best state for ``session``: (source, miss, ms, tier, shared).
+
+        ``shared``: the state was banked by another session whose tokens begin like this
+        prompt; the turn's prefill keeps only the common prefix of it.
+        """
         if slot.session == session:
-            return "slot", None, 0.0, "slot"
+            return "slot", None, 0.0, "slot", False
         if slot.session is not None:
             self._evict(slot)
         slot.session, slot.tokens, slot.digest = session, [], None
         lost = "evicted" if session in self._evicted or resumed else "new_session"
         if self.bank is None:
-            return "none", lost, 0.0, ""
+            return "none", lost, 0.0, "", False
         start = time.perf_counter()  # restore time includes reading a durable snapshot
         match = self.bank.best_match(session, tokens, self.compat)
         if match.entry is None:
             reason = lost if match.miss_reason == "new_session" else match.miss_reason
-            return "none", reason, 0.0, ""
+            return "none", reason, 0.0, "", False
         try:
             slot.ctx.set_state(match.entry.data)
         except Exception as e:  # a state this context cannot take is never a failed turn
             log.warning("bank_restore_failed", session=session, error=str(e))
-            self.bank.forget(session)
+            self.bank.forget(match.entry.meta.session)
             slot.tokens = []
-            return "none", "model_mismatch", 0.0, ""
+            return "none", "model_mismatch", 0.0, "", False
         slot.tokens, slot.digest = list(match.entry.meta.tokens), match.entry.meta.token_hash
         ms = (time.perf_counter() - start) * 1000 + match.fetch_ms
-        return "bank", match.miss_reason, ms, match.tier
+        return "bank", match.miss_reason, ms, match.tier, match.shared
 
     # -- bank -----------------------------------------------------------------------------
     def _evict(self, slot: Slot) -> None:
@@ -345,7 +351,7 @@ class SlotEngine:
         n = len(slot.tokens)
         # Only a state a failed turn left behind has no digest yet.
         digest = slot.digest or token_hash(slot.tokens)
-        existing = self.bank.get(slot.session, digest)
+        existing = self.bank.find(digest, self.compat)  # any session's: stored once
         if existing is not None:
             if persist:
                 self.bank.persist(existing)
@@ -368,7 +374,7 @@ class SlotEngine:
     def _bank_known(self, session: str, digest: str, why: str) -> SnapshotOutcome:
         """The slot moved on: make durable what an eviction already banked, if anything."""
         assert self.bank is not None
-        entry = self.bank.get(session, digest)
+        entry = self.bank.find(digest, self.compat)
         if entry is None:
             return SnapshotOutcome(False, reason=why)
         self.bank.persist(entry)
@@ -452,6 +458,20 @@ class SlotEngine:
             token.cancel("shutdown")
         await asyncio.to_thread(self.pool.close)
         self.backend.close()
+
+
+def _cache_info(
+    source: CacheSource, miss: str | None, ms: float, shared: Sequence[int] | None, tier: str
+) -> CacheInfo:
+    """The turn's cache telemetry; ``shared`` is the prefix restored from another session's
+    snapshot, named by its content hash and the tier it came from, never by the other
+    session: one agent must not learn another's session id from its own ``done`` event."""
+    if shared is None:
+        return CacheInfo(source=source, miss_reason=miss, restore_ms=ms)
+    return CacheInfo(
+        source=source, miss_reason=miss, restore_ms=ms, shared_from=tier,  # type: ignore[arg-type]
+        shared_tokens=len(shared), shared_prefix=token_hash(shared),
+    )
 
 
 def _failed_snapshot(session: str, e: Exception) -> SnapshotOutcome:

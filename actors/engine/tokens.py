@@ -27,3 +27,21 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+BLOCK = 16
+"""Tokens per block of a prefix hash chain."""
+
+
+def block_chain(tokens: Sequence[int], block: int = BLOCK) -> list[bytes]:
+    """Hash chain over the whole blocks of ``tokens``: entry i identifies tokens[: (i+1)*block].
+
+    Each link hashes the previous link and the block, so equal links mean equal prefixes
+    (as in vLLM's automatic prefix caching); partial trailing blocks are not hashed.
+    """
+    out: list[bytes] = []
+    link = b""
+    for end in range(block, len(tokens) + 1, block):
+        link = hashlib.sha256(link + array("i", tokens[end - block : end]).tobytes()).digest()
+        out.append(link)
+    return out

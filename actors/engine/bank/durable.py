@@ -28,6 +28,7 @@ from typing import Protocol
 import structlog
 
 from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json
+from actors.engine.bank.prefix import PrefixIndex
 from schemas.subjects import is_session_id
 
 log = structlog.get_logger("bank_durable")
@@ -145,6 +146,8 @@ class DurableTier:
         """Byte cap over every snapshot; 0 means none."""
         self.evictions = 0
         self._index: dict[str, dict[str, SnapshotMeta]] = {}
+        self.prefixes = PrefixIndex()
+        """The same snapshots by the token blocks they begin with (shared across sessions)."""
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="bank-writer", daemon=True)
@@ -167,12 +170,18 @@ class DurableTier:
             for backend in self.backends:
                 for meta in backend.scan():
                     self._index.setdefault(meta.session, {})[meta.token_hash] = meta
+                    self.prefixes.add(meta)
         for meta in self._over_cap():  # a node restarted with a smaller cap
             self._delete(meta)
         with self._lock:
             n = sum(len(v) for v in self._index.values())
         log.info("bank_durable_opened", backends=self.names, snapshots=n)
         return n
+
+    @property
+    def readable_here(self) -> bool:
+        """True when a slot thread may ``load`` snapshots (some backend is local)."""
+        return any(b.local for b in self.backends)
 
     def entries(self, session: str) -> list[SnapshotMeta]:
         """Metadata of the session's durable snapshots."""
@@ -210,6 +219,7 @@ class DurableTier:
     def _unreadable(self, meta: SnapshotMeta, errors: list[str]) -> OSError:
         with self._lock:  # unreadable everywhere: forget it rather than fail again
             self._index.get(meta.session, {}).pop(meta.token_hash, None)
+            self.prefixes.remove(meta)
         return OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
 
     # -- writes (on the writer thread) ----------------------------------------------------
@@ -231,6 +241,8 @@ class DurableTier:
         """Drop a session's snapshots (after any write already queued for it)."""
         with self._lock:
             known = list(self._index.pop(session, {}).values())
+            for meta in known:
+                self.prefixes.remove(meta)
         return self._submit(lambda: self._forget(session, known))
 
     def flush(self) -> concurrent.futures.Future[None]:
@@ -276,6 +288,10 @@ class DurableTier:
                 fut.set_result(None)
 
     def _write(self, meta: SnapshotMeta, data: bytes) -> None:
+        with self._lock:  # the same tokens' state, made durable by another session: once
+            twin = any(meta.token_hash in v for v in self._index.values())
+        if twin:
+            return
         try:
             for backend in self.backends:
                 backend.write(meta, data)
@@ -291,7 +307,9 @@ class DurableTier:
             ]
             for m in superseded:
                 mine.pop(m.token_hash, None)
+                self.prefixes.remove(m)
             mine[meta.token_hash] = meta
+            self.prefixes.add(meta)
         self.written += 1
         self.bytes_written += len(data)
         for m in superseded:
@@ -316,6 +334,7 @@ class DurableTier:
                     continue
                 mine = self._index.get(m.session, {})
                 mine.pop(m.token_hash, None)
+                self.prefixes.remove(m)
                 if not mine:
                     self._index.pop(m.session, None)
                 total -= m.nbytes
@@ -326,6 +345,8 @@ class DurableTier:
     def _forget(self, session: str, known: list[SnapshotMeta]) -> None:
         with self._lock:  # written by jobs queued before the forget
             later = list(self._index.pop(session, {}).values())
+            for meta in later:
+                self.prefixes.remove(meta)
         for meta in {m.token_hash: m for m in [*known, *later]}.values():
             self._delete(meta)
 

@@ -9,6 +9,11 @@ JetStream object store, ``durable``) when one is attached. Before a turn takes i
 engine fetches on the event loop the durable snapshot it would restore (``to_fetch``) and
 keeps it here; a lookup on a slot thread reads only local durable backends. Only committed
 turns are written to the durable tier.
+
+Entries are also found by content: a session whose prompt begins with another session's
+banked tokens (a shared system prompt and tool list) restores that snapshot, found through
+the block hash chain index (``prefix``) and checked token by token. A state of exactly the
+same tokens is stored once, whichever session banks it first.
 """
 
 from __future__ import annotations
@@ -22,17 +27,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from actors.engine.bank.meta import Compat, EntryInfo, SnapshotMeta
-from actors.engine.tokens import common_prefix
+from actors.engine.bank.prefix import PrefixIndex
+from actors.engine.tokens import BLOCK as BLOCK_SIZE
+from actors.engine.tokens import block_chain, common_prefix
 
 if TYPE_CHECKING:
     from actors.engine.bank.durable import DurableTier
 
 log = structlog.get_logger("bank")
-
-SHARED_HEAD = 16
-"""Tokens an entry of another session must share with a prompt to be compared at all."""
-SHARED_CANDIDATES = 32
-"""Other sessions' entries compared per lookup (most recently used first)."""
 
 
 @dataclass
@@ -79,6 +81,8 @@ class BankMatch:
     """``ram`` or ``durable``: where the entry came from."""
     fetch_ms: float = 0.0
     """Time spent fetching it from the durable tier before the lookup."""
+    shared: bool = False
+    """The entry was banked by another session: only its common prefix is reused."""
 
 
 class BankStore:
@@ -89,15 +93,16 @@ class BankStore:
         self.max_session_bytes = max_session_bytes
         self.durable: DurableTier | None = None
         self._entries: dict[str, list[BankEntry]] = {}
-        self._by_head: dict[tuple[int, ...], list[BankEntry]] = {}
-        """Entries of every session by their first ``SHARED_HEAD`` tokens: content-addressed
-        lookups (a fork, a shared system prompt) only compare entries that can match."""
+        self._by_hash: dict[str, BankEntry] = {}
+        """Every RAM entry by its token hash (one per distinct token sequence)."""
+        self._prefixes = PrefixIndex()
         self._lock = threading.Lock()
         self._bytes = 0
         self.evictions = 0
         self.hits = 0
         self.durable_hits = 0
         self.stored = 0
+        self.shared_hits = 0
 
     def attach(self, durable: DurableTier | None) -> None:
         """Put a durable tier under this one (None detaches it)."""
@@ -113,9 +118,13 @@ class BankStore:
                 if same or _is_prefix(old.meta.tokens, entry.meta.tokens):
                     entry.durable = entry.durable or (same and old.durable)
                     self._drop(old)
+            twin = self._by_hash.get(entry.meta.token_hash)
+            if twin is not None and twin.meta.session != entry.meta.session:
+                entry.durable = entry.durable or twin.durable
+                self._drop(twin)  # the same tokens' state, banked again: keep one copy
             self._entries.setdefault(entry.meta.session, []).append(entry)
-            if len(entry.meta.tokens) >= SHARED_HEAD:
-                self._by_head.setdefault(entry.meta.tokens[:SHARED_HEAD], []).append(entry)
+            self._by_hash[entry.meta.token_hash] = entry
+            self._prefixes.add(entry.meta)
             self._bytes += entry.nbytes
             self.stored += 1
             self._enforce_caps(entry.meta.session)
@@ -127,6 +136,12 @@ class BankStore:
             return next(
                 (e for e in self._entries.get(session, ()) if e.meta.token_hash == digest), None
             )
+
+    def find(self, digest: str, compat: Compat) -> BankEntry | None:
+        """The RAM entry of any session holding exactly the tokens of ``digest``."""
+        with self._lock:
+            entry = self._by_hash.get(digest)
+        return entry if entry is not None and entry.meta.fits(compat) is None else None
 
     def has(self, session: str, digest: str) -> bool:
         """True when ``session`` has a RAM entry with this token hash."""
@@ -142,14 +157,12 @@ class BankStore:
         return True
 
     def best_match(self, session: str, tokens: Sequence[int], compat: Compat) -> BankMatch:
-        """The snapshot sharing the longest token prefix with ``tokens``: one of
-        ``session``'s, or content-addressed, one of another session's RAM entries.
+        """The snapshot of ``session`` sharing the longest token prefix with ``tokens``.
 
         Blocking when the best one lies in the durable tier: call on a slot thread.
         """
         with self._lock:
             ram = [(e.meta, e) for e in self._entries.get(session, ())]
-            ram += [(e.meta, e) for e in self._shared(session, tokens)]
         durable = self.durable.entries(session) if self.durable else []
         best: tuple[SnapshotMeta, BankEntry | None] | None = None
         best_n, refused = 0, None
@@ -161,16 +174,59 @@ class BankStore:
             n = common_prefix(meta.tokens, tokens)
             if best is None or n > best_n:
                 best, best_n = (meta, entry), n
+        shared = self._shared_match(session, tokens, compat, best_n)
+        if shared is not None:
+            return shared
         if best is None:  # whether the session had state that was evicted is the engine's
             return BankMatch(None, 0, refused or "new_session")
         if best_n == 0:
             return BankMatch(None, 0, "prefix_divergence_at_token 0")
         meta, entry = best
+        partial = best_n < len(meta.tokens)
+        reason = f"prefix_divergence_at_token {best_n}" if partial else None
+        return self._hit(meta, entry, best_n, reason, shared=False) or BankMatch(None, 0, "evicted")
+
+    def _shared_match(
+        self, session: str, tokens: Sequence[int], compat: Compat, own: int
+    ) -> BankMatch | None:
+        """Another session's snapshot covering more of ``tokens`` than ``own`` tokens, if any.
+
+        Durable snapshots are only taken from local backends (this runs on a slot thread).
+        """
+        chain = block_chain(tokens)
+        if len(chain) * BLOCK_SIZE <= own:
+            return None
+
+        def accept(meta: SnapshotMeta) -> bool:
+            return meta.session != session and meta.fits(compat) is None
+
+        found: list[tuple[SnapshotMeta, BankEntry | None]] = []
+        for meta in self._prefixes.longest(chain, accept):
+            with self._lock:
+                found.append((meta, self._by_hash.get(meta.token_hash)))
+        durable = self.durable
+        if durable is not None and durable.readable_here:
+            found += [(m, None) for m in durable.prefixes.longest(chain, accept)]
+        best = max(found, key=lambda c: common_prefix(c[0].tokens, tokens), default=None)
+        if best is None:
+            return None
+        n = common_prefix(best[0].tokens, tokens)
+        if n <= own:
+            return None
+        partial = n < len(best[0].tokens)
+        reason = f"prefix_divergence_at_token {n}" if partial else None
+        return self._hit(best[0], best[1], n, reason, shared=True)
+
+    def _hit(
+        self, meta: SnapshotMeta, entry: BankEntry | None, n: int, reason: str | None,
+        shared: bool,
+    ) -> BankMatch | None:
+        """Count a restore of ``meta`` (loading it from the durable tier when not in RAM)."""
         tier, fetch_ms = "ram", 0.0
         if entry is None:
             entry = self._load(meta)
             if entry is None:
-                return BankMatch(None, 0, "evicted")
+                return None
             tier = "durable"
         elif entry.fetched_ms is not None:
             tier, fetch_ms, entry.fetched_ms = "durable", entry.fetched_ms, None
@@ -179,9 +235,8 @@ class BankStore:
             meta.last_access = time.time()
             self.hits += 1
             self.durable_hits += tier == "durable"
-        partial = best_n < len(meta.tokens)
-        reason = f"prefix_divergence_at_token {best_n}" if partial else None
-        return BankMatch(entry, best_n, reason, tier, fetch_ms)
+            self.shared_hits += shared
+        return BankMatch(entry, n, reason, tier, fetch_ms, shared)
 
     def to_fetch(self, session: str, compat: Compat) -> SnapshotMeta | None:
         """The durable snapshot a turn of ``session`` would restore that RAM lacks, if any.
@@ -240,36 +295,22 @@ class BankStore:
                 "entries": n, "bytes": self._bytes, "max_bytes": self.max_bytes,
                 "hits": self.hits, "durable_hits": self.durable_hits,
                 "evictions": self.evictions, "stored": self.stored,
+                "shared_hits": self.shared_hits,
             }
         if self.durable is not None:
             out.update({f"durable_{k}": v for k, v in self.durable.stats().items()})
         return out
-
-    def _shared(self, session: str, tokens: Sequence[int]) -> list[BankEntry]:
-        """Other sessions' entries that start like ``tokens``, most recently used first.
-
-        Restoring one is safe: only the common prefix is kept, and the KV state of the same
-        tokens under the same model and template is the same whoever computed it.
-        """
-        same_head = self._by_head.get(tuple(tokens[:SHARED_HEAD]), [])
-        others = [e for e in same_head if e.meta.session != session]
-        others.sort(key=lambda e: e.meta.last_access, reverse=True)
-        return others[:SHARED_CANDIDATES]
 
     def _drop(self, entry: BankEntry) -> None:
         mine = self._entries.get(entry.meta.session, [])
         if entry in mine:
             mine.remove(entry)
             self._bytes -= entry.nbytes
+            self._prefixes.remove(entry.meta)
+            if self._by_hash.get(entry.meta.token_hash) is entry:
+                del self._by_hash[entry.meta.token_hash]
         if not mine:
             self._entries.pop(entry.meta.session, None)
-        key = entry.meta.tokens[:SHARED_HEAD]
-        # By identity: entries compare by value, and their bytes can be megabytes.
-        rest = [e for e in self._by_head.get(key, ()) if e is not entry]
-        if rest:
-            self._by_head[key] = rest
-        else:
-            self._by_head.pop(key, None)
 
     def _evict(self, entry: BankEntry) -> None:
         self._drop(entry)
