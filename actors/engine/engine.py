@@ -331,6 +331,10 @@ class SlotEngine:
             slot.tokens = []
             return "none", "model_mismatch", 0.0, "", False
         slot.tokens, slot.digest = list(match.entry.meta.tokens), match.entry.meta.token_hash
+        if match.shared:
+            # Past the common prefix the cells are another conversation's: the slot claims only
+            # the shared part, so nothing later (a window shift included) can reuse the rest.
+            slot.tokens, slot.digest = slot.tokens[: match.reused], None
         ms = (time.perf_counter() - start) * 1000 + match.fetch_ms
         return "bank", match.miss_reason, ms, match.tier, match.shared
 
