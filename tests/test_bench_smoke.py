@@ -1,10 +1,5 @@
-<<<<<<< HEAD
-"""The engine, grammar and gateway benchmarks run end to end in their quick modes; no speed
-is asserted."""
-=======
-"""The engine, grammar and shared-prefix benchmarks run end to end in their quick modes;
-no speed is asserted."""
->>>>>>> 4b2b7d5 (Bank entries found by content: a session whose prompt begins with another session's banked tokens restores that snapshot (RAM, or a local durable tier after a restart) through a hash chain over 32-token blocks, checked token by token against the prompt, the model, the context and the template; done names the shared prefix (cache.shared_from, shared_tokens, shared_prefix) without the other session's id; a state of exactly the same tokens is kept once per tier; bench/shared_prefix.py measures agents 2-8 first-turn TTFT against agent 1's)
+"""The engine, grammar, gateway and shared-prefix benchmarks run end to end in their quick
+modes; no speed is asserted."""
 
 from __future__ import annotations
 
@@ -62,7 +57,6 @@ def test_quick_grammar_benchmark_prints_both_ratios_and_exits_0() -> None:
     _check_quick_run("grammar.py", GRAMMAR_RATIO_LINES)
 
 
-<<<<<<< HEAD
 GATEWAY_RATIO_LINES = (
     "TTFT turns>=2: ours / llama_cpp.server",
     "prefix hit: cached / reusable tokens",
@@ -77,10 +71,10 @@ def test_quick_gateway_benchmark_prints_every_ratio_and_exits_0() -> None:
     lines = _check_quick_run("gateway.py", GATEWAY_RATIO_LINES, timeout=140)
     hit = next(x for x in lines if x.startswith(GATEWAY_RATIO_LINES[1]))
     assert float(hit[len(GATEWAY_RATIO_LINES[1]):].split()[0]) >= 0.95, hit
-=======
+
+
 @pytest.mark.timeout(90)
 def test_quick_shared_prefix_benchmark_prints_its_ratio_and_exits_0() -> None:
     """`python bench/shared_prefix.py --quick` prints the agents 2–8 ÷ agent 1 first-turn TTFT
     ratio with a value and a verdict, exit 0."""
     _check_quick_run("shared_prefix.py", ("first-turn TTFT: agents 2–8 / agent 1",))
->>>>>>> 4b2b7d5 (Bank entries found by content: a session whose prompt begins with another session's banked tokens restores that snapshot (RAM, or a local durable tier after a restart) through a hash chain over 32-token blocks, checked token by token against the prompt, the model, the context and the template; done names the shared prefix (cache.shared_from, shared_tokens, shared_prefix) without the other session's id; a state of exactly the same tokens is kept once per tier; bench/shared_prefix.py measures agents 2-8 first-turn TTFT against agent 1's)
