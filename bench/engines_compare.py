@@ -11,7 +11,12 @@
    4-slot engine: the 4 sessions' steps share each ``llama_decode`` (tokens over wall time);
 4. the same for ctransformers, for comparison: 4 contexts side by side, each on its share of
    the threads (as the node runs them);
-5. those 4 sessions' aggregate decode tok/s, llama-cpp ÷ ctransformers.
+5. those 4 sessions' aggregate decode tok/s, llama-cpp ÷ ctransformers;
+6. ctransformers, one session's turn time with the cores shared among the busy slots (the
+   default: a slot alone gets them all) ÷ with each of 2 slots fixed to its half;
+7-9. a real model (``--real-model``, default ``smollm2`` when installed): first-turn and
+   warm-turn TTFT and decode tok/s through the node ÷ raw llama-cpp-python, per engine that
+   loads it (see ``bench/real_model.py``).
 
 Both engines load in this process, with the same threads and context length. Without
 ``--model`` it writes the random-weight bench model (``node.demo_model.BENCH``) once and
@@ -37,6 +42,7 @@ from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
 from actors.engine.llamacpp_backend import INSTALL_HINT, llama_cpp_available  # noqa: E402
 from actors.engine.loader import load_engine  # noqa: E402
+from bench import real_model  # noqa: E402
 from bench.common import (  # noqa: E402
     BenchError,
     Chatter,
@@ -52,6 +58,7 @@ from bench.common import (  # noqa: E402
 )
 from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY, ModelShape  # noqa: E402
+from node.models import ModelNameError, resolve_model  # noqa: E402
 
 ENGINES = ("ctransformers", "llama-cpp")
 CONCURRENT = 4
@@ -77,6 +84,8 @@ class Sizes:
 
 FULL = Sizes(BENCH, n_ctx=1024, prompt=512, decode=64, reps=7)
 QUICK = Sizes(TINY, n_ctx=256, prompt=64, decode=16, reps=2, threads=1)
+REAL_FULL = {"paragraphs": 8, "decode": 48, "reps": 5}
+REAL_QUICK = {"paragraphs": 1, "decode": 8, "reps": 1}
 
 
 def load(name: str, model: Path, sizes: Sizes, threads: int, gpu: int, slots: int) -> SlotEngine:
@@ -189,6 +198,50 @@ def _steps(engine: SlotEngine) -> tuple[int, int] | None:
     return None if shared is None else (shared.steps, shared.evaluations)
 
 
+# -- 6: ctransformers' threads for one session ---------------------------------------------
+async def thread_share_ratio(model: Path, sizes: Sizes, gpu: int) -> Ratio:
+    """One session's turn time on 2 slots: cores shared by busy slots ÷ a fixed half each."""
+    cores = os.cpu_count() or 1
+    fixed = max(1, cores // 2)
+    engines = {
+        how: await asyncio.to_thread(load, "ctransformers", model, sizes, threads, gpu, 2)
+        for how, threads in (("shared", 0), ("fixed", fixed))
+    }
+    ms: dict[str, list[float]] = {how: [] for how in engines}
+    chatter = Chatter(5)
+    try:
+        for rep in range(sizes.reps):
+            text = message_text(engines["shared"], chatter, sizes.prompt)
+            for how, engine in engines.items():
+                out = await turn(engine, f"alone-{rep}", [user(text)], sizes.decode)
+                ms[how].append(_full(out, sizes.decode).timings.total_ms)
+    finally:
+        for engine in engines.values():
+            await engine.close()
+    detail = (
+        f"cores shared (default): {median(ms['shared']):.0f} ms (runs "
+        f"{spread(ms['shared'], '{:.0f}')}); fixed {fixed} of {cores} threads per slot: "
+        f"{median(ms['fixed']):.0f} ms (runs {spread(ms['fixed'], '{:.0f}')}); "
+        f"{sizes.prompt} prompt + {sizes.decode} generated tokens"
+    )
+    return Ratio("ctransformers: one session's turn ms, shared cores ÷ fixed half",
+                 median(ms["shared"]) / median(ms["fixed"]), 1.0, at_most=True, detail=detail)
+
+
+# -- 7-9: a real model, through the node and raw ----------------------------------------------
+def real_model_path(args: argparse.Namespace, quick_model: Path) -> tuple[Path, str] | None:
+    """The real model to measure and its label; the quick model under --quick; None when the
+    named one is not installed (a line says so)."""
+    if args.quick:
+        return quick_model, "the tiny random-weight model (--quick)"
+    try:
+        path = resolve_model(Path(args.real_model))
+    except ModelNameError as e:
+        print(f"real model skipped: {e}", file=sys.stderr)
+        return None
+    return (path, args.real_model) if path is not None else None
+
+
 # -- the run ----------------------------------------------------------------------------------
 async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[str, list[Ratio]]:
     """Load both engines, measure 1 and 2 alternating, then 3 and 4 one engine at a time."""
@@ -233,7 +286,12 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[
         lc_rate / ct_rate, 1.0, at_most=False,
         detail=f"llama-cpp {lc_rate:.0f} tok/s in all, ctransformers {ct_rate:.0f} tok/s in all",
     )
-    ratios += [lc, ct, both]
+    ratios += [lc, ct, both, await thread_share_ratio(model, sizes, args.gpu_layers)]
+    real = real_model_path(args, model)
+    if real is not None:
+        shape = REAL_QUICK if args.quick else REAL_FULL
+        real_sizes = real_model.RealSizes(threads=threads, **shape)
+        ratios += await real_model.measure(real[0], real[1], real_sizes, sizes.n_ctx)
     return header, ratios
 
 
@@ -243,6 +301,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="GGUF to measure (default: the bench model)")
     p.add_argument("--threads", type=int, default=0, help="threads per evaluation (0: all)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to CUDA")
+    p.add_argument("--real-model", default="smollm2",
+                   help="GGUF or model name measured through the node and raw (default smollm2)")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run")
     return p.parse_args(argv)
 

@@ -27,11 +27,11 @@ from actors.engine.template_sandbox import TemplateError
 from actors.gateway import ApiKeysError, Gateway, GatewayBindError
 from node.bus import BusError, connect
 from node.config import NodeConfig
-from node.demo_model import write_llama_gguf
 from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
 from node.nats_server import DEFAULT_PORT, EmbeddedNats, NatsServerError
 from node.wiring import build_actors, engine_actor, gateway_settings, prepare_streams
+from node.models import ModelChoice, ModelNameError, choose_model
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("node")
@@ -41,21 +41,12 @@ VERSION = "0.1.0"
 # What can stop a start for a reason the user can fix; anything else is a bug and propagates.
 _USER_ERRORS = (
     BusError, NatsServerError, ModelFileError, UnsupportedModelError, ModelLoadError,
-    LlamaLibraryError, TemplateError, OSError, ApiKeysError, GatewayBindError,
+    LlamaLibraryError, TemplateError, ModelNameError, OSError, ApiKeysError, GatewayBindError,
 )
 
 
 class StartError(RuntimeError):
     """The node could not start; the message says why and what to do."""
-
-
-def demo_model_path(data_dir: Path) -> Path:
-    """Write the demo model into ``data_dir`` once; later starts reuse it."""
-    path = data_dir / "models" / "demo-random-llama.gguf"
-    if not path.exists():
-        log.info("demo_model_writing", path=str(path))
-        write_llama_gguf(path)
-    return path
 
 
 class Node:
@@ -70,6 +61,8 @@ class Node:
         self.nats: EmbeddedNats | None = None
         self.url = config.nats_url or ""
         self.engine: SlotEngine | None = None
+        self.model: ModelChoice | None = None
+        """The model served, once started."""
         self.actors: list[Actor] = []
         self._conns: list[Client] = []
         self.metrics = NodeMetrics(self)
@@ -105,7 +98,8 @@ class Node:
             await self.nats.start()
             self.url = self.nats.url
             (cfg.data_dir / "nats.url").write_text(self.url + "\n")
-        model = cfg.model or demo_model_path(cfg.data_dir)
+        self.model = choose_model(cfg.model, cfg.data_dir)
+        model = self.model.path
         self.engine = await asyncio.to_thread(
             load_engine, replace(cfg, model=model), self.on_load_progress
         )
@@ -113,7 +107,7 @@ class Node:
         s = self.subjects
         await prepare_streams(admin_nc, s, cfg)
         engine = await engine_actor(cfg, s, self._connect, self.engine)
-        metadata = {"prefix": cfg.prefix, "model": str(model), "engine": cfg.engine}
+        metadata = {"prefix": cfg.prefix, "model": str(model), "engine": self.engine.info.engine}
         self.actors = await build_actors(
             cfg, s, self._connect, engine, admin_nc, self, VERSION, metadata
         )

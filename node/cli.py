@@ -1,6 +1,7 @@
 """The ``infernode`` command: ``up`` runs a node; the other commands talk to one.
 
-    infernode up                          # embedded NATS + demo model
+    infernode up                          # embedded NATS + the installed model (or the demo)
+    infernode models                      # the models --model can name
     infernode prompt demo "Hello there"   # stream a reply
     infernode sessions | history S | abort S | metrics | health
     infernode demo mesh --agents 3        # a ring of agents relaying answers
@@ -41,6 +42,7 @@ UP_FLAGS: dict[str, str] = {
     "--llama-lib": "llama_lib",
     "--chat-template": "chat_template",
     "--overflow": "overflow",
+    "--flash-attn": "flash_attn",
     "--bank-ram-bytes": "bank_ram_bytes",
     "--bank-session-bytes": "bank_session_bytes",
     "--commit-wait-s": "commit_wait_s",
@@ -72,10 +74,11 @@ UP_FLAGS: dict[str, str] = {
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("up", help="run a node (embedded NATS and the demo model by default)")
+    p = sub.add_parser("up", help="run a node (embedded NATS and the installed model by default)")
     p.add_argument("--nats-url", help="join this NATS server instead of starting one")
-    p.add_argument("--model", type=Path, help="GGUF model file (default: a random-weight demo)")
-    p.add_argument("--engine", help="ctransformers (default), llama-cpp or auto")
+    p.add_argument("--model", type=Path, help="GGUF file or model name (see `infernode models`; "
+                   "default: the installed one, else a random-weight demo)")
+    p.add_argument("--engine", help="auto (default), llama-cpp or ctransformers")
     p.add_argument("--data-dir", type=Path, help="where NATS data and the demo model live")
     p.add_argument("--prefix", help="subject prefix (default: infer)")
     p.add_argument("--slots", type=int, dest="n_slots", help="contexts sharing the model")
@@ -83,7 +86,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--threads", type=int, help="CPU threads per slot (0 = cores divided by slots)")
     p.add_argument("--gpu-layers", type=int, help="layers offloaded to CUDA (0 = CPU only)")
     p.add_argument("--llama-lib", type=Path, help="a llama.cpp library built from the sdist")
-    p.add_argument("--chat-template", help="auto, gguf, chatml, llama-2 or mistral")
+    p.add_argument("--chat-template", help="auto, gguf, chatml, llama-2, mistral, llama-3, "
+                   "gemma, phi-3, or a .jinja file")
+    p.add_argument("--flash-attn", help="off (default), on or auto (llama-cpp engine)")
     p.add_argument(
         "--overflow", help="truncate (default), shift or refuse: a session outgrowing --ctx"
     )
@@ -132,6 +137,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("models", help="the models --model can name, and which are installed")
+    p.set_defaults(command_fn=None)
+
     p = sub.add_parser("prompt", help="send a prompt and stream the answer")
     p.add_argument("session", help="session id (letters, digits, '_' or '-')")
     p.add_argument("text", help="the user message")
@@ -269,7 +277,8 @@ async def _up(args: argparse.Namespace) -> int:
 
 def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
     config = node.config
-    demo = "" if config.model else "  [demo model: random weights, wiring only]"
+    model = node.model
+    demo = f"  [{model.label}]" if model is not None else ""
     hint = "" if config.nats_url else f" --nats-url {node.url}"
     try_command = f'infernode prompt demo "Hello there"{hint}'
     metrics = openai = None
@@ -278,7 +287,7 @@ def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
     if node.gateway is not None:
         openai = f"http://{config.openai_host}:{node.gateway.port}/v1"
     if say.as_json:
-        log.info("up_ready", nats=node.url, demo_model=config.model is None,
+        log.info("up_ready", nats=node.url, demo_model=model is not None and model.demo,
                  try_command=try_command, metrics=metrics, openai=openai)
         return
     taken = node.nats.port_taken if node.nats is not None else None
@@ -329,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_up(args))
         if args.command == "openai":
             return asyncio.run(cli_gateway.run(args, os.environ))
+        if args.command == "models":
+            from node.models import listing
+
+            print("\n".join(listing()))
+            return 0
         return asyncio.run(cli_client.run_client_command(args, args.command_fn, os.environ))
     except ConfigError as e:
         print(f"infernode: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from node.models import ModelNameError, resolve_model
 from schemas.subjects import Subjects
 
 ENV_PREFIX = "INFERNODE_"
@@ -25,9 +26,12 @@ GIB = 1 << 30
 # nats-server refuses a max_payload above 64 MiB.
 MAX_NATS_PAYLOAD = 64 * MIB
 
-ENGINES = ("ctransformers", "llama-cpp", "auto")
+ENGINES = ("auto", "llama-cpp", "ctransformers")
 OVERFLOW_POLICIES = ("truncate", "shift", "refuse")
-CHAT_TEMPLATES = ("auto", "gguf", "chatml", "llama-2", "mistral")
+CHAT_TEMPLATES = (
+    "auto", "gguf", "chatml", "llama-2", "mistral", "llama-3", "gemma", "phi-3",
+)
+FLASH_ATTN = ("off", "on", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
@@ -51,11 +55,12 @@ class NodeConfig:
     data_dir: Path = Path(".infernode")
     """Where the embedded server's JetStream data and the demo model live."""
     model: Path | None = None
-    """GGUF model file; None writes a random-weight demo model into ``data_dir``."""
+    """GGUF model file or a model name (``infernode models``); None serves the installed
+    real model, else a random-weight demo model written into ``data_dir``."""
     prefix: str = "infer"
     """First token(s) of every subject."""
-    engine: str = "ctransformers"
-    """Which engine runs the model: ctransformers, llama-cpp or auto."""
+    engine: str = "auto"
+    """Which engine runs the model: auto, llama-cpp or ctransformers."""
     n_slots: int = 2
     """Contexts sharing one copy of the weights; sessions resident at once."""
     n_ctx: int = 2048
@@ -69,7 +74,9 @@ class NodeConfig:
     llama_lib: Path | None = None
     """A llama.cpp shared library to use instead of the bundled one."""
     chat_template: str = "auto"
-    """auto, gguf (the model's own), chatml, llama-2 or mistral."""
+    """auto, gguf (the model's own), a built-in family's name, or a .jinja file."""
+    flash_attn: str = "off"
+    """Flash attention on the llama-cpp engine: off (as llama-cpp-python), on or auto."""
     overflow: str = "truncate"
     """When a session outgrows the context: truncate (leave its oldest whole turns out of the
     window), shift (the same, keeping the KV state of what stays where the engine can), or
@@ -311,8 +318,8 @@ def _fail(message: str) -> typing.NoReturn:
 def _check_choices(c: NodeConfig) -> None:
     choices = {
         ("engine", "--engine"): ENGINES,
-        ("chat_template", "--chat-template"): CHAT_TEMPLATES,
         ("overflow", "--overflow"): OVERFLOW_POLICIES,
+        ("flash_attn", "--flash-attn"): FLASH_ATTN,
         ("log_level", "--log-level"): LOG_LEVELS,
         ("log_format", "--log-format"): LOG_FORMATS,
     }
@@ -323,6 +330,15 @@ def _check_choices(c: NodeConfig) -> None:
                 f"{name} must be one of {', '.join(allowed)} (got {value!r}); "
                 f"pass {flag} {allowed[0]}"
             )
+
+
+def _check_chat_template(c: NodeConfig) -> None:
+    if c.chat_template in CHAT_TEMPLATES or Path(c.chat_template).expanduser().is_file():
+        return
+    _fail(
+        f"chat_template must be one of {', '.join(CHAT_TEMPLATES)} or a jinja file (got "
+        f"{c.chat_template!r}, which is neither); pass --chat-template auto"
+    )
 
 
 def _check_counts(c: NodeConfig) -> None:
@@ -437,7 +453,6 @@ def _check_nats_url(c: NodeConfig) -> None:
 
 def _check_files(c: NodeConfig) -> None:
     files = {
-        ("model", "--model PATH.gguf"): c.model,
         ("llama_lib", "--llama-lib PATH"): c.llama_lib,
         ("nats_creds", "INFERNODE_NATS_CREDS"): c.nats_creds,
         ("nats_tls_ca", "INFERNODE_NATS_TLS_CA"): c.nats_tls_ca,
@@ -473,8 +488,19 @@ def _check_auth(c: NodeConfig) -> None:
         )
 
 
+def _check_model(c: NodeConfig) -> None:
+    if c.model is None or c.model.is_file():
+        return
+    try:
+        resolve_model(c.model)
+    except ModelNameError as e:
+        raise ConfigError(str(e)) from e
+
+
 _CHECKS: tuple[Callable[[NodeConfig], None], ...] = (
     _check_choices,
+    _check_chat_template,
+    _check_model,
     _check_counts,
     _check_durations,
     _check_sizes,

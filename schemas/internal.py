@@ -79,6 +79,9 @@ class GenerateRequest(Frozen):
     """Exact token ids of assistant messages, by index in ``messages``."""
     model_id: str | None = None
     """Model those token ids belong to; other models ignore them."""
+    generation: int = 0
+    """The session's committed generation; 0 for a session that never had a turn (a cache
+    miss is then ``new_session`` even when its messages include assistant turns)."""
     sampling: SamplingParams
     """Sampling parameters."""
     stop: tuple[str, ...] = ()

@@ -76,6 +76,9 @@ async def make_node(
             url = server.url
         settings.setdefault("threads", 1)
         settings.setdefault("model", tiny_model)
+        # Node tests exercise the wiring on the engine that needs no compiler; each engine
+        # runs a node in tests/test_engines.py.
+        settings.setdefault("engine", "ctransformers")
         config = NodeConfig(
             nats_url=url or nats_server.url,
             data_dir=tmp_path / f"node-{n}",

@@ -179,7 +179,8 @@ def spec(session: str, messages, tokens=None, max_tokens: int = 8) -> TurnSpec:
 
 @pytest.fixture
 async def engine(tiny_model: Path):
-    made = load_engine(NodeConfig(model=tiny_model, n_slots=1, threads=1, verify_restore=False))
+    made = load_engine(NodeConfig(model=tiny_model, engine="ctransformers", n_slots=1,
+                                  threads=1, verify_restore=False))
     yield made
     await made.close()
 
@@ -255,7 +256,8 @@ async def test_an_edited_history_reports_where_the_prefix_diverged(engine):
 async def test_a_session_whose_snapshot_was_pushed_out_of_ram_reports_evicted(tiny_model):
     """Given a RAM bank that holds one snapshot, when a second session evicts the first's, then
     the first's next turn is a miss named 'evicted'."""
-    settings = NodeConfig(model=tiny_model, n_slots=1, threads=1, verify_restore=False)
+    settings = NodeConfig(model=tiny_model, engine="ctransformers", n_slots=1, threads=1,
+                          verify_restore=False)
     probe = load_engine(settings)
     try:
         a1 = await run(probe, spec("a", [user("alpha")]))
@@ -263,7 +265,7 @@ async def test_a_session_whose_snapshot_was_pushed_out_of_ram_reports_evicted(ti
     finally:
         await probe.close()
     engine = load_engine(NodeConfig(
-        model=tiny_model, n_slots=1, threads=1, verify_restore=False,
+        model=tiny_model, engine="ctransformers", n_slots=1, threads=1, verify_restore=False,
         bank_ram_bytes=int(len(size) * 1.5), bank_session_bytes=int(len(size) * 1.5),
     ))
     try:

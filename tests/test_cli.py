@@ -27,6 +27,9 @@ def env(tmp_path: Path) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
     environ["INFERNODE_DATA_DIR"] = str(tmp_path / "data")
     environ["INFERNODE_THREADS"] = "1"
+    # The CLI's wiring runs on the demo model, fast anywhere; tests/test_models.py starts
+    # `up` on the installed real model.
+    environ["INFERNODE_MODEL"] = "demo"
     return environ
 
 

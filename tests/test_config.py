@@ -82,7 +82,7 @@ def test_bad_env_values_name_the_variable(env, needle):
         ({"n_slots": 0}, "n_slots must be at least 1 (got 0); pass --slots 1 or more"),
         ({"n_ctx": 8}, "pass --ctx 16 or more"),
         ({"threads": -1}, "pass --threads 0 or more"),
-        ({"engine": "vllm"}, "engine must be one of ctransformers, llama-cpp, auto"),
+        ({"engine": "vllm"}, "engine must be one of auto, llama-cpp, ctransformers"),
         ({"chat_template": "alpaca"}, "pass --chat-template auto"),
         ({"log_level": "loud"}, "log_level must be one of debug, info"),
         ({"log_format": "xml"}, "pass --log-format auto"),

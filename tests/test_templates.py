@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.engine import template_sandbox
+from actors.engine.template_choice import select_template
 from actors.engine.templates import (
     FALLBACK_SOURCES,
     TEMPLATE_CHOICES,
@@ -20,7 +21,6 @@ from actors.engine.templates import (
     TemplateError,
     format_tool_call,
     parse_tool_calls,
-    select_template,
 )
 from schemas.chat import ChatMessage, FunctionCall, ToolCall
 

@@ -128,6 +128,7 @@ class EngineActor(Actor):
             max_tokens=req.max_tokens,
             overflow=req.overflow,
             assistant_tokens=tokens,
+            generation=req.generation,
             queue_ms=req.queue_ms,
             tools=req.tools,
             tool_choice=req.tool_choice,

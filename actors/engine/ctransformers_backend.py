@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from actors.engine import llama_api
@@ -73,6 +74,10 @@ class CtransformersBackend:
         """Bytes of one token."""
         special = self._special_pieces.get(token)
         return special if special is not None else self.model.piece(token)
+
+    def share_cores(self, busy: Callable[[], int]) -> None:
+        """Split the cores among the ``busy()`` slots running a turn (unless fixed)."""
+        self.model.threads.busy = busy
 
     def new_context(self) -> LlamaContext:
         """A fresh context over the shared weights."""

@@ -61,14 +61,20 @@ class SlotEngine:
         bank: BankStore | None,
         snapshot_note: str = "",
         overflow: OverflowPolicy = "truncate",
+        stops: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
         self.overflow: OverflowPolicy = overflow
         """The node's window policy; a prompt may name another."""
         self._windows: dict[str, Window] = {}
         self.template = template
+        self.stops = stops
+        """Stop strings of every turn: the template's end marker where it is no end token."""
         self.bank = bank
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
+        share_cores = getattr(backend, "share_cores", None)
+        if share_cores is not None:  # backends whose slots evaluate on their own threads
+            share_cores(self.pool.busy_count)
         self._evicted: set[str] = set()
         """Sessions whose state left a slot or the RAM bank: a later miss says ``evicted``."""
         self._running: dict[str, tuple[str, CancelToken]] = {}
@@ -173,7 +179,9 @@ class SlotEngine:
         tokens, window = self._window_tokens(spec)
         constraint = self.grammars.constraint(spec)
         tokenize_ms = (time.perf_counter() - t0) * 1000
-        resumed = any(m.role == "assistant" for m in spec.messages)
+        # A session with committed turns lost its state if none is found; a new one had none,
+        # whatever its first prompt holds (a client may send a whole earlier conversation).
+        resumed = spec.generation > 0
         source, miss, restore_ms, tier, shared = self._prepare(
             slot, spec.session, tokens, resumed
         )
@@ -196,8 +204,8 @@ class SlotEngine:
                     emit_call(delta)
 
         out = decode(
-            self.backend, slot, spec.sampling, spec.stop, spec.max_tokens, emit_text, cancel,
-            constraint,
+            self.backend, slot, spec.sampling, (*spec.stop, *self.stops), spec.max_tokens,
+            emit_text, cancel, constraint,
         )
         end = time.perf_counter()
         slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along

@@ -16,6 +16,10 @@ import gguf
 
 RUNNABLE_ARCHS = frozenset({"llama", "falcon"})
 """Architectures the bundled llama.cpp runs."""
+READABLE_VERSIONS = frozenset({1, 2, 3})
+"""GGUF versions it reads (3 only added big-endian files; little-endian ones read as 2)."""
+READABLE_TOKENIZERS = frozenset({"llama", "gpt2"})
+"""``tokenizer.ggml.model`` values it knows (SentencePiece and byte-level BPE)."""
 _MAGIC = b"GGUF"
 
 
@@ -36,13 +40,15 @@ class ModelFileError(ValueError):
 
 
 class UnsupportedModelError(ValueError):
-    """The GGUF holds an architecture the bundled llama.cpp cannot run."""
+    """The GGUF is one the bundled llama.cpp cannot read or run; ``reason`` says why."""
 
-    def __init__(self, path: Path, architecture: str) -> None:
+    def __init__(self, path: Path, architecture: str, reason: str | None = None) -> None:
+        self.reason = reason or f"{architecture} models need a newer llama.cpp"
         super().__init__(
-            f"{path}: {architecture} models need a newer llama.cpp than ctransformers 0.2.27 "
-            "bundles; use --engine llama-cpp (pip install 'infernode[llamacpp]') or a GGUF of "
-            f"an architecture it runs ({', '.join(sorted(RUNNABLE_ARCHS))})"
+            f"{path}: {self.reason}, which ctransformers 0.2.27 (llama.cpp of 2023-09) lacks; "
+            "use --engine llama-cpp (pip install 'infernode[llamacpp]') or a GGUF it reads "
+            f"(architectures {', '.join(sorted(RUNNABLE_ARCHS))}, GGUF v1-v3, a vocabulary "
+            "with token scores and no tokenizer.ggml.pre)"
         )
         self.path = path
         self.architecture = architecture
@@ -86,6 +92,10 @@ class GgufInfo:
     """Text of the EOS token."""
     chat_template: str | None
     """``tokenizer.chat_template``, untrusted jinja source."""
+    has_scores: bool = False
+    """Whether ``tokenizer.ggml.scores`` is present (the 2023 loader requires it)."""
+    tokenizer_pre: str | None = None
+    """``tokenizer.ggml.pre``: the pre-tokenizer of current BPE vocabularies."""
 
 
 def read_gguf_info(path: Path) -> GgufInfo:
@@ -138,13 +148,38 @@ def _info(path: Path, reader: gguf.GGUFReader, arch: str) -> GgufInfo:
         bos_token=_token_text(tokens, bos_id),
         eos_token=_token_text(tokens, eos_id),
         chat_template=_string(reader, keys.Tokenizer.CHAT_TEMPLATE),
+        has_scores=keys.Tokenizer.SCORES in reader.fields,
+        tokenizer_pre=_string(reader, keys.Tokenizer.PRE),
     )
 
 
-def check_runnable(info: GgufInfo) -> None:
-    """Refuse, with a sentence, a model the bundled llama.cpp cannot run."""
+def ctransformers_refusal(info: GgufInfo) -> str | None:
+    """Why the bundled llama.cpp cannot load ``info``'s file, or None when it can.
+
+    Its loader (September 2023) throws on an unknown architecture or tokenizer model and on
+    a vocabulary without scores; a ``tokenizer.ggml.pre`` names a pre-tokenizer it predates,
+    so it would load the file but split text differently from the model's training.
+    """
     if info.architecture not in RUNNABLE_ARCHS:
-        raise UnsupportedModelError(info.path, info.architecture)
+        return f"{info.architecture} models need a newer llama.cpp"
+    if info.version not in READABLE_VERSIONS:
+        return f"GGUF version {info.version} needs a newer llama.cpp"
+    model = info.tokenizer_model or "llama"
+    if model not in READABLE_TOKENIZERS:
+        return f"its {model!r} tokenizer needs a newer llama.cpp"
+    if not info.has_scores:
+        return "its vocabulary has no tokenizer.ggml.scores (a current BPE vocabulary)"
+    if info.tokenizer_pre:
+        return (f"its vocabulary's pre-tokenizer {info.tokenizer_pre!r} "
+                "(tokenizer.ggml.pre) needs a newer llama.cpp")
+    return None
+
+
+def check_runnable(info: GgufInfo) -> None:
+    """Refuse, with a sentence, a model the bundled llama.cpp cannot read or run."""
+    reason = ctransformers_refusal(info)
+    if reason is not None:
+        raise UnsupportedModelError(info.path, info.architecture, reason)
 
 
 def _check_complete(path: Path, reader: gguf.GGUFReader) -> None:

@@ -111,6 +111,8 @@ class TurnSpec:
     max_tokens: int = 256
     assistant_tokens: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     """Exact token ids generated for assistant messages, by message index."""
+    generation: int = 0
+    """The session's committed generation (0: it never had a turn)."""
     queue_ms: float = 0.0
     overflow: OverflowPolicy | None = None
     """What to do when the history outgrows the context; None takes the engine's default."""

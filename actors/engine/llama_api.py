@@ -26,6 +26,8 @@ from ctypes import (
 )
 from pathlib import Path
 
+from actors.engine.library_log import LibraryLog
+
 llama_token = c_int
 llama_model_p = c_void_p
 llama_context_p = c_void_p
@@ -198,10 +200,17 @@ def load_library(path: Path, cuda: bool = False, verbose: bool = False) -> ctype
     return lib
 
 
+LOG = LibraryLog()
+"""What this library logs, for quoting its reason when it refuses a model."""
+
+
 @llama_log_callback
 def _silent_log(level: int, text: bytes | None, user_data: int | None) -> None:
-    """Drop llama.cpp's own log lines unless asked for them."""
-    if _VERBOSE and text:
+    """Keep llama.cpp's log lines for ``LOG``; print them only when asked for them."""
+    if not text:
+        return
+    LOG.write(text.decode("utf-8", errors="replace"))
+    if _VERBOSE:
         os.write(2, text)
 
 

@@ -7,6 +7,8 @@ those shared weights. Every method here blocks: call them from a slot's worker t
 from __future__ import annotations
 
 import ctypes
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.engine import llama_api
+from actors.engine.library_log import refusal_reason
 
 
 class ModelLoadError(RuntimeError):
@@ -33,11 +36,68 @@ class ModelParams:
     gpu_layers: int = 0
     """Layers offloaded to CUDA (0 = CPU only)."""
     threads: int = 1
-    """Threads per evaluation."""
+    """Threads per evaluation; 0 shares the cores among the slots running a turn."""
+    flash_attn: str = "off"
+    """Flash attention on the llama-cpp engine: auto, on or off."""
     seed: int = 0
     """Seed of the library's own RNG (unused: we sample ourselves)."""
     progress: Callable[[float], None] | None = field(default=None, compare=False)
     """Called with 0..1 while the weights load (on the loading thread)."""
+
+
+def load_refusal(library: str, path: Path, logged: list[str], current: bool = False) -> str:
+    """The sentence for a model ``library`` refused: its own reason and the way out.
+
+    ``current`` marks today's llama.cpp, for which no other engine is the way out.
+    """
+    reason = refusal_reason(logged)
+    why = f": {reason}" if reason else " (run with --llama-log to see its log)"
+    fix = ("check that the file is a complete GGUF of a model llama.cpp supports"
+           if current else "a current GGUF loads with --engine llama-cpp "
+           "(pip install 'infernode[llamacpp]')")
+    return f"{library} refused {path}{why}; {fix}"
+
+
+class ThreadShare:
+    """Threads for one evaluation: a fixed count, or the idle cores split among busy slots.
+
+    Each slot evaluates on its own threads; a slot alone should use every idle core, two
+    busy slots half each. Idle means idle on the machine too: ggml's workers spin at a
+    barrier after every operation, so a thread whose core another process holds stalls the
+    others (measured on 2 loaded cores: 2 threads took 3-50x as long as 1). Cores other
+    processes keep busy are the 1-minute load average less our own evaluating threads,
+    checked at most once a second. ``busy`` counts the slots running a turn (the engine
+    sets it).
+    """
+
+    def __init__(
+        self, fixed: int, cores: int | None = None,
+        load: Callable[[], float] = lambda: os.getloadavg()[0],
+    ) -> None:
+        self.fixed = fixed
+        self.cores = cores or os.cpu_count() or 1
+        self.busy: Callable[[], int] = lambda: 1
+        self._load = load
+        self._checked = -1.0
+        self._free = self.cores
+        self._ours = 0
+
+    def threads(self) -> int:
+        """Threads for the evaluation about to run."""
+        if self.fixed > 0:
+            return self.fixed
+        busy = max(1, self.busy())
+        share = max(1, min(self.cores // busy, self._free_cores()))
+        self._ours = share * busy
+        return share
+
+    def _free_cores(self) -> int:
+        now = time.monotonic()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            others = max(0.0, self._load() - self._ours)
+            self._free = max(1, int(self.cores - others + 0.5))
+        return self._free
 
 
 class LlamaModel:
@@ -46,6 +106,7 @@ class LlamaModel:
     def __init__(self, lib: ctypes.CDLL, params: ModelParams) -> None:
         self.lib = lib
         self.params = params
+        self.threads = ThreadShare(params.threads)
         cparams = self._context_params()
         report = params.progress
         if report is not None:
@@ -58,12 +119,10 @@ class LlamaModel:
 
             callback = llama_api.llama_progress_callback(on_progress)
             cparams.progress_callback = callback
-        handle = lib.llama_load_model_from_file(str(params.path).encode(), cparams)
+        with llama_api.LOG.capture() as logged:
+            handle = lib.llama_load_model_from_file(str(params.path).encode(), cparams)
         if not handle:
-            raise ModelLoadError(
-                f"the llama library could not load {params.path} (run with --llama-log "
-                "to see its log)"
-            )
+            raise ModelLoadError(load_refusal("ctransformers' llama.cpp", params.path, logged))
         self.handle = handle
         self.n_vocab = int(lib.llama_model_n_vocab(handle))
         self.n_ctx_train = int(lib.llama_model_n_ctx(handle))
@@ -142,12 +201,11 @@ class LlamaContext:
     def eval(self, tokens: Sequence[int], n_past: int) -> None:
         """Evaluate ``tokens`` at positions ``n_past`` onward, in batches."""
         batch = self.model.params.n_batch
+        threads = self.model.threads.threads()
         for start in range(0, len(tokens), batch):
             chunk = tokens[start : start + batch]
             arr = (llama_api.llama_token * len(chunk))(*chunk)
-            rc = self.lib.llama_eval(
-                self.handle, arr, len(chunk), n_past + start, self.model.params.threads
-            )
+            rc = self.lib.llama_eval(self.handle, arr, len(chunk), n_past + start, threads)
             if rc != 0:
                 raise RuntimeError(f"llama_eval failed with code {rc}")
 

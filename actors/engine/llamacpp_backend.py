@@ -20,8 +20,9 @@ from pathlib import Path
 from types import ModuleType
 
 from actors.engine.gguf_info import model_id_of
+from actors.engine.library_log import LibraryLog
 from actors.engine.llama_api import LlamaLibraryError
-from actors.engine.llama_model import ModelLoadError, ModelParams
+from actors.engine.llama_model import ModelLoadError, ModelParams, load_refusal
 from actors.engine.llamacpp_context import LlamaCppSequence, SharedContext, SharedContextParams
 from actors.engine.tokenizer import PromptTokenizer
 
@@ -30,6 +31,10 @@ _ATTR_CONTROL, _ATTR_USER_DEFINED = 1 << 3, 1 << 4
 _NULL_TOKEN = -1
 _LOG_CALLBACK: object = None
 """The log callback handed to llama.cpp; kept referenced for the life of the process."""
+LOG = LibraryLog()
+"""What llama.cpp logs, for quoting its reason when it refuses a model."""
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+"""``--flash-attn`` values as llama.cpp's ``llama_flash_attn_type``."""
 
 
 def llama_cpp_available() -> bool:
@@ -80,8 +85,12 @@ def _route_log(lib: ModuleType, verbose: bool) -> None:
     global _LOG_CALLBACK
 
     def on_log(_level: int, text: bytes | None, _user: object) -> None:
-        if verbose and text:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
+        if not text:
+            return
+        decoded = text.decode("utf-8", errors="replace")
+        LOG.write(decoded)
+        if verbose:
+            sys.stderr.write(decoded)
 
     _LOG_CALLBACK = lib.llama_log_callback(on_log)
     lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
@@ -114,11 +123,10 @@ class LlamaCppBackend:
         mp.n_gpu_layers = params.gpu_layers
         if self._progress_cb is not None:
             mp.progress_callback = self._progress_cb
-        self.model = lib.llama_model_load_from_file(str(params.path).encode(), mp)
+        with LOG.capture() as logged:
+            self.model = lib.llama_model_load_from_file(str(params.path).encode(), mp)
         if not self.model:
-            raise ModelLoadError(
-                f"llama.cpp could not load {params.path} (run with --llama-log to see its log)"
-            )
+            raise ModelLoadError(load_refusal("llama.cpp", params.path, logged, current=True))
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.n_ctx = params.n_ctx
@@ -146,6 +154,7 @@ class LlamaCppBackend:
                 SharedContextParams(
                     n_seq=n_seq, n_ctx_seq=params.n_ctx, n_batch=params.n_batch,
                     threads=params.threads, offload_kv=params.gpu_layers != 0,
+                    flash_attn=FLASH_ATTN[params.flash_attn],
                 ),
             )
         except RuntimeError as e:

@@ -83,6 +83,8 @@ class SharedContextParams:
     """Threads per evaluation."""
     offload_kv: bool
     """Keep the KV cache on the GPU (with offloaded layers)."""
+    flash_attn: int = 0
+    """``llama_flash_attn_type``: -1 auto, 0 off, 1 on."""
 
 
 class SharedContext:
@@ -104,6 +106,7 @@ class SharedContext:
         cp.n_threads = params.threads
         cp.n_threads_batch = params.threads
         cp.offload_kqv = params.offload_kv
+        cp.flash_attn_type = params.flash_attn
         cp.kv_unified = False  # a stream per sequence: sessions share no prefix
         cp.no_perf = True
         handle = lib.llama_init_from_model(model, cp)

@@ -1,8 +1,10 @@
 """Build an engine from settings: read the GGUF header, pick the engine, verify restore.
 
-Two engines sit behind the same ``Backend`` interface: ctransformers' bundled llama.cpp
-(the default) and current llama.cpp through llama-cpp-python (an optional extra). ``auto``
-takes the default when the GGUF's architecture runs there, else llama-cpp when installed.
+Two engines sit behind the same ``Backend`` interface: current llama.cpp through
+llama-cpp-python (an optional extra) and ctransformers' bundled llama.cpp of 2023 (always
+installed). ``auto``, the default, takes llama-cpp whenever it is installed (it was faster
+on every model measured, see bench/engines_compare.py), else ctransformers when the GGUF
+header says its library reads the file, else refuses at once with the cause and the fix.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from actors.engine.bank.store import BankStore
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import (
-    RUNNABLE_ARCHS,
     GgufInfo,
     UnsupportedModelError,
     check_runnable,
+    ctransformers_refusal,
     read_gguf_info,
 )
-from actors.engine.interface import Backend
+from actors.engine.interface import Backend, end_of_generation
 from actors.engine.llama_model import ModelParams
 from actors.engine.llamacpp_backend import INSTALL_HINT, LlamaCppBackend, llama_cpp_available
 from actors.engine.llamacpp_verify import verify_in_child as verify_llamacpp_in_child
-from actors.engine.templates import select_template
+from actors.engine.template_choice import select_template, turn_stops
 from actors.engine.verify import verify_in_child
 from schemas.chat import OverflowPolicy
 
@@ -71,6 +73,8 @@ class EngineSettings(Protocol):
     def verify_restore(self) -> bool: ...
     @property
     def llama_log(self) -> bool: ...
+    @property
+    def flash_attn(self) -> str: ...
 
 
 Progress = Callable[[float], None]
@@ -78,42 +82,45 @@ Progress = Callable[[float], None]
 
 
 class LlamaCppMissingError(UnsupportedModelError):
-    """``auto`` found an architecture only current llama.cpp runs, and it is not installed."""
+    """``auto`` found a file only current llama.cpp reads, and it is not installed."""
 
-    def __init__(self, info: GgufInfo) -> None:
+    def __init__(self, info: GgufInfo, reason: str) -> None:
         ValueError.__init__(
             self,
-            f"{info.path}: {info.architecture} models need the llama-cpp engine, which is not "
-            f"installed: {INSTALL_HINT} (the default engine runs "
-            f"{', '.join(sorted(RUNNABLE_ARCHS))})",
+            f"{info.path}: no installed engine can load this model: {reason}, which the "
+            "ctransformers engine (llama.cpp of 2023-09) lacks, and the llama-cpp engine is "
+            f"not installed; install it with {INSTALL_HINT} and start again (it picks "
+            "--engine llama-cpp by itself)",
         )
         self.path = info.path
         self.architecture = info.architecture
+        self.reason = reason
 
 
 def choose_engine(requested: str, info: GgufInfo) -> str:
     """The engine that runs ``info``'s model: ``requested``, or for ``auto`` the fitting one."""
     if requested == "auto":
-        if info.architecture in RUNNABLE_ARCHS:
-            return "ctransformers"
         if llama_cpp_available():
             return "llama-cpp"
-        raise LlamaCppMissingError(info)
+        reason = ctransformers_refusal(info)
+        if reason is not None:
+            raise LlamaCppMissingError(info, reason)
+        return "ctransformers"
     if requested == "ctransformers":
         check_runnable(info)
     elif requested != "llama-cpp":
-        raise ValueError(f"unknown engine {requested!r}: choose ctransformers, llama-cpp or auto")
+        raise ValueError(f"unknown engine {requested!r}: choose auto, llama-cpp or ctransformers")
     return requested
 
 
-def default_threads(engine: str, n_slots: int, cores: int | None = None) -> int:
-    """Threads per evaluation when none are configured.
+def default_threads(engine: str, cores: int | None = None) -> int:
+    """Threads per evaluation when none are configured; 0 means "decided per evaluation".
 
-    ctransformers evaluates each slot on its own threads, so the slots share the cores;
-    llama-cpp evaluates every slot in one ``llama_decode`` at a time, which takes them all.
+    llama-cpp evaluates every slot in one ``llama_decode`` at a time, which takes all the
+    cores. ctransformers evaluates each slot on its own threads: the idle cores are shared
+    among the slots busy at that moment (``ThreadShare``), so one session alone gets them.
     """
-    cores = cores or os.cpu_count() or 1
-    return cores if engine == "llama-cpp" else max(1, cores // max(1, n_slots))
+    return (cores or os.cpu_count() or 1) if engine == "llama-cpp" else 0
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,8 @@ class _Load:
     def params(self, gpu_layers: int) -> ModelParams:
         s = self.settings
         return ModelParams(
-            self.model, s.n_ctx, s.n_batch, gpu_layers, self.threads, progress=self.progress
+            self.model, s.n_ctx, s.n_batch, gpu_layers, self.threads,
+            flash_attn=s.flash_attn, progress=self.progress,
         )
 
 
@@ -143,7 +151,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         raise ValueError("no model file to load: pass --model PATH.gguf")
     info = read_gguf_info(settings.model)
     engine = choose_engine(settings.engine, info)
-    threads = settings.threads or default_threads(engine, settings.n_slots)
+    threads = settings.threads or default_threads(engine)
     load = _Load(settings, settings.model, threads, progress)
     if engine == "llama-cpp":
         backend, (snapshots, note), library = _load_llamacpp(load)
@@ -153,12 +161,15 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     bank: BankStore | None = None
     if snapshots:
         bank = BankStore(settings.bank_ram_bytes, settings.bank_session_bytes)
+    specials = backend.tokenizer.specials
     template = select_template(
-        settings.chat_template, info.chat_template, backend.bos_text, backend.eos_text
+        settings.chat_template, info.chat_template, backend.bos_text, backend.eos_text, specials
     )
+    stops = turn_stops(template, specials, end_of_generation(backend))
     slot_engine = SlotEngine(
         backend, template, template.name, settings.n_slots, bank, snapshot_note=note,
         overflow=cast(OverflowPolicy, settings.overflow),
+        stops=stops,
     )
     log.info(
         "engine_loaded",
@@ -172,6 +183,9 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         library=library,
         snapshots=bank is not None,
         template=template.name,
+        turn_stops=list(stops),
+        threads=threads or "shared by busy slots",
+        flash_attn=settings.flash_attn if engine == "llama-cpp" else "n/a",
     )
     return slot_engine
 
@@ -209,6 +223,8 @@ def _load_ctransformers(
 ) -> tuple[Backend, tuple[bool, str], str, int]:
     settings = load.settings
     gpu_layers = settings.gpu_layers
+    if settings.flash_attn == "on":
+        log.warning("flash_attn_ignored", reason="the ctransformers engine has no flash attention")
     clamp = ""
     if load.snapshots and gpu_layers > info.n_layer + 1:
         # Offloading the KV cache makes this llama.cpp restore states wrongly.

@@ -150,6 +150,13 @@ class Utf8Detokenizer:
         self._decoder.reset()
         return text
 
+    def drop_partial(self) -> bytes:
+        """Forget the bytes of an incomplete last character (a reply never ends inside one);
+        returns them."""
+        held = self.pending
+        self._decoder.reset()
+        return held
+
     @property
     def pending(self) -> bytes:
         """Bytes held back."""

@@ -90,6 +90,10 @@ class SlotPool:
         self.slots = slots
         self._waiters: deque[tuple[str, asyncio.Future[Slot]]] = deque()
 
+    def busy_count(self) -> int:
+        """Slots running a turn now (read from worker threads: a count of bools, no lock)."""
+        return sum(s.busy for s in self.slots)
+
     def resident(self, session: str) -> Slot | None:
         """The slot holding ``session``, if any."""
         return next((s for s in self.slots if s.session == session), None)

@@ -44,8 +44,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
 import jinja2.meta
-import structlog
 
+from actors.engine.template_families import FAMILIES, family_source
 from actors.engine.template_sandbox import (
     GuardedEnvironment,
     TemplateError,
@@ -62,11 +62,8 @@ __all__ = [
     "TemplateError",
     "format_tool_call",
     "parse_tool_calls",
-    "select_template",
     "tools_block",
 ]
-
-log = structlog.get_logger("engine")
 
 MAX_SOURCE_CHARS = 200_000
 """Longest template source accepted; real templates are a few thousand characters."""
@@ -160,10 +157,11 @@ FALLBACK_SOURCES: dict[str, str] = {
     "chatml": _CHATML,
     "llama-2": _inst_source("llama-2"),
     "mistral": _inst_source("mistral"),
+    **{name: family_source(name, _COMMON) for name in FAMILIES},
 }
 """Built-in templates by name."""
 TEMPLATE_CHOICES = ("auto", "gguf", *FALLBACK_SOURCES)
-"""Names ``select_template`` accepts."""
+"""Names ``select_template`` accepts (besides the path of a jinja file)."""
 
 
 # -- messages and tool calls ----------------------------------------------------------------
@@ -285,6 +283,8 @@ class ChatTemplate:
         self.source = source
         self.note = ""
         """Why this template was chosen, when it is a fallback."""
+        self.end_marker: str | None = None
+        """Text that ends an assistant turn, when known (built-ins); see ``turn_stops``."""
         self.bos_token, self.eos_token = bos_token, eos_token
         self.time_limit_s = time_limit_s
         self.max_output_chars = max_output_chars
@@ -352,47 +352,3 @@ _PROBE_HISTORY = (
     ChatMessage(role="assistant", content="Hello."),
     ChatMessage(role="user", content="Thanks"),
 )
-
-
-def select_template(
-    name: str, gguf_template: str | None, bos: str, eos: str
-) -> ChatTemplate:
-    """The template called ``name`` (one of ``TEMPLATE_CHOICES``).
-
-    The model's own template is untrusted: before it is used it must render a probe
-    conversation inside the sandbox. ``gguf`` refuses a template that fails (the node does
-    not start, and says why); ``auto`` falls back to chatml and logs the reason.
-    """
-    if name in FALLBACK_SOURCES:
-        return ChatTemplate(FALLBACK_SOURCES[name], bos, eos, name=name)
-    if name == "gguf":
-        if not gguf_template:
-            raise TemplateError("the model file has no tokenizer.chat_template; choose one of "
-                                f"{', '.join(c for c in TEMPLATE_CHOICES if c != 'gguf')}")
-        try:
-            return _probed(gguf_template, bos, eos)
-        except TemplateError as e:
-            raise TemplateError(f"the model's chat template is refused: {e}; choose one of "
-                                f"{', '.join(FALLBACK_SOURCES)} with --chat-template") from e
-    if name != "auto":
-        raise ValueError(f"unknown chat template {name!r}; choose one of "
-                         f"{', '.join(TEMPLATE_CHOICES)}")
-    reason = "the model file has no tokenizer.chat_template"
-    if gguf_template:
-        try:
-            return _probed(gguf_template, bos, eos)
-        except TemplateError as e:
-            reason = f"the model's template fails on a probe conversation: {e}"
-    fallback = ChatTemplate(FALLBACK_SOURCES["chatml"], bos, eos, name="chatml")
-    fallback.note = reason
-    # A model without a template is ordinary; one whose template fails is worth a warning.
-    emit = log.warning if gguf_template else log.info
-    emit("chat_template_fallback", template=fallback.name, reason=reason)
-    return fallback
-
-
-def _probed(source: str, bos: str, eos: str) -> ChatTemplate:
-    """The model's template, once it rendered a probe conversation."""
-    template = ChatTemplate(source, bos, eos, name="gguf")
-    template.render(_PROBE_HISTORY[1:])
-    return template

@@ -17,6 +17,10 @@ from actors.engine.slots import Slot
 from actors.engine.tokens import common_prefix
 from schemas.chat import SamplingParams
 
+FINISH_CHAR_TOKENS = 3
+"""Most tokens generated past ``max_tokens`` to finish a character begun (a UTF-8 character
+is at most 4 bytes; llama-cpp-python allows the same)."""
+
 
 @dataclass
 class DecodeResult:
@@ -55,7 +59,12 @@ def decode(
     """Generate until EOS, a stop string, ``max_tokens``, the context end, or cancel.
 
     Under a ``constraint`` only tokens its grammar allows are sampled, and the reply ends
-    as soon as the grammar is complete.
+    as soon as the grammar is complete. A reply never ends inside a character: cut by
+    ``max_tokens`` with a character begun, up to ``FINISH_CHAR_TOKENS`` more tokens finish it
+    (as llama-cpp-python does); otherwise its partial bytes are dropped, from the events and
+    the text alike. The token that completes a stop string is counted in
+    ``completion_tokens`` (it was generated) but, like the stop string, is not part of the
+    reply or the slot's tokens.
     """
     start = time.perf_counter()
     sampler = Sampler(sampling, backend.eos_id, backend.n_vocab)
@@ -65,22 +74,16 @@ def decode(
     generated: list[int] = []
     first_at: float | None = None
     finish = "length"
-    last_n = max(sampling.repeat_last_n, 1)
     eog = end_of_generation(backend)
-    for _ in range(max_tokens):
+    while len(generated) < max_tokens or (
+        detok.pending and len(generated) < max_tokens + FINISH_CHAR_TOKENS
+    ):
         if cancel.cancelled:
             finish = "aborted"
             break
         if len(slot.tokens) >= slot.ctx.n_ctx:
             break
-        recent = slot.tokens[-last_n:]
-        if len(eog) > 1:  # like EOS, end-of-turn markup recurs in every history: no penalty
-            recent = [t for t in recent if t not in eog]
-        logits = slot.ctx.logits()
-        if constraint is None:
-            token = sampler.sample(logits, recent)
-        else:
-            token = sampler.sample(logits, recent, constraint.allowed())
+        token = _next_token(sampler, slot, sampling, eog, constraint)
         if first_at is None:
             first_at = time.perf_counter()
         if token in eog:
@@ -101,9 +104,40 @@ def decode(
         if constraint is not None and constraint.complete:
             finish = "stop"
             break
-    if finish != "stop" or not stopper.stopped:
-        tail, _ = stopper.feed(detok.flush())
-        tail += stopper.flush()
+    return _finish(backend, detok, stopper, parts, emit, generated, finish, start, first_at)
+
+
+def _next_token(
+    sampler: Sampler,
+    slot: Slot,
+    sampling: SamplingParams,
+    eog: frozenset[int],
+    constraint: Constraint | None,
+) -> int:
+    recent = slot.tokens[-max(sampling.repeat_last_n, 1):]
+    if len(eog) > 1:  # like EOS, end-of-turn markup recurs in every history: no penalty
+        recent = [t for t in recent if t not in eog]
+    logits = slot.ctx.logits()
+    if constraint is None:
+        return sampler.sample(logits, recent)
+    return sampler.sample(logits, recent, constraint.allowed())
+
+
+def _finish(
+    backend: Backend,
+    detok: Utf8Detokenizer,
+    stopper: StopMatcher,
+    parts: list[str],
+    emit: Callable[[str], None],
+    generated: list[int],
+    finish: str,
+    start: float,
+    first_at: float | None,
+) -> DecodeResult:
+    """Release held-back text (never a partial character) and describe the reply."""
+    detok.drop_partial()
+    if not stopper.stopped:
+        tail = stopper.flush()
         if tail:
             parts.append(tail)
             emit(tail)
@@ -116,7 +150,7 @@ def decode(
         raw_text=raw,
         finish_reason=finish,
         completion_ids=ids if exact else None,
-        completion_tokens=len(generated),
+        completion_tokens=len(generated) + (1 if stopper.stopped else 0),
         prefill_ms=0.0,
         decode_ms=(time.perf_counter() - start) * 1000,
         first_token_at=first_at,

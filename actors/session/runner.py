@@ -316,8 +316,8 @@ class SessionRunner:
         self.log.info("chat_start", **fields)
         req = GenerateRequest(
             session=self.session, turn_id=turn.id, messages=messages, assistant_tokens=tokens,
-            model_id=model_id, sampling=params.sampling, stop=params.stop,
-            max_tokens=params.max_tokens, overflow=params.overflow,
+            model_id=model_id, generation=st.generation, sampling=params.sampling,
+            stop=params.stop, max_tokens=params.max_tokens, overflow=params.overflow,
             token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
             tools=st.tools, tool_choice=params.tool_choice, response_format=params.response_format,
         )
