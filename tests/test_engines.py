@@ -31,7 +31,7 @@ from actors.engine.loader import (
     default_threads,
     load_engine,
 )
-from node.client import InfernodeClient
+from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
@@ -230,8 +230,11 @@ async def test_a_new_session_imported_with_assistant_turns_reports_new_session(m
     (assistant messages included) misses its cache as new_session, not evicted."""
     node = await make_node()
     earlier = [user("hi"), ChatMessage(role="assistant", content="hello"), user("go on")]
+    turn = TurnResult()
     async with InfernodeClient(node.url) as client:
-        turn = await client.ask("imported", earlier, sampling=GREEDY, max_tokens=2, timeout=60)
+        async for _token in client.prompt("imported", earlier, sampling=GREEDY, max_tokens=2,
+                                          timeout=60, result=turn):
+            pass
     assert turn.done is not None and turn.done.cache.miss_reason == "new_session"
 
 
