@@ -3,6 +3,8 @@
     python bench/engine.py [--model PATH] [--threads N] [--gpu-layers N] [--llama-lib PATH]
     python bench/engine.py --quick      # tiny model, small sizes: checks that it runs
 
+It measures the ctransformers engine (the one that shares ctransformers' library).
+
 1. decode tok/s of the engine ÷ ctransformers' own ``LLM`` (greedy, same prompt ids, same
    number of tokens, same threads, same library), alternating runs, medians;
 2. TTFT of a turn whose ~2,000-token history is in the slot ÷ TTFT of the same kind of
@@ -356,7 +358,8 @@ async def rss_child(n_slots: int, payload_path: Path) -> dict[str, object]:
     payload = json.loads(payload_path.read_text())
     s = payload["settings"]
     engine = load_engine(NodeConfig(
-        model=Path(s["model"]), n_slots=n_slots, n_ctx=s["n_ctx"], threads=s["threads"],
+        model=Path(s["model"]), engine="ctransformers", n_slots=n_slots, n_ctx=s["n_ctx"],
+        threads=s["threads"],
         gpu_layers=s["gpu_layers"], llama_lib=Path(s["llama_lib"]) if s["llama_lib"] else None,
         bank_ram_bytes=_UNCAPPED, bank_session_bytes=_UNCAPPED, verify_restore=False,
     ))
@@ -392,7 +395,7 @@ async def rss_child(n_slots: int, payload_path: Path) -> dict[str, object]:
 async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[str, list[Ratio]]:
     """Load the engine once, measure ratios 1–3 in this process and 4 in children."""
     engine = await asyncio.to_thread(load_engine, NodeConfig(
-        model=model, n_slots=1, n_ctx=sizes.n_ctx, threads=threads_of(args, sizes),
+        model=model, engine="ctransformers", n_slots=1, n_ctx=sizes.n_ctx, threads=threads_of(args, sizes),
         gpu_layers=args.gpu_layers, llama_lib=args.llama_lib,
         bank_ram_bytes=_UNCAPPED, bank_session_bytes=_UNCAPPED,
     ))
