@@ -22,7 +22,7 @@ import pytest
 
 from actors.engine.gguf_info import read_gguf_info
 from actors.engine.llamacpp_backend import llama_cpp_available
-from actors.engine.templates import select_template
+from actors.engine.template_choice import select_template
 from node.demo_model import write_llama_gguf
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.messages import PromptRequest
