@@ -288,6 +288,7 @@ def _say_ready(say: Say, node) -> None:  # type: ignore[no-untyped-def]
         openai = f"http://{config.openai_host}:{node.gateway.port}/v1"
     if say.as_json:
         log.info("up_ready", nats=node.url, demo_model=model is not None and model.demo,
+                 model=model.label if model is not None else None,
                  try_command=try_command, metrics=metrics, openai=openai)
         return
     taken = node.nats.port_taken if node.nats is not None else None
