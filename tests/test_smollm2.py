@@ -152,5 +152,7 @@ async def test_a_turn_restored_from_the_bank_answers_like_the_uninterrupted_run(
     await run(engine, spec("bank-c", [msg("user", "Name a colour.")]))
     assert engine.pool.resident("bank-a") is None
     a2 = await run(engine, spec("bank-a", history, 1, {1: a1.completion_ids}))
-    assert a2.cache.source == "bank" and a2.usage.cached_tokens == a1.n_tokens
+    # At least its own banked state; a longer banked prefix of the same tokens (session u's,
+    # content-addressed) may serve it too.
+    assert a2.cache.source == "bank" and a2.usage.cached_tokens >= a1.n_tokens
     assert a2.text == u2.text and a2.completion_ids == u2.completion_ids
