@@ -52,7 +52,7 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
             env=env, capture_output=True, text=True, timeout=60,
         )
         assert prompt.returncode == 0, prompt.stderr
-        assert re.search(r"\[generation 1 \| cached 0 / prompt \d+ tokens \| completion \d+",
+        assert re.search(r"\[generation 1 \| cached \d+ / prompt \d+ tokens \| completion \d+",
                          prompt.stdout), prompt.stdout
         streamed = prompt.stdout.split("\n[generation")[0]
         assert streamed.strip(), "no tokens were streamed"

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 NOT_HERE = {
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && infernode up":
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test,smollm2]' && infernode up":
         "the install is .ci/run's own first step; `infernode up` is how the node here starts",
     "python -m pytest -q": "this is that run (tests/test_docs.py checks CI runs it)",
 }
