@@ -480,7 +480,7 @@ def test_ordinary_wrapping_and_sorting_still_render():
     """The limits leave ordinary uses alone: wrapping prose, sorting a list, long lists."""
     source = (
         "{{ messages[0].content|wordwrap(5) }}|{{ (range(1000)|list)|sort|first }}|"
-        f"{{{{ (range({MAX_ITEMS // 10})|list)|map('string')|list|length }}}}"
+        f"{{{{ (range({MAX_ITEMS // 20})|list)|map('string')|list|length }}}}"
     )
     out = ChatTemplate(source).render([ChatMessage(role="user", content="hello world")])
-    assert out == f"hello\nworld|0|{MAX_ITEMS // 10}"
+    assert out == f"hello\nworld|0|{MAX_ITEMS // 20}"
