@@ -39,7 +39,9 @@ def _check_quick_run(script: str, names: tuple[str, ...], timeout: float = 60) -
         line = next((x for x in lines if x.startswith(name)), None)
         assert line is not None, f"no {name!r} line in:\n{proc.stdout}"
         value, _op, _target, verdict = line[len(name) :].split()
-        float(value)  # measured, whatever it is
+        # Measured, whatever it is: "n/a" means a side did not run, and stderr says why.
+        assert value != "n/a", f"{line}\n{proc.stderr[-3000:]}"
+        float(value)
         assert verdict in ("PASS", "FAIL")
     return lines
 
