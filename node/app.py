@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import structlog
 from nats.aio.client import Client
@@ -29,9 +28,9 @@ from node.bus import BusError, connect
 from node.config import NodeConfig
 from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
-from node.nats_server import DEFAULT_PORT, EmbeddedNats, NatsServerError
-from node.wiring import build_actors, engine_actor, gateway_settings, prepare_streams
 from node.models import ModelChoice, ModelNameError, choose_model
+from node.nats_server import EmbeddedNats, NatsServerError
+from node.wiring import build_actors, engine_actor, gateway_settings, prepare_streams
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("node")
@@ -92,7 +91,7 @@ class Node:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         if cfg.nats_url is None:
             self.nats = EmbeddedNats(
-                cfg.data_dir / "nats", port=DEFAULT_PORT, any_port_if_taken=True,
+                cfg.data_dir / "nats", port=cfg.nats_port or None, any_port_if_taken=True,
                 max_payload=cfg.max_payload,
             )
             await self.nats.start()

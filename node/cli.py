@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -24,12 +25,14 @@ import structlog
 from node import cli_client, cli_gateway
 from node.config import ConfigError, NodeConfig
 from node.logging import configure_logging
+from node.nats_server import DEFAULT_PORT as DEFAULT_NATS_PORT
 
 log = structlog.get_logger("cli")
 
 # Flags of `up` and the NodeConfig field each one sets.
 UP_FLAGS: dict[str, str] = {
     "--nats-url": "nats_url",
+    "--nats-port": "nats_port",
     "--model": "model",
     "--engine": "engine",
     "--data-dir": "data_dir",
@@ -76,6 +79,8 @@ UP_FLAGS: dict[str, str] = {
 def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("up", help="run a node (embedded NATS and the installed model by default)")
     p.add_argument("--nats-url", help="join this NATS server instead of starting one")
+    p.add_argument("--nats-port", type=int, help="port of the embedded NATS server (default "
+                   "4222, or a free one when 4222 is in use; 0 = any free port)")
     p.add_argument("--model", type=Path, help="GGUF file or model name (see `infernode models`; "
                    "default: the installed one, else a random-weight demo)")
     p.add_argument("--engine", help="auto (default), llama-cpp or ctransformers")
@@ -252,6 +257,8 @@ async def _up(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, field) for field in UP_FLAGS.values()}
     config = NodeConfig.from_env(os.environ, **overrides)
+    if config.nats_port is None:  # NATS's own default, where `nats` commands look first
+        config = replace(config, nats_port=DEFAULT_NATS_PORT)
     say = Say(configure_logging(config.log_level, config.log_format))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

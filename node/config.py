@@ -52,6 +52,11 @@ class NodeConfig:
 
     nats_url: str | None = None
     """NATS server(s), comma-separated; None starts an embedded nats-server."""
+    nats_port: int | None = None
+    """Port the embedded nats-server asks for, taking a free one when it is in use; None or 0
+    takes any free port. ``infernode up`` asks for 4222, NATS's default, so ``nats`` commands
+    work as documented; a node built in code (tests, benchmarks, an application) does not,
+    so it never puts a second node's actors on a bus another program expects at 4222."""
     data_dir: Path = Path(".infernode")
     """Where the embedded server's JetStream data and the demo model live."""
     model: Path | None = None

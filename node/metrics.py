@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from actors.admission import Admission
-from actors.base import Actor
 from actors.bank_committer import BankCommitter
+from actors.base import Actor
 from actors.session.host import RunnerHost
 from schemas.admin import MetricFamily, MetricSample, MetricsReply
 

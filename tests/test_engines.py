@@ -543,3 +543,27 @@ async def test_flash_attention_setting_reaches_the_llama_context(tiny_model, set
         assert out.usage.completion_tokens == 4
     finally:
         await engine.close()
+
+
+@NEEDS_LLAMA_CPP
+async def test_a_refused_decode_names_the_library_reason_and_where_each_sequence_stood(
+    tiny_model,
+):
+    """A batch llama.cpp refuses says why (its own log line) and which positions it held, so a
+    failed turn can be traced instead of reading only "code -1"."""
+    from actors.engine.llamacpp_context import LlamaCppDecodeError
+
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                    threads=1, verify_restore=False))
+    try:
+        shared = engine.backend.shared
+        await asyncio.to_thread(shared.evaluate, 0, [5, 6, 7], 0, False)
+        with pytest.raises(LlamaCppDecodeError) as refused:
+            # Sequence 0 holds positions 0..2, so a batch starting at position 9 leaves a gap.
+            await asyncio.to_thread(shared.evaluate, 0, [8, 9], 9, False)
+        message = str(refused.value)
+        assert refused.value.code == -1
+        assert "sequence 0 positions 9..10 (it held 3)" in message, message
+        assert "positions remain consecutive" in message.split("llama.cpp:")[1], message
+    finally:
+        await engine.close()

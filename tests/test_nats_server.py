@@ -219,3 +219,19 @@ async def test_a_port_in_use_makes_the_server_pick_another_and_say_so(tmp_path: 
                 await client.close()
     (said,) = [e for e in logs if e["event"] == "nats_port_taken"]
     assert said["log_level"] == "warning" and said["url"] == s.url and str(wanted) in said["hint"]
+
+
+async def test_a_node_built_in_code_leaves_port_4222_to_infernode_up(tmp_path, tiny_model):
+    """Only `infernode up` asks for NATS's default port. A node a program or a test builds
+    takes a free port, so a second node's actors never join a bus at 4222 that another
+    process (an `infernode up`, a reconnecting client) expects to be alone on."""
+    from node.app import Node
+    from node.config import NodeConfig
+    from node.nats_server import DEFAULT_PORT
+
+    async with Node(NodeConfig(data_dir=tmp_path, model=tiny_model, engine="ctransformers",
+                               threads=1)) as node:
+        assert node.url != f"nats://127.0.0.1:{DEFAULT_PORT}"
+    async with Node(NodeConfig(data_dir=tmp_path / "asked", model=tiny_model,
+                               engine="ctransformers", threads=1, nats_port=0)) as node:
+        assert node.url != f"nats://127.0.0.1:{DEFAULT_PORT}"

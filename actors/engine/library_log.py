@@ -66,3 +66,10 @@ def refusal_reason(lines: list[str]) -> str | None:
             if pattern.search(line):
                 return _PREFIX.sub("", line.strip()) or line.strip()
     return None
+
+
+def summary(lines: list[str], limit: int = 600) -> str:
+    """Everything the library logged about one failure, on one line, without function names:
+    a refused decode explains itself over several lines ("... positions ...: Y = X + 1")."""
+    text = " ".join(_PREFIX.sub("", line.strip()) for line in lines if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -156,6 +156,7 @@ class LlamaCppBackend:
                     threads=params.threads, offload_kv=params.gpu_layers != 0,
                     flash_attn=FLASH_ATTN[params.flash_attn],
                 ),
+                LOG,
             )
         except RuntimeError as e:
             lib.llama_model_free(self.model)

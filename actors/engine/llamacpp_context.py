@@ -17,6 +17,7 @@ calling thread would leave the previous caller's workers spinning beside the nex
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import time
@@ -27,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from actors.engine.library_log import LibraryLog, summary
+
 _GRACE_CAP_S = 0.005
 """Longest the decode thread waits for the previous step's sequences."""
 
@@ -34,8 +37,11 @@ _GRACE_CAP_S = 0.005
 class LlamaCppDecodeError(RuntimeError):
     """``llama_decode`` refused a batch."""
 
-    def __init__(self, code: int, n_tokens: int) -> None:
-        super().__init__(f"llama_decode failed with code {code} on a batch of {n_tokens} tokens")
+    def __init__(self, code: int, n_tokens: int, detail: str = "") -> None:
+        super().__init__(
+            f"llama_decode failed with code {code} on a batch of {n_tokens} tokens"
+            + (f": {detail}" if detail else "")
+        )
         self.code = code
         self.n_tokens = n_tokens
 
@@ -91,9 +97,15 @@ class SharedContext:
     """A llama context whose sequences are the slots, driven by one decode thread."""
 
     def __init__(
-        self, lib: ModuleType, model: int, n_vocab: int, params: SharedContextParams
+        self,
+        lib: ModuleType,
+        model: int,
+        n_vocab: int,
+        params: SharedContextParams,
+        log: LibraryLog | None = None,
     ) -> None:
         self.lib = lib
+        self._log = log
         self.n_vocab = n_vocab
         self.params = params
         cp = lib.llama_context_default_params()
@@ -218,15 +230,26 @@ class SharedContext:
             w.index = n - 1
         b.n_tokens = n
         start = time.perf_counter()
-        rc = lib.llama_decode(self.handle, b)
+        with self._log.capture() if self._log else contextlib.nullcontext([]) as logged:
+            rc = lib.llama_decode(self.handle, b)
         self._last_decode_s = time.perf_counter() - start
         self.steps += 1
         self.evaluations += len(batch)
         if rc != 0:
-            raise LlamaCppDecodeError(rc, n)
+            raise LlamaCppDecodeError(rc, n, self._refusal(batch, logged))
         for w in batch:
             ptr = lib.llama_get_logits_ith(self.handle, w.index)
             w.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _refusal(self, batch: list[_Eval], logged: list[str]) -> str:
+        """The library's reason, and where each sequence of the refused batch stood."""
+        where = ", ".join(
+            f"sequence {w.seq} positions {w.pos}..{w.pos + len(w.tokens) - 1} "
+            f"(it held {self.filled(w.seq)})"
+            for w in batch
+        )
+        reason = summary(logged)
+        return f"{where}; llama.cpp: {reason}" if reason else where
 
     def close(self) -> None:
         """Finish queued work, stop the decode thread, free the batch and the context."""
