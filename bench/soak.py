@@ -55,6 +55,8 @@ from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects  # noqa: E402
 S = Subjects()
 READY = re.compile(r"infernode: ready on (nats://\S+)")
 TURN_TIMEOUT_S = 120.0
+WAITED = {EventKind.ACCEPTED.value, EventKind.COMMIT.value, EventKind.ERROR.value}
+"""The event kinds the agents wait on."""
 
 
 @dataclass
@@ -67,11 +69,15 @@ class Waits:
     """Message id → its turn's commit."""
     pending_commit: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     """Idempotency key → the commit future, moved to ``committed`` once accepted."""
+    seen: dict[str, list[str]] = field(default_factory=dict)
+    """Session → the events it got (kind and ids), to say what a stuck turn saw."""
 
     def on_event(self, msg: Msg) -> None:
         """Resolve whatever ``msg`` answers (called for accepted, commit and error)."""
         kind = msg.subject.rsplit(".", 1)[-1]
         body = json.loads(msg.data)
+        ids = body.get("message_ids") or body.get("parent_ids") or body.get("code")
+        self.seen.setdefault(body.get("session", "?"), []).append(f"{kind} {ids}")
         if kind == EventKind.ACCEPTED.value:
             key = body.get("idempotency_key") or ""
             last = body["message_ids"][-1]
@@ -111,20 +117,19 @@ class Soak:
 
     async def run(self) -> None:
         """Run every agent until ``turns`` turns are committed."""
-        subs = [
-            await self.nc.subscribe(S.events("*", kind), cb=self._on_event)
-            for kind in (EventKind.ACCEPTED, EventKind.COMMIT, EventKind.ERROR)
-        ]
+        # One subscription: nats-py runs each subscription's callbacks on its own task, so a
+        # commit could overtake the accepted event before it if they came on two.
+        sub = await self.nc.subscribe(S.events("*", "*"), cb=self._on_event)
         await self.nc.flush()
         self._sample()
         try:
             await asyncio.gather(*(self._agent(i) for i in range(self.sessions)))
         finally:
-            for sub in subs:
-                await sub.unsubscribe()
+            await sub.unsubscribe()
 
     async def _on_event(self, msg: Msg) -> None:
-        self.waits.on_event(msg)
+        if S.event_kind(msg.subject) in WAITED:
+            self.waits.on_event(msg)
 
     async def _agent(self, index: int) -> None:
         rounds = n = 0
@@ -158,7 +163,18 @@ class Soak:
         try:
             await asyncio.wait_for(committed, TURN_TIMEOUT_S)
         except TimeoutError:
-            raise BenchError(f"{session}: no commit within {TURN_TIMEOUT_S:.0f} s") from None
+            raise BenchError(
+                f"{session}: no commit within {TURN_TIMEOUT_S:.0f} s for key {key}; its events: "
+                f"{self.waits.seen.get(session)}; its history: {await self._history(session)}"
+            ) from None
+
+    async def _history(self, session: str) -> str:
+        async with InfernodeClient("", nc=self.nc) as client:
+            try:
+                reply = await client.history(session)
+            except Exception as e:  # what is known is still printed
+                return f"unavailable ({e})"
+        return reply.model_dump_json()[:3000]
 
     def _sample(self) -> None:
         node = psutil.Process(self.node_pid)
@@ -177,7 +193,7 @@ async def start_node(data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
         sys.executable, "-m", "node.cli", "up", "--data-dir", str(data_dir),
         "--bank-ram-bytes", str(8 << 20), "--heartbeat-s", "0", "--log-level", "warning",
         "--log-format", "console",
-        "--threads", "1", env=env, cwd=Path(__file__).resolve().parents[1],
+        "--threads", "1", "--nats-port", "0", "--model", "demo", env=env, cwd=Path(__file__).resolve().parents[1],
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None

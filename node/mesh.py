@@ -48,34 +48,38 @@ async def run_mesh(
         raise ValueError("a mesh needs at least 2 agents")
     sessions = [f"{name}-{i}" for i in range(agents)]
     report = MeshReport()
-    answered: asyncio.Queue[tuple[str, DoneEvent | ErrorEvent]] = asyncio.Queue()
+    # A queue per session: nats-py runs each subscription's callbacks on its own task, so
+    # answers of different sessions may arrive in any order; each hop reads only its own.
+    answered: dict[str, asyncio.Queue[DoneEvent | ErrorEvent]] = {
+        s: asyncio.Queue() for s in sessions
+    }
     hop = {"name": ""}
 
     async def on_event(msg: Msg) -> None:
         session, kind = client.subjects.event_of(msg.subject)
-        model = DoneEvent if kind == EventKind.DONE.value else ErrorEvent
-        answered.put_nowait((session, model.model_validate_json(msg.data)))
+        if kind == EventKind.DONE.value:
+            answered[session].put_nowait(DoneEvent.model_validate_json(msg.data))
+        elif kind == EventKind.ERROR.value:
+            answered[session].put_nowait(ErrorEvent.model_validate_json(msg.data))
 
     # Each agent lets its ring predecessor's answers in: nothing else can relay to it.
     for i, session in enumerate(sessions):
         await client.accept_relays(session, [sessions[i - 1]])
+    # One subscription per session, so its done and error events keep their order.
     subs = [
-        await client.nc.subscribe(client.subjects.events(s, kind), cb=on_event)
-        for s in sessions for kind in (EventKind.DONE, EventKind.ERROR)
+        await client.nc.subscribe(client.subjects.events_all(s), cb=on_event) for s in sessions
     ]
 
     async def next_answer(session: str) -> str:
-        while True:
-            who, done = await asyncio.wait_for(answered.get(), timeout)
-            if isinstance(done, ErrorEvent):
-                raise InferError(
-                    done.code, f"{hop['name']} failed: {who} answered {done.code.value} "
-                    f"({done.status}): {done.message}", done.details,
-                )
-            report.answers.append((who, done.text))
-            say(f"{who}: {done.text.strip()!r}")
-            if who == session:
-                return done.text
+        done = await asyncio.wait_for(answered[session].get(), timeout)
+        if isinstance(done, ErrorEvent):
+            raise InferError(
+                done.code, f"{hop['name']} failed: {session} answered {done.code.value} "
+                f"({done.status}): {done.message}", done.details,
+            )
+        report.answers.append((session, done.text))
+        say(f"{session}: {done.text.strip()!r}")
+        return done.text
 
     try:
         text = "Start a story about a lighthouse, one sentence."

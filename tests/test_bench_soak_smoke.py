@@ -17,12 +17,6 @@ RATIO_LINES = (
 )
 
 
-@pytest.mark.xfail(
-    reason="open regression: a prompt to a soak session is answered 'gone' after the bench "
-    "deleted that session; the failed run leaves its node on port 4222, so it is not run",
-    run=False,
-    strict=True,
-)
 @pytest.mark.timeout(180)
 def test_quick_soak_benchmark_answers_every_turn_and_prints_every_ratio() -> None:
     """`python bench/soak.py --quick` answers all its turns and prints each ratio, exit 0."""
