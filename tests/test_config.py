@@ -171,3 +171,9 @@ def test_only_the_config_module_reads_the_environment():
     ]
     assert not offenders, f"environment read outside node/config.py: {offenders}"
 
+
+
+def test_a_nats_port_outside_the_port_range_is_refused_with_the_flag_that_fixes_it():
+    """--nats-port 70000 is a ConfigError naming the setting and a working value."""
+    with pytest.raises(ConfigError, match=r"nats_port .* \(got 70000\); pass --nats-port 4222"):
+        NodeConfig(nats_port=70000)

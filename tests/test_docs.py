@@ -70,7 +70,7 @@ def test_cli_commands_in_the_readme_name_real_commands_and_flags():
 
 def test_every_flag_a_config_error_suggests_exists():
     """A ConfigError tells the user which flag to pass; each such flag is a real `up` flag."""
-    source = (ROOT / "node" / "config.py").read_text()
+    source = (ROOT / "node" / "config_checks.py").read_text()
     suggested = set(re.findall(r'"(--[a-z][a-z-]+)"', source))
     assert len(suggested) >= 10
     assert suggested <= set(UP_FLAGS), suggested - set(UP_FLAGS)
