@@ -6,6 +6,7 @@ import asyncio
 import json
 import queue
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -172,3 +173,16 @@ class LineReader:
             if m := pattern.search(line):
                 return m
         raise AssertionError(f"no line matching {pattern.pattern!r} in {timeout} s: {self.seen}")
+
+
+def stop_child(proc: subprocess.Popen[str]) -> None:
+    """Stop a child ``infernode`` if it still runs: SIGTERM (a node that stops stops its
+    embedded nats-server too), then SIGKILL if it has not exited within 30 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

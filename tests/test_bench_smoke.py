@@ -80,3 +80,19 @@ def test_quick_shared_prefix_benchmark_prints_its_ratio_and_exits_0() -> None:
     """`python bench/shared_prefix.py --quick` prints the agents 2–8 ÷ agent 1 first-turn TTFT
     ratio with a value and a verdict, exit 0."""
     _check_quick_run("shared_prefix.py", ("first-turn TTFT: agents 2–8 / agent 1",))
+
+
+SOAK_RATIO_LINES = (
+    "RSS: largest after warm-up / at warm-up",
+    "turn time: last 10% / first 10%",
+    "node CPU per turn: last 10% / first 10%",
+    "turns answered / sent",
+)
+
+
+@pytest.mark.timeout(180)
+def test_quick_soak_benchmark_answers_every_turn_and_prints_every_ratio() -> None:
+    """`python bench/soak.py --quick` answers all its turns and prints each ratio, exit 0."""
+    lines = _check_quick_run("soak.py", SOAK_RATIO_LINES, timeout=170)
+    answered = next(x for x in lines if x.startswith("turns answered / sent"))
+    assert answered.split()[-1] == "PASS", "\n".join(lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LineReader
+from tests.helpers import LineReader, stop_child
 
 # Without a terminal `up` logs JSON: its ready line is the `up_ready` event.
 READY = re.compile(r'"event": "up_ready"')
@@ -68,13 +68,7 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
     finally:
-        if up.poll() is None:
-            up.terminate()  # a node that stops stops its embedded nats-server too
-            try:
-                up.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait(timeout=10)
+        stop_child(up)
 
 
 def test_prompt_without_a_node_says_so_and_exits_nonzero(env: dict[str, str]) -> None:
@@ -189,13 +183,7 @@ def test_up_in_json_mode_writes_only_json_objects_on_stdout_and_stderr(
         assert up.wait(timeout=60) == 0
         err.wait_for(re.compile(r'"event": "node_stopped"'), timeout=10)
     finally:
-        if up.poll() is None:
-            up.terminate()  # a node that stops stops its embedded nats-server too
-            try:
-                up.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait(timeout=10)
+        stop_child(up)
     events = [json.loads(line) for line in err.seen + out.seen]  # fails on any plain line
     assert all(isinstance(e, dict) and "event" in e for e in events)
     names = [e["event"] for e in events]

@@ -21,7 +21,7 @@ import pytest
 
 from node.nats_server import DEFAULT_PORT
 from schemas.messages import PromptRequest
-from tests.helpers import LineReader
+from tests.helpers import LineReader, stop_child
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -154,13 +154,7 @@ def test_readme_shell_lines_and_python_example_run_verbatim(readme_env, tmp_path
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
     finally:
-        if up.poll() is None:
-            up.terminate()  # a node that stops stops its embedded nats-server too
-            try:
-                up.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait(timeout=10)
+        stop_child(up)
 
 
 def test_readme_names_the_log_events_the_code_emits():
