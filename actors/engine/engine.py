@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import structlog
@@ -26,17 +26,16 @@ from actors.engine.interface import (
     TurnOutcome,
     TurnSpec,
 )
+from actors.engine.prompt import PromptBuilder
 from actors.engine.slots import Slot, SlotPool
 from actors.engine.stats import EngineStats
 from actors.engine.templates import ChatTemplate, parse_tool_calls
-from actors.engine.tokenizer import assistant_mark, shield_nonce, shielded
 from actors.engine.tokens import token_hash
 from actors.engine.tool_stream import ToolCallStream
 from actors.engine.turn import decode, prefill
-from actors.engine.window import Window, shift_kept, slide, system_head, view
-from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
-from schemas.errors import ErrorCode, InferError
-from schemas.tools import Tool, ToolCallDelta
+from actors.engine.window import shift_kept
+from schemas.chat import CacheInfo, OverflowPolicy, Timings, ToolCall, Usage
+from schemas.tools import ToolCallDelta
 
 log = structlog.get_logger("engine")
 
@@ -64,10 +63,8 @@ class SlotEngine:
         stops: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
-        self.overflow: OverflowPolicy = overflow
-        """The node's window policy; a prompt may name another."""
-        self._windows: dict[str, Window] = {}
         self.template = template
+        self.prompts = PromptBuilder(backend, template, overflow)
         self.stops = stops
         """Stop strings of every turn: the template's end marker where it is no end token."""
         self.bank = bank
@@ -176,7 +173,7 @@ class SlotEngine:
         emit_call: Callable[[ToolCallDelta], None] | None = None,
     ) -> TurnOutcome:
         t0 = time.perf_counter()
-        tokens, window = self._window_tokens(spec)
+        tokens, window = self.prompts.window_tokens(spec)
         constraint = self.grammars.constraint(spec)
         tokenize_ms = (time.perf_counter() - t0) * 1000
         # A session with committed turns lost its state if none is found; a new one had none,
@@ -186,7 +183,7 @@ class SlotEngine:
             slot, spec.session, tokens, resumed
         )
         slot.digest = None  # the tokens change from here on
-        if (spec.overflow or self.overflow) == "shift":
+        if self.prompts.policy(spec) == "shift":
             shift_kept(slot, tokens)
         had = len(slot.tokens)
         reused, prefill_ms = prefill(slot, tokens)
@@ -248,67 +245,9 @@ class SlotEngine:
         )
         return outcome
 
-    def _window_tokens(self, spec: TurnSpec) -> tuple[list[int], Window]:
-        """The prompt's tokens under the turn's window policy, and the window they show."""
-        n_ctx = self.backend.n_ctx
-        policy = spec.overflow or self.overflow
-        if policy == "refuse":
-            tokens, window = self.prompt_tokens(spec), Window()
-        else:
-            cache: dict[int, list[int]] = {}
-
-            def measure(start: int) -> int:
-                msgs, ids = view(spec.messages, spec.assistant_tokens, start)
-                cache[start] = self.encode(msgs, ids, spec.tools)
-                return len(cache[start])
-
-            budget = max(1, n_ctx - spec.max_tokens)
-            current = self._windows.get(spec.session, Window())
-            window, _ = slide(spec.messages, current, measure, budget)
-            tokens = cache[max(window.start, system_head(spec.messages))]
-            self._windows[spec.session] = window
-        if len(tokens) >= n_ctx:
-            fix = "" if policy == "refuse" else "its newest turn alone does not fit; "
-            raise InferError(
-                ErrorCode.CONTEXT_OVERFLOW,
-                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; {fix}"
-                "shorten the history, start the node with a larger --ctx"
-                + (", or send overflow: truncate" if policy == "refuse" else ""),
-                {"prompt_tokens": len(tokens), "n_ctx": n_ctx},
-            )
-        return tokens, window
-
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
         """Render the whole conversation and tokenise it, splicing known assistant token ids."""
-        return self.encode(spec.messages, spec.assistant_tokens, spec.tools)
-
-    def encode(
-        self,
-        conversation: Sequence[ChatMessage],
-        assistant_tokens: Mapping[int, tuple[int, ...]],
-        tools: Sequence[Tool] = (),
-    ) -> list[int]:
-        """Render ``conversation`` (with ``tools``) and tokenise it, splicing known assistant
-        token ids."""
-        messages: list[ChatMessage] = []
-        spliced: dict[str, tuple[int, ...]] = {}
-        tokenizer, nonce = self.backend.tokenizer, shield_nonce()
-        for i, m in enumerate(conversation):
-            ids = assistant_tokens.get(i)
-            if m.role == "assistant" and ids is not None:
-                mark = assistant_mark(i)
-                messages.append(ChatMessage(role="assistant", content=mark))
-                spliced[mark] = ids
-            else:  # what an agent wrote is text: it never becomes a control token
-                messages.append(shielded(m, tokenizer, nonce))
-        listed = [t.model_dump(exclude_none=True) for t in tools]
-        try:
-            text = self.template.render(messages, add_generation_prompt=True, tools=listed)
-        except ValueError as e:
-            raise InferError(ErrorCode.BAD_REQUEST, f"the chat template failed: {e}") from e
-        bos = self.backend.bos_text
-        add_bos = not (bos and text.startswith(bos))
-        return tokenizer.encode(text, add_bos, spliced, nonce)
+        return self.prompts.prompt_tokens(spec)
 
     def _prepare(
         self, slot: Slot, session: str, tokens: list[int], resumed: bool
@@ -446,7 +385,7 @@ class SlotEngine:
 
             await slot.worker.submit(clear)
         self._evicted.discard(session)
-        self._windows.pop(session, None)
+        self.prompts.forget(session)
         self.turn_stats.forget(session)
         if self.bank is not None:
             self.bank.forget(session)
