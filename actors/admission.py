@@ -149,18 +149,21 @@ class Admission(Actor):
             await self.publish(self.subjects.rejected(), error_event(err, None))
             return await self._settle(msg, rejected=True)
         answer_to = (msg.headers or {}).get(ANSWER_TO_HEADER)
+        key = (msg.headers or {}).get(MSG_ID_HEADER)
         try:
             prompt = self._parse(msg, token)
+            key = prompt.idempotency_key or key
             if answer_to is not None and not self.subjects.may_answer(answer_to):
                 forged, answer_to = answer_to, None  # never published to
                 raise InferError(
                     ErrorCode.BAD_REQUEST,
                     f"{ANSWER_TO_HEADER} {forged[:64]!r} is not an inbox the node may answer",
                 )
+            check_enforceable(prompt)
         except InferError as e:
-            await self._reject(token, e, None, answer_to)
+            # The key names the refused prompt: a client waiting on it (the gateway) hears why.
+            await self._reject(token, e, key, answer_to)
             return await self._settle(msg, rejected=True)
-        key = prompt.idempotency_key or (msg.headers or {}).get(MSG_ID_HEADER)
         req = AdmitRequest(
             session=token, prompt=prompt, intake_seq=msg.metadata.sequence.stream,
             idempotency_key=key, answer_to=answer_to, received_at=time.time(),
@@ -211,7 +214,6 @@ class Admission(Actor):
                 ErrorCode.BAD_REQUEST,
                 f"the prompt names session {prompt.session!r} but was published for {session!r}",
             )
-        check_enforceable(prompt)
         return prompt
 
     async def _reject(

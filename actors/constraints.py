@@ -117,7 +117,7 @@ def check_enforceable(prompt: PromptRequest) -> None:
                 ErrorCode.BAD_REQUEST,
                 f"tools[{i}] ({tool.function.name}): its parameters schema cannot be enforced "
                 f"when the call is forced: {problem}",
-                {"tool": tool.function.name},
+                {"tool": tool.function.name, "param": f"tools.{i}.function.parameters"},
             )
     fmt = prompt.response_format
     if isinstance(fmt, JsonSchemaFormat):
@@ -126,4 +126,5 @@ def check_enforceable(prompt: PromptRequest) -> None:
             raise InferError(
                 ErrorCode.BAD_REQUEST,
                 f"response_format: the schema cannot be enforced: {problem}",
+                {"param": "response_format.json_schema.schema"},
             )

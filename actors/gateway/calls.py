@@ -14,7 +14,7 @@ import hashlib
 import json
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,45 +23,15 @@ from nats.aio.client import Client
 
 from actors.gateway.responses import SSE_DONE, CompletionShape, answer_message
 from actors.gateway.sessions import Plan, SessionRouter
+from actors.gateway.stream import ContentFilter, ToolCallRelay
 from actors.gateway.turns import DuplicatePromptError, NodeTurn, TurnAbortedError
 from actors.gateway.wire import ChatCompletionRequest, prompt_for
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import StoredAnswer
-from schemas.messages import CommitEvent, DoneEvent, TokenEvent
+from schemas.messages import CommitEvent, DoneEvent, TokenEvent, ToolCallEvent
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("gateway")
-
-_TOOL_OPEN = "<tool_call>"
-
-
-class ContentFilter:
-    """Streams text up to a tool call's markup; the call itself arrives parsed at the end."""
-
-    def __init__(self) -> None:
-        self._held = ""
-        self._in_call = False
-
-    def feed(self, text: str) -> str:
-        """What of ``text`` may be shown now."""
-        if self._in_call:
-            return ""
-        text = self._held + text
-        at = text.find(_TOOL_OPEN)
-        if at >= 0:
-            self._in_call, self._held = True, ""
-            return text[:at]
-        # Hold back a tail that could still grow into the opening tag.
-        keep = next((k for k in range(min(len(text), len(_TOOL_OPEN) - 1), 0, -1)
-                     if _TOOL_OPEN.startswith(text[-k:])), 0)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        """Held text once the turn is done."""
-        held, self._held = self._held, ""
-        return "" if self._in_call else held
-
 
 @dataclass
 class OpenCall:
@@ -82,8 +52,9 @@ class OpenCall:
         """The session id the client sees."""
         return self.plan.visible
 
-    async def events(self) -> AsyncIterator[TokenEvent | DoneEvent]:
-        """The turn's tokens and its done event; the commit is recorded before this ends."""
+    async def events(self) -> AsyncGenerator[TokenEvent | ToolCallEvent | DoneEvent]:
+        """The turn's tokens, tool-call deltas and done event; the commit is recorded before
+        this ends."""
         try:
             async for event in self.turn.events():
                 if isinstance(event, CommitEvent):
@@ -113,7 +84,9 @@ class OpenCall:
 
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
         """The answer as server-sent events in OpenAI's chunk shape."""
-        shown = ContentFilter()
+        # The engine parses calls unless tool_choice is none; only then is markup hidden.
+        shown = ContentFilter(hides_calls=self.turn.prompt.tool_choice != "none")
+        calls = ToolCallRelay()
         yield self.shape.chunk({"role": "assistant", "content": ""})
         # Closed with the stream, so a client leaving mid-answer aborts the turn at once.
         async with contextlib.aclosing(self.events()) as events:
@@ -122,14 +95,28 @@ class OpenCall:
                     text = shown.feed(event.text)
                     if text:
                         yield self.shape.chunk({"content": text})
-                    continue
-                tail = shown.flush()
-                if tail:
-                    yield self.shape.chunk({"content": tail})
-                yield self.shape.finish(event)
-                if include_usage:
-                    yield self.shape.chunk({}, usage_of=event, empty=True)
+                elif isinstance(event, ToolCallEvent):
+                    yield self.shape.chunk({"tool_calls": calls.deltas(event)})
+                else:
+                    for line in self._ending(event, shown, calls, include_usage):
+                        yield line
         yield SSE_DONE
+
+    def _ending(
+        self, done: DoneEvent, shown: ContentFilter, calls: ToolCallRelay, include_usage: bool
+    ) -> list[str]:
+        """Held text, what the stream missed of done's calls, the finish reason, the usage."""
+        lines = []
+        tail = shown.flush()
+        if tail:
+            lines.append(self.shape.chunk({"content": tail}))
+        rest = calls.rest(done)
+        if rest:
+            lines.append(self.shape.chunk({"tool_calls": rest}))
+        lines.append(self.shape.finish(done))
+        if include_usage:
+            lines.append(self.shape.chunk({}, usage_of=done, empty=True))
+        return lines
 
     async def _committed(self, commit: CommitEvent) -> None:
         self.finished = True

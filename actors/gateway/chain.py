@@ -46,12 +46,23 @@ MAX_LOOKUPS = 64
 def canonical(message: ChatMessage) -> bytes:
     """The bytes of a message that decide whether two messages are the same."""
     calls = [
-        [c.id, c.function.name, c.function.arguments] for c in message.tool_calls or ()
+        [c.id, c.function.name, _same_json(c.function.arguments)]
+        for c in message.tool_calls or ()
     ]
     return json.dumps(
         [message.role, message.content or "", message.name, message.tool_call_id, calls],
         separators=(",", ":"), ensure_ascii=False,
     ).encode()
+
+
+def _same_json(arguments: str) -> str:
+    """Arguments as one spelling of their JSON: a streaming client adds the pieces up and
+    may echo them spaced differently from the parsed call the gateway indexed."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def chain(agent: str, messages: Sequence[ChatMessage], after: Sequence[str] = ()) -> list[str]:

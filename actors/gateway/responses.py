@@ -69,16 +69,10 @@ def usage(done: DoneEvent) -> dict[str, Any]:
     }
 
 
-def tool_calls(calls: tuple[ToolCall, ...], with_index: bool = False) -> list[dict[str, Any]]:
-    """Tool calls in OpenAI's shape (stream deltas carry an ``index``)."""
-    out = []
-    for i, c in enumerate(calls):
-        call: dict[str, Any] = {"id": c.id, "type": "function", "function": {
-            "name": c.function.name, "arguments": c.function.arguments}}
-        if with_index:
-            call["index"] = i
-        out.append(call)
-    return out
+def tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    """Tool calls in OpenAI's shape."""
+    return [{"id": c.id, "type": "function", "function": {
+        "name": c.function.name, "arguments": c.function.arguments}} for c in calls]
 
 
 class CompletionShape:
@@ -120,11 +114,8 @@ class CompletionShape:
         return sse(body)
 
     def finish(self, done: DoneEvent) -> str:
-        """The last content chunk: tool calls, if any, and the finish reason."""
-        delta: dict[str, Any] = {}
-        if done.tool_calls:
-            delta["tool_calls"] = tool_calls(done.tool_calls, with_index=True)
-        return self.chunk(delta, _FINISH[done.finish_reason])
+        """The last choice chunk: an empty delta and the finish reason."""
+        return self.chunk({}, _FINISH[done.finish_reason])
 
 
 def sse(body: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from schemas.messages import (
     PromptRequest,
     StartedEvent,
     TokenEvent,
+    ToolCallEvent,
 )
 from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects
 
@@ -37,6 +38,7 @@ _EVENTS: dict[str, type[BaseModel]] = {
     EventKind.ACCEPTED: AcceptedEvent,
     EventKind.STARTED: StartedEvent,
     EventKind.TOKEN: TokenEvent,
+    EventKind.TOOL_CALL: ToolCallEvent,
     EventKind.DONE: DoneEvent,
     EventKind.COMMIT: CommitEvent,
     EventKind.ABORTED: AbortedEvent,
@@ -112,8 +114,10 @@ class NodeTurn:
             if isinstance(event, ErrorEvent) and event.idempotency_key == self.key:
                 raise InferError(event.code, event.message, event.details)
 
-    async def events(self) -> AsyncIterator[TokenEvent | DoneEvent | CommitEvent]:
-        """Tokens, then done, then commit; raises on an error event or an abort."""
+    async def events(
+        self,
+    ) -> AsyncIterator[TokenEvent | ToolCallEvent | DoneEvent | CommitEvent]:
+        """Tokens and tool-call deltas, then done, then commit; raises on an error or abort."""
         while self.commit is None:
             event = await self._next()
             if isinstance(event, StartedEvent) and set(event.parent_ids) & set(self.message_ids):
@@ -124,7 +128,7 @@ class NodeTurn:
                 raise InferError(event.code, event.message, event.details)
             elif isinstance(event, AbortedEvent):
                 raise TurnAbortedError(event)
-            elif isinstance(event, TokenEvent | DoneEvent | CommitEvent):
+            elif isinstance(event, TokenEvent | ToolCallEvent | DoneEvent | CommitEvent):
                 if isinstance(event, DoneEvent):
                     self.done = event
                 elif isinstance(event, CommitEvent):

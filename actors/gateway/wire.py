@@ -8,6 +8,7 @@ not document are refused with 400 naming the field, so a typo never silently doe
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import ErrorCode, InferError
 from schemas.messages import PromptRequest
+from schemas.tools import ResponseFormat, Tool, ToolChoice
 
 
 class _Lenient(BaseModel):
@@ -39,6 +41,8 @@ class WireFunction(_Lenient):
     """Function name."""
     arguments: str = "{}"
     """JSON arguments, as a string."""
+    parsed_arguments: Any = None
+    """Echoed by the SDKs' parse and stream helpers; ignored."""
 
 
 class WireToolCall(_Lenient):
@@ -50,6 +54,8 @@ class WireToolCall(_Lenient):
     """Always ``function``."""
     function: WireFunction
     """What was called."""
+    index: int | None = None
+    """Echoed by the SDKs' stream helpers (a streamed call's position); ignored."""
 
 
 class WireMessage(_Lenient):
@@ -73,6 +79,8 @@ class WireMessage(_Lenient):
     """Echoed by SDKs; ignored."""
     function_call: Any = None
     """OpenAI's deprecated single call, echoed as null by SDKs; ignored."""
+    parsed: Any = None
+    """Echoed by the SDKs' parse and stream helpers; ignored."""
 
     def to_chat(self) -> ChatMessage:
         """The message in infernode's shape."""
@@ -148,13 +156,15 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: Literal[0] | None = None
     """Only 0 is accepted."""
     parallel_tool_calls: bool | None = None
-    """Ignored."""
-    tools: list[dict[str, Any]] | None = None
-    """Function tools (refused until the node's prompt carries them)."""
-    tool_choice: str | dict[str, Any] | None = None
-    """How tools are chosen (only ``none``/``auto`` while no tools are accepted)."""
-    response_format: dict[str, Any] | None = None
-    """Only ``{"type": "text"}`` until the node enforces formats."""
+    """Passed on; every call the model makes is returned."""
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    """Function tools; the request's set is the session's set for this turn."""
+    tool_choice: ToolChoice | None = None
+    """``auto``, ``none``, ``required`` or a named function (forced by a grammar)."""
+    response_format: ResponseFormat | None = None
+    """``text``, ``json_object`` or ``json_schema`` (JSON is enforced by a grammar)."""
+    repeat_last_n: Annotated[int, Field(ge=0, le=4096)] | None = None
+    """Extension: how many recent tokens the penalties look at."""
 
     @field_validator("stop")
     @classmethod
@@ -177,36 +187,51 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         req = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as e:
-        raise InferError(ErrorCode.BAD_REQUEST, _sentence(e), {"param": _param(e)}) from e
-    if req.tools:
         raise InferError(
-            ErrorCode.BAD_REQUEST, "this node does not take tools yet; send the request "
-            "without `tools`", {"param": "tools"},
-        )
-    if req.tool_choice not in (None, "none", "auto"):
-        raise InferError(
-            ErrorCode.BAD_REQUEST, "tool_choice needs tools, which this node does not take "
-            "yet", {"param": "tool_choice"},
-        )
-    if req.response_format not in (None, {"type": "text"}):
-        raise InferError(
-            ErrorCode.BAD_REQUEST, "only response_format {\"type\": \"text\"} is served yet",
-            {"param": "response_format"},
-        )
+            ErrorCode.BAD_REQUEST, _sentence(e, body), {"param": _param(e, body)}
+        ) from e
+    _check_tool_results(req.messages)
     return req
+
+
+def _check_tool_results(messages: list[WireMessage]) -> None:
+    """Every ``tool`` message answers a call an earlier assistant message of the request made.
+
+    Stateless clients resend the whole conversation, so the request itself is the history a
+    result must belong to; a named session's node checks its own record log too.
+    """
+    calls: set[str] = set()
+    for i, m in enumerate(messages):
+        calls.update(c.id for c in m.tool_calls or ())
+        if m.role == "tool" and m.tool_call_id not in calls:
+            where = f"messages.{i}.tool_call_id"
+            if m.tool_call_id is None:
+                raise InferError(ErrorCode.BAD_REQUEST, f"{where}: a tool message needs the "
+                                 "tool_call_id of the call it answers", {"param": where})
+            raise InferError(
+                ErrorCode.BAD_REQUEST,
+                f"{where}: the tool message answers call {m.tool_call_id!r}, which no earlier "
+                "assistant message of the conversation made",
+                {"param": where},
+            )
 
 
 def prompt_for(
     req: ChatCompletionRequest, messages: tuple[ChatMessage, ...], key: str,
     expect_generation: int | None,
 ) -> PromptRequest:
-    """The prompt that sends ``messages`` (the part the session has not seen)."""
+    """The prompt that sends ``messages`` (the part the session has not seen).
+
+    The request's tools are the session's tools for this turn (none when it has none): an
+    OpenAI client states its whole tool set on every call.
+    """
     base = SamplingParams()
     sampling = SamplingParams(
         temperature=base.temperature if req.temperature is None else req.temperature,
         top_p=req.top_p or base.top_p,
         top_k=base.top_k if req.top_k is None else req.top_k,
         repeat_penalty=req.repeat_penalty or base.repeat_penalty,
+        repeat_last_n=base.repeat_last_n if req.repeat_last_n is None else req.repeat_last_n,
         frequency_penalty=req.frequency_penalty or base.frequency_penalty,
         presence_penalty=req.presence_penalty or base.presence_penalty,
         seed=req.seed,
@@ -218,22 +243,56 @@ def prompt_for(
             messages=messages, sampling=sampling, stop=stop,
             max_tokens=max_tokens or PromptRequest.model_fields["max_tokens"].default,
             idempotency_key=key, expect_generation=expect_generation, model=req.model,
-            user=req.user,
+            user=req.user, tools=tuple(req.tools or ()), tool_choice=req.tool_choice,
+            response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
         )
     except ValidationError as e:
         raise InferError(ErrorCode.BAD_REQUEST, _sentence(e), {"param": _param(e)}) from e
 
 
-def _param(e: ValidationError) -> str:
-    first = e.errors()[0] if e.error_count() else {}
-    return ".".join(str(x) for x in first.get("loc", ()) if not str(x).startswith("function-"))
+def _param(e: ValidationError, body: bytes = b"") -> str:
+    """The request field an error is about, as OpenAI's ``param`` names it."""
+    if not e.error_count():
+        return ""
+    first = e.errors()[0]
+    fields = _body_path(first["loc"], body, first["type"] == "missing")
+    if fields:
+        return ".".join(fields)
+    # A check across fields has no location; its sentence starts with the field it names.
+    head = str(first.get("ctx", {}).get("error", "")).split(":", 1)[0]
+    return head if head in ChatCompletionRequest.model_fields else ""
 
 
-def _sentence(e: ValidationError) -> str:
+def _body_path(loc: tuple[int | str, ...], body: bytes, missing: bool) -> list[str]:
+    """The part of ``loc`` that is a path in the request's JSON.
+
+    pydantic puts the union member it tried into the location ("NamedToolChoice", a
+    format's ``type`` tag, "function-after[...]"); those are not fields of the request.
+    """
+    try:
+        node: object = json.loads(body) if body else None
+    except ValueError:
+        node = None
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
+            node = node[part]  # type: ignore[index]
+        elif node is None and isinstance(part, int | str) and str(part).isidentifier():
+            pass  # no body to walk (a prompt's own check): keep plain field names
+        elif not (missing and i == len(loc) - 1):
+            continue
+        path.append(str(part))
+    return path
+
+
+def _sentence(e: ValidationError, body: bytes = b"") -> str:
     parts = []
     for err in e.errors()[:3]:
-        where = ".".join(str(x) for x in err.get("loc", ())) or "body"
         what = "is not a field of this API" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {what}")
+        what = what.removeprefix("Value error, ")
+        where = ".".join(_body_path(err.get("loc", ()), body, err["type"] == "missing"))
+        parts.append(f"{where}: {what}" if where else what)
     more = f" (and {e.error_count() - 3} more)" if e.error_count() > 3 else ""
     return "the request is not valid: " + "; ".join(parts) + more

@@ -20,13 +20,13 @@ def tool_refusal(state: SessionState, prompt: PromptRequest) -> InferError | Non
     if refusal is not None:
         return refusal
     known = state.call_ids()
-    for m in prompt.messages:
+    for i, m in enumerate(prompt.messages):
         if m.role == "tool" and m.tool_call_id not in known:
             return InferError(
                 ErrorCode.BAD_REQUEST,
                 f"the tool message answers call {m.tool_call_id!r}, which no assistant message "
                 f"of session {state.session} made; nothing was recorded",
-                {"tool_call_id": m.tool_call_id or ""},
+                {"tool_call_id": m.tool_call_id or "", "param": f"messages.{i}.tool_call_id"},
             )
         known.update(c.id for c in m.tool_calls or ())
     return None
@@ -42,12 +42,13 @@ def _choice_refusal(
             ErrorCode.BAD_REQUEST,
             f"tool_choice forces a tool call but session {session} has no tools; send "
             "`tools` with the prompt; nothing was recorded",
+            {"param": "tool_choice"},
         )
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         return InferError(
             ErrorCode.BAD_REQUEST,
             f"tool_choice names the function {choice.function.name!r}, which is not among "
             f"session {session}'s tools ({', '.join(names)}); nothing was recorded",
-            {"tool": choice.function.name},
+            {"tool": choice.function.name, "param": "tool_choice"},
         )
     return None
