@@ -215,3 +215,78 @@ async def test_sdk_raises_bad_request_with_the_param_for_a_result_of_no_call(mak
         await client.chat.completions.create(model="any", max_tokens=2, messages=[
             _user("hi"), {"role": "tool", "tool_call_id": "call_x", "content": "1"}])
     assert caught.value.param == "messages.1.tool_call_id"
+
+
+def test_every_tool_format_and_sampling_field_of_a_request_reaches_the_prompt():
+    """The request's tools, choice, format and sampling fields map 1:1 onto the prompt."""
+    from actors.gateway.wire import parse_request, prompt_for
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER_PARAMS}}
+    body = {"model": "m", "messages": [_user("hi")], "tools": TOOLS, "tool_choice": FORCE,
+            "temperature": 0.3, "top_p": 0.5, "top_k": 7, "seed": 9, "repeat_penalty": 1.3,
+            "repeat_last_n": 16, "frequency_penalty": 0.25, "presence_penalty": -0.5,
+            "stop": ["END"], "max_completion_tokens": 33, "parallel_tool_calls": False}
+    req = parse_request(json.dumps(body).encode())
+    prompt = prompt_for(req, req.chat_messages(), "key", None)
+    assert [t.model_dump(exclude_none=True) for t in prompt.tools or ()] == TOOLS
+    assert prompt.tool_choice is not None and prompt.tool_choice.model_dump() == FORCE
+    assert prompt.parallel_tool_calls is False and prompt.stop == ("END",)
+    assert prompt.max_tokens == 33
+    assert prompt.sampling.model_dump() == {
+        "temperature": 0.3, "top_p": 0.5, "top_k": 7, "seed": 9, "repeat_penalty": 1.3,
+        "repeat_last_n": 16, "frequency_penalty": 0.25, "presence_penalty": -0.5}
+    formatted = parse_request(json.dumps({**body, "tool_choice": "auto",
+                                          "response_format": fmt}).encode())
+    prompt = prompt_for(formatted, formatted.chat_messages(), "key", None)
+    assert prompt.response_format is not None
+    assert prompt.response_format.model_dump(by_alias=True, exclude_none=True) == {
+        "type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER_PARAMS}}
+    bare = parse_request(json.dumps({"messages": [_user("hi")]}).encode())
+    assert prompt_for(bare, bare.chat_messages(), "key", None).tools == ()  # none this turn
+
+
+def test_calls_the_stream_missed_or_cut_short_are_completed_from_done():
+    """At done the relay sends a call the stream never showed whole, and a cut tail."""
+    from actors.gateway.stream import ToolCallRelay
+    from schemas.messages import DoneEvent, ToolCallEvent
+
+    relay = ToolCallRelay()
+    streamed = ToolCallEvent(session="s", turn_id="t", tool_calls=(
+        {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather"}},
+        {"index": 0, "function": {"arguments": '{"city": "Pa'}},
+    ))
+    assert relay.deltas(streamed) == [
+        {"index": 0, "id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": "Pa'}},
+    ]
+    done = DoneEvent.model_validate({
+        "session": "s", "turn_id": "t", "parent_ids": [], "text": "",
+        "finish_reason": "tool_calls", "tool_calls": [
+            {"id": "call_a", "function": {"name": "get_weather",
+                                          "arguments": '{"city": "Paris"}'}},
+            {"id": "call_b", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}],
+        "usage": {"prompt_tokens": 1, "cached_tokens": 0, "new_prefill_tokens": 1,
+                  "completion_tokens": 1},
+        "cache": {"source": "none"}, "timings": {},
+    })
+    assert relay.rest(done) == [
+        {"index": 0, "function": {"arguments": 'ris"}'}},
+        {"index": 1, "id": "call_b", "type": "function",
+         "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}},
+    ]
+
+
+def test_a_call_echoed_with_other_json_spacing_continues_the_same_conversation():
+    """The conversation hash reads a call's arguments as JSON, not as their spelling."""
+    from actors.gateway.chain import chain
+    from schemas.chat import ChatMessage
+
+    def said(arguments: str) -> ChatMessage:
+        return ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "function": {"name": "get_weather", "arguments": arguments}}]})
+
+    spaced = chain("", [ChatMessage(role="user", content="hi"), said('{"city": "Paris"}')])
+    tight = chain("", [ChatMessage(role="user", content="hi"), said('{"city":"Paris"}')])
+    other = chain("", [ChatMessage(role="user", content="hi"), said('{"city":"Rome"}')])
+    assert spaced == tight and spaced[-1] != other[-1]
