@@ -1,5 +1,5 @@
-"""The README's OpenAI section runs as written: its curl lines, its SDK example, and
-`infernode openai` serving a node on its own."""
+"""The README's OpenAI section runs as written: its curl lines, its SDK examples (a stateless
+conversation and a tool-calling loop), and `infernode openai` serving a node on its own."""
 
 from __future__ import annotations
 
@@ -59,6 +59,24 @@ async def test_readme_sdk_example_runs_and_reuses_the_conversation(make_node):
     assert code == 0, err
     cached = [int(line.rsplit(" ", 1)[1]) for line in out.strip().splitlines()]
     assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0
+
+
+async def test_readme_tool_calling_example_gets_a_valid_call_and_reuses_the_prefix(make_node):
+    """The README's tool loop gets a forced call valid for its schema, then an answer that
+    reused every token of the first turn."""
+    node = await make_node(openai_port=0)
+    code, out, err = await _run(
+        [sys.executable, "-c", _blocks("python")[1]],
+        {"OPENAI_BASE_URL": f"http://127.0.0.1:{node.gateway.port}/v1", "PYTHONPATH": str(ROOT)},
+    )
+    assert code == 0, err
+    called, reused = out.strip().splitlines()
+    finish, name, arguments = called.split(" ", 2)
+    assert (finish, name) == ("tool_calls", "get_weather")
+    city = json.loads(arguments)["city"]
+    assert set(json.loads(arguments)) == {"city"} and isinstance(city, str) and len(city) <= 20
+    word, cached, of, total = reused.split(" ")
+    assert (word, of) == ("reused", "of") and int(cached) == int(total) > 0
 
 
 async def test_infernode_openai_serves_a_node_on_its_own_and_stops_on_sigterm(make_node):

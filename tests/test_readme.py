@@ -34,7 +34,7 @@ NOT_HERE = {
 NOT_HERE_SECTIONS = {
     "Running with compose": "needs Docker; tests/test_compose.py runs each service's command",
     "CUDA": "needs a CUDA GPU and a compiler",
-    "OpenAI-compatible API": "tests/test_gateway_docs.py runs its curl lines and SDK example "
+    "OpenAI-compatible API": "tests/test_gateway_docs.py runs its curl lines and SDK examples "
     "against a gateway on a free port",
 }
 if "tools" not in PromptRequest.model_fields:  # as tests/test_docs.py skips it
