@@ -236,3 +236,34 @@ async def test_a_forced_tool_loop_runs_end_to_end_on_smollm2(make_node, nc):
     assert answer["text"].strip() and not answer["tool_calls"]
     assert second["commit"][0]["generation"] == 2
     assert answer["usage"]["cached_tokens"] >= done["usage"]["prompt_tokens"]
+
+
+async def test_smollm2_tool_loop_through_the_openai_gateway_streams_the_call(make_node):
+    """Through the gateway SmolLM2's forced call streams as deltas the SDK adds up to a valid
+    call; its result goes back and the answer reuses the whole first turn."""
+    import openai
+
+    node = await make_node(model=SMOLLM2, engine="llama-cpp", n_slots=1, verify_restore=False,
+                           openai_port=0)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{node.gateway.port}/v1",
+                                api_key="unused", max_retries=0)
+    tools = [WEATHER.model_dump(exclude_none=True)]
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    async with client.chat.completions.stream(
+        model="any", messages=messages, tools=tools, temperature=0, max_tokens=48,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream_options={"include_usage": True},
+    ) as stream:
+        chunks = [e.chunk async for e in stream if e.type == "chunk"]
+        first = await stream.get_final_completion()
+    assert first.choices[0].finish_reason == "tool_calls"
+    [call] = first.choices[0].message.tool_calls
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].id == call.id and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 2 and set(json.loads(call.function.arguments)) == {"city"}
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 C and clear"}]
+    final = await client.chat.completions.create(
+        model="any", messages=messages, tools=tools, temperature=0, max_tokens=24)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    assert final.usage.prompt_tokens_details.cached_tokens == first.usage.total_tokens
