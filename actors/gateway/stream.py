@@ -6,7 +6,8 @@ The engine publishes a ``tool_call`` event for each piece of a call while it is 
 they come, never recovered from the text again. The text the call was written in also
 arrives as tokens; it is held back from ``content`` once a call opens, as the non-streamed
 answer leaves it out. At ``done`` whatever of its parsed calls the stream did not carry is
-sent too, so a client that adds the deltas up holds exactly ``done``'s calls.
+sent too (a call it missed whole, the tail of cut arguments), so a client that adds the
+deltas up holds every call ``done`` holds.
 """
 
 from __future__ import annotations

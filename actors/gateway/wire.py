@@ -1,9 +1,12 @@
 """The OpenAI chat-completions request as the gateway accepts it, and its translation.
 
+What the prompt subject takes maps 1:1: sampling fields, ``stop``, ``max_tokens``, ``tools``,
+``tool_choice``, ``response_format``, and history with ``tool_calls`` and ``tool`` results.
 OpenAI clients send more than infernode uses: fields OpenAI documents that change nothing
-here (``user``, ``store``, penalties, ...) are accepted and ignored; fields that would change
-the answer in a way infernode cannot honour (``n`` > 1, ``logprobs``) and fields OpenAI does
-not document are refused with 400 naming the field, so a typo never silently does nothing.
+here (``user``, ``store``, ``logit_bias``, ...) are accepted and ignored; fields that would
+change the answer in a way infernode cannot honour (``n`` > 1, ``logprobs``) and fields
+OpenAI does not document are refused with 400 naming the field (``param``), so a typo never
+silently does nothing.
 """
 
 from __future__ import annotations
