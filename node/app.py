@@ -26,6 +26,7 @@ from actors.engine.template_sandbox import TemplateError
 from actors.gateway import ApiKeysError, Gateway, GatewayBindError
 from node.bus import BusError, connect
 from node.config import NodeConfig
+from node.local_auth import URL_FILE, LocalCredentials
 from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
 from node.models import ModelChoice, ModelNameError, choose_model
@@ -55,6 +56,8 @@ class Node:
         self, config: NodeConfig, on_load_progress: Callable[[float], None] | None = None
     ) -> None:
         self.config = config
+        self.bus_config = config
+        """What the node's own connections use (the embedded server's node user, if any)."""
         self.on_load_progress = on_load_progress
         self.subjects = Subjects(config.prefix)
         self.nats: EmbeddedNats | None = None
@@ -90,13 +93,17 @@ class Node:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         if cfg.nats_url is None:
+            # Loopback is not enough: only users holding the generated passwords get in.
+            creds = LocalCredentials.load_or_create(cfg.data_dir)
+            auth = creds.write_server_config(cfg.data_dir / "nats", self.subjects)
             self.nats = EmbeddedNats(
                 cfg.data_dir / "nats", port=cfg.nats_port or None, any_port_if_taken=True,
-                max_payload=cfg.max_payload,
+                max_payload=cfg.max_payload, config_file=auth,
             )
             await self.nats.start()
             self.url = self.nats.url
-            (cfg.data_dir / "nats.url").write_text(self.url + "\n")
+            self.bus_config = creds.node_config(cfg)
+            (cfg.data_dir / URL_FILE).write_text(self.url + "\n")
         self.model = choose_model(cfg.model, cfg.data_dir)
         model = self.model.path
         self.engine = await asyncio.to_thread(
@@ -127,7 +134,7 @@ class Node:
         log.info("node_ready", nats=self.url, prefix=cfg.prefix, model=str(model))
 
     async def _connect(self, name: str) -> Client:
-        nc = await connect(self.config, self.url, f"infernode-{name}")
+        nc = await connect(self.bus_config, self.url, f"infernode-{name}")
         self._conns.append(nc)
         return nc
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from node.bus import REACH_HINT, BusError
 from node.client import InfernodeClient, TurnAborted, TurnResult
 from node.config import NodeConfig
+from node.local_auth import URL_FILE
 from node.logging import configure_logging
 from schemas.admin import MetricsReply
 from schemas.chat import SamplingParams
@@ -47,7 +48,7 @@ def resolve_url(flag: str | None, config: NodeConfig) -> str:
         return flag
     if config.nats_url:
         return config.nats_url
-    written = config.data_dir / "nats.url"
+    written = config.data_dir / URL_FILE
     if written.is_file():
         return written.read_text().strip()
     return DEFAULT_URL

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from node.bus import connect
 from node.config import NodeConfig
+from node.local_auth import client_config
 from schemas.admin import (
     DeleteReply,
     HealthReply,
@@ -113,9 +114,10 @@ class InfernodeClient:
 
     async def __aenter__(self) -> InfernodeClient:
         if self._nc is None:
+            # The local `infernode up`'s client user, when this is its server.
             self._nc = await connect(
-                self.config, self.url, "infernode-client", timeout=self.connect_timeout,
-                fail_fast=self.fail_fast,
+                client_config(self.config, self.url), self.url, "infernode-client",
+                timeout=self.connect_timeout, fail_fast=self.fail_fast,
             )
         return self
 

@@ -25,6 +25,13 @@ SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 """NATS micro's header carrying an error reply's status code."""
 ANSWER_TO_HEADER = "Infer-Answer-To"
 """On an ask in the intake stream: the requester's inbox, which receives the answer."""
+SERVER_API_SUBJECTS = ("$JS.>", "$KV.>", "$O.>")
+"""JetStream's API, key-value and object-store subjects (stream purge and delete among them)."""
+
+
+def inbox_all(inbox_prefix: str) -> str:
+    """Every reply inbox under ``inbox_prefix``."""
+    return f"{inbox_prefix}.>"
 
 
 class EventKind(StrEnum):
@@ -162,6 +169,10 @@ class Subjects:
         return f"{self.prefix}.records.>"
 
     # -- internal: actor to actor ---------------------------------------------------------
+    def internal_all(self) -> str:
+        """Every internal subject (only the node's own user may use them)."""
+        return f"{self.prefix}.internal.>"
+
     def admit(self, session: str) -> str:
         """Admission → session runner: record this prompt (request-reply)."""
         return f"{self.prefix}.internal.admit.{session}"
