@@ -193,7 +193,7 @@ async def main(args: argparse.Namespace) -> int:
               f"tool tokens + {plan.max_tokens} generated per turn, 2 slots, "
               f"{args.threads} thread(s), model {model.name}; driving a whole Node", flush=True)
         started = time.perf_counter()
-        async with Node(config) as n, InfernodeClient(n.url) as client:
+        async with Node(config) as n, InfernodeClient(n.url, config=config) as client:
             assert n.engine is not None
             tokenizer = n.engine.backend.tokenizer
             tools = ToolOutputs(lambda text: len(tokenizer.encode(text, False)), plan.tool_tokens)

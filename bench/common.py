@@ -265,3 +265,30 @@ class EventTally:
             for p in body["parent_ids"]:
                 self.parents[p] += 1
                 self.answered_at.setdefault(p, now)
+
+
+# -- connecting to a node's embedded server -----------------------------------------------
+def client_env(data_dir: Path, url: str) -> dict[str, str]:
+    """The environment of a child process that connects as the client user of the node
+    whose embedded server wrote ``url`` into ``data_dir`` (its password never goes in argv)."""
+    from node.config import NodeConfig
+    from node.local_auth import client_config
+
+    config = client_config(NodeConfig(data_dir=data_dir), url)
+    env = dict(os.environ)
+    if config.nats_user and config.nats_password:
+        env["INFERNODE_NATS_USER"] = config.nats_user
+        env["INFERNODE_NATS_PASSWORD"] = config.nats_password
+    return env
+
+
+async def connect_client(url: str, name: str, data_dir: Path | None = None) -> Any:
+    """A NATS connection as the node's client user: from ``data_dir`` in the node's own
+    process, else from the ``INFERNODE_NATS_*`` variables ``client_env`` handed down."""
+    from node.bus import connect
+    from node.config import NodeConfig
+    from node.local_auth import client_config
+
+    if data_dir is not None:
+        return await connect(client_config(NodeConfig(data_dir=data_dir), url), url, name)
+    return await connect(NodeConfig.from_env(os.environ), url, name)

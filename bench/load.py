@@ -37,12 +37,17 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nats  # noqa: E402
 import psutil  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
-from bench.common import EventTally, pct, run_agents_or_main  # noqa: E402
+from bench.common import (  # noqa: E402
+    EventTally,
+    client_env,
+    connect_client,
+    pct,
+    run_agents_or_main,
+)
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -95,7 +100,7 @@ class Agent(EventTally):
 
     async def run(self, url: str, until: float) -> None:
         """Subscribe to its sessions' events, then keep each session's window full."""
-        self.nc = await nats.connect(url, name=f"load-{self.name}")
+        self.nc = await connect_client(url, f"load-{self.name}")
         for session in self.sessions:
             await self.nc.subscribe(S.events_all(session), cb=self.on_event)
         await self.nc.flush()
@@ -187,13 +192,15 @@ async def agents_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the node (this process) ------------------------------------------------------------------
-async def run_agents_child(args: argparse.Namespace, url: str) -> dict[str, Any]:
+async def run_agents_child(
+    args: argparse.Namespace, url: str, env: dict[str, str]
+) -> dict[str, Any]:
     """Start the agents in a child process; their summary (its last stdout line)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--agents-of", url]
     for flag in ("agents", "sessions", "window", "max_tokens", "duration", "timeout"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -262,9 +269,9 @@ async def main(args: argparse.Namespace) -> int:
             await node.start()
             try:
                 watch = PendingWatch(node)
-                nc = await nats.connect(node.url, name="load-watch")
+                nc = await connect_client(node.url, "load-watch", Path(tmp))
                 await nc.subscribe(S.events("*", "accepted"), cb=watch.on_accepted)
-                seen = await run_agents_child(args, node.url)
+                seen = await run_agents_child(args, node.url, client_env(Path(tmp), node.url))
                 await nc.drain()
                 rss = psutil.Process().memory_info().rss
             finally:

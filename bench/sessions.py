@@ -43,13 +43,18 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nats  # noqa: E402
 import psutil  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from structlog.testing import capture_logs  # noqa: E402
 
-from bench.common import EventTally, pct, run_agents_or_main  # noqa: E402
+from bench.common import (  # noqa: E402
+    EventTally,
+    client_env,
+    connect_client,
+    pct,
+    run_agents_or_main,
+)
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
 from schemas.subjects import MSG_ID_HEADER, Subjects  # noqa: E402
@@ -91,7 +96,7 @@ class Agent(EventTally):
 
 async def run_agent(agent: Agent, url: str, prompts: int, max_tokens: int) -> None:
     """Subscribe to its sessions' events, then publish every prompt at once."""
-    agent.nc = nc = await nats.connect(url, name=f"bench-{agent.name}")
+    agent.nc = nc = await connect_client(url, f"bench-{agent.name}")
     for session in agent.sessions:
         await nc.subscribe(S.events_all(session), cb=agent.on_event)
     await nc.flush()
@@ -163,7 +168,9 @@ async def agents_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the node (this process) ------------------------------------------------------------------
-async def run_agents_child(args: argparse.Namespace, url: str) -> dict[str, Any]:
+async def run_agents_child(
+    args: argparse.Namespace, url: str, env: dict[str, str]
+) -> dict[str, Any]:
     """Start the agents in a child process; their summary (its last stdout line)."""
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--agents-of", url,
@@ -172,7 +179,7 @@ async def run_agents_child(args: argparse.Namespace, url: str) -> dict[str, Any]
         "--timeout", str(args.timeout),
     ]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -270,7 +277,7 @@ async def main(args: argparse.Namespace) -> int:
             await node.start()
             try:
                 before = CpuClock.now()
-                seen = await run_agents_child(args, node.url)
+                seen = await run_agents_child(args, node.url, client_env(Path(tmp), node.url))
                 cpu = CpuClock.now() - before
                 rss = psutil.Process().memory_info().rss
             finally:
