@@ -177,7 +177,10 @@ async def overhead(node: Node, base: str, pairs: int, max_tokens: int) -> list[f
     diffs: list[float] = []
     gw_conv: list[dict[str, str]] = []
     greedy = SamplingParams(temperature=0.0)
-    async with InfernodeClient(node.url) as client, httpx.AsyncClient(timeout=600) as http:
+    async with (
+        InfernodeClient(node.url, config=node.config) as client,
+        httpx.AsyncClient(timeout=600) as http,
+    ):
         for i in range(pairs):
             text = f"{i}: {chatter.words(12)}"
 

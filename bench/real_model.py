@@ -178,7 +178,7 @@ async def _run_engine(engine: str, model: Path, sizes: RealSizes, n_ctx: int, tm
         data_dir=tmp / engine, model=model, engine=engine, n_slots=2, n_ctx=n_ctx,
         threads=sizes.threads, flash_attn="off", verify_restore=False, heartbeat_s=0,
     )
-    async with Node(config) as node, InfernodeClient(node.url) as client:
+    async with Node(config) as node, InfernodeClient(node.url, config=config) as client:
         for rep in range(sizes.reps):
             if engine == "llama-cpp":  # raw runs alternate with this engine's
                 await asyncio.to_thread(side.conversation, sizes, rep, raw)

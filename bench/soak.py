@@ -41,12 +41,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nats  # noqa: E402
 import psutil  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
-from bench.common import BenchError, Ratio, print_table  # noqa: E402
+from bench.common import BenchError, Ratio, connect_client, print_table  # noqa: E402
 from node.client import InfernodeClient  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
 from schemas.messages import PromptRequest  # noqa: E402
@@ -289,7 +288,7 @@ async def main(argv: list[str] | None = None) -> int:
         args.turns, args.sessions = 400, 20
     with tempfile.TemporaryDirectory(prefix="infernode-soak-") as tmp:
         proc, url = await start_node(Path(tmp) / "node")
-        nc = await nats.connect(url)
+        nc = await connect_client(url, "soak", Path(tmp) / "node")
         soak = Soak(nc, args.turns, args.sessions, args.history_turns, proc.pid)
         began = time.perf_counter()
         try:

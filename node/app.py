@@ -104,6 +104,7 @@ class Node:
             self.url = self.nats.url
             self.bus_config = creds.node_config(cfg)
             (cfg.data_dir / URL_FILE).write_text(self.url + "\n")
+            creds.write_cli_context(cfg.data_dir, self.url)
         self.model = choose_model(cfg.model, cfg.data_dir)
         model = self.model.path
         self.engine = await asyncio.to_thread(

@@ -16,6 +16,7 @@ from actors.gateway import ApiKeysError, Gateway, GatewayBindError
 from node.bus import BusError, connect
 from node.cli_client import resolve_url
 from node.config import NodeConfig
+from node.local_auth import gateway_config
 from node.logging import configure_logging
 from schemas.subjects import Subjects
 
@@ -49,7 +50,8 @@ async def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         settings = gateway_settings(config, args.port, config.openai_host)
-        nc = await connect(config, url, "infernode-gateway")
+        # On the local embedded server, as the node's own user (the index lives in JetStream).
+        nc = await connect(gateway_config(config, url), url, "infernode-gateway")
     except (ApiKeysError, GatewayBindError, BusError) as e:
         print(f"infernode: {e}", file=sys.stderr)
         return 2 if not isinstance(e, BusError) else 3

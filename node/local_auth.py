@@ -12,7 +12,12 @@ writes two passwords into ``<data-dir>/nats-auth.json``, readable by the user on
 
 A client that names no credentials of its own uses the client user when, and only when,
 it connects to the URL that ``infernode up`` wrote into the same data directory, so the
-password never goes to another server.
+password never goes to another server. A gateway started on its own (``infernode openai``)
+is part of the node: it keeps its conversation index in JetStream, so it uses the node's user.
+
+For the Go ``nats`` CLI, every start also writes ``<data-dir>/nats-context.json`` (0600), a
+``nats context`` file of the client user and the server's URL: linked into the CLI's context
+directory and selected, it lets plain ``nats sub``/``pub``/``req`` lines in.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ SERVER_CONFIG_FILE = "nats-auth.conf"
 """The embedded server's users and permissions, regenerated at every start (mode 0600)."""
 URL_FILE = "nats.url"
 """Where ``infernode up`` writes its embedded server's URL."""
+CONTEXT_FILE = "nats-context.json"
+"""A ``nats context`` of the client user for the Go ``nats`` CLI (mode 0600)."""
 NODE_USER = "infernode"
 CLIENT_USER = "infernode-client"
 NODE_INBOX_PREFIX = "_INBOX.infernode"
@@ -81,6 +88,20 @@ class LocalCredentials:
         _write_private(path, "authorization " + json.dumps({"users": users}, indent=2) + "\n")
         return path
 
+    def write_cli_context(self, data_dir: Path, url: str) -> Path:
+        """The ``nats`` CLI's context for the client user on ``url``; its path (0600).
+
+        Written at every start: the credentials stay, the URL may not (a free port is
+        taken when the asked one is in use).
+        """
+        body = {
+            "description": "infernode up's embedded server, as its client user",
+            "url": url, "user": CLIENT_USER, "password": self.client_password,
+        }
+        path = data_dir / CONTEXT_FILE
+        _write_private(path, json.dumps(body, indent=2) + "\n")
+        return path
+
     def node_config(self, config: NodeConfig) -> NodeConfig:
         """``config`` for the node's own connections to the embedded server."""
         return dataclasses.replace(
@@ -92,16 +113,33 @@ class LocalCredentials:
 def client_config(config: NodeConfig, url: str) -> NodeConfig:
     """``config`` with the local client user, if it names no credentials and ``url`` is the
     embedded server that ``infernode up`` started in ``config.data_dir``."""
+    creds = _local_credentials(config, url)
+    if creds is None:
+        return config
+    return dataclasses.replace(config, nats_user=CLIENT_USER, nats_password=creds.client_password)
+
+
+def gateway_config(config: NodeConfig, url: str) -> NodeConfig:
+    """``config`` for a gateway started on its own: the node's user on the local embedded
+    server (the gateway's conversation index lives in JetStream, which clients may not use),
+    else ``config`` as it is."""
+    creds = _local_credentials(config, url)
+    return config if creds is None else creds.node_config(config)
+
+
+def _local_credentials(config: NodeConfig, url: str) -> LocalCredentials | None:
+    """The passwords in ``config.data_dir`` when ``config`` names no credentials of its own
+    and ``url`` is the server ``infernode up`` wrote there; None otherwise."""
     if config.nats_user or config.nats_token or config.nats_creds or config.nats_nkey_seed:
-        return config
+        return None
     written, auth = config.data_dir / URL_FILE, config.data_dir / AUTH_FILE
-    if not (written.is_file() and auth.is_file()) or written.read_text().strip() != url.strip():
-        return config
     try:
-        password = json.loads(auth.read_text())["client"]["password"]
+        if not (written.is_file() and auth.is_file()) or written.read_text().strip() != url.strip():
+            return None
+        raw = json.loads(auth.read_text())
+        return LocalCredentials(raw["node"]["password"], raw["client"]["password"])
     except (OSError, ValueError, KeyError, TypeError):
-        return config  # unreadable: connect without, and let the server say so
-    return dataclasses.replace(config, nats_user=CLIENT_USER, nats_password=password)
+        return None  # unreadable: connect without, and let the server say so
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,30 +1,84 @@
-"""A stand-in for the Go ``nats`` CLI's ``req``, ``pub`` and ``sub``, so README lines run verbatim.
+"""A stand-in for the Go ``nats`` CLI's ``req``, ``pub``, ``sub`` and ``context select``, so
+README lines run verbatim.
 
     python -m tests.nats_cli req [--raw] [--timeout 30s] SUBJECT BODY
     python -m tests.nats_cli pub SUBJECT BODY
     python -m tests.nats_cli sub SUBJECT      # prints each message until it is ended
+    python -m tests.nats_cli context select NAME
 
-The server comes from ``NATS_URL`` (as with the real CLI). ``req`` prints the reply body on
-stdout; an error reply (``Nats-Service-Error``) also prints the CLI's error line on stderr
-and exits 1, as ``nats req`` does.
+Where it connects and as whom is decided as the real CLI does: ``--server``/``-s`` (or
+``NATS_URL``), ``--user`` (``NATS_USER``) and ``--password`` (``NATS_PASSWORD``) first, given
+before or after the verb; then the context named by ``--context`` (``NATS_CONTEXT``), else the
+selected one; else ``nats://127.0.0.1:4222`` with no user. Contexts are the CLI's files,
+``$XDG_CONFIG_HOME/nats/context/NAME.json`` (``~/.config`` without that variable), and the
+selection is ``nats/context.txt`` beside them. ``req`` prints the reply body on stdout; an error
+reply (``Nats-Service-Error``) also prints the CLI's error line on stderr and exits 1, as
+``nats req`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import nats
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
 def _seconds(text: str) -> float:
     return float(text[:-1]) if text.endswith("s") else float(text)
 
 
+def _config_root() -> Path:
+    """The CLI's configuration directory: ``$XDG_CONFIG_HOME/nats`` or ``~/.config/nats``."""
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "nats"
+
+
+def _context_path(name: str) -> Path:
+    if not name or ".." in name or os.sep in name:
+        raise SystemExit(f"nats: error: invalid context name {name!r}")
+    return _config_root() / "context" / f"{name}.json"
+
+
+def _context(name: str | None) -> dict[str, Any]:
+    """The named context, else the selected one, else none (an empty one)."""
+    if not name:
+        selected = _config_root() / "context.txt"
+        name = selected.read_text().strip() if selected.is_file() else ""
+        if not name:
+            return {}
+    path = _context_path(name)
+    if not path.is_file():
+        raise SystemExit(f"nats: error: unknown context {name!r}")
+    return dict(json.loads(path.read_text()))
+
+
+def _connect_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags and variables first, then the context, as the real CLI resolves them."""
+    ctx = _context(getattr(args, "context", None) or os.environ.get("NATS_CONTEXT"))
+
+    def pick(flag: str, env: str, key: str) -> str | None:
+        return getattr(args, flag, None) or os.environ.get(env) or ctx.get(key) or None
+
+    options: dict[str, Any] = {"servers": pick("server", "NATS_URL", "url") or DEFAULT_URL}
+    user = pick("user", "NATS_USER", "user")
+    if user:
+        options["user"] = user
+        options["password"] = pick("password", "NATS_PASSWORD", "password") or ""
+    return options
+
+
 async def _main(args: argparse.Namespace) -> int:
-    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    if args.verb == "context":
+        return _select(args.name)
+    nc = await nats.connect(**_connect_options(args), allow_reconnect=False)
     try:
         if args.verb == "pub":
             await nc.publish(args.subject, args.body.encode())
@@ -44,6 +98,14 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(name: str) -> int:
+    """``nats context select NAME``: make a known context the one used by default."""
+    _context(name)  # refuses an unknown one, as the CLI does
+    (_config_root() / "context.txt").write_text(name)
+    print(f'NATS Configuration Context "{name}"')
+    return 0
+
+
 async def _subscribe(nc: nats.aio.client.Client, subject: str) -> int:
     """Print each message as ``nats sub`` does (its subject, then its body) until killed."""
     count = 0
@@ -60,15 +122,30 @@ async def _subscribe(nc: nats.aio.client.Client, subject: str) -> int:
     return 0
 
 
+def _parser() -> argparse.ArgumentParser:
+    """The CLI's verbs; its connection flags go before or after the verb, as in the real one."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-s", "--server", default=argparse.SUPPRESS)
+    common.add_argument("--user", default=argparse.SUPPRESS)
+    common.add_argument("--password", default=argparse.SUPPRESS)
+    common.add_argument("--context", default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="nats", parents=[common])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    req = verbs.add_parser("req", parents=[common])
+    req.add_argument("--raw", action="store_true")
+    req.add_argument("--timeout", default="5s")
+    for verb in (req, verbs.add_parser("pub", parents=[common])):
+        verb.add_argument("subject")
+        verb.add_argument("body", nargs="?", default="")
+    verbs.add_parser("sub", parents=[common]).add_argument("subject")
+    context = verbs.add_parser("context").add_subparsers(dest="action", required=True)
+    context.add_parser("select").add_argument("name")
+    return parser
+
+
 def main() -> None:
     """Parse the CLI's arguments and run."""
-    parser = argparse.ArgumentParser(prog="nats")
-    parser.add_argument("verb", choices=["req", "pub", "sub"])
-    parser.add_argument("--raw", action="store_true")
-    parser.add_argument("--timeout", default="5s")
-    parser.add_argument("subject")
-    parser.add_argument("body", nargs="?", default="")
-    sys.exit(asyncio.run(_main(parser.parse_args())))
+    sys.exit(asyncio.run(_main(_parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The README's commands and its Python example, run verbatim against a node started its way.
 
 The node is `infernode up` with no flags, in a fresh directory: it listens on 4222, where the
-README's `nats` lines and the example connect without being told a URL. Lines that install,
-build or need Docker or CUDA are left to the places that can run them (listed below).
+README's `nats` lines (through the context the README selects) and the example connect
+without being told a URL or a password. Lines that install, build or need Docker or CUDA
+are left to the places that can run them (listed below).
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ def _port_free(port: int) -> bool:
 @pytest.fixture
 def readme_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a user's shell: the project's scripts on PATH, `nats` too."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERNODE_", "NATS_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("INFERNODE_", "NATS_")) and k != "XDG_CONFIG_HOME"}
     env["INFERNODE_THREADS"] = "1"  # the test machine's cores are shared
+    # A home of its own: the README's `nats context` lines write into ~/.config/nats.
+    env["HOME"] = str(tmp_path / "home")
     tools = tmp_path / "bin"
     tools.mkdir()
     if not _on_path("nats", env):
