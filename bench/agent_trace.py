@@ -121,8 +121,9 @@ async def trace(
                 new = [ChatMessage(role="system", content="You are a coding agent with tools."),
                        ChatMessage(role="user", content=tools.next(s, t))]
             else:
-                new = [ChatMessage(role="tool", content=tools.next(s, t),
-                                   tool_call_id=f"call_{s}_{t}")]
+                # Tool output the agent passes on as its next message (a `tool` message must
+                # answer a call the model made, and these turns make none).
+                new = [ChatMessage(role="user", content=tools.next(s, t))]
             result, text = await send(client, f"agent-{s}", new, plan.max_tokens)
             convo[s] += [*new, ChatMessage(role="assistant", content=text)]
             row = Row(s, t, result.done)  # type: ignore[arg-type]

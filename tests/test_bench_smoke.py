@@ -96,3 +96,15 @@ def test_quick_soak_benchmark_answers_every_turn_and_prints_every_ratio() -> Non
     lines = _check_quick_run("soak.py", SOAK_RATIO_LINES, timeout=170)
     answered = next(x for x in lines if x.startswith("turns answered / sent"))
     assert answered.split()[-1] == "PASS", "\n".join(lines)
+
+
+@pytest.mark.timeout(120)
+def test_quick_agent_trace_runs_and_warm_turns_reuse_every_token_the_previous_turns_left() -> None:
+    """`python bench/agent_trace.py --quick` exits 0; each warm turn restores all it could."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "agent_trace.py"), "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reuse = next(x for x in proc.stdout.splitlines() if x.startswith("warm reuse of reusable"))
+    assert reuse.split(":")[1].split()[0] == "1.000", reuse
