@@ -261,7 +261,9 @@ async def main(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="infernode-load-") as tmp:
         config = NodeConfig(
-            data_dir=Path(tmp), model=args.model, n_slots=args.slots, threads=args.threads,
+            # The demo model unless told: the node is measured here, not a model.
+            data_dir=Path(tmp), model=args.model or Path("demo"), n_slots=args.slots,
+            threads=args.threads,
             n_ctx=args.ctx, heartbeat_s=0, max_pending_per_session=args.max_pending,
         )
         with capture_logs():  # the node's own log lines would drown the table

@@ -269,7 +269,9 @@ async def main(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="infernode-bench-") as tmp:
         config = NodeConfig(
-            data_dir=Path(tmp), model=args.model, n_slots=args.slots, threads=args.threads,
+            # The demo model unless told: the node is measured here, not a model.
+            data_dir=Path(tmp), model=args.model or Path("demo"), n_slots=args.slots,
+            threads=args.threads,
             heartbeat_s=0, max_pending_per_session=max(64, args.prompts),
         )
         with capture_logs() as logs:
