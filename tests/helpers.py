@@ -186,3 +186,14 @@ def stop_child(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def openai_base(proc: asyncio.subprocess.Process, timeout: float = 60) -> str:
+    """The ``http://…/v1`` base URL a starting ``infernode openai`` prints (after its logs)."""
+    assert proc.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode()
+        assert line, "infernode openai exited before serving"
+        found = re.search(r"OpenAI API on (http://\S+/v1)", line)
+        if found:
+            return found.group(1)

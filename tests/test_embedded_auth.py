@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -35,6 +34,7 @@ from node.local_auth import AUTH_FILE, CLIENT_USER, CONTEXT_FILE
 from schemas.admin import SessionsReply
 from schemas.chat import SamplingParams
 from schemas.subjects import Subjects
+from tests.helpers import openai_base
 from tests.test_docs import run_bash
 from tests.test_security import Agent
 
@@ -154,12 +154,7 @@ async def test_client_user_is_refused_the_nodes_internal_subjects(
     password = passwords(tmp_path / ".infernode")[CLIENT_USER]
     agent = await Agent.connect(node.url, CLIENT_USER, password)
     try:
-        if what == "subscription":
-            await agent.nc.subscribe(subject)
-        else:
-            await agent.nc.publish(subject, b"{}")
-        await agent.nc.flush()
-        await agent.refused(what, subject)
+        await agent.attempt(what, subject)
     finally:
         await agent.nc.close()
 
@@ -222,14 +217,9 @@ async def test_a_gateway_started_on_its_own_joins_the_embedded_server_as_the_nod
         env=_user_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        assert proc.stdout is not None
-        base = None
-        while base is None:  # log lines come first
-            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-            assert line, "infernode openai exited before serving"
-            base = re.search(r"OpenAI API on (http://\S+/v1)", line)
+        base = await openai_base(proc)
         async with httpx.AsyncClient(timeout=60) as http:
-            r = await http.post(f"{base.group(1)}/chat/completions", json={
+            r = await http.post(f"{base}/chat/completions", json={
                 "model": "any", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 2})
         assert r.status_code == 200, r.text

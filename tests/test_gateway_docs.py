@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.helpers import openai_base
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = (ROOT / "README.md").read_text().split("## OpenAI-compatible API", 1)[1] \
     .split("\n## ", 1)[0]
@@ -88,14 +90,9 @@ async def test_infernode_openai_serves_a_node_on_its_own_and_stops_on_sigterm(ma
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
-        assert proc.stdout is not None
-        base = None
-        while base is None:  # log lines come first
-            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-            assert line, "infernode openai exited before serving"
-            base = re.search(r"OpenAI API on (http://\S+/v1)", line)
+        base = await openai_base(proc)
         async with httpx.AsyncClient(timeout=60) as http:
-            r = await http.post(f"{base.group(1)}/chat/completions", json={
+            r = await http.post(f"{base}/chat/completions", json={
                 "model": "any", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

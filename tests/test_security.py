@@ -257,6 +257,16 @@ class Agent:
                     f"{self.user}: no {needle!r} within {timeout:g} s; got {self.violations}"
                 ) from None
 
+    async def attempt(self, what: str, subject: str) -> None:
+        """Subscribe to or publish on ``subject`` (``what``: subscription or publish), then wait
+        until the server refuses it."""
+        if what == "subscription":
+            await self.nc.subscribe(subject)
+        else:
+            await self.nc.publish(subject, b"{}")
+        await self.nc.flush()
+        await self.refused(what, subject)
+
     def config(self) -> NodeConfig:
         """The client configuration of this agent."""
         return NodeConfig(
@@ -348,12 +358,7 @@ async def test_example_config_refuses_agents_the_node_operator_and_other_agents_
     """Internal, admin, record, inbox and other agents' subjects are refused to an agent."""
     a = await Agent.connect(agents_server.url, "agent-a", PASSWORDS["AGENT_A_PASSWORD"])
     try:
-        if what == "subscription":
-            await a.nc.subscribe(subject)
-        else:
-            await a.nc.publish(subject, b"{}")
-        await a.nc.flush()
-        await a.refused(what, subject)
+        await a.attempt(what, subject)
     finally:
         await a.nc.close()
 
