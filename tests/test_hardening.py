@@ -508,8 +508,15 @@ class LoadAgent:
         assert self.nc is not None
         loop = asyncio.get_running_loop()
         in_flight: list[str] = []
-        while loop.time() < until or self.owed[session]:
+        while True:
             in_flight = [k for k in in_flight if not self.settled(k)]
+            if not (loop.time() < until or self.owed[session]):
+                # Past the deadline the agent still waits for what it has in flight: a busy
+                # answer that comes late makes a prompt owed again, and it is sent again.
+                if not in_flight:
+                    return
+                await self._wait_any(list(in_flight))
+                continue
             if len(in_flight) >= window or (self.owed[session] and in_flight):
                 await self._wait_any(list(in_flight))
                 continue
