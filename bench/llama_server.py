@@ -142,6 +142,9 @@ class Streamed:
         details = self.usage.get("prompt_tokens_details")
         value = details.get("cached_tokens") if isinstance(details, dict) else None
         value = self.usage.get("cached_tokens") if value is None else value
+        timings = self.usage.get("timings")
+        if value is None and isinstance(timings, dict):
+            value = timings.get("cache_n")
         return value if isinstance(value, int) else 0
 
 
@@ -160,7 +163,10 @@ async def stream_chat(base: str, messages: Sequence[dict[str, str]], max_tokens:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
+            if isinstance(chunk.get("usage"), dict):
+                usage = {**usage, **chunk["usage"]}
+            if isinstance(chunk.get("timings"), dict):  # llama-server's own counts
+                usage = {**usage, "timings": chunk["timings"]}
             for choice in chunk.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") or ""
                 if piece and ttft is None:

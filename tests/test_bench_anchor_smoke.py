@@ -51,3 +51,17 @@ def test_quick_anchor_benchmark_measures_everything_but_the_missing_llama_server
                  "(a) 2 sessions TTFT: ctransformers / llama-cpp engine"):
         float(_ratio(out, name))
     assert _ratio(out, "(c) 2 streams, decode tok/s: ours / llama-server") == "n/a"
+
+
+@pytest.mark.timeout(120)
+def test_quick_window_benchmark_measures_infernode_and_marks_llama_server_na(
+    tmp_path: Path,
+) -> None:
+    """`python bench/window.py --quick` without llama-server drives one session past its
+    window with shift and with truncate and prints both ratios of each; llama-server's are
+    n/a; exit 0."""
+    out = _quick_run_without_llama_server("window.py", tmp_path, timeout=110)
+    for policy in ("shift", "truncate"):
+        float(_ratio(out, f"infernode {policy}: after-fill / warm TTFT"))
+        float(_ratio(out, f"infernode {policy}: prefix-hit / kept tokens"))
+    assert _ratio(out, "llama-server --context-shift: after-fill / warm TTFT") == "n/a"
