@@ -54,6 +54,8 @@ class Setup:
     """The node's slots; llama-server gets as many (-np)."""
     overflow: str = "truncate"
     """The node's window policy (``bench/window.py`` sets shift)."""
+    bank_ram_bytes: int = 4 << 30
+    """The node's RAM bank; 0 turns snapshots off (``bench/warm_turn.py`` compares)."""
 
 
 class HttpSide:
@@ -105,7 +107,7 @@ async def node_side(name: str, engine: str, setup: Setup) -> AsyncIterator[NodeS
         config = NodeConfig(data_dir=Path(tmp), model=setup.model, engine=engine,
                             threads=setup.threads, n_ctx=setup.n_ctx, n_slots=setup.slots,
                             overflow=setup.overflow, log_level="warning",
-                            bank_ram_bytes=4 << 30, bank_session_bytes=1 << 30)
+                            bank_ram_bytes=setup.bank_ram_bytes, bank_session_bytes=1 << 30)
         try:
             node = Node(config)
             await node.__aenter__()

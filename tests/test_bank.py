@@ -21,7 +21,7 @@ from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.subjects import Subjects
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, until
 
 GREEDY = SamplingParams(temperature=0.0)
 S = Subjects()
@@ -217,6 +217,26 @@ async def test_a_late_snapshot_of_an_older_turn_is_superseded_by_the_live_slot(e
     assert not late.stored and late.reason == "superseded"
     fresh = await engine.snapshot("s", two.token_hash, wait_s=5)
     assert fresh.stored and fresh.n_tokens == two.n_tokens
+
+
+async def test_a_snapshot_queued_ahead_of_the_sessions_next_turn_yields_to_it(engine):
+    """Given turn 2 of a session took the slot while turn 1's snapshot was still queued on
+    the slot's worker, then the snapshot is skipped as superseded (turn 2 does not wait for
+    the copy) and turn 2 reuses the live slot."""
+    one = await run(engine, spec("s", [user("one")]))
+    slot = engine.pool.slots[0]
+    release = threading.Event()
+    blocker = slot.worker.submit(lambda: release.wait(30))
+    late = asyncio.ensure_future(engine.snapshot("s", one.token_hash, wait_s=30))
+    history = [user("one"), ChatMessage(role="assistant", content=one.text), user("two")]
+    two = asyncio.ensure_future(run(engine, spec("s", history, {1: one.completion_ids})))
+    await until(lambda: slot.busy)
+    release.set()
+    await blocker
+    snapshot, second = await late, await two
+    assert not snapshot.stored and snapshot.reason == "superseded"
+    assert second.cache.source == "slot" and second.usage.cached_tokens == one.n_tokens
+    assert (await engine.snapshot("s", second.token_hash, wait_s=5)).stored
 
 
 def _foreign_entry(engine, session: str, tokens: list[int], **override: str) -> BankEntry:  # type: ignore[no-untyped-def]

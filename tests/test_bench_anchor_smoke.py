@@ -65,3 +65,15 @@ def test_quick_window_benchmark_measures_infernode_and_marks_llama_server_na(
         float(_ratio(out, f"infernode {policy}: after-fill / warm TTFT"))
         float(_ratio(out, f"infernode {policy}: prefix-hit / kept tokens"))
     assert _ratio(out, "llama-server --context-shift: after-fill / warm TTFT") == "n/a"
+
+
+@pytest.mark.timeout(120)
+def test_quick_warm_turn_benchmark_prints_the_ratio_and_the_nodes_breakdown() -> None:
+    """`python bench/warm_turn.py --quick` prints the warm-turn TTFT ratio with a value and
+    the node's per-part timings, exit 0."""
+    pytest.importorskip("llama_cpp.server")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "warm_turn.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    float(_ratio(proc.stdout, "warm same-session TTFT: ours / llama_cpp.server"))
+    assert "prefill_ms" in proc.stdout and "client TTFT beyond the engine" in proc.stdout

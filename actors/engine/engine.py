@@ -354,6 +354,11 @@ class SlotEngine:
                 state["started"] = True
             if slot.session != session or slot.digest != digest:
                 return self._bank_known(session, digest, "superseded")
+            if slot.busy and session in self._running:
+                # This session's next turn holds the slot and waits behind this job: copying
+                # the state now would put the copy on that turn's time to first token. Its
+                # state extends this one and its commit banks it.
+                return self._bank_known(session, digest, "superseded")
             return self._bank_slot(slot, persist=True)
 
         fut = slot.worker.submit(job)
