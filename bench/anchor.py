@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -92,7 +92,13 @@ class Words:
         sample = Chatter(0).words(200)
         self.per_word = len(vocab.tokenize(sample.encode(), add_bos=False)) / 200
         vocab.close()
+        self.seed = seed
         self.chatter = Chatter(seed)
+
+    def again(self) -> Words:
+        """The same text from the start: every system gets the same workload."""
+        self.chatter = Chatter(self.seed)
+        return self
 
     def text(self, tokens: int) -> str:
         return self.chatter.words(max(1, round(tokens / self.per_word)))
@@ -173,11 +179,14 @@ async def all_up(opens: dict[str, Opener | str]) -> AsyncIterator[dict[str, Side
         yield up
 
 
-async def measure(setup: Setup, sizes: Sizes, binary: Path | None) -> dict[str, Ms | str]:
+async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str]
+                  ) -> dict[str, Ms | str]:
     """Run the workloads on every system; name → measurements, or why it is n/a."""
     words = Words(setup.model, 3)
     results: dict[str, Ms | str] = {}
-    async with all_up(openers(setup, binary)) as up:
+    opens = {n: ("n/a (left out with --skip)" if n in skip else o)
+             for n, o in openers(setup, binary).items()}
+    async with all_up(opens) as up:
         for name, side in up.items():
             if isinstance(side, str):
                 results[name] = side
@@ -195,6 +204,7 @@ async def measure(setup: Setup, sizes: Sizes, binary: Path | None) -> dict[str, 
         for step, run in steps:
             for name, side in sides.items():
                 began = time.perf_counter()
+                words.again()
                 try:
                     got = await run(side, step)  # type: ignore[misc]
                 except Exception as e:  # noqa: BLE001 - one failed side must not end the run
@@ -298,6 +308,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="threads per evaluation (0: every core)")
     p.add_argument("--slots", type=int, default=2, help="the node's slots; llama-server's -np")
     p.add_argument("--llama-server", type=Path, default=None, help="the llama-server binary")
+    p.add_argument("--turn-tokens", type=int, default=0, help="new tokens per turn of (a)")
+    p.add_argument("--sessions", type=int, nargs="+", default=None, help="session counts of (a)")
+    p.add_argument("--skip", nargs="*", default=[], choices=[OURS, CT, LS, LCP],
+                   help="systems left out of this run (named as in the table)")
     p.add_argument("--quick", action="store_true", help="tiny model, few turns: a smoke run")
     return p.parse_args(argv)
 
@@ -307,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logs()
     sizes = QUICK if args.quick else FULL
+    sizes = replace(sizes, turn_tokens=args.turn_tokens or sizes.turn_tokens,
+                    sessions=tuple(args.sessions or sizes.sessions))
     if args.model:
         model = resolve_model(Path(args.model)) or Path(args.model)
     else:
@@ -315,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = Setup(model, threads, sizes.n_ctx, args.slots)
     binary = find_llama_server(args.llama_server)
     start = time.perf_counter()
-    results = asyncio.run(measure(setup, sizes, binary))
+    results = asyncio.run(measure(setup, sizes, binary, set(args.skip)))
     title = (f"anchor: model {model.name}, {threads} threads, {args.slots} slots, "
              f"n_ctx {sizes.n_ctx}")
     if args.quick:
