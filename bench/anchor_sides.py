@@ -115,7 +115,7 @@ async def node_side(name: str, engine: str, setup: Setup) -> AsyncIterator[NodeS
             yield f"n/a ({engine} engine did not start: {str(e).splitlines()[0][:160]})"
             return
         try:
-            async with InfernodeClient(node.url) as client:
+            async with InfernodeClient(node.url, config=node.config) as client:
                 yield NodeSide(name, client)
         finally:
             await node.__aexit__(None, None, None)
