@@ -42,7 +42,7 @@ from bench.anchor_sides import (  # noqa: E402
     node_side,
 )
 from bench.common import Chatter, Ratio, bench_model, print_table, quiet_logs  # noqa: E402
-from bench.llama_server import find_llama_server, not_built_note  # noqa: E402
+from bench.llama_server import Streamed, find_llama_server, not_built_note  # noqa: E402
 from node.demo_model import BENCH, TINY  # noqa: E402
 from node.models import resolve_model  # noqa: E402
 
@@ -108,6 +108,19 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
+PARTS = ("ttft_ms", "restore_ms", "prefill_ms")
+"""The node's own timings recorded beside each client TTFT (from the turn's ``done``)."""
+
+
+def record(out: Ms, key: str, r: Streamed) -> None:
+    """The client TTFT of a turn under ``key``, and the node's timings of it where it sent any."""
+    out.setdefault(key, []).append(r.ttft_ms)
+    timings = r.usage.get("timings")
+    if isinstance(timings, dict) and "prefill_ms" in timings:
+        for part in PARTS:
+            out.setdefault(f"{key}:{part}", []).append(float(timings[part]))
+
+
 # -- workloads: each returns name → values for one side ---------------------------------------
 async def interleaved(side: Side, words: Words, sizes: Sizes, n: int, tag: str) -> Ms:
     """(a): ``n`` sessions round-robin, then session 0 twice back-to-back."""
@@ -118,10 +131,10 @@ async def interleaved(side: Side, words: Words, sizes: Sizes, n: int, tag: str) 
             new = [system, user(words.text(sizes.turn_tokens))] if t == 0 else \
                 [user(words.text(sizes.turn_tokens))]
             r = await side.chat(f"{tag}-{n}-{s}", new, sizes.out)
-            out["first" if t == 0 else "later"].append(r.ttft_ms)
+            record(out, "first" if t == 0 else "later", r)
     for _ in range(2):
         r = await side.chat(f"{tag}-{n}-0", [user(words.text(sizes.turn_tokens // 5))], sizes.out)
-    out["b2b"].append(r.ttft_ms)
+    record(out, "b2b", r)
     return out
 
 
@@ -133,8 +146,7 @@ async def shared_prefix(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
         for a in range(sizes.agents):
             new = [system, user(words.text(30))] if t == 0 else [user(words.text(30))]
             r = await side.chat(f"{tag}-agent{a}", new, sizes.out)
-            key = "later" if t else ("agent1" if a == 0 else "agents2+")
-            out[key].append(r.ttft_ms)
+            record(out, "later" if t else ("agent1" if a == 0 else "agents2+"), r)
     return out
 
 
@@ -300,6 +312,20 @@ def absolute_table(results: dict[str, Ms | str], sizes: Sizes) -> None:
             f"{'n/a' if not got.get(k) else f'{mean(got[k]):.0f}':>12}" for k, _ in keys))
 
 
+def breakdown(results: dict[str, Ms | str]) -> None:
+    """Where infernode's TTFT went, per measurement: the client's TTFT beside the engine's
+    own TTFT, restore and prefill (the rest is the bus, the runner and thread hand-offs)."""
+    print("infernode breakdown (means, ms): client TTFT = engine ttft (restore + prefill + "
+          "tokenize + first token) + the rest")
+    for name in (OURS, CT):
+        got = results.get(name)
+        if not isinstance(got, dict):
+            continue
+        for key in [k for k in got if ":" not in k and f"{k}:ttft_ms" in got]:
+            parts = ", ".join(f"{p} {mean(got[f'{key}:{p}']):.0f}" for p in PARTS)
+            print(f"  {name:<24} {key:<12} client {mean(got[key]):>6.0f}   {parts}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description="infernode against llama-server and llama_cpp.server")
@@ -337,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         title += " (--quick: sizes too small for the targets to mean anything)"
     absolute_table(results, sizes)
+    breakdown(results)
     print_table(title, ratios(results, sizes))
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0

@@ -97,6 +97,8 @@ class NodeSide:
         usage: dict[str, object] = {}
         if result.done is not None:
             usage = result.done.usage.model_dump()
+            # The engine's own account of the turn, for the benchmarks' breakdowns.
+            usage["timings"] = result.done.timings.model_dump()
         return Streamed(((first or end) - start) * 1000, result.text, usage, end)
 
 
