@@ -1,7 +1,10 @@
 """Admission: takes prompts from the durable intake stream, validates, hands them to runners.
 
-A prompt is acked on the intake stream only once its session runner answered that it is in
-the record log (or refused it for good, with a typed error event). Until then it stays in
+Each partition of the sessions has its own consumer on the intake stream, pulled only by the
+partition's owner (``actors.ownership``): a node pulls the prompts of the partitions whose
+leases it holds, and stops pulling a partition the moment it loses the lease. A prompt is
+acked on the intake stream only once its session runner answered that it is in the record
+log (or refused it for good, with a typed error event). Until then it stays in
 the stream and is redelivered — after a crash, or when the record log or the runner is
 unavailable (``unavailable`` is "not now", never a refusal); the runner recognises a
 redelivery by its intake sequence and does not record it twice.
@@ -16,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
@@ -28,6 +32,7 @@ from actors.base import (
     validation_sentence,
 )
 from actors.constraints import check_enforceable
+from actors.ownership import Ownership
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import PromptRequest
@@ -41,10 +46,15 @@ FETCH_BATCH = 32
 """Prompts pulled from the intake stream at once."""
 RETRY_S = 1.0
 """Delay before a prompt that could not be recorded now is offered again."""
+ACK_WAIT_S = 30.0
+"""How long a pulled prompt may stay unacked before JetStream offers it again."""
+MAX_ACK_PENDING = 1024
+"""Prompts of one partition pulled and not yet acked."""
 
 
 class Admission(Actor):
-    """Pulls from the intake stream, one prompt at a time."""
+    """Pulls each owned partition's prompts from the intake stream, one prompt at a time per
+    session."""
 
     name = "admission"
 
@@ -53,84 +63,119 @@ class Admission(Actor):
         nc: Client,
         subjects: Subjects,
         max_prompt_bytes: int,
+        ownership: Ownership,
     ) -> None:
         super().__init__(nc, subjects)
         self.js: JetStreamContext = nc.jetstream()
         self.max_prompt_bytes = max_prompt_bytes
+        self.ownership = ownership
         self._stopping = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._pullers: dict[int, asyncio.Task[None]] = {}
         self.admitted = 0
         self.rejected = 0
         self.deferred = 0
         self._deferred_now: set[int] = set()
-        """Ids of the prompts of the batch in hand that were deferred."""
+        """Ids of the prompts in hand that were deferred."""
 
     async def start(self) -> None:
-        """Take over the durable pull consumer and start pulling."""
-        await self._take_over()
-        self._sub = await self.js.pull_subscribe(
-            self.subjects.prompt_all(),
-            durable=self.subjects.admission_consumer,
+        """Start pulling the partitions this node owns (and later those it gains)."""
+        self.ownership.join(self)
+        await self.gain(self.ownership.held())
+
+    async def gain(self, partitions: frozenset[int]) -> None:
+        """Take over each partition's consumer and start pulling it."""
+        for partition in sorted(partitions):
+            if partition in self._pullers or self._stopping.is_set():
+                continue
+            sub = await self._subscribe(partition)
+            self._pullers[partition] = asyncio.get_running_loop().create_task(
+                self._pull(partition, sub), name=f"admission:{partition}"
+            )
+
+    async def lose(self, partitions: frozenset[int]) -> None:
+        """Stop pulling at once; what was pulled and not acked goes to the new owner."""
+        tasks = [self._pullers.pop(p) for p in partitions if p in self._pullers]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
+        await self._take_over(partition)
+        return await self.js.pull_subscribe(
+            self.subjects.intake(partition),
+            durable=self.subjects.admission_consumer(partition),
             stream=self.subjects.prompt_stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                ack_wait=ACK_WAIT_S, max_ack_pending=MAX_ACK_PENDING,
+            ),
         )
-        self._loop_task = asyncio.get_running_loop().create_task(self._pull(), name="admission")
 
-    async def _take_over(self) -> None:
-        """Offer again, at once and in stream order, what a killed predecessor had pulled.
+    async def _take_over(self, partition: int) -> None:
+        """Offer again, at once and in stream order, what a previous owner had pulled.
 
-        Prompts delivered to a node that died before acking them would otherwise come back
-        only after the consumer's ack wait, behind prompts published after them. Nothing
-        is lost by recreating the consumer: a work-queue stream keeps every unacked prompt,
-        the new consumer starts from the first, and the runners recognise what they had
-        already recorded by its intake sequence. (One node's admission owns the consumer.)
+        Prompts delivered to a node that died (or lost the partition) before acking them
+        would otherwise come back only after the consumer's ack wait, behind prompts
+        published after them. Nothing is lost by recreating the consumer: a work-queue
+        stream keeps every unacked prompt, the new consumer starts from the first, and the
+        runners recognise what they had already recorded by its intake sequence.
         """
-        stream, durable = self.subjects.prompt_stream, self.subjects.admission_consumer
+        stream, durable = self.subjects.prompt_stream, self.subjects.admission_consumer(partition)
         try:
             info = await self.js.consumer_info(stream, durable)
         except NotFoundError:  # pull_subscribe creates it
             return
         if info.num_ack_pending == 0:
             return
-        self.log.info("intake_taken_over", unacked=info.num_ack_pending)
+        self.log.info("intake_taken_over", partition=partition, unacked=info.num_ack_pending)
         await self.js.delete_consumer(stream, durable)
         await self.js.add_consumer(stream, info.config)
 
     async def stop(self) -> None:
-        """Finish the prompt in hand, then stop pulling (the rest stays in the stream)."""
+        """Finish the prompts in hand, then stop pulling (the rest stays in the stream)."""
         self._stopping.set()
-        if self._loop_task is not None:
-            await self._loop_task
-        # A pull subscription never drains on its own (its fetch inbox stays open): close it.
-        try:
-            await self._sub.unsubscribe()
-        except Exception as e:  # the connection may already be gone
-            self.log.debug("unsubscribe_failed", error=str(e))
+        await asyncio.gather(*self._pullers.values(), return_exceptions=True)
+        self._pullers.clear()
         await super().stop()
 
-    async def _pull(self) -> None:
-        while not self._stopping.is_set():
+    async def _pull(self, partition: int, sub: JetStreamContext.PullSubscription) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(FETCH_BATCH, timeout=0.5)
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                except Exception as e:  # a reconnect in progress: try again shortly
+                    if self._stopping.is_set():
+                        return
+                    self.log.warning("intake_fetch_failed", partition=partition, error=str(e))
+                    await asyncio.wait(
+                        [asyncio.ensure_future(self._stopping.wait())], timeout=0.5
+                    )
+                    continue
+                await self._admit_batch(msgs)
+        finally:
+            # A pull subscription never drains on its own (its fetch inbox stays open).
             try:
-                msgs = await self._sub.fetch(FETCH_BATCH, timeout=0.5)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except Exception as e:  # a reconnect in progress: try again shortly
-                if self._stopping.is_set():
-                    return
-                self.log.warning("intake_fetch_failed", error=str(e))
-                await asyncio.wait([asyncio.ensure_future(self._stopping.wait())], timeout=0.5)
-                continue
-            await self._admit_batch(msgs)
+                await sub.unsubscribe()
+            except Exception as e:  # the connection may already be gone
+                self.log.debug("unsubscribe_failed", error=str(e))
 
     async def _admit_batch(self, msgs: list[Msg]) -> None:
         """Different sessions' prompts are admitted concurrently, each session's in order."""
         by_session: dict[str, list[Msg]] = {}
         for msg in msgs:
             by_session.setdefault(msg.subject, []).append(msg)
-        self._deferred_now.clear()
         await asyncio.gather(*(self._admit_in_order(group) for group in by_session.values()))
+        # Other partitions' batches share the set: drop only this batch's ids.
+        self._deferred_now.difference_update(id(msg) for msg in msgs)
 
     async def _admit_in_order(self, msgs: list[Msg]) -> None:
         for i, msg in enumerate(msgs):
+            session = self.subjects.session_of_prompt(msg.subject)
+            if not self.ownership.valid(session):  # paused past the lease: not ours now
+                self.log.warning("admit_skipped_lease_lapsed", session=session)
+                return
             await self._boundary(self.on_prompt, msg)
             if id(msg) in self._deferred_now:  # the session's later prompts wait behind this one
                 for later in msgs[i + 1:]:

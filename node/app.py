@@ -31,7 +31,14 @@ from node.metrics import NodeMetrics
 from node.metrics_http import MetricsHttp
 from node.models import ModelChoice, ModelNameError, choose_model
 from node.nats_server import EmbeddedNats, NatsServerError
-from node.wiring import build_actors, engine_actor, gateway_settings, prepare_streams
+from node.streams import PartitionCountError
+from node.wiring import (
+    build_actors,
+    engine_actor,
+    gateway_settings,
+    node_identity,
+    prepare_streams,
+)
 from schemas.subjects import Subjects
 
 log = structlog.get_logger("node")
@@ -42,6 +49,7 @@ VERSION = "0.1.0"
 _USER_ERRORS = (
     BusError, NatsServerError, ModelFileError, UnsupportedModelError, ModelLoadError,
     LlamaLibraryError, TemplateError, ModelNameError, OSError, ApiKeysError, GatewayBindError,
+    PartitionCountError,
 )
 
 
@@ -59,6 +67,8 @@ class Node:
         self.bus_config = config
         """What the node's own connections use (the embedded server's node user, if any)."""
         self.on_load_progress = on_load_progress
+        self.node_id = ""
+        """This node's id among the nodes on one NATS (known once started)."""
         self.subjects = Subjects(config.prefix)
         self.nats: EmbeddedNats | None = None
         self.url = config.nats_url or ""
@@ -92,6 +102,9 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.node_id = node_identity(cfg)
+        # Engine and bank subjects are this node's own: a turn never reaches another node.
+        self.subjects = Subjects(cfg.prefix, self.node_id)
         if cfg.nats_url is None:
             # Loopback is not enough: only users holding the generated passwords get in.
             creds = LocalCredentials.load_or_create(cfg.data_dir)
@@ -114,9 +127,12 @@ class Node:
         s = self.subjects
         await prepare_streams(admin_nc, s, cfg)
         engine = await engine_actor(cfg, s, self._connect, self.engine)
-        metadata = {"prefix": cfg.prefix, "model": str(model), "engine": self.engine.info.engine}
+        metadata = {
+            "prefix": cfg.prefix, "model": str(model), "engine": self.engine.info.engine,
+            "node": self.node_id,
+        }
         self.actors = await build_actors(
-            cfg, s, self._connect, engine, admin_nc, self, VERSION, metadata
+            cfg, s, self._connect, engine, admin_nc, self, VERSION, metadata, self.node_id
         )
         for actor in self.actors:
             await actor.start()
@@ -132,7 +148,8 @@ class Node:
         # Ready means reachable: every subscription has reached the server before we say so.
         for nc in self._conns:
             await nc.flush()
-        log.info("node_ready", nats=self.url, prefix=cfg.prefix, model=str(model))
+        log.info("node_ready", nats=self.url, prefix=cfg.prefix, model=str(model),
+                 node=self.node_id)
 
     async def _connect(self, name: str) -> Client:
         nc = await connect(self.bus_config, self.url, f"infernode-{name}")

@@ -64,6 +64,9 @@ UP_FLAGS: dict[str, str] = {
     "--records-max-age": "records_max_age",
     "--records-max-bytes": "records_max_bytes",
     "--heartbeat-s": "heartbeat_s",
+    "--node-id": "node_id",
+    "--partitions": "partitions",
+    "--lease-ttl-s": "lease_ttl_s",
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--llama-log": "llama_log",
@@ -125,6 +128,12 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--records-max-bytes", type=int,
                    help="bytes the record stream holds, oldest dropped first (0 = unlimited)")
     p.add_argument("--heartbeat-s", type=float, help="seconds between stats log lines")
+    p.add_argument("--node-id", help="this node's name on the NATS (default: kept in the "
+                   "data dir)")
+    p.add_argument("--partitions", type=int,
+                   help="partitions sessions are spread over (the same on every node)")
+    p.add_argument("--lease-ttl-s", type=float,
+                   help="seconds a partition lease lasts unless renewed (default 10)")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")
     p.add_argument("--llama-log", action="store_const", const=True, help="show llama.cpp's log")

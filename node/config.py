@@ -101,6 +101,14 @@ class NodeConfig:
     """How often a runner waiting on a turn asks the engine whether it still runs."""
     stop_wait_s: float = 10.0
     """How long a stopping node waits for a cut turn's abort to be recorded."""
+    node_id: str | None = None
+    """This node's name among the nodes on one NATS; None uses the one kept in ``data_dir``
+    (made once, so a restarted node takes its own partitions back at once)."""
+    partitions: int = 16
+    """Partitions the sessions are spread over; the same on every node of a cluster."""
+    lease_ttl_s: float = 10.0
+    """Seconds a partition's lease lasts unless its owner renews it (every third of it);
+    a dead node's sessions move after at most this long."""
     log_level: str = "info"
     """debug, info, warning, error or critical."""
     log_format: str = "auto"

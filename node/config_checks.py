@@ -23,6 +23,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 # nats-server refuses a max_payload above 64 MiB.
 MAX_NATS_PAYLOAD = 64 * MIB
+MAX_PARTITIONS = 1024
+"""More partitions than this only cost leases and consumers."""
 
 ENGINES = ("auto", "llama-cpp", "ctransformers")
 OVERFLOW_POLICIES = ("truncate", "shift", "refuse")
@@ -89,6 +91,7 @@ def _check_counts(c: NodeConfig) -> None:
         ("max_sessions", "--max-sessions"): 1,
         ("tombstones", "--tombstones"): 0,
         ("records_max_bytes", "--records-max-bytes"): 0,
+        ("partitions", "--partitions"): 1,
     }
     for (name, flag), least in minimums.items():
         value = getattr(c, name)
@@ -110,6 +113,10 @@ def _check_durations(c: NodeConfig) -> None:
                 f"{name} must be more than 0 seconds (got {getattr(c, name)}); "
                 f"set INFERNODE_{name.upper()} to a positive number"
             )
+    if not c.lease_ttl_s >= 1:
+        _fail(
+            f"lease_ttl_s must be at least 1 second (got {c.lease_ttl_s}); pass --lease-ttl-s 10"
+        )
     if not c.records_max_age >= 0:
         _fail(
             f"records_max_age must be 0 (keep for ever) or more seconds "
@@ -163,6 +170,15 @@ def _check_prefix(c: NodeConfig) -> None:
         Subjects(c.prefix)
     except ValueError as e:
         raise ConfigError(f"{e}; pass --prefix infer or another valid prefix") from e
+    try:
+        Subjects(c.prefix, c.node_id or "")
+    except ValueError as e:
+        raise ConfigError(f"{e}; pass --node-id node-1 or leave it unset") from e
+    if c.partitions > MAX_PARTITIONS:
+        _fail(
+            f"partitions must be at most {MAX_PARTITIONS} (got {c.partitions}); "
+            "pass --partitions 16"
+        )
 
 
 def _check_nats_url(c: NodeConfig) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import NotFoundError
 
@@ -27,6 +25,14 @@ each session runner de-duplicates by idempotency key within its own session inst
 INTAKE_MAX_PROMPTS = 100_000
 """Prompts the intake stream holds before it refuses new publishes (nothing is dropped)."""
 INTAKE_MAX_BYTES = 1 << 30
+PARTITIONS = 16
+"""Partitions sessions are spread over (each owned by one node at a time)."""
+LEGACY_CONSUMER = "admission"
+"""The one intake consumer of versions before partitions (it pulled every prompt)."""
+
+
+class PartitionCountError(ValueError):
+    """The intake stream was made for another number of partitions."""
 
 
 async def ensure_streams(
@@ -37,17 +43,25 @@ async def ensure_streams(
     intake_max_bytes: int = INTAKE_MAX_BYTES,
     records_max_age: float = 0.0,
     records_max_bytes: int = 0,
+    partitions: int = PARTITIONS,
 ) -> None:
-    """Create (or update) the intake and record streams and admission's consumer.
+    """Create (or update) the intake and record streams.
+
+    The intake stores each prompt under its session's partition (a subject transform the
+    server applies), so each partition's prompts have their own consumer, pulled by the
+    partition's owner only; admission makes those consumers. Every node of a cluster must
+    use the same number of partitions: a different one is refused, not applied.
 
     The intake is bounded: when admission falls that far behind, JetStream refuses the
     publish (the agent sees the error and may retry) instead of growing without end. The
     record log keeps everything unless the operator sets an age or size (0 = no limit);
     past a limit JetStream drops the oldest records.
     """
+    source, dest = subjects.intake_transform(partitions)
     intake = StreamConfig(
         name=subjects.prompt_stream,
         subjects=[subjects.prompt_all()],
+        subject_transform=SubjectTransform(src=source, dest=dest),
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         duplicate_window=INTAKE_DUPLICATE_WINDOW_S,
@@ -69,18 +83,28 @@ async def ensure_streams(
     )
     for config in (intake, records):
         try:
-            await js.stream_info(config.name)  # type: ignore[arg-type]
-            await js.update_stream(config)
+            info = await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
             await js.add_stream(config)
-    await js.add_consumer(
-        subjects.prompt_stream,
-        ConsumerConfig(
-            durable_name=subjects.admission_consumer,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_ack_pending=1024,
-            filter_subject=subjects.prompt_all(),
-        ),
-    )
+            continue
+        if config is intake:
+            await _check_partitions(js, info.config, config)
+        await js.update_stream(config)
+
+
+async def _check_partitions(js: JetStreamContext, have: StreamConfig, want: StreamConfig) -> None:
+    """Refuse another partition count; drop the consumer of a version before partitions."""
+    transform = have.subject_transform
+    if transform is not None and want.subject_transform is not None and (
+        transform.dest != want.subject_transform.dest
+    ):
+        raise PartitionCountError(
+            f"the intake stream {have.name} stores prompts as {transform.dest!r}, not "
+            f"{want.subject_transform.dest!r}: every node on this NATS must use the same "
+            "--partitions"
+        )
+    if transform is None:
+        try:
+            await js.delete_consumer(have.name or "", LEGACY_CONSUMER)
+        except NotFoundError:
+            pass

@@ -7,6 +7,7 @@ actor is handed its part of the ``NodeConfig`` and has no defaults of its own.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
@@ -16,6 +17,7 @@ from actors.bank_committer import BankCommitter
 from actors.base import Actor
 from actors.engine.actor import EngineActor
 from actors.engine.engine import SlotEngine
+from actors.leases import PartitionLeases
 from actors.gateway import GatewaySettings, HttpLimits, read_api_keys
 from actors.session.host import HostSettings, RunnerHost
 from node.admin import AdminActor, NodeView
@@ -26,6 +28,25 @@ from schemas.subjects import Subjects
 
 Connect = Callable[[str], Awaitable[Client]]
 """Opens the named connection of one actor."""
+NODE_ID_FILE = "node-id"
+"""The file in the data directory that keeps a node's id across restarts."""
+
+
+def node_identity(config: NodeConfig) -> str:
+    """The node's id: ``--node-id``, else the one kept in the data directory (made once).
+
+    Kept, so a restarted node recognises its own partition leases and takes them back at
+    once instead of waiting out their TTL.
+    """
+    if config.node_id:
+        return config.node_id
+    path = config.data_dir / NODE_ID_FILE
+    if path.is_file() and (kept := path.read_text().strip()):
+        return kept
+    made = f"node-{uuid.uuid4().hex[:12]}"
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(made + "\n")
+    return made
 
 
 def host_settings(config: NodeConfig) -> HostSettings:
@@ -60,7 +81,7 @@ async def prepare_streams(nc: Client, subjects: Subjects, config: NodeConfig) ->
     await ensure_streams(
         nc.jetstream(), subjects, config.max_payload,
         config.intake_max_prompts, config.intake_max_bytes,
-        config.records_max_age, config.records_max_bytes,
+        config.records_max_age, config.records_max_bytes, config.partitions,
     )
 
 
@@ -76,20 +97,26 @@ async def engine_actor(
 
 async def build_actors(
     config: NodeConfig, subjects: Subjects, connect: Connect, engine: Actor,
-    admin_nc: Client, node: NodeView, version: str, metadata: dict[str, str],
+    admin_nc: Client, node: NodeView, version: str, metadata: dict[str, str], node_id: str,
 ) -> list[Actor]:
-    """Every actor in start order: engine, bank committer, session runners, admission, admin,
-    and last the micro service, whose endpoints (ask, admin) open once all behind them runs.
+    """Every actor in start order: engine, bank committer, partition leases, session
+    runners, admission, admin, and last the micro service, whose endpoints (ask, admin)
+    open once all behind them runs.
 
     Start order follows the data; stopping runs it in reverse, so nothing is pulled that
-    cannot be recorded and no turn is cut without its abort being recorded.
+    cannot be recorded, no turn is cut without its abort being recorded, and the leases
+    are given back only once this node's sessions are at rest.
     """
     admin = AdminActor(admin_nc, subjects, node)
+    leases = PartitionLeases(
+        await connect("leases"), subjects, node_id, config.partitions, config.lease_ttl_s
+    )
     return [
         engine,
         BankCommitter(await connect("bank"), subjects, config.commit_wait_s),
-        RunnerHost(await connect("runners"), subjects, host_settings(config)),
-        Admission(await connect("admission"), subjects, config.max_payload),
+        leases,
+        RunnerHost(await connect("runners"), subjects, host_settings(config), leases),
+        Admission(await connect("admission"), subjects, config.max_payload, leases),
         admin,
         NodeService(admin_nc, subjects, admin, version, metadata),
     ]

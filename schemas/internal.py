@@ -266,3 +266,18 @@ class SessionDeleteReply(Frozen):
     """Message type and version."""
     session: str
     """The deleted session."""
+
+
+class PartitionLease(Frozen):
+    """The value of a partition's lease key: which node owns the partition now.
+
+    The key's revision is the fencing token; the bucket's TTL ends a lease its owner stops
+    renewing.
+    """
+
+    type: Literal["lease.v1"] = "lease.v1"
+    """Message type and version."""
+    node: str
+    """The owning node's id."""
+    partition: int
+    """The partition owned."""

@@ -23,6 +23,10 @@ SERVICE_ERROR_HEADER = "Nats-Service-Error"
 """NATS micro's header carrying an error reply's description (what ``nats req`` shows)."""
 SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 """NATS micro's header carrying an error reply's status code."""
+EXPECTED_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
+"""JetStream stores a record only if its session's last record is at this sequence."""
+NODE_HEADER = "Infer-Node"
+"""On a record: the node that appended it."""
 ANSWER_TO_HEADER = "Infer-Answer-To"
 """On an ask in the intake stream: the requester's inbox, which receives the answer."""
 SERVER_API_SUBJECTS = ("$JS.>", "$KV.>", "$O.>")
@@ -64,17 +68,37 @@ def is_session_id(value: str) -> bool:
     return SESSION_ID_RE.fullmatch(value) is not None
 
 
+def partition_of(session: str, partitions: int) -> int:
+    """The partition of ``session``: FNV-1a (32 bit) of its id, modulo ``partitions``.
+
+    It is the hash NATS's ``partition()`` subject transform computes, which the intake
+    stream applies as it stores a prompt (``intake_transform``): the node and the server
+    agree on every session's partition without asking each other.
+    """
+    h = 0x811C9DC5
+    for byte in session.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
+
+
 @dataclass(frozen=True)
 class Subjects:
     """Subject builders for one prefix (default ``infer``)."""
 
     prefix: str = "infer"
+    node: str = ""
+    """The node whose engine and bank subjects these are; "" for the unscoped ones. Each
+    node of a cluster scopes them, so a runner's turn never reaches another node's engine."""
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.fullmatch(self.prefix):
             raise ValueError(
                 f"subject prefix {self.prefix!r} must be dot-separated tokens of "
                 "letters, digits, '_' or '-', such as 'infer' or 'team1.infer'"
+            )
+        if self.node and not is_session_id(self.node):
+            raise ValueError(
+                f"node id {self.node!r} must be 1-128 letters, digits, '_' or '-'"
             )
 
     # -- public ---------------------------------------------------------------------------
@@ -83,12 +107,22 @@ class Subjects:
         return f"{self.prefix}.prompt.{session}"
 
     def prompt_all(self) -> str:
-        """Every prompt subject (the intake stream's filter)."""
-        return f"{self.prefix}.prompt.>"
+        """Every prompt subject (the intake stream's filter: one session token)."""
+        return f"{self.prefix}.prompt.*"
+
+    def intake_transform(self, partitions: int) -> tuple[str, str]:
+        """``(source, destination)`` of the intake stream's subject transform: a prompt is
+        stored under ``<prefix>.intake.<partition>.<session>`` (see ``partition_of``)."""
+        dest = f"{self.prefix}.intake.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+        return self.prompt_all(), dest
+
+    def intake(self, partition: int | str = "*") -> str:
+        """The stored prompts of one partition (default: of every partition)."""
+        return f"{self.prefix}.intake.{partition}.*"
 
     def session_of_prompt(self, subject: str) -> str:
-        """The session token of a prompt subject (possibly invalid; check it)."""
-        return subject[len(self.prefix) + len(".prompt.") :]
+        """The session token of a stored prompt's subject (possibly invalid; check it)."""
+        return subject[len(self.prefix) + len(".intake."):].partition(".")[2]
 
     def event_of(self, subject: str) -> tuple[str, str]:
         """``(session, kind)`` of an event subject (tokens unchecked; ``ValueError`` if none)."""
@@ -173,6 +207,13 @@ class Subjects:
         """Every internal subject (only the node's own user may use them)."""
         return f"{self.prefix}.internal.>"
 
+    @property
+    def _local(self) -> str:
+        """Root of the subjects that stay inside one node (its engine and bank)."""
+        if self.node:
+            return f"{self.prefix}.internal.node.{self.node}"
+        return f"{self.prefix}.internal"
+
     def admit(self, session: str) -> str:
         """Admission → session runner: record this prompt (request-reply)."""
         return f"{self.prefix}.internal.admit.{session}"
@@ -195,31 +236,31 @@ class Subjects:
 
     def engine_generate(self) -> str:
         """Session runner → engine: run one turn (request; result to the reply inbox)."""
-        return f"{self.prefix}.internal.engine.generate"
+        return f"{self._local}.engine.generate"
 
     def engine_cancel(self, session: str) -> str:
         """Session runner → engine: stop the running turn of ``session``."""
-        return f"{self.prefix}.internal.engine.cancel.{session}"
+        return f"{self._local}.engine.cancel.{session}"
 
     def engine_cancel_all(self) -> str:
         """Every engine cancel subject."""
-        return f"{self.prefix}.internal.engine.cancel.*"
+        return f"{self._local}.engine.cancel.*"
 
     def engine_turn_status(self) -> str:
         """Is a session's turn still running in the engine? (``TurnStatusRequest``)."""
-        return f"{self.prefix}.internal.engine.status"
+        return f"{self._local}.engine.status"
 
     def engine_snapshot(self) -> str:
         """Bank committer → engine: snapshot a session's KV state into the bank."""
-        return f"{self.prefix}.internal.engine.snapshot"
+        return f"{self._local}.engine.snapshot"
 
     def engine_forget(self) -> str:
         """Session runner → engine: drop a deleted session's slot and bank entries."""
-        return f"{self.prefix}.internal.engine.forget"
+        return f"{self._local}.engine.forget"
 
     def bank_commit(self) -> str:
         """Session runner → bank committer: bank the turn that was just committed."""
-        return f"{self.prefix}.internal.bank.commit"
+        return f"{self._local}.bank.commit"
 
     # -- JetStream ------------------------------------------------------------------------
     @property
@@ -262,10 +303,18 @@ class Subjects:
         """KV bucket of answers kept for retried ``Idempotency-Key`` requests (with a TTL)."""
         return f"{self._stream_base}_GATEWAY_ANSWERS"
 
+    def admission_consumer(self, partition: int) -> str:
+        """Durable consumer of one partition's prompts (its owner's admission pulls it)."""
+        return f"admission-{partition}"
+
     @property
-    def admission_consumer(self) -> str:
-        """Durable consumer name of admission on the prompt stream."""
-        return "admission"
+    def lease_bucket(self) -> str:
+        """KV bucket of the partition leases (one key per partition, with a TTL)."""
+        return f"{self._stream_base}_LEASES"
+
+    def lease_key(self, partition: int) -> str:
+        """The lease key of one partition."""
+        return f"partition.{partition}"
 
     @property
     def service_name(self) -> str:

@@ -304,7 +304,8 @@ class FakeNode:
         await prepare_streams(admin_nc, s, cfg)
         self.fake = FakeEngine(await self._connect("engine"), s)
         self.actors = await build_actors(
-            cfg, s, self._connect, self.fake, admin_nc, self, "0.0.0", {"prefix": s.prefix}
+            cfg, s, self._connect, self.fake, admin_nc, self, "0.0.0", {"prefix": s.prefix},
+            cfg.node_id or "fake-node",
         )
         self.host = next(a for a in self.actors if isinstance(a, RunnerHost))
         self.admission = next(a for a in self.actors if isinstance(a, Admission))

@@ -14,7 +14,7 @@ OUTSIDE_SCHEMAS = ("actors", "node")
 # A subject is dot-separated tokens: the prefix, then one of our first tokens; or anything
 # ending in a wildcard; or a NATS system subject. File names ("nats.url") and dotted module
 # paths ("actors.engine.actor") do not match.
-_FIRST_TOKENS = r"prompt|abort|events|admin|internal|records|rejected"
+_FIRST_TOKENS = r"prompt|intake|abort|events|admin|internal|records|rejected"
 _SUBJECT_RE = re.compile(
     rf"^[A-Za-z0-9_{{}}-]+\.({_FIRST_TOKENS})(\.|$)"
     r"|^[A-Za-z0-9_{}-]+(\.[A-Za-z0-9_{}-]+)*\.[*>]$"

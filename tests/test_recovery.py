@@ -30,12 +30,13 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors.admission import Admission
 from node.client import InfernodeClient, TurnResult
+from node.config import NodeConfig
 from node.nats_server import EmbeddedNats
 from node.streams import ensure_streams
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.records import AssistantRecord, CommitRecord, UserRecord
-from schemas.subjects import Subjects
+from schemas.subjects import Subjects, partition_of
 from tests.fake_engine import FakeNode
 from tests.helpers import EventCollector, until
 from tests.test_session_invariants import LogWatch, Session, records, send
@@ -176,16 +177,17 @@ async def test_prompts_pulled_by_a_killed_node_are_recorded_in_intake_order_with
     texts = [f"prompt {i}" for i in range(6)]
     for text in texts[:3]:
         await send(nc, "order", text)
+    partition = partition_of("order", NodeConfig().partitions)
     dead = await js.pull_subscribe(
-        S.prompt_all(), durable=S.admission_consumer, stream=S.prompt_stream
+        S.intake(partition), durable=S.admission_consumer(partition), stream=S.prompt_stream
     )
     pulled = await dead.fetch(3, timeout=5)
     assert len(pulled) == 3  # delivered, never acked: what a killed admission leaves behind
     for text in texts[3:]:
         await send(nc, "order", text)
     started = time.monotonic()
+    watch = await Session.watch(nc, "order")  # before the node: its first events are seen
     async with FakeNode(nats_server.url, heartbeat_s=0):
-        watch = await Session.watch(nc, "order")
         await watch.until(lambda s: sum(len(e["message_ids"]) for e in s.of("accepted")) >= 6,
                           timeout=20)
         assert time.monotonic() - started < 15, "the restart waited out the ack timeout"

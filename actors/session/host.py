@@ -1,9 +1,12 @@
 """The session-runner host: creates one runner per session and routes to its mailbox.
 
 It keeps the registry of runners and the tombstones of deleted sessions, and is the only one
-to change them: a runner records its own deletion, then its host retires it. At start it
-rebuilds every session from the record log (``records``), turning an interrupted turn into
-an honest provisional/aborted record whose prompts are answered again. The bus a runner
+to change them: a runner records its own deletion, then its host retires it. It serves only
+the sessions of the partitions this node owns (``actors.ownership``) and stays silent on the
+others, which another node answers. At start, and whenever it gains partitions (another node
+died), it rebuilds their sessions from the record log (``records``), turning an interrupted
+turn into an honest provisional/aborted record whose prompts are answered again; when it
+loses partitions it drops their runners at once, recording nothing. The bus a runner
 speaks is ``BusIO``. It also logs a periodic stats heartbeat (sessions, turns in flight, RSS).
 """
 
@@ -19,6 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors.base import Actor
+from actors.ownership import Ownership
 from actors.session.admit import SessionLimits
 from actors.session.io import BusIO
 from actors.session.records import close_interrupted, rebuild
@@ -74,10 +78,13 @@ class RunnerHost(Actor):
 
     name = "session_runners"
 
-    def __init__(self, nc: Client, subjects: Subjects, settings: HostSettings) -> None:
+    def __init__(
+        self, nc: Client, subjects: Subjects, settings: HostSettings, ownership: Ownership
+    ) -> None:
         super().__init__(nc, subjects)
         self.settings = settings
-        self.io = BusIO(nc, subjects, settings.turn_timeout_s, settings.turn_probe_s)
+        self.ownership = ownership
+        self.io = BusIO(nc, subjects, settings.turn_timeout_s, settings.turn_probe_s, ownership)
         self.limits = SessionLimits(
             settings.max_pending, settings.max_pending_bytes, settings.max_session_bytes
         )
@@ -86,16 +93,34 @@ class RunnerHost(Actor):
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        """Rebuild sessions from the record log, then subscribe and resume."""
-        await self._rebuild()
+        """Rebuild the owned partitions' sessions from the record log, subscribe, resume."""
+        self.ownership.join(self)
+        rebuilt = await self._rebuild(self.ownership.held())
         s = self.subjects
         await self.subscribe(s.admit_all(), self.on_admit)
         await self.subscribe(s.abort_all(), self.on_abort)
         await self.subscribe(s.session_control_all(), self.on_control)
-        for runner in self.runners.values():
+        for runner in rebuilt:
             runner.resume()
         if self.settings.heartbeat_s > 0:
             self.spawn(self._heartbeat(), "heartbeat")
+
+    async def gain(self, partitions: frozenset[int]) -> None:
+        """Rebuild the sessions of partitions taken over, and answer what they have pending."""
+        if self._stopping.is_set():
+            return
+        for runner in await self._rebuild(partitions):
+            runner.resume()
+
+    async def lose(self, partitions: frozenset[int]) -> None:
+        """Drop the runners of partitions another node owns now; they record nothing more."""
+        dropped = [
+            r for s, r in self.runners.items() if self.ownership.partition(s) in partitions
+        ]
+        for runner in dropped:
+            del self.runners[runner.session]
+        await asyncio.gather(*(r.drop() for r in dropped))
+        self.log.info("sessions_dropped", partitions=sorted(partitions), sessions=len(dropped))
 
     async def stop(self) -> None:
         """Abort running turns (retried after a restart), finish what is queued, close."""
@@ -111,6 +136,8 @@ class RunnerHost(Actor):
     async def on_admit(self, msg: Msg) -> None:
         """Admission asks a runner to record a prompt."""
         req = AdmitRequest.model_validate_json(msg.data)
+        if not self.ownership.owns(req.session):
+            return  # the owner's admission asked; this node's did not
         if req.session in self.tombstones:
             raise InferError(
                 ErrorCode.GONE, f"session {req.session} was deleted; use a new session id"
@@ -153,6 +180,8 @@ class RunnerHost(Actor):
     async def on_abort(self, msg: Msg) -> None:
         """An agent aborts the running turn of a session (answered once it is recorded)."""
         session = self.subjects.session_of_abort(msg.subject)
+        if not self.ownership.owns(session):
+            return  # the node owning the session answers
         body = (
             AbortRequest.model_validate_json(msg.data, strict=True)
             if msg.data.strip() else AbortRequest()
@@ -166,8 +195,10 @@ class RunnerHost(Actor):
 
     async def on_control(self, msg: Msg) -> None:
         """Admin: delete one session (answered once its records are written)."""
-        req = SessionDeleteRequest.model_validate_json(msg.data)
         session = self.subjects.session_of_control(msg.subject)
+        if not self.ownership.owns(session):
+            return  # the node owning the session answers
+        req = SessionDeleteRequest.model_validate_json(msg.data)
         if req.session != session:
             raise InferError(
                 ErrorCode.BAD_REQUEST, f"a delete of {req.session!r} was sent for {session!r}"
@@ -227,17 +258,24 @@ class RunnerHost(Actor):
             )
 
     # -- rebuild ---------------------------------------------------------------------------
-    async def _rebuild(self) -> None:
-        found = await rebuild(self.io.js, self.subjects)
+    async def _rebuild(self, partitions: frozenset[int]) -> list[SessionRunner]:
+        if not partitions:
+            return []
+        found = await rebuild(
+            self.io.js, self.subjects, lambda s: self.ownership.partition(s) in partitions
+        )
+        self.io.last_seq.update(found.last_seq)
         for session, ts in found.deleted.items():
             self.tombstones.add(session, ts)
+        rebuilt = []
         for state in found.states.values():
             if state.open_turn is not None:
                 turn_id = await close_interrupted(self.io.append, state)
                 self.log.info("interrupted_turn_recorded", session=state.session, turn=turn_id)
-            self._runner(state)
+            rebuilt.append(self._runner(state))
         if found.states:
             self.log.info("sessions_rebuilt", sessions=len(found.states))
+        return rebuilt
 
 
 __all__ = ["RunnerHost"]

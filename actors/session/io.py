@@ -16,9 +16,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel
 
 from actors.base import encode, error_headers, parse_reply
+from actors.ownership import Ownership
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
@@ -33,7 +35,14 @@ from schemas.internal import (
 )
 from schemas.messages import PromptRequest
 from schemas.records import Record, TurnParams
-from schemas.subjects import ABORTED_HEADER, MSG_ID_HEADER, EventKind, Subjects
+from schemas.subjects import (
+    ABORTED_HEADER,
+    EXPECTED_SUBJECT_SEQ_HEADER,
+    MSG_ID_HEADER,
+    NODE_HEADER,
+    EventKind,
+    Subjects,
+)
 
 log = structlog.get_logger("session_runners")
 
@@ -43,6 +52,16 @@ PROBE_TIMEOUT_S = 5.0
 """Longest wait for the engine's answer to a turn-status probe."""
 FORGET_TIMEOUT_S = 5.0
 """Longest wait for the engine to drop a deleted session's state."""
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for an expected-last-subject-sequence that does not hold."""
+
+
+def not_owned(session: str, why: str) -> InferError:
+    """The error of an append this node may not make: the prompt stays for the owner."""
+    return InferError(
+        ErrorCode.UNAVAILABLE,
+        f"this node no longer owns session {session} ({why}); the node that does answers it",
+    )
 
 
 def too_large_for_the_bus(size: int, max_payload: int) -> InferError:
@@ -85,7 +104,8 @@ class BusIO:
     """``RunnerIO`` over one NATS connection, plus the clean-up after a session's deletion."""
 
     def __init__(
-        self, nc: Client, subjects: Subjects, turn_timeout_s: float, probe_s: float
+        self, nc: Client, subjects: Subjects, turn_timeout_s: float, probe_s: float,
+        ownership: Ownership,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -93,12 +113,55 @@ class BusIO:
         self.turn_timeout_s = turn_timeout_s
         self.probe_s = probe_s
         """How often a turn waiting on the engine asks whether it still runs."""
+        self.ownership = ownership
+        self.last_seq: dict[str, int] = {}
+        """Stream sequence of each session's last record: the fence of its next append."""
 
     async def append(self, session: str, record: Record) -> None:
-        """Append a record to the session's durable log (returns once stored)."""
-        await self.js.publish(
-            self.subjects.records(session), encode(record), headers={MSG_ID_HEADER: record.id}
-        )
+        """Append a record to the session's durable log (returns once stored).
+
+        Fenced twice: this node appends only while its lease on the session's partition is
+        valid by its own clock, and JetStream stores the record only if the session's last
+        record is the one this node knows (``Nats-Expected-Last-Subject-Sequence``), so a
+        node that lost the partition cannot write after the new owner did.
+        """
+        if not self.ownership.valid(session):
+            raise not_owned(session, "its partition's lease lapsed")
+        for attempt in range(2):
+            headers = {
+                MSG_ID_HEADER: record.id, NODE_HEADER: self.ownership.node,
+                EXPECTED_SUBJECT_SEQ_HEADER: str(self.last_seq.get(session, 0)),
+            }
+            try:
+                ack = await self.js.publish(
+                    self.subjects.records(session), encode(record), headers=headers
+                )
+            except APIError as e:
+                if e.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                if attempt == 0 and await self._resync(session):
+                    continue
+                log.warning("append_fenced", actor="session_runners", session=session)
+                self.ownership.fenced(session)
+                raise not_owned(session, "another node wrote to it") from e
+            self.last_seq[session] = ack.seq
+            return
+
+    async def _resync(self, session: str) -> bool:
+        """After a refused append: True when the log's last record is this node's own (an
+        append whose answer was lost) or gone (the stream's age or size limit), so the
+        append may be made again against it; False when another node wrote last."""
+        try:
+            last = await self.js.get_last_msg(
+                self.subjects.record_stream, self.subjects.records(session)
+            )
+        except NotFoundError:
+            self.last_seq[session] = 0
+            return True
+        if (last.headers or {}).get(NODE_HEADER) != self.ownership.node:
+            return False
+        self.last_seq[session] = last.seq or 0
+        return True
 
     async def event(
         self, session: str, kind: EventKind, model: BaseModel, aborted: bool = False

@@ -51,6 +51,14 @@ async def read_log(
     js: JetStreamContext, subjects: Subjects, session: str | None = None
 ) -> AsyncIterator[tuple[str, Record]]:
     """``(session, record)`` of one session's log, or of every log, up to its last record now."""
+    async for name, _, record in read_log_seq(js, subjects, session):
+        yield name, record
+
+
+async def read_log_seq(
+    js: JetStreamContext, subjects: Subjects, session: str | None = None
+) -> AsyncIterator[tuple[str, int, Record]]:
+    """``(session, stream sequence, record)``, as ``read_log``."""
     subject = subjects.records(session) if session is not None else subjects.records_all()
     try:
         last = await js.get_last_msg(subjects.record_stream, subject)
@@ -61,8 +69,9 @@ async def read_log(
     try:
         while True:
             msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
-            yield msg.subject[prefix:], RECORD_ADAPTER.validate_json(msg.data)
-            if msg.metadata.sequence.stream >= (last.seq or 0):
+            seq = msg.metadata.sequence.stream
+            yield msg.subject[prefix:], seq, RECORD_ADAPTER.validate_json(msg.data)
+            if seq >= (last.seq or 0):
                 return
     finally:
         await sub.unsubscribe()
@@ -76,12 +85,21 @@ class Rebuilt:
     """Live sessions, replayed."""
     deleted: dict[str, float] = field(default_factory=dict)
     """Deleted sessions and when, oldest first."""
+    last_seq: dict[str, int] = field(default_factory=dict)
+    """Stream sequence of each session's last record (live or deleted): the next append
+    expects it (``Nats-Expected-Last-Subject-Sequence``)."""
 
 
-async def rebuild(js: JetStreamContext, subjects: Subjects) -> Rebuilt:
-    """Replay every session's log (a delete record ends a session; a later record revives it)."""
+async def rebuild(
+    js: JetStreamContext, subjects: Subjects, wanted: Callable[[str], bool] = lambda _: True
+) -> Rebuilt:
+    """Replay the ``wanted`` sessions' logs (a delete record ends a session; a later record
+    revives it)."""
     out = Rebuilt()
-    async for session, record in read_log(js, subjects):
+    async for session, seq, record in read_log_seq(js, subjects):
+        if not wanted(session):
+            continue
+        out.last_seq[session] = seq
         if isinstance(record, DeleteRecord):
             out.states.pop(session, None)
             out.deleted.pop(session, None)

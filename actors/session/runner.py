@@ -452,6 +452,14 @@ class SessionRunner:
             self._turn_task.cancel()
         await wait_set(self.idle, wait_s)
 
+    async def drop(self) -> None:
+        """Stop at once, recording nothing: another node owns the session now and runs
+        its pending prompts (and closes a cut turn) from the record log."""
+        self.stopping = True
+        if self.turn is not None:
+            await self.io.cancel_engine(self.session, self.turn.id)
+        await self.close()
+
     async def close(self) -> None:
         """Stop the mailbox; what is left in it is answered ``unavailable``."""
         self.closed = True

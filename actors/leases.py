@@ -1,0 +1,223 @@
+"""Partition leases in a JetStream KV bucket: taken, renewed, lost and given back.
+
+A lease is one key per partition whose value names its owner; the bucket's TTL ends a lease
+its owner stops renewing (a killed or paused node). Taking is ``create`` (only when the key
+is absent, or when it already names this node: a restarted node takes its own back at
+once); renewing is ``update`` against the revision this node wrote last, so a node that
+lost its lease learns it at its next renewal. Each write's revision is the lease's fencing
+token. On one node, the node takes every partition at start and the rest is bookkeeping.
+
+A lease counts as valid by this node's clock only until ``ttl`` after the renewal that set
+it was *sent*: the server's clock started later, so this node stops writing before the
+server can hand the partition to another node (a paused process resumes unable to write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from actors.base import Actor, encode
+from actors.ownership import PartitionUser
+from schemas.internal import PartitionLease
+from schemas.subjects import Subjects, partition_of
+
+RENEWALS_PER_TTL = 3
+"""Renewals per lease TTL: two can fail (a slow server) before the lease runs out."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One partition's lease as this node holds it."""
+
+    revision: int
+    """The key's revision this node wrote last (the fencing token)."""
+    renewed_at: float
+    """``time.monotonic()`` when the write that set ``revision`` was sent."""
+
+
+class PartitionLeases(Actor):
+    """Takes free partitions, renews the held ones, tells admission and the runners."""
+
+    name = "leases"
+
+    def __init__(
+        self, nc: Client, subjects: Subjects, node: str, partitions: int, ttl_s: float
+    ) -> None:
+        super().__init__(nc, subjects)
+        self.node = node
+        self.partitions = partitions
+        self.ttl_s = ttl_s
+        self.leases: dict[int, Lease] = {}
+        self._users: list[PartitionUser] = []
+        self._changing = asyncio.Lock()
+        """Held while leases are taken, renewed or lost, so users hear changes in order."""
+        self._stopping = asyncio.Event()
+        self._kv: KeyValue | None = None
+
+    # -- Ownership -------------------------------------------------------------------------
+    def join(self, user: PartitionUser) -> None:
+        """Tell ``user`` of later gains (in joining order) and losses (in reverse)."""
+        self._users.append(user)
+
+    def held(self) -> frozenset[int]:
+        """The partitions whose leases this node holds now."""
+        return frozenset(self.leases)
+
+    def partition(self, session: str) -> int:
+        """The partition of ``session``."""
+        return partition_of(session, self.partitions)
+
+    def owns(self, session: str) -> bool:
+        """True while this node holds the lease of ``session``'s partition."""
+        return self.partition(session) in self.leases
+
+    def valid(self, session: str) -> bool:
+        """True while the lease is held and not yet expired by this node's clock."""
+        lease = self.leases.get(self.partition(session))
+        return lease is not None and time.monotonic() < lease.renewed_at + self.ttl_s
+
+    def fenced(self, session: str) -> None:
+        """The record log refused an append: give up the session's partition."""
+        self.spawn(self._give_up(frozenset({self.partition(session)}), "fenced"), "fenced")
+
+    # -- life ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the bucket and take every free partition (before the users start)."""
+        self._kv = await self._bucket()
+        async with self._changing:
+            await self._take_free()
+        self.spawn(self._keep(), "keep")
+
+    async def stop(self) -> None:
+        """Stop renewing and give the leases back, so another node takes them at once."""
+        self._stopping.set()
+        await super().stop()
+        for partition, lease in sorted(self.leases.items()):
+            try:
+                await self.kv.delete(self.subjects.lease_key(partition), last=lease.revision)
+            except Exception as e:  # it runs out by its TTL anyway
+                self.log.warning("lease_release_failed", partition=partition, error=repr(e))
+        if self.leases:
+            self.log.info("leases_released", partitions=sorted(self.leases))
+        self.leases.clear()
+
+    @property
+    def kv(self) -> KeyValue:
+        """The lease bucket (open once started)."""
+        assert self._kv is not None, "start() opens the lease bucket"
+        return self._kv
+
+    async def _bucket(self) -> KeyValue:
+        js = self.nc.jetstream()
+        try:
+            return await js.key_value(self.subjects.lease_bucket)
+        except BucketNotFoundError:
+            return await js.create_key_value(KeyValueConfig(
+                bucket=self.subjects.lease_bucket, history=1, ttl=self.ttl_s,
+                storage=StorageType.FILE,
+            ))
+
+    async def _keep(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.ttl_s / RENEWALS_PER_TTL)
+                return
+            except TimeoutError:
+                pass
+            async with self._changing:
+                await self._renew()
+                await self._take_free()
+
+    # -- taking, renewing, losing ----------------------------------------------------------
+    def _value(self, partition: int) -> bytes:
+        return encode(PartitionLease(node=self.node, partition=partition))
+
+    async def _take_free(self) -> None:
+        gained: set[int] = set()
+        for partition in range(self.partitions):
+            if partition in self.leases or self._stopping.is_set():
+                continue
+            sent = time.monotonic()
+            key = self.subjects.lease_key(partition)
+            try:
+                revision = await self.kv.create(key, self._value(partition))
+            except KeyWrongLastSequenceError:  # held: by this node before a restart?
+                revision = await self._reclaim(partition)
+            except Exception as e:  # NATS away: try again at the next renewal
+                self.log.warning("lease_take_failed", partition=partition, error=repr(e))
+                continue
+            if revision is not None:
+                self.leases[partition] = Lease(revision, sent)
+                gained.add(partition)
+        if gained:
+            self.log.info("leases_gained", node=self.node, partitions=sorted(gained))
+            for user in self._users:
+                await self._tell(user.gain, frozenset(gained))
+
+    async def _reclaim(self, partition: int) -> int | None:
+        """Take back a lease that names this node (it restarted); None if another's."""
+        key = self.subjects.lease_key(partition)
+        try:
+            entry = await self.kv.get(key)
+            if entry.value is None:
+                return None
+            if PartitionLease.model_validate_json(entry.value).node != self.node:
+                return None
+            return await self.kv.update(key, self._value(partition), last=entry.revision)
+        except (KeyNotFoundError, KeyWrongLastSequenceError):  # expired or taken meanwhile
+            return None
+
+    async def _renew(self) -> None:
+        lost: set[int] = set()
+        for partition, lease in list(self.leases.items()):
+            sent = time.monotonic()
+            try:
+                revision = await self.kv.update(
+                    self.subjects.lease_key(partition), self._value(partition),
+                    last=lease.revision,
+                )
+            except KeyWrongLastSequenceError:  # expired, and maybe another node's now
+                lost.add(partition)
+                continue
+            except Exception as e:  # NATS away: the lease runs out by this node's clock
+                self.log.warning("lease_renew_failed", partition=partition, error=repr(e))
+                if sent > lease.renewed_at + self.ttl_s:
+                    lost.add(partition)
+                continue
+            self.leases[partition] = Lease(revision, sent)
+        if lost:
+            await self._lose(frozenset(lost), "expired")
+
+    async def _give_up(self, partitions: frozenset[int], why: str) -> None:
+        async with self._changing:
+            await self._lose(partitions & self.held(), why)
+
+    async def _lose(self, partitions: frozenset[int], why: str) -> None:
+        if not partitions:
+            return
+        for partition in partitions:
+            del self.leases[partition]
+        self.log.warning("leases_lost", node=self.node, partitions=sorted(partitions), why=why)
+        for user in reversed(self._users):
+            await self._tell(user.lose, partitions)
+
+    async def _tell(
+        self, verb: Callable[[frozenset[int]], Awaitable[None]], partitions: frozenset[int]
+    ) -> None:
+        try:
+            await verb(partitions)
+        except Exception as e:  # one user's failure must not stop the others hearing it
+            self.errors += 1
+            self.log.exception("partition_change_failed", partitions=sorted(partitions),
+                               error=str(e))
+
+
+__all__ = ["PartitionLeases"]
