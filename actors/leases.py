@@ -34,6 +34,15 @@ RENEWALS_PER_TTL = 3
 
 
 @dataclass(frozen=True)
+class Change:
+    """Partitions gained or lost, to tell the users who had joined when it happened."""
+
+    gained: bool
+    partitions: frozenset[int]
+    users: tuple[PartitionUser, ...]
+
+
+@dataclass(frozen=True)
 class Lease:
     """One partition's lease as this node holds it."""
 
@@ -57,8 +66,9 @@ class PartitionLeases(Actor):
         self.ttl_s = ttl_s
         self.leases: dict[int, Lease] = {}
         self._users: list[PartitionUser] = []
-        self._changing = asyncio.Lock()
-        """Held while leases are taken, renewed or lost, so users hear changes in order."""
+        self._changes: asyncio.Queue[Change] = asyncio.Queue()
+        """Gains and losses for the users, told in order by one task: a slow user (a big
+        rebuild) never holds up the renewals."""
         self._stopping = asyncio.Event()
         self._kv: KeyValue | None = None
 
@@ -86,19 +96,20 @@ class PartitionLeases(Actor):
 
     def fenced(self, session: str) -> None:
         """The record log refused an append: give up the session's partition."""
-        self.spawn(self._give_up(frozenset({self.partition(session)}), "fenced"), "fenced")
+        self._lose(frozenset({self.partition(session)}) & self.held(), "fenced")
 
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Open the bucket and take every free partition (before the users start)."""
         self._kv = await self._bucket()
-        async with self._changing:
-            await self._take_free()
+        await self._take_free()
         self.spawn(self._keep(), "keep")
+        self.spawn(self._tell_users(), "tell")
 
     async def stop(self) -> None:
         """Stop renewing and give the leases back, so another node takes them at once."""
         self._stopping.set()
+        self._changes.put_nowait(Change(False, frozenset(), ()))  # wakes the teller to stop
         await super().stop()
         for partition, lease in sorted(self.leases.items()):
             try:
@@ -132,9 +143,15 @@ class PartitionLeases(Actor):
                 return
             except TimeoutError:
                 pass
-            async with self._changing:
-                await self._renew()
-                await self._take_free()
+            await self._renew()
+            await self._take_free()
+
+    async def _tell_users(self) -> None:
+        while not (self._stopping.is_set() and self._changes.empty()):
+            change = await self._changes.get()
+            users = change.users if change.gained else tuple(reversed(change.users))
+            for user in users:
+                await self._tell(user.gain if change.gained else user.lose, change.partitions)
 
     # -- taking, renewing, losing ----------------------------------------------------------
     def _value(self, partition: int) -> bytes:
@@ -159,8 +176,7 @@ class PartitionLeases(Actor):
                 gained.add(partition)
         if gained:
             self.log.info("leases_gained", node=self.node, partitions=sorted(gained))
-            for user in self._users:
-                await self._tell(user.gain, frozenset(gained))
+            self._changes.put_nowait(Change(True, frozenset(gained), tuple(self._users)))
 
     async def _reclaim(self, partition: int) -> int | None:
         """Take back a lease that names this node (it restarted); None if another's."""
@@ -192,22 +208,17 @@ class PartitionLeases(Actor):
                 if sent > lease.renewed_at + self.ttl_s:
                     lost.add(partition)
                 continue
-            self.leases[partition] = Lease(revision, sent)
-        if lost:
-            await self._lose(frozenset(lost), "expired")
+            if self.leases.get(partition) == lease:  # not given up meanwhile (fenced)
+                self.leases[partition] = Lease(revision, sent)
+        self._lose(frozenset(lost) & self.held(), "expired")
 
-    async def _give_up(self, partitions: frozenset[int], why: str) -> None:
-        async with self._changing:
-            await self._lose(partitions & self.held(), why)
-
-    async def _lose(self, partitions: frozenset[int], why: str) -> None:
+    def _lose(self, partitions: frozenset[int], why: str) -> None:
         if not partitions:
             return
         for partition in partitions:
             del self.leases[partition]
         self.log.warning("leases_lost", node=self.node, partitions=sorted(partitions), why=why)
-        for user in reversed(self._users):
-            await self._tell(user.lose, partitions)
+        self._changes.put_nowait(Change(False, partitions, tuple(self._users)))
 
     async def _tell(
         self, verb: Callable[[frozenset[int]], Awaitable[None]], partitions: frozenset[int]

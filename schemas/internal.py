@@ -241,6 +241,25 @@ class ForgetRequest(Frozen):
 
 
 
+class AdoptRequest(Frozen):
+    """Runner host → engine: these sessions moved to this node (their partition was taken
+    over); index the snapshots another node banked for them in the shared durable tier."""
+
+    type: Literal["adopt.v1"] = "adopt.v1"
+    """Message type and version."""
+    sessions: tuple[str, ...]
+    """The sessions that moved here."""
+
+
+class AdoptReply(Frozen):
+    """Engine → runner host: the moved sessions' durable snapshots are indexed."""
+
+    type: Literal["adopt_reply.v1"] = "adopt_reply.v1"
+    """Message type and version."""
+    snapshots: int
+    """Durable snapshots the engine knows of after indexing."""
+
+
 class ForgetReply(Frozen):
     """Engine → runner host: the session's slot and bank entries are gone."""
 

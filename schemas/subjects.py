@@ -258,6 +258,10 @@ class Subjects:
         """Session runner → engine: drop a deleted session's slot and bank entries."""
         return f"{self._local}.engine.forget"
 
+    def engine_adopt(self) -> str:
+        """Session runner host → engine: sessions moved here; index their banked snapshots."""
+        return f"{self._local}.engine.adopt"
+
     def bank_commit(self) -> str:
         """Session runner → bank committer: bank the turn that was just committed."""
         return f"{self._local}.bank.commit"

@@ -20,6 +20,8 @@ from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnSpec
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
+    AdoptReply,
+    AdoptRequest,
     CancelReply,
     CancelRequest,
     ErrorBody,
@@ -69,6 +71,7 @@ class EngineActor(Actor):
         await self.subscribe(s.engine_turn_status(), self.on_turn_status)
         await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
         await self.subscribe(s.engine_forget(), self.on_forget)
+        await self.subscribe(s.engine_adopt(), self.on_adopt)
 
     async def stop(self) -> None:
         """Drain, then finish queued durable writes and close the tier."""
@@ -230,6 +233,14 @@ class EngineActor(Actor):
                 reason=out.reason,
             ),
         )
+
+    async def on_adopt(self, msg: Msg) -> None:
+        """Index the durable snapshots of sessions that moved here (restore, not recompute)."""
+        req = AdoptRequest.model_validate_json(msg.data)
+        known = 0
+        if self.durable is not None:
+            known = await asyncio.to_thread(self.durable.open, frozenset(req.sessions))
+        await self.respond(msg, AdoptReply(snapshots=known))
 
     async def on_forget(self, msg: Msg) -> None:
         """Drop a deleted session's state."""

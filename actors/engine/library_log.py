@@ -56,7 +56,8 @@ class LibraryLog:
                 if self._partial.strip():
                     lines.append(self._partial)
                 self._partial = ""
-                self._captures.remove(lines)
+                # By identity: two captures holding equal lines are still two captures.
+                self._captures = [c for c in self._captures if c is not lines]
 
 
 def refusal_reason(lines: list[str]) -> str | None:

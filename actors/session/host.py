@@ -109,7 +109,10 @@ class RunnerHost(Actor):
         """Rebuild the sessions of partitions taken over, and answer what they have pending."""
         if self._stopping.is_set():
             return
-        for runner in await self._rebuild(partitions):
+        rebuilt = await self._rebuild(partitions)
+        if rebuilt:  # before their turns run: restored from the shared bank, not recomputed
+            await self.io.adopt(tuple(r.session for r in rebuilt))
+        for runner in rebuilt:
             runner.resume()
 
     async def lose(self, partitions: frozenset[int]) -> None:
@@ -261,8 +264,9 @@ class RunnerHost(Actor):
     async def _rebuild(self, partitions: frozenset[int]) -> list[SessionRunner]:
         if not partitions:
             return []
-        found = await rebuild(
-            self.io.js, self.subjects, lambda s: self.ownership.partition(s) in partitions
+        found = await rebuild(  # sessions already served here are not rebuilt twice
+            self.io.js, self.subjects,
+            lambda s: self.ownership.partition(s) in partitions and s not in self.runners,
         )
         self.io.last_seq.update(found.last_seq)
         for session, ts in found.deleted.items():

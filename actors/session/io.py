@@ -24,6 +24,8 @@ from actors.ownership import Ownership
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
+    AdoptReply,
+    AdoptRequest,
     BankCommitRequest,
     CancelRequest,
     ForgetReply,
@@ -52,6 +54,8 @@ PROBE_TIMEOUT_S = 5.0
 """Longest wait for the engine's answer to a turn-status probe."""
 FORGET_TIMEOUT_S = 5.0
 """Longest wait for the engine to drop a deleted session's state."""
+ADOPT_TIMEOUT_S = 60.0
+"""Longest wait for the engine to index the banked snapshots of sessions that moved here."""
 WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for an expected-last-subject-sequence that does not hold."""
 
@@ -272,6 +276,18 @@ class BusIO:
     def token_subject(self, session: str) -> str:
         """Where the engine publishes this session's tokens."""
         return self.subjects.events(session, EventKind.TOKEN)
+
+    async def adopt(self, sessions: tuple[str, ...]) -> None:
+        """Have the engine index what another node banked for sessions that moved here."""
+        try:
+            msg = await self.nc.request(
+                self.subjects.engine_adopt(), encode(AdoptRequest(sessions=sessions)),
+                timeout=ADOPT_TIMEOUT_S,
+            )
+            parse_reply(msg.data, msg.headers, AdoptReply)
+        except Exception as e:  # their next turns recompute instead of restoring
+            log.warning("adopt_failed", actor="session_runners", sessions=len(sessions),
+                        error=repr(e))
 
     async def forget(self, session: str) -> None:
         """Free a deleted session's slot and bank entries (stale bytes are only dead weight)."""

@@ -64,8 +64,8 @@ class DurableBackend(Protocol):
     def delete(self, meta: SnapshotMeta) -> None:
         """Remove one snapshot (absent is fine)."""
 
-    def scan(self) -> list[SnapshotMeta]:
-        """Metadata of every stored snapshot."""
+    def scan(self, sessions: frozenset[str] | None = None) -> list[SnapshotMeta]:
+        """Metadata of every stored snapshot (of ``sessions`` only, when given)."""
 
 
 class DirectoryBackend:
@@ -118,10 +118,12 @@ class DirectoryBackend:
         with contextlib.suppress(OSError):  # other snapshots of the session remain
             path.parent.rmdir()
 
-    def scan(self) -> list[SnapshotMeta]:
+    def scan(self, sessions: frozenset[str] | None = None) -> list[SnapshotMeta]:
         """Read the header of every snapshot file; skip (and log) what is not one."""
         found: list[SnapshotMeta] = []
         for path in sorted(self.root.glob("*/*.kv")):
+            if sessions is not None and path.parent.name not in sessions:
+                continue
             try:
                 with path.open("rb") as f:
                     magic, head_len = _HEADER.unpack(f.read(_HEADER.size))
@@ -164,11 +166,15 @@ class DurableTier:
         return tuple(b.name for b in self.backends)
 
     # -- index ----------------------------------------------------------------------------
-    def open(self) -> int:
-        """Rebuild the index from every backend (blocking); returns the snapshots found."""
+    def open(self, sessions: frozenset[str] | None = None) -> int:
+        """Rebuild the index from every backend (blocking); returns the snapshots known.
+
+        With ``sessions``, add only theirs: sessions that moved here from another node,
+        whose snapshots that node banked after this one opened the tier.
+        """
         with self._lock:
             for backend in self.backends:
-                for meta in backend.scan():
+                for meta in backend.scan(sessions):
                     self._index.setdefault(meta.session, {})[meta.token_hash] = meta
                     self.prefixes.add(meta)
         for meta in self._over_cap():  # a node restarted with a smaller cap

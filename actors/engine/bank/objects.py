@@ -102,8 +102,8 @@ class ObjectStoreBackend:
                 self.subjects.bank_object_stream, subject=self.subjects.bank_object_meta(name)
             ))
 
-    def scan(self) -> list[SnapshotMeta]:
-        """Metadata of every live snapshot in the bucket."""
+    def scan(self, sessions: frozenset[str] | None = None) -> list[SnapshotMeta]:
+        """Metadata of every live snapshot in the bucket (of ``sessions`` only, if given)."""
         try:
             infos = self._call(self.store.list(ignore_deletes=True))
         except NotFoundError:  # an empty bucket
@@ -111,6 +111,8 @@ class ObjectStoreBackend:
         found = []
         for info in infos:
             if not info.name.endswith(".meta") or info.deleted:
+                continue
+            if sessions is not None and info.name.partition("/")[0] not in sessions:
                 continue
             raw = self._call(self.store.get(info.name)).data or b""
             try:

@@ -1,0 +1,281 @@
+"""Many nodes on one NATS: sessions partitioned, fenced, and moved by restore when a node dies.
+
+- The node computes a session's partition as the intake stream does (NATS's partition()).
+- Two nodes on one nats-server: every prompt answered once, generations contiguous, each
+  session's records written by one node (today's hazard: two nodes split its prompts).
+- A node paused (SIGSTOP) past its lease resumes and writes nothing to the sessions another
+  node took over.
+- A node killed (SIGKILL): the survivor takes its partitions, rebuilds the sessions from the
+  record log and restores their KV from the bank's object store; every prompt answered once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
+
+from actors.leases import PartitionLeases
+from node.nats_server import EmbeddedNats
+from node.streams import ensure_streams
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.messages import PromptRequest
+from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
+from schemas.subjects import NODE_HEADER, Subjects, partition_of
+from tests.helpers import EventCollector
+from tests.test_durability import NodeProcess
+
+S = Subjects()
+GREEDY = SamplingParams(temperature=0.0)
+GAINED = re.compile(r'"event": "leases_gained"')
+LOST = re.compile(r'"event": "leases_lost"')
+TTL = "2"  # seconds: short, so a dead node's partitions move within the test's patience
+
+
+async def record_log(nc: Client) -> list[tuple[str, str | None, Record]]:
+    """``(session, node that appended it, record)`` of every record, in stream order."""
+    js = nc.jetstream()
+    last = await js.get_last_msg(S.record_stream, S.records_all())
+    sub = await js.subscribe(S.records_all(), ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    out = []
+    prefix = len(S.records(""))
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            node = (msg.headers or {}).get(NODE_HEADER)
+            out.append((msg.subject[prefix:], node, RECORD_ADAPTER.validate_json(msg.data)))
+            if msg.metadata.sequence.stream >= (last.seq or 0):
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+def by_session(log: list[tuple[str, str | None, Record]]) -> dict[str, list[tuple[str | None, Record]]]:
+    out: dict[str, list[tuple[str | None, Record]]] = defaultdict(list)
+    for session, node, record in log:
+        out[session].append((node, record))
+    return out
+
+
+def assert_answered_once(records: list[tuple[str | None, Record]], session: str) -> None:
+    """Every user record answered by exactly one commit; generations 1, 2, 3… in order."""
+    users = [r.id for _, r in records if isinstance(r, UserRecord)]
+    commits = [r for _, r in records if isinstance(r, CommitRecord)]
+    answered = [p for c in commits for p in c.parent_ids]
+    assert sorted(answered) == sorted(users), f"{session}: answered {answered}, asked {users}"
+    assert [c.generation for c in commits] == list(range(1, len(commits) + 1)), session
+
+
+def assert_one_writer_at_a_time(records: list[tuple[str | None, Record]], session: str) -> None:
+    """The session's records come in runs per node, and no node comes back after another
+    node wrote (a node that lost the session never writes to it again)."""
+    writers: list[str | None] = []
+    for node, _ in records:
+        if not writers or writers[-1] != node:
+            assert node not in writers, f"{session}: {node} wrote again after {writers[-1]}"
+            writers.append(node)
+
+
+def prompt(text: str, max_tokens: int = 3) -> bytes:
+    return PromptRequest(
+        messages=(ChatMessage(role="user", content=text),), sampling=GREEDY,
+        max_tokens=max_tokens, idempotency_key=uuid.uuid4().hex,
+    ).model_dump_json().encode()
+
+
+def commits_of(events: EventCollector) -> dict[str, int]:
+    count: dict[str, int] = defaultdict(int)
+    for m in events.messages:
+        count[S.event_of(m.subject)[0]] += 1
+    return count
+
+
+# -- ownership --------------------------------------------------------------------------------
+async def test_the_node_computes_the_partition_the_intake_stream_stores_each_prompt_under(nc):
+    """Given the intake stream, a prompt for any session is stored under the partition that
+    ``partition_of`` names for it, so a node knows which sessions its leases cover."""
+    js = nc.jetstream()
+    await ensure_streams(js, S, 1 << 20, partitions=16)
+    sessions = [f"s-{i}" for i in range(64)] + ["A", "session_with-every_kind-9"]
+    for session in sessions:
+        ack = await js.publish(S.prompt(session), b"{}")
+        stored = await js.get_msg(S.prompt_stream, ack.seq)
+        assert stored.subject == f"{S.intake(partition_of(session, 16))[:-1]}{session}"
+    assert len({partition_of(s, 16) for s in sessions}) == 16
+
+
+async def test_another_partition_count_on_the_same_intake_is_refused_with_the_fix(nc):
+    """Given an intake made for 16 partitions, a node configured for 8 is refused with a
+    sentence naming --partitions, and the stream keeps its 16."""
+    js = nc.jetstream()
+    await ensure_streams(js, S, 1 << 20, partitions=16)
+    with pytest.raises(ValueError, match="--partitions"):
+        await ensure_streams(js, S, 1 << 20, partitions=8)
+    info = await js.stream_info(S.prompt_stream)
+    assert info.config.subject_transform is not None
+    assert "partition(16,1)" in info.config.subject_transform.dest
+
+
+async def test_a_lease_is_taken_once_renewed_and_taken_back_by_the_same_node_after_a_restart(
+    nc, nats_server: EmbeddedNats
+):
+    """Given node A holding every partition, node B gets none; when A's process is gone
+    without giving them back, A restarted under its id takes them back at once (before their
+    TTL), and once A stops cleanly B takes them all."""
+    a = PartitionLeases(nc, S, "node-a", 4, 30.0)
+    b = PartitionLeases(nc, S, "node-b", 4, 30.0)
+    await a.start()
+    await b.start()
+    assert a.held() == frozenset(range(4)) and b.held() == frozenset()
+    revisions = {p: lease.revision for p, lease in a.leases.items()}
+    a._stopping.set()  # a process killed: no release, the keys stay until their TTL
+    again = PartitionLeases(nc, S, "node-a", 4, 30.0)
+    await again.start()
+    assert again.held() == frozenset(range(4))
+    assert all(again.leases[p].revision > revisions[p] for p in range(4))
+    await again.stop()
+    await b._take_free()
+    assert b.held() == frozenset(range(4))
+    await b.stop()
+
+
+# -- 2 nodes, one nats-server: the hazard ----------------------------------------------------
+@pytest.mark.timeout(180)
+async def test_two_nodes_on_one_nats_server_answer_each_prompt_once_from_one_node(
+    make_node, nc: Client
+):
+    """Given two nodes on one nats-server and 12 sessions with 3 prompts each, every prompt
+    is answered by exactly one commit, generations run 1, 2, 3 per session, and each
+    session's records are written by one node (two nodes never split a session)."""
+    await asyncio.gather(make_node(bank_ram_bytes=0), make_node(bank_ram_bytes=0))
+    sessions = [f"two-{i}" for i in range(12)]
+    commits = await EventCollector.start(nc, S.events("*", "commit"))
+    js = nc.jetstream()
+    for round_ in range(3):
+        for session in sessions:
+            await js.publish(S.prompt(session), prompt(f"{session} round {round_}"))
+        await commits.wait_until(
+            lambda _, r=round_: all(commits_of(commits).get(s, 0) > r for s in sessions),
+            timeout=60,
+        )
+    log = by_session(await record_log(nc))
+    for session in sessions:
+        assert_answered_once(log[session], session)
+        assert len({node for node, _ in log[session]}) == 1, session
+
+
+# -- fencing: a paused node ------------------------------------------------------------------
+@pytest.mark.timeout(240)
+async def test_a_node_paused_past_its_lease_writes_nothing_after_another_node_took_over(
+    nats_server: EmbeddedNats, nc: Client, tiny_model: Path, tmp_path: Path
+):
+    """Given node A serving four sessions with a turn streaming, when A is SIGSTOPped past its
+    2 s lease, node B takes the partitions and answers the prompts sent meanwhile; when A is
+    SIGCONTed it learns it lost its leases, and no record of A lands after B's."""
+    url, js = nats_server.url, nc.jetstream()
+    flags = ("--lease-ttl-s", TTL, "--ctx", "4096", "--bank-ram-bytes", "0")
+    a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
+    b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
+    sessions = [f"fence-{i}" for i in range(4)]
+    commits = await EventCollector.start(nc, S.events("*", "commit"))
+    tokens = await EventCollector.start(nc, S.events(sessions[0], "token"))
+    stopped = False
+    try:
+        for session in sessions:
+            await js.publish(S.prompt(session), prompt(f"{session}: hello"))
+        await commits.wait_until(lambda _: len(commits_of(commits)) == 4, timeout=60)
+        await js.publish(S.prompt(sessions[0]), prompt("talk for a long time", 8000))
+        await tokens.wait_until(lambda ms: len(ms) > 0, timeout=60)
+        a.proc.send_signal(signal.SIGSTOP)
+        stopped = True
+        await b.wait_for_line(GAINED, timeout=30)
+        for session in sessions[1:]:
+            await js.publish(S.prompt(session), prompt(f"{session}: who answers now?"))
+        await commits.wait_until(
+            lambda _: all(commits_of(commits).get(s, 0) >= 2 for s in sessions[1:]), timeout=60
+        )
+        a.proc.send_signal(signal.SIGCONT)
+        stopped = False
+        await a.wait_for_line(LOST, timeout=30)
+        for session in sessions[1:]:
+            await js.publish(S.prompt(session), prompt(f"{session}: and after the pause?"))
+        await commits.wait_until(
+            lambda _: all(commits_of(commits).get(s, 0) >= 3 for s in sessions[1:]), timeout=60
+        )
+        assert a.proc.returncode is None, "the paused node should keep running"
+        log = by_session(await record_log(nc))
+        for session in sessions:
+            assert_one_writer_at_a_time(log[session], session)
+        for session in sessions[1:]:
+            assert_answered_once(log[session], session)
+            assert {node for node, _ in log[session]} == {
+                log[session][0][0], log[session][-1][0]
+            } and log[session][0][0] != log[session][-1][0], "the session did not move"
+    finally:
+        if stopped:
+            a.proc.send_signal(signal.SIGCONT)
+        await a.terminate()
+        await b.terminate()
+
+
+# -- failover: a killed node -----------------------------------------------------------------
+@pytest.mark.timeout(240)
+async def test_a_killed_nodes_sessions_move_to_the_survivor_restored_from_the_bank(
+    nats_server: EmbeddedNats, nc: Client, tiny_model: Path, tmp_path: Path
+):
+    """Given 12 sessions served by node A, each with a turn banked in the object store, when
+    A is SIGKILLed while their second prompts arrive, node B takes A's partitions within the
+    lease TTL, every accepted prompt is answered by exactly one commit with contiguous
+    generations, A's records all come before B's, and every turn B runs restores the
+    session's KV from the bank instead of recomputing it."""
+    url, js = nats_server.url, nc.jetstream()
+    flags = ("--lease-ttl-s", TTL, "--bank-object-store")
+    a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
+    b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
+    sessions = [f"move-{i}" for i in range(12)]
+    commits = await EventCollector.start(nc, S.events("*", "commit"))
+    accepted = await EventCollector.start(nc, S.events("*", "accepted"))
+    done = await EventCollector.start(nc, S.events("*", "done"))
+    banked = await EventCollector.start(nc, f"$O.{S.bank_bucket}.M.>")
+    try:
+        for i, session in enumerate(sessions):
+            await js.publish(S.prompt(session), prompt(f"session {i}: remember this, {i}"))
+        await commits.wait_until(lambda _: len(commits_of(commits)) == 12, timeout=60)
+        # Two objects per snapshot: its bytes, then the metadata that makes it visible.
+        await banked.wait_until(lambda ms: len(ms) >= 24, timeout=60)
+        for i, session in enumerate(sessions):
+            await js.publish(S.prompt(session), prompt(f"and the second question, {i}", 16))
+        await accepted.wait_until(lambda ms: len(ms) >= 13, timeout=60)
+        await a.kill()
+        await b.wait_for_line(GAINED, timeout=30)
+        await commits.wait_until(
+            lambda _: all(commits_of(commits).get(s, 0) >= 2 for s in sessions), timeout=90
+        )
+        log = by_session(await record_log(nc))
+        moved_turns = set()
+        for session in sessions:
+            assert_answered_once(log[session], session)
+            assert_one_writer_at_a_time(log[session], session)
+            first_writer = log[session][0][0]
+            moved_turns |= {r.turn_id for node, r in log[session]
+                            if isinstance(r, CommitRecord) and node != first_writer}
+        assert moved_turns, "every turn finished before the kill; nothing moved"
+        sources = {d["turn_id"]: d["cache"]["source"] for d in map(json.loads,
+                   (m.data for m in done.messages))}
+        assert {sources[t] for t in moved_turns} == {"bank"}, sources
+    finally:
+        Path("/tmp/cluster_b.log").write_text("".join(b.lines))
+        Path("/tmp/cluster_a.log").write_text("".join(a.lines))
+        await b.terminate()
+        if a.proc.returncode is None:
+            await a.terminate()
+
