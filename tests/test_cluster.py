@@ -273,8 +273,6 @@ async def test_a_killed_nodes_sessions_move_to_the_survivor_restored_from_the_ba
                    (m.data for m in done.messages))}
         assert {sources[t] for t in moved_turns} == {"bank"}, sources
     finally:
-        Path("/tmp/cluster_b.log").write_text("".join(b.lines))
-        Path("/tmp/cluster_a.log").write_text("".join(a.lines))
         await b.terminate()
         if a.proc.returncode is None:
             await a.terminate()
