@@ -1,10 +1,12 @@
 """The node: embedded NATS (or a given one), the engine, the four actors and its service
 (built in ``wiring``).
 
-Start order follows the data: engine first (it takes longest and everything needs it), then
-the bank committer, the session runners (which rebuild sessions from the record log) and
+Start order follows the data: the partition leases first (which sessions are this node's),
+the engine (loaded before any actor starts: it takes longest and everything needs it), the
+bank committer, the session runners (which rebuild their sessions from the record log) and
 last admission, which starts pulling prompts. Stop order is the reverse, so nothing is
-pulled that cannot be recorded and no turn is cut without its abort being recorded.
+pulled that cannot be recorded, no turn is cut without its abort being recorded, and the
+leases go back last, once the sessions' snapshots are in the durable bank.
 """
 
 from __future__ import annotations

@@ -99,22 +99,23 @@ async def build_actors(
     config: NodeConfig, subjects: Subjects, connect: Connect, engine: Actor,
     admin_nc: Client, node: NodeView, version: str, metadata: dict[str, str], node_id: str,
 ) -> list[Actor]:
-    """Every actor in start order: engine, bank committer, partition leases, session
+    """Every actor in start order: partition leases, engine, bank committer, session
     runners, admission, admin, and last the micro service, whose endpoints (ask, admin)
     open once all behind them runs.
 
     Start order follows the data; stopping runs it in reverse, so nothing is pulled that
     cannot be recorded, no turn is cut without its abort being recorded, and the leases
-    are given back only once this node's sessions are at rest.
+    are given back last: once this node's sessions are at rest and their snapshots are in
+    the durable bank, so the node taking them over restores instead of recomputing.
     """
     admin = AdminActor(admin_nc, subjects, node)
     leases = PartitionLeases(
         await connect("leases"), subjects, node_id, config.partitions, config.lease_ttl_s
     )
     return [
+        leases,
         engine,
         BankCommitter(await connect("bank"), subjects, config.commit_wait_s),
-        leases,
         RunnerHost(await connect("runners"), subjects, host_settings(config), leases),
         Admission(await connect("admission"), subjects, config.max_payload, leases),
         admin,

@@ -7,6 +7,8 @@
   node took over.
 - A node killed (SIGKILL): the survivor takes its partitions, rebuilds the sessions from the
   record log and restores their KV from the bank's object store; every prompt answered once.
+- A node stopped with SIGTERM gives its leases back once its sessions are banked: another
+  node takes them at once (not after the TTL) and restores them from the bank.
 """
 
 from __future__ import annotations
@@ -276,4 +278,45 @@ async def test_a_killed_nodes_sessions_move_to_the_survivor_restored_from_the_ba
         await b.terminate()
         if a.proc.returncode is None:
             await a.terminate()
+
+
+# -- hand-over: a node stopped with SIGTERM --------------------------------------------------
+@pytest.mark.timeout(240)
+async def test_a_node_stopped_with_sigterm_hands_its_sessions_over_before_its_leases_expire(
+    nats_server: EmbeddedNats, nc: Client, tiny_model: Path, tmp_path: Path
+):
+    """Given node A serving four sessions with a 30 s lease and the bank in the object store,
+    when A is stopped with SIGTERM, node B takes its partitions well before the leases could
+    have expired (A gave them back), and B answers the next prompts once each, restoring
+    every session from the bank."""
+    url, js = nats_server.url, nc.jetstream()
+    flags = ("--lease-ttl-s", "30", "--bank-object-store")
+    a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
+    b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
+    sessions = [f"hand-{i}" for i in range(4)]
+    commits = await EventCollector.start(nc, S.events("*", "commit"))
+    done = await EventCollector.start(nc, S.events("*", "done"))
+    try:
+        for i, session in enumerate(sessions):
+            await js.publish(S.prompt(session), prompt(f"session {i}: keep this, {i}"))
+        await commits.wait_until(lambda _: len(commits_of(commits)) == 4, timeout=60)
+        await a.terminate()
+        assert a.proc.returncode == 0
+        await b.wait_for_line(GAINED, timeout=15)  # the leases would last 20 s or more
+        for session in sessions:
+            await js.publish(S.prompt(session), prompt("and after the move?"))
+        await commits.wait_until(
+            lambda _: all(commits_of(commits).get(s, 0) >= 2 for s in sessions), timeout=60
+        )
+        log = by_session(await record_log(nc))
+        sources = {d["turn_id"]: d["cache"]["source"] for d in map(json.loads,
+                   (m.data for m in done.messages))}
+        for session in sessions:
+            assert_answered_once(log[session], session)
+            assert_one_writer_at_a_time(log[session], session)
+            last = [r for _, r in log[session] if isinstance(r, CommitRecord)][-1]
+            assert log[session][-1][0] != log[session][0][0], f"{session} did not move"
+            assert sources[last.turn_id] == "bank", session
+    finally:
+        await b.terminate()
 
