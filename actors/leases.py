@@ -164,6 +164,7 @@ class PartitionLeases(Actor):
                 continue
             sent = time.monotonic()
             key = self.subjects.lease_key(partition)
+            revision: int | None
             try:
                 revision = await self.kv.create(key, self._value(partition))
             except KeyWrongLastSequenceError:  # held: by this node before a restart?

@@ -128,8 +128,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--records-max-bytes", type=int,
                    help="bytes the record stream holds, oldest dropped first (0 = unlimited)")
     p.add_argument("--heartbeat-s", type=float, help="seconds between stats log lines")
-    p.add_argument("--node-id", help="this node's name on the NATS (default: kept in the "
-                   "data dir)")
+    p.add_argument("--node-id", help="this node's name on the NATS (default: host name and "
+                   "a hash of the data dir)")
     p.add_argument("--partitions", type=int,
                    help="partitions sessions are spread over (the same on every node)")
     p.add_argument("--lease-ttl-s", type=float,

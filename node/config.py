@@ -102,8 +102,9 @@ class NodeConfig:
     stop_wait_s: float = 10.0
     """How long a stopping node waits for a cut turn's abort to be recorded."""
     node_id: str | None = None
-    """This node's name among the nodes on one NATS; None uses the one kept in ``data_dir``
-    (made once, so a restarted node takes its own partitions back at once)."""
+    """This node's name among the nodes on one NATS; None derives it from the host name and
+    ``data_dir`` (the same at every restart, so a node takes its own partitions back at
+    once)."""
     partitions: int = 16
     """Partitions the sessions are spread over; the same on every node of a cluster."""
     lease_ttl_s: float = 10.0

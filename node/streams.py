@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -104,7 +106,5 @@ async def _check_partitions(js: JetStreamContext, have: StreamConfig, want: Stre
             "--partitions"
         )
     if transform is None:
-        try:
+        with contextlib.suppress(NotFoundError):
             await js.delete_consumer(have.name or "", LEGACY_CONSUMER)
-        except NotFoundError:
-            pass

@@ -7,7 +7,9 @@ actor is handed its part of the ``NodeConfig`` and has no defaults of its own.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import re
+import socket
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
@@ -17,8 +19,8 @@ from actors.bank_committer import BankCommitter
 from actors.base import Actor
 from actors.engine.actor import EngineActor
 from actors.engine.engine import SlotEngine
-from actors.leases import PartitionLeases
 from actors.gateway import GatewaySettings, HttpLimits, read_api_keys
+from actors.leases import PartitionLeases
 from actors.session.host import HostSettings, RunnerHost
 from node.admin import AdminActor, NodeView
 from node.config import NodeConfig
@@ -28,25 +30,21 @@ from schemas.subjects import Subjects
 
 Connect = Callable[[str], Awaitable[Client]]
 """Opens the named connection of one actor."""
-NODE_ID_FILE = "node-id"
-"""The file in the data directory that keeps a node's id across restarts."""
 
 
 def node_identity(config: NodeConfig) -> str:
-    """The node's id: ``--node-id``, else the one kept in the data directory (made once).
+    """The node's id: ``--node-id``, else this host's name and a hash of the data directory.
 
-    Kept, so a restarted node recognises its own partition leases and takes them back at
-    once instead of waiting out their TTL.
+    The same on every restart of the same node (a container keeps its host name), so a
+    restarted node recognises its own partition leases and takes them back at once instead
+    of waiting out their TTL; different for nodes that share a data volume but not a host
+    (``docker compose up --scale node=3``) and for nodes on one host with their own data.
     """
     if config.node_id:
         return config.node_id
-    path = config.data_dir / NODE_ID_FILE
-    if path.is_file() and (kept := path.read_text().strip()):
-        return kept
-    made = f"node-{uuid.uuid4().hex[:12]}"
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(made + "\n")
-    return made
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "node"
+    where = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{host}-{where}"
 
 
 def host_settings(config: NodeConfig) -> HostSettings:

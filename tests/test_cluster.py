@@ -26,8 +26,10 @@ from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
 from actors.leases import PartitionLeases
+from node.config import NodeConfig
 from node.nats_server import EmbeddedNats
 from node.streams import ensure_streams
+from node.wiring import node_identity
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
@@ -61,14 +63,18 @@ async def record_log(nc: Client) -> list[tuple[str, str | None, Record]]:
         await sub.unsubscribe()
 
 
-def by_session(log: list[tuple[str, str | None, Record]]) -> dict[str, list[tuple[str | None, Record]]]:
-    out: dict[str, list[tuple[str | None, Record]]] = defaultdict(list)
+Written = list[tuple[str | None, Record]]
+"""A session's records, each with the node that appended it."""
+
+
+def by_session(log: list[tuple[str, str | None, Record]]) -> dict[str, Written]:
+    out: dict[str, Written] = defaultdict(list)
     for session, node, record in log:
         out[session].append((node, record))
     return out
 
 
-def assert_answered_once(records: list[tuple[str | None, Record]], session: str) -> None:
+def assert_answered_once(records: Written, session: str) -> None:
     """Every user record answered by exactly one commit; generations 1, 2, 3… in order."""
     users = [r.id for _, r in records if isinstance(r, UserRecord)]
     commits = [r for _, r in records if isinstance(r, CommitRecord)]
@@ -77,7 +83,7 @@ def assert_answered_once(records: list[tuple[str | None, Record]], session: str)
     assert [c.generation for c in commits] == list(range(1, len(commits) + 1)), session
 
 
-def assert_one_writer_at_a_time(records: list[tuple[str | None, Record]], session: str) -> None:
+def assert_one_writer_at_a_time(records: Written, session: str) -> None:
     """The session's records come in runs per node, and no node comes back after another
     node wrote (a node that lost the session never writes to it again)."""
     writers: list[str | None] = []
@@ -148,6 +154,23 @@ async def test_a_lease_is_taken_once_renewed_and_taken_back_by_the_same_node_aft
     await b._take_free()
     assert b.held() == frozenset(range(4))
     await b.stop()
+
+
+def test_a_node_keeps_its_id_across_restarts_and_nodes_sharing_a_volume_get_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The id is the same for the same host and data directory (a restart takes its own
+    leases back), differs for containers sharing one data volume (compose --scale) and for
+    two data directories on one host, and --node-id wins."""
+    shared = NodeConfig(data_dir=tmp_path / "data")
+    monkeypatch.setattr("socket.gethostname", lambda: "c0ffee.local")
+    first = node_identity(shared)
+    assert first == node_identity(NodeConfig(data_dir=tmp_path / "data"))
+    assert first != node_identity(NodeConfig(data_dir=tmp_path / "other"))
+    assert Subjects("infer", first).node == first  # one subject token
+    monkeypatch.setattr("socket.gethostname", lambda: "b4dbeef")
+    assert node_identity(shared) != first
+    assert node_identity(NodeConfig(data_dir=tmp_path / "data", node_id="n-1")) == "n-1"
 
 
 # -- 2 nodes, one nats-server: the hazard ----------------------------------------------------
