@@ -108,3 +108,17 @@ def test_quick_agent_trace_runs_and_warm_turns_reuse_every_token_the_previous_tu
     assert proc.returncode == 0, proc.stderr[-3000:]
     reuse = next(x for x in proc.stdout.splitlines() if x.startswith("warm reuse of reusable"))
     assert reuse.split(":")[1].split()[0] == "1.000", reuse
+
+
+CLUSTER_RATIO_LINES = (
+    "failover: kill -> first token / lease TTL",
+    "moved turn TTFT: restored / recomputed",
+)
+
+
+@pytest.mark.timeout(180)
+def test_quick_cluster_benchmark_moves_the_sessions_and_prints_both_ratios() -> None:
+    """`python bench/cluster.py --quick` kills a node, measures both ratios and exits 0; the
+    moved turns restored their KV from the bank."""
+    lines = _check_quick_run("cluster.py", CLUSTER_RATIO_LINES, timeout=170)
+    assert any("(cache bank)" in x for x in lines), "\n".join(lines)
