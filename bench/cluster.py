@@ -1,7 +1,7 @@
 """Cluster benchmark: how soon a killed node's sessions answer on another node, and what the
 move costs next to recomputing them.
 
-    python bench/cluster.py                   # demo model, 2 s leases, 6 sessions
+    python bench/cluster.py                   # demo model, 2 s leases, 6 sessions, 600 words
     python bench/cluster.py --quick           # smoke run: 2 sessions, short histories
     python bench/cluster.py --model PATH.gguf --lease-ttl-s 5
 
@@ -125,9 +125,10 @@ def prompt(*messages: ChatMessage, max_tokens: int = 8) -> bytes:
         .model_dump_json().encode()
 
 
-async def first_turns(url: str, sessions: list[str], texts: list[str]) -> tuple[Watch, Any]:
-    """Each session's first turn on the node at ``url``; the watch and its connection."""
-    nc = await nats.connect(url)
+async def first_turns(
+    nc: Any, sessions: list[str], texts: list[str]
+) -> Watch:
+    """Each session's first turn; the watch that saw them."""
     watch = Watch()
     await nc.subscribe(S.events("*", "*"), cb=watch.on_event)
     await nc.flush()
@@ -135,14 +136,16 @@ async def first_turns(url: str, sessions: list[str], texts: list[str]) -> tuple[
         await nc.jetstream().publish(S.prompt(session), prompt(ChatMessage(role="user",
                                                                           content=text)))
     await watch.until(lambda: all(s in watch.done for s in sessions), timeout=600)
-    return watch, nc
+    return watch
 
 
 async def measure_move(args: argparse.Namespace, tmp: Path, model: Path, texts: list[str],
                        sessions: list[str]) -> tuple[list[float], list[float], list[str],
                                                       list[ChatMessage]]:
     """Kill-to-first-token and TTFT of the moved turns, their cache sources, and answers."""
-    flags = ("--lease-ttl-s", str(args.lease_ttl_s), "--bank-object-store", "--ctx", "4096")
+    # A slot per session: each first turn is banked as it commits, none at an eviction.
+    flags = ("--lease-ttl-s", str(args.lease_ttl_s), "--bank-object-store", "--ctx", "4096",
+             "--slots", str(len(sessions)))
     async with EmbeddedNats(tmp / "nats") as server:
         a = NodeChild(server.url, tmp / "a", model, *flags)
         await a.wait_ready()
@@ -157,8 +160,9 @@ async def measure_move(args: argparse.Namespace, tmp: Path, model: Path, texts: 
                 if len(metas) >= 2 * len(sessions):  # each snapshot: its bytes, then its meta
                     banked.set()
 
-            watch, nc = await first_turns(server.url, sessions, texts)
+            nc = await nats.connect(server.url)
             await nc.subscribe(f"$O.{S.bank_bucket}.M.>", cb=on_meta)
+            watch = await first_turns(nc, sessions, texts)
             await asyncio.wait_for(banked.wait(), 120)
             answers = [ChatMessage(role="assistant", content="".join(
                 d["text"] for d in watch.done[s][:1])) for s in sessions]
@@ -231,7 +235,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="GGUF model (default: demo model)")
     p.add_argument("--sessions", type=int, default=6)
-    p.add_argument("--words", type=int, default=1200, help="words in each first message")
+    p.add_argument("--words", type=int, default=600, help="words in each first message")
     p.add_argument("--lease-ttl-s", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 short sessions")
     return p.parse_args(argv)
