@@ -166,9 +166,10 @@ class Admission(Actor):
         by_session: dict[str, list[Msg]] = {}
         for msg in msgs:
             by_session.setdefault(msg.subject, []).append(msg)
-        await asyncio.gather(*(self._admit_in_order(group) for group in by_session.values()))
-        # Other partitions' batches share the set: drop only this batch's ids.
-        self._deferred_now.difference_update(id(msg) for msg in msgs)
+        try:
+            await asyncio.gather(*(self._admit_in_order(g) for g in by_session.values()))
+        finally:  # other partitions' batches share the set: drop only this batch's ids
+            self._deferred_now.difference_update(id(msg) for msg in msgs)
 
     async def _admit_in_order(self, msgs: list[Msg]) -> None:
         for i, msg in enumerate(msgs):

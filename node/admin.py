@@ -72,6 +72,8 @@ class AdminActor(Actor):
             n_ctx=info.n_ctx, slots=info.n_slots, snapshots=info.snapshots,
             snapshot_note=info.snapshot_note, sessions=len(self._host().runners),
             uptime_s=time.time() - self.started, bank_tiers=_tiers(engine),
+            node=self._host().ownership.node,
+            partitions=tuple(sorted(self._host().ownership.held())),
         )
 
     async def on_sessions(self, data: bytes) -> SessionsReply:

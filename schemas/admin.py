@@ -41,6 +41,10 @@ class HealthReply(Frozen):
     """Seconds since start."""
     bank_tiers: tuple[str, ...] = ()
     """Tiers of the bank under the slots: ``ram``, then ``dir`` and/or ``object_store``."""
+    node: str = ""
+    """The answering node's id (several nodes may serve one NATS)."""
+    partitions: tuple[int, ...] = ()
+    """The partitions of the sessions whose leases the answering node holds."""
 
 
 class BankEntryInfo(Frozen):

@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
 from actors.leases import PartitionLeases
+from node.client import InfernodeClient
 from node.config import NodeConfig
 from node.nats_server import EmbeddedNats
 from node.streams import ensure_streams
@@ -173,6 +174,16 @@ def test_a_node_keeps_its_id_across_restarts_and_nodes_sharing_a_volume_get_thei
     assert node_identity(NodeConfig(data_dir=tmp_path / "data", node_id="n-1")) == "n-1"
 
 
+async def test_health_names_the_answering_node_and_the_partitions_it_owns(make_node):
+    """A single node owns every partition, and `health` says which node answered and that
+    it holds all 16."""
+    node = await make_node()
+    async with InfernodeClient(node.url) as client:
+        health = await client.health()
+    assert health.node == node.node_id and health.node
+    assert health.partitions == tuple(range(16))
+
+
 # -- 2 nodes, one nats-server: the hazard ----------------------------------------------------
 @pytest.mark.timeout(180)
 async def test_two_nodes_on_one_nats_server_answer_each_prompt_once_from_one_node(
@@ -263,7 +274,8 @@ async def test_a_killed_nodes_sessions_move_to_the_survivor_restored_from_the_ba
     generations, A's records all come before B's, and every turn B runs restores the
     session's KV from the bank instead of recomputing it."""
     url, js = nats_server.url, nc.jetstream()
-    flags = ("--lease-ttl-s", TTL, "--bank-object-store")
+    # A slot per session: each first turn is banked as it commits, none at an eviction.
+    flags = ("--lease-ttl-s", TTL, "--bank-object-store", "--slots", "12")
     a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
     b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
     sessions = [f"move-{i}" for i in range(12)]
