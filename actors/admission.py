@@ -71,6 +71,7 @@ class Admission(Actor):
         self.ownership = ownership
         self._stopping = asyncio.Event()
         self._pullers: dict[int, asyncio.Task[None]] = {}
+        self._invalid: asyncio.Task[None] | None = None
         self.admitted = 0
         self.rejected = 0
         self.deferred = 0
@@ -78,9 +79,14 @@ class Admission(Actor):
         """Ids of the prompts in hand that were deferred."""
 
     async def start(self) -> None:
-        """Start pulling the partitions this node owns (and later those it gains)."""
+        """Start pulling the partitions this node owns (and later those it gains), and the
+        prompts whose subject names no session (every node refuses those)."""
         self.ownership.join(self)
         await self.gain(self.ownership.held())
+        sub = await self._subscribe(None)
+        self._invalid = asyncio.get_running_loop().create_task(
+            self._pull(None, sub), name="admission:invalid"
+        )
 
     async def gain(self, partitions: frozenset[int]) -> None:
         """Take over each partition's consumer and start pulling it."""
@@ -99,10 +105,12 @@ class Admission(Actor):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
-        await self._take_over(partition)
+    async def _subscribe(self, partition: int | None) -> JetStreamContext.PullSubscription:
+        if partition is not None:
+            await self._take_over(partition)
         return await self.js.pull_subscribe(
-            self.subjects.intake(partition),
+            self.subjects.prompt_unsessioned() if partition is None
+            else self.subjects.intake(partition),
             durable=self.subjects.admission_consumer(partition),
             stream=self.subjects.prompt_stream,
             config=ConsumerConfig(
@@ -134,11 +142,14 @@ class Admission(Actor):
     async def stop(self) -> None:
         """Finish the prompts in hand, then stop pulling (the rest stays in the stream)."""
         self._stopping.set()
-        await asyncio.gather(*self._pullers.values(), return_exceptions=True)
+        pullers = [*self._pullers.values(), *([self._invalid] if self._invalid else [])]
+        await asyncio.gather(*pullers, return_exceptions=True)
         self._pullers.clear()
         await super().stop()
 
-    async def _pull(self, partition: int, sub: JetStreamContext.PullSubscription) -> None:
+    async def _pull(
+        self, partition: int | None, sub: JetStreamContext.PullSubscription
+    ) -> None:
         try:
             while not self._stopping.is_set():
                 try:
@@ -174,7 +185,9 @@ class Admission(Actor):
     async def _admit_in_order(self, msgs: list[Msg]) -> None:
         for i, msg in enumerate(msgs):
             session = self.subjects.session_of_prompt(msg.subject)
-            if not self.ownership.valid(session):  # paused past the lease: not ours now
+            # Paused past the lease: the partition is not this node's now (a subject that
+            # names no session is refused by any node).
+            if is_session_id(session) and not self.ownership.valid(session):
                 self.log.warning("admit_skipped_lease_lapsed", session=session)
                 return
             await self._boundary(self.on_prompt, msg)

@@ -107,14 +107,20 @@ class Subjects:
         return f"{self.prefix}.prompt.{session}"
 
     def prompt_all(self) -> str:
-        """Every prompt subject (the intake stream's filter: one session token)."""
-        return f"{self.prefix}.prompt.*"
+        """Every prompt subject (the intake stream's filter)."""
+        return f"{self.prefix}.prompt.>"
+
+    def prompt_unsessioned(self) -> str:
+        """Stored prompts whose subject has more than one token after ``prompt`` (the
+        transform moves the others to their partition): refused by any node. (Not the
+        stream's own filter, which a consumer would take for "every message".)"""
+        return f"{self.prefix}.prompt.*.>"
 
     def intake_transform(self, partitions: int) -> tuple[str, str]:
         """``(source, destination)`` of the intake stream's subject transform: a prompt is
         stored under ``<prefix>.intake.<partition>.<session>`` (see ``partition_of``)."""
         dest = f"{self.prefix}.intake.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
-        return self.prompt_all(), dest
+        return f"{self.prefix}.prompt.*", dest
 
     def intake(self, partition: int | str = "*") -> str:
         """The stored prompts of one partition (default: of every partition)."""
@@ -122,6 +128,9 @@ class Subjects:
 
     def session_of_prompt(self, subject: str) -> str:
         """The session token of a stored prompt's subject (possibly invalid; check it)."""
+        untransformed = f"{self.prefix}.prompt."
+        if subject.startswith(untransformed):  # more than one token: never a session id
+            return subject[len(untransformed):]
         return subject[len(self.prefix) + len(".intake."):].partition(".")[2]
 
     def event_of(self, subject: str) -> tuple[str, str]:
@@ -307,9 +316,10 @@ class Subjects:
         """KV bucket of answers kept for retried ``Idempotency-Key`` requests (with a TTL)."""
         return f"{self._stream_base}_GATEWAY_ANSWERS"
 
-    def admission_consumer(self, partition: int) -> str:
-        """Durable consumer of one partition's prompts (its owner's admission pulls it)."""
-        return f"admission-{partition}"
+    def admission_consumer(self, partition: int | None) -> str:
+        """Durable consumer of one partition's prompts (its owner's admission pulls it), or
+        with None of the prompts no partition holds (every node refuses them)."""
+        return f"admission-{'invalid' if partition is None else partition}"
 
     @property
     def lease_bucket(self) -> str:

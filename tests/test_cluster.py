@@ -325,7 +325,8 @@ async def test_a_node_stopped_with_sigterm_hands_its_sessions_over_before_its_le
     have expired (A gave them back), and B answers the next prompts once each, restoring
     every session from the bank."""
     url, js = nats_server.url, nc.jetstream()
-    flags = ("--lease-ttl-s", "30", "--bank-object-store")
+    # A slot per session: each first turn is banked as it commits, none at an eviction.
+    flags = ("--lease-ttl-s", "30", "--bank-object-store", "--slots", "4")
     a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
     b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
     sessions = [f"hand-{i}" for i in range(4)]

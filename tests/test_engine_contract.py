@@ -45,9 +45,9 @@ GREEDY = SamplingParams(temperature=0.0)
 class Wire:
     """One engine reached over NATS under its own subject prefix."""
 
-    def __init__(self, nc: Client, prefix: str) -> None:
+    def __init__(self, nc: Client, prefix: str, node: str = "") -> None:
         self.nc = nc
-        self.s = Subjects(prefix)
+        self.s = Subjects(prefix, node)  # a node's engine answers on its own subjects
 
     def generate_request(self, session: str, turn_id: str, max_tokens: int) -> GenerateRequest:
         return GenerateRequest(
@@ -126,7 +126,7 @@ async def test_the_scripted_engine_answers_the_same_sequence_as_the_real_engine_
     """Given the real engine actor (tiny GGUF) and the scripted engine on one server, when
     the same generate, status, cancel, snapshot and forget requests go to each, then their
     replies, token events and results agree in shape and in meaning."""
-    await make_node(threads=1)  # the real engine actor, on prefix "infer"
+    node = await make_node(threads=1)  # the real engine actor, on prefix "infer"
     fake = FakeEngine(nc, Subjects("fake"))
     await fake.start()
 
@@ -137,7 +137,7 @@ async def test_the_scripted_engine_answers_the_same_sequence_as_the_real_engine_
         """The real turn of 1,500 tokens is still running when it is cancelled."""
 
     try:
-        real = await run_sequence(Wire(nc, "infer"), hold_real)
+        real = await run_sequence(Wire(nc, "infer", node.node_id), hold_real)
         scripted = await run_sequence(Wire(nc, "fake"), hold_fake)
     finally:
         await fake.stop()
