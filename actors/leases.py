@@ -111,14 +111,21 @@ class PartitionLeases(Actor):
         self._stopping.set()
         self._changes.put_nowait(Change(False, frozenset(), ()))  # wakes the teller to stop
         await super().stop()
-        for partition, lease in sorted(self.leases.items()):
-            try:
-                await self.kv.delete(self.subjects.lease_key(partition), last=lease.revision)
-            except Exception as e:  # it runs out by its TTL anyway
-                self.log.warning("lease_release_failed", partition=partition, error=repr(e))
-        if self.leases:
-            self.log.info("leases_released", partitions=sorted(self.leases))
+        held = sorted(self.leases)
+        if held and not self.nc.is_connected:
+            # No server to tell: waiting on each delete would only hold the stop up; the
+            # leases run out by their TTL and another node takes them then.
+            self.log.warning("leases_left_to_expire", partitions=held, ttl_s=self.ttl_s)
+        elif held:
+            await asyncio.gather(*(self._release(p, self.leases[p].revision) for p in held))
+            self.log.info("leases_released", partitions=held)
         self.leases.clear()
+
+    async def _release(self, partition: int, revision: int) -> None:
+        try:
+            await self.kv.delete(self.subjects.lease_key(partition), last=revision)
+        except Exception as e:  # it runs out by its TTL anyway
+            self.log.warning("lease_release_failed", partition=partition, error=repr(e))
 
     @property
     def kv(self) -> KeyValue:
