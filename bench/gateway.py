@@ -26,12 +26,9 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from importlib import metadata
 from pathlib import Path
 
@@ -49,6 +46,7 @@ from bench.common import (  # noqa: E402
     print_table,
     quiet_logs,
 )
+from bench.llama_server import free_port, http_server, llama_cpp_python_cmd  # noqa: E402
 from node.app import Node  # noqa: E402
 from node.client import InfernodeClient  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
@@ -67,50 +65,6 @@ def default_model() -> Path:
             if f.name.endswith(".gguf"):
                 return Path(str(dist.locate_file(f)))
     return bench_model(BENCH, "bench")
-
-
-def free_port() -> int:
-    """A port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def llama_cpp_server(model: Path, threads: int, n_ctx: int) -> AsyncIterator[str | None]:
-    """llama-cpp-python's OpenAI server with its prompt cache; None when it cannot start."""
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--cache", "true",
-         "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-         "--verbose", "false"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        async with httpx.AsyncClient(timeout=2) as http:
-            for _ in range(600):  # its imports and model load take a few seconds
-                if proc.poll() is not None:
-                    break
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{base}/models")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
-        if proc.poll() is not None:
-            log.seek(0)
-            tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
-            print(f"llama_cpp.server did not start: {' | '.join(tail)}", file=sys.stderr)
-            yield None
-        else:
-            yield base
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
 
 
 async def streamed_turn(
@@ -218,7 +172,12 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = NodeConfig(data_dir=Path(tmp), model=model, engine=engine, threads=threads,
                             openai_port=0, log_level="warning", n_ctx=args.ctx)
-        async with Node(config) as node, llama_cpp_server(model, threads, args.ctx) as theirs:
+        port = free_port()
+        theirs_cmd = llama_cpp_python_cmd(model, port, threads, args.ctx)
+        async with (
+            Node(config) as node,
+            http_server(theirs_cmd, port, "llama_cpp.server") as theirs,
+        ):
             assert node.gateway is not None
             ours = f"http://127.0.0.1:{node.gateway.port}/v1"
             our_ttft, cached, reusable = await conversations(ours, n_conv, turns, max_tokens,
