@@ -2,6 +2,7 @@
 on the same model, threads and workload, in one run.
 
     python bench/anchor.py [--model PATH|smollm2] [--threads N] [--llama-server PATH]
+                           [--workloads a b c] [--skip SYSTEM ...]
     python bench/anchor.py --quick      # tiny model, few turns: checks that it runs
 
 Systems: ``llama-server`` with ``--cache-ram`` and as many slots (``-np``) as the node;
@@ -191,8 +192,8 @@ async def all_up(opens: dict[str, Opener | str]) -> AsyncIterator[dict[str, Side
         yield up
 
 
-async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str]
-                  ) -> dict[str, Ms | str]:
+async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str],
+                  workloads: str = "abc") -> dict[str, Ms | str]:
     """Run the workloads on every system; name → measurements, or why it is n/a."""
     words = Words(setup.model, 3)
     results: dict[str, Ms | str] = {}
@@ -214,6 +215,8 @@ async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str
             ("c", lambda s, tag: streams(s, words, sizes, tag)),
         ]
         for step, run in steps:
+            if step[0] not in workloads:
+                continue
             for name, side in sides.items():
                 began = time.perf_counter()
                 words.again()
@@ -338,6 +341,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, nargs="+", default=None, help="session counts of (a)")
     p.add_argument("--skip", nargs="*", default=[], choices=[OURS, CT, LS, LCP],
                    help="systems left out of this run (named as in the table)")
+    p.add_argument("--workloads", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+                   help="the workloads to run (the others' ratios print n/a)")
     p.add_argument("--quick", action="store_true", help="tiny model, few turns: a smoke run")
     return p.parse_args(argv)
 
@@ -357,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = Setup(model, threads, sizes.n_ctx, args.slots)
     binary = find_llama_server(args.llama_server)
     start = time.perf_counter()
-    results = asyncio.run(measure(setup, sizes, binary, set(args.skip)))
+    results = asyncio.run(measure(setup, sizes, binary, set(args.skip),
+                                  "".join(args.workloads)))
     title = (f"anchor: model {model.name}, {threads} threads, {args.slots} slots, "
              f"n_ctx {sizes.n_ctx}")
     if args.quick:

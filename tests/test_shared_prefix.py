@@ -105,6 +105,25 @@ async def test_a_restarted_node_restores_a_shared_prefix_from_the_durable_tier(
     assert out.text == baseline.text
 
 
+async def test_a_new_session_shares_a_prefix_whose_commit_snapshot_has_not_come_yet(
+    tiny_model: Path,
+):
+    """Given session a's turn just ended in its slot, its commit snapshot not yet requested
+    (it comes over the bus after the answer), when a new session b with the same system
+    prompt starts in another free slot, then b still restores a's state by content and
+    computes only the rest; a's commit snapshot later finds it banked."""
+    engine = engine_on(tiny_model, n_slots=2)
+    try:
+        a = await run(engine, spec("a", [PROMPTS[1], user("first agent here")]))
+        b = await run(engine, spec("b", [PROMPTS[1], user("second agent, another question")]))
+        late = await engine.snapshot("a", a.token_hash, wait_s=30)
+    finally:
+        await engine.close()
+    assert b.cache.source == "bank" and b.cache.shared_from == "ram"
+    assert b.usage.cached_tokens > 32 and b.usage.new_prefill_tokens < b.usage.prompt_tokens // 4
+    assert late.stored and late.reason == "already_banked"
+
+
 async def test_a_state_of_the_same_tokens_is_stored_once_whichever_session_banks_it(
     tiny_model: Path,
 ):

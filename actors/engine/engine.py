@@ -7,7 +7,6 @@ runs on the slot's worker thread.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,14 +14,14 @@ from typing import Literal
 
 import structlog
 
-from actors.engine.bank.meta import Compat, SnapshotMeta
-from actors.engine.bank.store import BankEntry, BankStore
+from actors.engine.bank.meta import Compat
+from actors.engine.bank.store import BankStore
+from actors.engine.banking import SlotBanking
 from actors.engine.grammar import Grammars
 from actors.engine.interface import (
     Backend,
     CancelToken,
     EngineInfo,
-    SnapshotOutcome,
     TurnOutcome,
     TurnSpec,
 )
@@ -48,7 +47,7 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:12]}"
 
 
-class SlotEngine:
+class SlotEngine(SlotBanking):
     """N slots over one backend; a session keeps its slot while resident."""
 
     def __init__(
@@ -105,6 +104,8 @@ class SlotEngine:
         running = self._running[spec.session] = (spec.turn_id, cancel)
         try:
             await self._fetch_durable(spec.session)
+            if spec.generation == 0:
+                await self._bank_idle_slots(spec.session)
             waited = time.perf_counter()
             slot = await self.pool.acquire(spec.session)
         except BaseException:
@@ -124,27 +125,6 @@ class SlotEngine:
         finally:
             self._done(spec.session, running)
             await self.pool.release(slot)
-
-    async def _fetch_durable(self, session: str) -> None:
-        """Bring the snapshot a turn would restore from the durable tier into RAM, on the loop.
-
-        Done before the slot is taken, so a slot thread never waits on the event loop for an
-        object-store read (a miss here only means the turn computes what it cannot restore).
-        """
-        bank = self.bank
-        if bank is None or bank.durable is None or self.pool.resident(session) is not None:
-            return
-        meta = bank.to_fetch(session, self.compat)
-        if meta is None:
-            return
-        start = time.perf_counter()
-        try:
-            data = await bank.durable.fetch(meta)
-        except Exception as e:
-            log.warning("bank_durable_load_failed", session=session, error=str(e))
-            return
-        ms = (time.perf_counter() - start) * 1000
-        bank.put(BankEntry(meta, data, durable=True, fetched_ms=ms))
 
     def _done(self, session: str, running: tuple[str, CancelToken]) -> None:
         if self._running.get(session) is running:
@@ -285,100 +265,6 @@ class SlotEngine:
         ms = (time.perf_counter() - start) * 1000 + match.fetch_ms
         return "bank", match.miss_reason, ms, match.tier, match.shared
 
-    # -- bank -----------------------------------------------------------------------------
-    def _evict(self, slot: Slot) -> None:
-        old = slot.session
-        assert old is not None
-        self._evicted.add(old)
-        self.turn_stats.slot_evictions += 1
-        if self.bank is not None and slot.tokens:
-            self._bank_slot(slot, persist=False)
-        log.info("slot_evicted", slot=slot.index, session=old, tokens=len(slot.tokens))
-        slot.session, slot.tokens, slot.digest = None, [], None
-
-    def _bank_slot(self, slot: Slot, persist: bool) -> SnapshotOutcome:
-        """Copy the slot's state into RAM (and, for commits, queue it for the durable tier)."""
-        assert self.bank is not None and slot.session is not None
-        n = len(slot.tokens)
-        # Only a state a failed turn left behind has no digest yet.
-        digest = slot.digest or token_hash(slot.tokens)
-        existing = self.bank.find(digest, self.compat)  # any session's: stored once
-        if existing is not None:
-            if persist:
-                self.bank.persist(existing)
-            return SnapshotOutcome(True, n, existing.nbytes, 0.0, "already_banked")
-        start = time.perf_counter()
-        data = slot.ctx.state_bytes()
-        ms = (time.perf_counter() - start) * 1000
-        meta = SnapshotMeta(
-            session=slot.session, tokens=tuple(slot.tokens), nbytes=len(data),
-            model_id=self.compat.model_id, n_ctx=self.compat.n_ctx,
-            template=self.compat.template, token_hash=digest,
-        )
-        entry = BankEntry(meta, data)
-        in_ram = self.bank.put(entry)
-        durable = persist and self.bank.persist(entry)
-        if not (in_ram or durable):
-            return SnapshotOutcome(False, n, len(data), ms, "too_large_for_bank")
-        return SnapshotOutcome(True, n, len(data), ms, None if in_ram else "durable_only")
-
-    def _bank_known(self, session: str, digest: str, why: str) -> SnapshotOutcome:
-        """The slot moved on: make durable what an eviction already banked, if anything."""
-        assert self.bank is not None
-        entry = self.bank.find(digest, self.compat)
-        if entry is None:
-            return SnapshotOutcome(False, reason=why)
-        self.bank.persist(entry)
-        n = len(entry.meta.tokens)
-        return SnapshotOutcome(True, n, entry.nbytes, 0.0, "banked_at_eviction")
-
-    async def snapshot(self, session: str, digest: str, wait_s: float) -> SnapshotOutcome:
-        """Bank the exact state ``digest`` of ``session`` once its slot is idle (bounded)."""
-        if self.bank is None:
-            return SnapshotOutcome(False, reason="snapshots_disabled")
-        slot = self.pool.resident(session)
-        if slot is None:
-            return self._bank_known(session, digest, "not_resident")
-        if slot.busy:
-            # The turn being committed released its slot before its result was sent, so a busy
-            # slot of this session runs a newer turn: its state extends this one, its commit
-            # banks it. Waiting would only hold the snapshot until it is superseded.
-            return self._bank_known(session, digest, "superseded")
-        gate = threading.Lock()
-        state = {"expired": False, "started": False}
-
-        def job() -> SnapshotOutcome:
-            with gate:
-                if state["expired"]:
-                    return SnapshotOutcome(False, reason="deadline")
-                state["started"] = True
-            if slot.session != session or slot.digest != digest:
-                return self._bank_known(session, digest, "superseded")
-            if slot.busy and session in self._running:
-                # This session's next turn holds the slot and waits behind this job: copying
-                # the state now would put the copy on that turn's time to first token. Its
-                # state extends this one and its commit banks it.
-                return self._bank_known(session, digest, "superseded")
-            return self._bank_slot(slot, persist=True)
-
-        fut = slot.worker.submit(job)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
-        except TimeoutError:
-            with gate:
-                state["expired"] = True
-                started = state["started"]
-            if not started:
-                return SnapshotOutcome(
-                    False, reason=f"deadline: the slot stayed busy for {wait_s:g} s"
-                )
-            try:  # already copying: that ends in moments, keep it
-                return await fut
-            except Exception as e:
-                return _failed_snapshot(session, e)
-        except Exception as e:
-            return _failed_snapshot(session, e)
-
     async def forget(self, session: str) -> None:
         """Drop the slot state and every bank entry (RAM and durable) of a deleted session."""
         slot = self.pool.resident(session)
@@ -429,8 +315,3 @@ def _cache_info(
         shared_tokens=len(shared), shared_prefix=token_hash(shared),
     )
 
-
-def _failed_snapshot(session: str, e: Exception) -> SnapshotOutcome:
-    """A failed copy costs this snapshot only, never the turn or its record."""
-    log.warning("bank_snapshot_failed", session=session, error=str(e))
-    return SnapshotOutcome(False, reason=f"error: {e}")

@@ -1,0 +1,186 @@
+"""The engine's side of the bank: snapshots of slots, evictions, and durable fetches.
+
+A mixin of ``SlotEngine`` (``actors/engine/engine.py``): the state it reads — the pool, the
+bank, the compatibility key, the running turns — is the engine's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import structlog
+
+from actors.engine.bank.meta import Compat, SnapshotMeta
+from actors.engine.bank.store import BankEntry, BankStore
+from actors.engine.interface import CancelToken, SnapshotOutcome
+from actors.engine.slots import Slot, SlotPool
+from actors.engine.stats import EngineStats
+from actors.engine.tokens import token_hash
+
+log = structlog.get_logger("engine")
+
+IDLE_BANK_WAIT_S = 2.0
+"""How long a new session waits for idle slots to be banked before it looks for a prefix."""
+
+
+class SlotBanking:
+    """Banking of slot states for ``SlotEngine``."""
+
+    bank: BankStore | None
+    pool: SlotPool
+    compat: Compat
+    turn_stats: EngineStats
+    _evicted: set[str]
+    _running: dict[str, tuple[str, CancelToken]]
+
+    async def _fetch_durable(self, session: str) -> None:
+        """Bring the snapshot a turn would restore from the durable tier into RAM, on the loop.
+
+        Done before the slot is taken, so a slot thread never waits on the event loop for an
+        object-store read (a miss here only means the turn computes what it cannot restore).
+        """
+        bank = self.bank
+        if bank is None or bank.durable is None or self.pool.resident(session) is not None:
+            return
+        meta = bank.to_fetch(session, self.compat)
+        if meta is None:
+            return
+        start = time.perf_counter()
+        try:
+            data = await bank.durable.fetch(meta)
+        except Exception as e:
+            log.warning("bank_durable_load_failed", session=session, error=str(e))
+            return
+        ms = (time.perf_counter() - start) * 1000
+        bank.put(BankEntry(meta, data, durable=True, fetched_ms=ms))
+
+    async def _bank_idle_slots(self, session: str) -> None:
+        """Bank every idle slot whose state is not banked yet, before a new session looks.
+
+        A turn's commit snapshot is requested over the bus after its answer is out, so the
+        next agent of a mesh, sharing its long system prompt, can arrive first and find
+        nothing to share: it would prefill the whole prompt again. Copying those states now
+        costs what the commit snapshot would have (which then finds them banked by content).
+        """
+        if self.bank is None:
+            return
+        jobs = [
+            slot.worker.submit(lambda slot=slot, owner=slot.session, digest=slot.digest:
+                               self._bank_if_idle(slot, owner, digest))
+            for slot in self.pool.slots
+            if not slot.busy and slot.session not in (None, session) and slot.tokens
+            and slot.digest is not None and self.bank.find(slot.digest, self.compat) is None
+        ]
+        if jobs:
+            done, _ = await asyncio.wait(jobs, timeout=IDLE_BANK_WAIT_S)
+            for job in done:
+                if job.exception() is not None:
+                    log.warning("bank_idle_slot_failed", error=str(job.exception()))
+
+    def _bank_if_idle(self, slot: Slot, session: str | None, digest: str | None) -> None:
+        if slot.session != session or slot.digest != digest or slot.digest is None:
+            return  # it moved on: whatever it held was banked or superseded
+        if slot.busy and session in self._running:
+            return  # that session's next turn waits behind this job: its commit banks it
+        self._bank_slot(slot, persist=False)
+
+    # -- bank -----------------------------------------------------------------------------
+    def _evict(self, slot: Slot) -> None:
+        old = slot.session
+        assert old is not None
+        self._evicted.add(old)
+        self.turn_stats.slot_evictions += 1
+        if self.bank is not None and slot.tokens:
+            self._bank_slot(slot, persist=False)
+        log.info("slot_evicted", slot=slot.index, session=old, tokens=len(slot.tokens))
+        slot.session, slot.tokens, slot.digest = None, [], None
+
+    def _bank_slot(self, slot: Slot, persist: bool) -> SnapshotOutcome:
+        """Copy the slot's state into RAM (and, for commits, queue it for the durable tier)."""
+        assert self.bank is not None and slot.session is not None
+        n = len(slot.tokens)
+        # Only a state a failed turn left behind has no digest yet.
+        digest = slot.digest or token_hash(slot.tokens)
+        existing = self.bank.find(digest, self.compat)  # any session's: stored once
+        if existing is not None:
+            if persist:
+                self.bank.persist(existing)
+            return SnapshotOutcome(True, n, existing.nbytes, 0.0, "already_banked")
+        start = time.perf_counter()
+        data = slot.ctx.state_bytes()
+        ms = (time.perf_counter() - start) * 1000
+        meta = SnapshotMeta(
+            session=slot.session, tokens=tuple(slot.tokens), nbytes=len(data),
+            model_id=self.compat.model_id, n_ctx=self.compat.n_ctx,
+            template=self.compat.template, token_hash=digest,
+        )
+        entry = BankEntry(meta, data)
+        in_ram = self.bank.put(entry)
+        durable = persist and self.bank.persist(entry)
+        if not (in_ram or durable):
+            return SnapshotOutcome(False, n, len(data), ms, "too_large_for_bank")
+        return SnapshotOutcome(True, n, len(data), ms, None if in_ram else "durable_only")
+
+    def _bank_known(self, session: str, digest: str, why: str) -> SnapshotOutcome:
+        """The slot moved on: make durable what an eviction already banked, if anything."""
+        assert self.bank is not None
+        entry = self.bank.find(digest, self.compat)
+        if entry is None:
+            return SnapshotOutcome(False, reason=why)
+        self.bank.persist(entry)
+        n = len(entry.meta.tokens)
+        return SnapshotOutcome(True, n, entry.nbytes, 0.0, "banked_at_eviction")
+
+    async def snapshot(self, session: str, digest: str, wait_s: float) -> SnapshotOutcome:
+        """Bank the exact state ``digest`` of ``session`` once its slot is idle (bounded)."""
+        if self.bank is None:
+            return SnapshotOutcome(False, reason="snapshots_disabled")
+        slot = self.pool.resident(session)
+        if slot is None:
+            return self._bank_known(session, digest, "not_resident")
+        if slot.busy:
+            # The turn being committed released its slot before its result was sent, so a busy
+            # slot of this session runs a newer turn: its state extends this one, its commit
+            # banks it. Waiting would only hold the snapshot until it is superseded.
+            return self._bank_known(session, digest, "superseded")
+        gate = threading.Lock()
+        state = {"expired": False, "started": False}
+
+        def job() -> SnapshotOutcome:
+            with gate:
+                if state["expired"]:
+                    return SnapshotOutcome(False, reason="deadline")
+                state["started"] = True
+            if slot.session != session or slot.digest != digest:
+                return self._bank_known(session, digest, "superseded")
+            if slot.busy and session in self._running:
+                # This session's next turn holds the slot and waits behind this job: copying
+                # the state now would put the copy on that turn's time to first token. Its
+                # state extends this one and its commit banks it.
+                return self._bank_known(session, digest, "superseded")
+            return self._bank_slot(slot, persist=True)
+
+        fut = slot.worker.submit(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except TimeoutError:
+            with gate:
+                state["expired"] = True
+                started = state["started"]
+            if not started:
+                return SnapshotOutcome(
+                    False, reason=f"deadline: the slot stayed busy for {wait_s:g} s"
+                )
+            try:  # already copying: that ends in moments, keep it
+                return await fut
+            except Exception as e:
+                return _failed_snapshot(session, e)
+        except Exception as e:
+            return _failed_snapshot(session, e)
+
+def _failed_snapshot(session: str, e: Exception) -> SnapshotOutcome:
+    """A failed copy costs this snapshot only, never the turn or its record."""
+    log.warning("bank_snapshot_failed", session=session, error=str(e))
+    return SnapshotOutcome(False, reason=f"error: {e}")
