@@ -239,6 +239,25 @@ async def test_a_snapshot_queued_ahead_of_the_sessions_next_turn_yields_to_it(en
     assert (await engine.snapshot("s", second.token_hash, wait_s=5)).stored
 
 
+async def test_a_commit_snapshot_lets_the_sessions_next_turn_arriving_at_once_go_first(engine):
+    """Given turn 1's commit snapshot was just requested and turn 2 of the same session
+    arrives right after (a tool result, an agent's follow-up), then the copy does not start
+    ahead of turn 2: the snapshot yields as superseded and turn 2's commit banks the longer
+    state."""
+    one = await run(engine, spec("s", [user("one")]))
+    late = asyncio.ensure_future(engine.snapshot("s", one.token_hash, wait_s=30))
+    # The answer reaches the agent and its next prompt comes back over the bus: in a node
+    # that takes milliseconds, in which a copy started at once would already be under way.
+    await asyncio.sleep(0.01)
+    history = [user("one"), ChatMessage(role="assistant", content=one.text), user("two")]
+    second = await run(engine, spec("s", history, {1: one.completion_ids}))
+    snapshot = await late
+    assert not snapshot.stored and snapshot.reason == "superseded"
+    assert second.cache.source == "slot" and second.usage.cached_tokens == one.n_tokens
+    banked = await engine.snapshot("s", second.token_hash, wait_s=5)
+    assert banked.stored and banked.n_tokens == second.n_tokens
+
+
 def _foreign_entry(engine, session: str, tokens: list[int], **override: str) -> BankEntry:  # type: ignore[no-untyped-def]
     c = engine.compat
     fields = {"model_id": c.model_id, "template": c.template, **override}

@@ -21,6 +21,8 @@ from actors.engine.tokens import token_hash
 
 log = structlog.get_logger("engine")
 
+SNAPSHOT_SETTLE_S = 0.05
+"""How long a commit snapshot lets the session's next turn go first (see ``snapshot``)."""
 IDLE_BANK_WAIT_S = 2.0
 """How long a new session waits for idle slots to be banked before it looks for a prefix."""
 
@@ -137,6 +139,12 @@ class SlotBanking:
         """Bank the exact state ``digest`` of ``session`` once its slot is idle (bounded)."""
         if self.bank is None:
             return SnapshotOutcome(False, reason="snapshots_disabled")
+        # A turn's state is most often extended at once by the session's next turn (a tool
+        # result, an agent's follow-up): a copy started first would sit on that turn's time
+        # to first token. Settling a moment lets that turn take the slot; its commit banks
+        # the longer state, and a new session that could share this one banks it itself
+        # before it looks (``_bank_idle_slots``).
+        await asyncio.sleep(SNAPSHOT_SETTLE_S)
         slot = self.pool.resident(session)
         if slot is None:
             return self._bank_known(session, digest, "not_resident")
