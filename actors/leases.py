@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from actors.base import Actor, encode
 from actors.ownership import PartitionUser
+from actors.replicas import keep_replicas, placing
 from schemas.internal import PartitionLease
 from schemas.subjects import Subjects, partition_of
 
@@ -58,12 +59,14 @@ class PartitionLeases(Actor):
     name = "leases"
 
     def __init__(
-        self, nc: Client, subjects: Subjects, node: str, partitions: int, ttl_s: float
+        self, nc: Client, subjects: Subjects, node: str, partitions: int, ttl_s: float,
+        replicas: int,
     ) -> None:
         super().__init__(nc, subjects)
         self.node = node
         self.partitions = partitions
         self.ttl_s = ttl_s
+        self.replicas = replicas
         self.leases: dict[int, Lease] = {}
         self._users: list[PartitionUser] = []
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
@@ -135,13 +138,18 @@ class PartitionLeases(Actor):
 
     async def _bucket(self) -> KeyValue:
         js = self.nc.jetstream()
+        bucket = self.subjects.lease_bucket
+        what = f"the KV bucket {bucket}"
         try:
-            return await js.key_value(self.subjects.lease_bucket)
+            kv = await js.key_value(bucket)
         except BucketNotFoundError:
-            return await js.create_key_value(KeyValueConfig(
-                bucket=self.subjects.lease_bucket, history=1, ttl=self.ttl_s,
-                storage=StorageType.FILE,
-            ))
+            async with placing(what, self.replicas):
+                return await js.create_key_value(KeyValueConfig(
+                    bucket=bucket, history=1, ttl=self.ttl_s, storage=StorageType.FILE,
+                    replicas=self.replicas,
+                ))
+        await keep_replicas(js, self.subjects.kv_stream(bucket), what, self.replicas)
+        return kv
 
     async def _keep(self) -> None:
         while not self._stopping.is_set():

@@ -26,6 +26,7 @@ from actors.engine.llama_model import ModelLoadError
 from actors.engine.loader import load_engine
 from actors.engine.template_sandbox import TemplateError
 from actors.gateway import ApiKeysError, Gateway, GatewayBindError
+from actors.replicas import ReplicasError
 from node.bus import BusError, connect
 from node.config import NodeConfig
 from node.local_auth import URL_FILE, LocalCredentials
@@ -51,7 +52,7 @@ VERSION = "0.1.0"
 _USER_ERRORS = (
     BusError, NatsServerError, ModelFileError, UnsupportedModelError, ModelLoadError,
     LlamaLibraryError, TemplateError, ModelNameError, OSError, ApiKeysError, GatewayBindError,
-    PartitionCountError,
+    PartitionCountError, ReplicasError,
 )
 
 

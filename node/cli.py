@@ -67,6 +67,7 @@ UP_FLAGS: dict[str, str] = {
     "--node-id": "node_id",
     "--partitions": "partitions",
     "--lease-ttl-s": "lease_ttl_s",
+    "--replicas": "replicas",
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--llama-log": "llama_log",
@@ -134,6 +135,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="partitions sessions are spread over (the same on every node)")
     p.add_argument("--lease-ttl-s", type=float,
                    help="seconds a partition lease lasts unless renewed (default 10)")
+    p.add_argument("--replicas", type=int, help="copies of each stream and bucket on the "
+                   "servers of a NATS cluster (default 1)")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")
     p.add_argument("--llama-log", action="store_const", const=True, help="show llama.cpp's log")

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from actors.gateway import ApiKeysError, Gateway, GatewayBindError
+from actors.replicas import ReplicasError
 from node.bus import BusError, connect
 from node.cli_client import resolve_url
 from node.config import NodeConfig
@@ -63,6 +64,9 @@ async def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             print(f"infernode: cannot listen on {config.openai_host}:{args.port}: "
                   f"{e.strerror}", file=sys.stderr)
             return 1
+        except ReplicasError as e:
+            print(f"infernode: {e}", file=sys.stderr)
+            return 2
         print(f"infernode: OpenAI API on http://{config.openai_host}:{gateway.port}/v1 "
               f"(node at {url})", flush=True)
         await stop.wait()

@@ -110,6 +110,9 @@ class NodeConfig:
     lease_ttl_s: float = 10.0
     """Seconds a partition's lease lasts unless its owner renews it (every third of it);
     a dead node's sessions move after at most this long."""
+    replicas: int = 1
+    """Copies JetStream keeps of each stream, KV bucket and object store the node makes, on
+    as many servers of a NATS cluster (1 on a single server; 3 survives one server lost)."""
     log_level: str = "info"
     """debug, info, warning, error or critical."""
     log_format: str = "auto"

@@ -11,6 +11,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from actors.replicas import MAX_REPLICAS
 from node.models import ModelNameError, resolve_model
 from schemas.subjects import Subjects
 
@@ -92,6 +93,7 @@ def _check_counts(c: NodeConfig) -> None:
         ("tombstones", "--tombstones"): 0,
         ("records_max_bytes", "--records-max-bytes"): 0,
         ("partitions", "--partitions"): 1,
+        ("replicas", "--replicas"): 1,
     }
     for (name, flag), least in minimums.items():
         value = getattr(c, name)
@@ -174,6 +176,11 @@ def _check_prefix(c: NodeConfig) -> None:
         Subjects(c.prefix, c.node_id or "")
     except ValueError as e:
         raise ConfigError(f"{e}; pass --node-id node-1 or leave it unset") from e
+    if c.replicas > MAX_REPLICAS:
+        _fail(
+            f"replicas must be at most {MAX_REPLICAS}, JetStream's limit (got {c.replicas}); "
+            "pass --replicas 3"
+        )
     if c.partitions > MAX_PARTITIONS:
         _fail(
             f"partitions must be at most {MAX_PARTITIONS} (got {c.partitions}); "

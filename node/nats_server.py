@@ -17,6 +17,7 @@ import shutil
 import sys
 import sysconfig
 from collections import deque
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -102,10 +103,12 @@ class EmbeddedNats:
         stop_timeout: float = 10.0,
         binary: Path | None = None,
         any_port_if_taken: bool = False,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """``port`` None lets the server pick; with ``any_port_if_taken`` a port in use does too.
 
         ``port_taken`` then holds the port that was asked for and could not be had.
+        ``extra_args`` go to nats-server after ours (a cluster member's name and routes).
         """
         self.data_dir = Path(data_dir)
         self.host = host
@@ -117,6 +120,7 @@ class EmbeddedNats:
         self._binary = binary
         self._requested_port = port
         self.any_port_if_taken = any_port_if_taken
+        self.extra_args = tuple(extra_args)
         self.port_taken: int | None = None
         self._port: int | None = None
         self._listen_host: str | None = None
@@ -258,7 +262,7 @@ class EmbeddedNats:
         config = self._config_path()
         if config is not None:
             args += ["-c", str(config)]
-        return args
+        return args + list(self.extra_args)
 
     def _config_path(self) -> Path | None:
         # max_payload has no command-line flag, so it goes into a generated config file
@@ -323,6 +327,15 @@ class EmbeddedNats:
             return await asyncio.wait_for(self._proc.wait(), self.stop_timeout)
         except TimeoutError:
             return self._proc.returncode
+
+    async def kill(self) -> None:
+        """SIGKILL the server, as a crash would (no shutdown runs), and reap it."""
+        if self._proc is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        await self.stop()
 
     async def _terminate(self) -> None:
         proc = self._proc

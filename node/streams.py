@@ -14,6 +14,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from actors.replicas import placing
 from schemas.subjects import Subjects
 
 DUPLICATE_WINDOW_S = 120.0
@@ -46,8 +47,9 @@ async def ensure_streams(
     records_max_age: float = 0.0,
     records_max_bytes: int = 0,
     partitions: int = PARTITIONS,
+    replicas: int = 1,
 ) -> None:
-    """Create (or update) the intake and record streams.
+    """Create (or update) the intake and record streams, each with ``replicas`` copies.
 
     The intake stores each prompt under its session's partition (a subject transform the
     server applies), so each partition's prompts have their own consumer, pulled by the
@@ -57,7 +59,8 @@ async def ensure_streams(
     The intake is bounded: when admission falls that far behind, JetStream refuses the
     publish (the agent sees the error and may retry) instead of growing without end. The
     record log keeps everything unless the operator sets an age or size (0 = no limit);
-    past a limit JetStream drops the oldest records.
+    past a limit JetStream drops the oldest records. A stream made with another replica
+    count is updated to this one (a ReplicasError where the servers cannot place it).
     """
     source, dest = subjects.intake_transform(partitions)
     intake = StreamConfig(
@@ -71,6 +74,7 @@ async def ensure_streams(
         max_msgs=intake_max_prompts,
         max_bytes=intake_max_bytes,
         discard=DiscardPolicy.NEW,
+        num_replicas=replicas,
     )
     records = StreamConfig(
         name=subjects.record_stream,
@@ -82,16 +86,18 @@ async def ensure_streams(
         max_age=records_max_age,
         max_bytes=records_max_bytes or -1,
         discard=DiscardPolicy.OLD,
+        num_replicas=replicas,
     )
     for config in (intake, records):
-        try:
-            info = await js.stream_info(config.name)  # type: ignore[arg-type]
-        except NotFoundError:
-            await js.add_stream(config)
-            continue
-        if config is intake:
-            await _check_partitions(js, info.config, config)
-        await js.update_stream(config)
+        async with placing(f"the stream {config.name}", replicas):
+            try:
+                info = await js.stream_info(config.name)  # type: ignore[arg-type]
+            except NotFoundError:
+                await js.add_stream(config)
+                continue
+            if config is intake:
+                await _check_partitions(js, info.config, config)
+            await js.update_stream(config)
 
 
 async def _check_partitions(js: JetStreamContext, have: StreamConfig, want: StreamConfig) -> None:

@@ -71,15 +71,16 @@ def gateway_settings(
         ),
         header_timeout_s=config.openai_header_timeout_s,
         model_name=model_name,
+        replicas=config.replicas,
     )
 
 
 async def prepare_streams(nc: Client, subjects: Subjects, config: NodeConfig) -> None:
-    """The intake and record streams, with the configured bounds and retention."""
+    """The intake and record streams, with the configured bounds, retention and replicas."""
     await ensure_streams(
         nc.jetstream(), subjects, config.max_payload,
         config.intake_max_prompts, config.intake_max_bytes,
-        config.records_max_age, config.records_max_bytes, config.partitions,
+        config.records_max_age, config.records_max_bytes, config.partitions, config.replicas,
     )
 
 
@@ -89,7 +90,7 @@ async def engine_actor(
     """The actor serving a loaded engine, with its durable bank tier as configured."""
     return EngineActor(
         await connect("engine"), subjects, engine, config.bank_dir, config.bank_object_store,
-        config.bank_durable_bytes,
+        config.bank_durable_bytes, config.replicas,
     )
 
 
@@ -108,7 +109,8 @@ async def build_actors(
     """
     admin = AdminActor(admin_nc, subjects, node)
     leases = PartitionLeases(
-        await connect("leases"), subjects, node_id, config.partitions, config.lease_ttl_s
+        await connect("leases"), subjects, node_id, config.partitions, config.lease_ttl_s,
+        config.replicas,
     )
     return [
         leases,

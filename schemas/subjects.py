@@ -298,7 +298,17 @@ class Subjects:
     @property
     def bank_object_stream(self) -> str:
         """The JetStream stream behind the bank's object store (``OBJ_<bucket>``)."""
-        return f"OBJ_{self.bank_bucket}"
+        return self.object_stream(self.bank_bucket)
+
+    @staticmethod
+    def object_stream(bucket: str) -> str:
+        """The JetStream stream behind object store ``bucket`` (JetStream names it so)."""
+        return f"OBJ_{bucket}"
+
+    @staticmethod
+    def kv_stream(bucket: str) -> str:
+        """The JetStream stream behind KV bucket ``bucket`` (JetStream names it so)."""
+        return f"KV_{bucket}"
 
     def bank_object_meta(self, name: str) -> str:
         """The object store's metadata subject of object ``name`` (JetStream's object store

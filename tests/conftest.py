@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from node.nats_server import EmbeddedNats
+from tests.nats_cluster import NatsCluster
 
 if TYPE_CHECKING:
     from node.app import Node
@@ -26,6 +27,13 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
     """A fresh nats-server with JetStream in this test's temporary directory."""
     async with EmbeddedNats(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """Three nats-servers with JetStream routed on loopback, a meta leader elected."""
+    async with NatsCluster(tmp_path / "cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -140,14 +140,14 @@ async def test_a_lease_is_taken_once_renewed_and_taken_back_by_the_same_node_aft
     """Given node A holding every partition, node B gets none; when A's process is gone
     without giving them back, A restarted under its id takes them back at once (before their
     TTL), and once A stops cleanly B takes them all."""
-    a = PartitionLeases(nc, S, "node-a", 4, 30.0)
-    b = PartitionLeases(nc, S, "node-b", 4, 30.0)
+    a = PartitionLeases(nc, S, "node-a", 4, 30.0, 1)
+    b = PartitionLeases(nc, S, "node-b", 4, 30.0, 1)
     await a.start()
     await b.start()
     assert a.held() == frozenset(range(4)) and b.held() == frozenset()
     revisions = {p: lease.revision for p, lease in a.leases.items()}
     a._stopping.set()  # a process killed: no release, the keys stay until their TTL
-    again = PartitionLeases(nc, S, "node-a", 4, 30.0)
+    again = PartitionLeases(nc, S, "node-a", 4, 30.0, 1)
     await again.start()
     assert again.held() == frozenset(range(4))
     assert all(again.leases[p].revision > revisions[p] for p in range(4))

@@ -54,12 +54,15 @@ class EngineActor(Actor):
         bank_dir: Path | None,
         bank_object_store: bool,
         bank_durable_bytes: int,
+        replicas: int,
     ) -> None:
         super().__init__(nc, subjects)
         self.engine = engine
         self.bank_dir = bank_dir
         self.bank_object_store = bank_object_store
         self.bank_durable_bytes = bank_durable_bytes
+        self.replicas = replicas
+        """Copies of the bank's object store on the servers of a NATS cluster."""
         self.durable: DurableTier | None = None
 
     async def start(self) -> None:
@@ -94,7 +97,7 @@ class EngineActor(Actor):
             backends.append(DirectoryBackend(self.bank_dir))
         if self.bank_object_store:
             js = self.nc.jetstream()
-            store = await open_object_store(js, self.subjects.bank_bucket)
+            store = await open_object_store(js, self.subjects.bank_bucket, self.replicas)
             backends.append(
                 ObjectStoreBackend(store, asyncio.get_running_loop(), js, self.subjects)
             )

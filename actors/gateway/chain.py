@@ -22,6 +22,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from actors.replicas import keep_replicas, placing
 from schemas.chat import ChatMessage
 from schemas.gateway import (
     ConversationEntry,
@@ -100,15 +101,19 @@ class ConversationIndex:
         self._known: OrderedDict[str, ConversationEntry] = OrderedDict()
 
     @classmethod
-    async def open(cls, js: JetStreamContext, subjects: Subjects) -> ConversationIndex:
-        """Bind the buckets, creating them on first use."""
+    async def open(
+        cls, js: JetStreamContext, subjects: Subjects, replicas: int = 1
+    ) -> ConversationIndex:
+        """Bind the buckets (with ``replicas`` copies), creating them on first use."""
         conversations = await _bucket(js, KeyValueConfig(
             bucket=subjects.gateway_bucket, history=1, storage=StorageType.FILE,
             description="infernode gateway: committed conversations by hash chain",
+            replicas=replicas,
         ))
         answers = await _bucket(js, KeyValueConfig(
             bucket=subjects.gateway_answers_bucket, history=1, ttl=ANSWER_TTL_S,
             storage=StorageType.FILE, description="infernode gateway: idempotent answers",
+            replicas=replicas,
         ))
         return cls(conversations, answers)
 
@@ -176,7 +181,11 @@ class ConversationIndex:
 
 
 async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    what = f"the KV bucket {config.bucket}"
     try:
-        return await js.key_value(config.bucket)
+        kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(config)
+        async with placing(what, config.replicas):
+            return await js.create_key_value(config)
+    await keep_replicas(js, Subjects.kv_stream(config.bucket), what, config.replicas)
+    return kv

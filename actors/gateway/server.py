@@ -55,6 +55,8 @@ class GatewaySettings:
     """Longest a call waits for its turn's answer."""
     model_name: str | None = None
     """Name under ``/v1/models``; None asks the node's health."""
+    replicas: int = 1
+    """Copies of the gateway's KV buckets on the servers of a NATS cluster."""
 
     def __post_init__(self) -> None:
         if not self.api_keys and self.host not in LOOPBACK:
@@ -124,7 +126,7 @@ class Gateway:
     async def start(self) -> None:
         """Open the index, bind the port and serve."""
         s = self.settings
-        index = await ConversationIndex.open(self.nc.jetstream(), self.subjects)
+        index = await ConversationIndex.open(self.nc.jetstream(), self.subjects, s.replicas)
         service = ChatService(self.nc, self.subjects, SessionRouter(index), s.turn_timeout_s)
         service.model = s.model_name or await self._model_name()
         self.app = GatewayApp(service, s.api_keys, s.limits)

@@ -22,6 +22,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundErr
 from nats.js.object_store import ObjectStore
 
 from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json
+from actors.replicas import keep_replicas, placing
 from schemas.subjects import Subjects
 
 T = TypeVar("T")
@@ -29,15 +30,23 @@ CALL_TIMEOUT_S = 120.0
 """Longest one object-store call may take before the bank gives up on it."""
 
 
-async def open_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
-    """The bank's bucket, created (file storage) when it does not exist yet."""
+async def open_object_store(
+    js: JetStreamContext, bucket: str, replicas: int = 1
+) -> ObjectStore:
+    """The bank's bucket with ``replicas`` copies, created (file storage) when it does not
+    exist yet, updated when it has another count."""
+    what = f"the object store {bucket}"
     try:
-        return await js.object_store(bucket)
+        store = await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
         config = ObjectStoreConfig(
-            bucket=bucket, description="infernode KV snapshots", storage=StorageType.FILE
+            bucket=bucket, description="infernode KV snapshots", storage=StorageType.FILE,
+            replicas=replicas,
         )
-        return await js.create_object_store(bucket, config=config)
+        async with placing(what, replicas):
+            return await js.create_object_store(bucket, config=config)
+    await keep_replicas(js, Subjects.object_stream(bucket), what, replicas)
+    return store
 
 
 class ObjectStoreBackend:
