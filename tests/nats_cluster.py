@@ -110,8 +110,16 @@ class NatsCluster:
 
     async def jsz(self, name: str) -> dict[str, Any]:
         """Member ``name``'s JetStream report (its monitor's ``/jsz``)."""
+        return await self._monitor(name, "jsz")
+
+    async def client_names(self, name: str) -> list[str]:
+        """The names of the client connections member ``name`` holds (its ``/connz``)."""
+        report = await self._monitor(name, "connz")
+        return [c.get("name", "") for c in report.get("connections") or []]
+
+    async def _monitor(self, name: str, endpoint: str) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=5) as http:
-            reply = await http.get(f"http://127.0.0.1:{self.monitor_ports[name]}/jsz")
+            reply = await http.get(f"http://127.0.0.1:{self.monitor_ports[name]}/{endpoint}")
             reply.raise_for_status()
             return dict(reply.json())
 
