@@ -35,6 +35,8 @@ NOT_HERE = {
 NOT_HERE_SECTIONS = {
     "Running with compose": "needs Docker; tests/test_compose.py runs each service's command",
     "CUDA": "needs a CUDA GPU and a compiler",
+    "A 3-server NATS cluster": "needs Docker; tests/test_compose_cluster.py runs each "
+    "service's command of compose.cluster.yaml",
     "OpenAI-compatible API": "tests/test_gateway_docs.py runs its curl lines and SDK examples "
     "against a gateway on a free port",
 }
