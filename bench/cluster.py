@@ -4,6 +4,7 @@ move costs next to recomputing them.
     python bench/cluster.py                   # demo model, 2 s leases, 6 sessions, 600 words
     python bench/cluster.py --quick           # smoke run: 2 sessions, short histories
     python bench/cluster.py --model PATH.gguf --lease-ttl-s 5
+    python bench/cluster.py --prompts 1000    # admissions: more append-only prompts
 
 It starts a nats-server and two ``infernode up`` processes on it, A then B (A takes every
 partition), with the bank in the object store. Each session gets a first turn with a long
@@ -14,7 +15,9 @@ session's next prompt is published at once. Measured in this one run:
   lease TTL (B can take A's partitions only once their leases expire);
 - restore ÷ recompute: the moved turns' time to first token on B (their KV restored from
   the object store) divided by the same conversations' time to first token on a node with
-  no bank (recomputed from their text), a third node on its own nats-server.
+  no bank (recomputed from their text), a third node on its own nats-server;
+- admissions through a 3-server NATS cluster with replicas 3 ÷ through one nats-server, one
+  node each, append-only prompts (bench/cluster_admissions.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from nats.aio.msg import Msg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cluster_admissions import measure as measure_admissions  # noqa: E402
 from bench.common import Chatter, Ratio, median, print_table, quiet_logs  # noqa: E402
 from node.demo_model import write_llama_gguf  # noqa: E402
 from node.nats_server import EmbeddedNats  # noqa: E402
@@ -219,6 +223,8 @@ async def main(args: argparse.Namespace) -> int:
         moved, restored, sources, answers = await measure_move(args, tmp, model, texts,
                                                                sessions)
         recomputed = await measure_recompute(tmp, model, texts, sessions, answers)
+        admissions = await measure_admissions(NodeChild, tmp, model,
+                                              60 if args.quick else args.prompts)
     ttl = args.lease_ttl_s
     print_table(f"cluster: 2 nodes, {n} sessions of ~{words} words, lease TTL {ttl:g} s", [
         Ratio("failover: kill -> first token / lease TTL", median(moved) / ttl, 2.0, True,
@@ -227,6 +233,7 @@ async def main(args: argparse.Namespace) -> int:
               median(restored) / median(recomputed), 0.1, True,
               f"restored {median(restored):.1f} ms (cache {', '.join(sorted(set(sources)))}), "
               f"recomputed {median(recomputed):.1f} ms (medians)"),
+        admissions,
     ])
     return 0
 
@@ -237,6 +244,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--words", type=int, default=600, help="words in each first message")
     p.add_argument("--lease-ttl-s", type=float, default=2.0)
+    p.add_argument("--prompts", type=int, default=400,
+                   help="append-only prompts of the admissions measurement")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 short sessions")
     return p.parse_args(argv)
 

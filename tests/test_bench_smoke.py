@@ -113,6 +113,7 @@ def test_quick_agent_trace_runs_and_warm_turns_reuse_every_token_the_previous_tu
 CLUSTER_RATIO_LINES = (
     "failover: kill -> first token / lease TTL",
     "moved turn TTFT: restored / recomputed",
+    "admissions/s: 3 servers, replicas 3 / 1 server",
 )
 
 
