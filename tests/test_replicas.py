@@ -1,7 +1,7 @@
 """--replicas: every JetStream asset the node makes is kept on that many servers.
 
 - On a 3-server cluster, a node with --replicas 3 makes its intake and record streams, its
-  lease bucket and the bank's object store with three copies each.
+  lease bucket and the bank's object store with three copies each; a gateway its buckets.
 - Assets made with one copy are updated to three when a node asks for three.
 - More copies than the servers can place (one server; 5 on 3 servers) stop the node with a
   sentence saying why and naming --replicas; nothing is half-made.
@@ -13,6 +13,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from actors.gateway import Gateway, GatewaySettings
 from actors.replicas import ReplicasError
 from node.app import StartError
 from node.config import ConfigError, NodeConfig
@@ -105,3 +106,18 @@ async def test_more_replicas_than_cluster_servers_are_refused_naming_the_asset(
     assert f"cannot keep 5 replicas of the stream {S.prompt_stream}" in message
     assert "no suitable peers for placement" in message
     assert "start the missing servers, or pass --replicas" in message
+
+
+@pytest.mark.timeout(60)
+async def test_the_gateways_buckets_have_the_configured_replicas(nats_cluster: NatsCluster):
+    """Given a 3-server cluster, an OpenAI gateway with three replicas makes its conversation
+    and answer buckets with three copies each."""
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        settings = GatewaySettings(port=0, model_name="m", replicas=3)
+        async with Gateway(nc, S, settings):
+            counts = await replica_counts(nc)
+        buckets = (S.gateway_bucket, S.gateway_answers_bucket)
+        assert {b: counts.get(S.kv_stream(b)) for b in buckets} == dict.fromkeys(buckets, 3)
+    finally:
+        await nc.drain()
