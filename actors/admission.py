@@ -13,6 +13,8 @@ redelivery by its intake sequence and does not record it twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 
 from nats.aio.client import Client
@@ -50,6 +52,10 @@ ACK_WAIT_S = 30.0
 """How long a pulled prompt may stay unacked before JetStream offers it again."""
 MAX_ACK_PENDING = 1024
 """Prompts of one partition pulled and not yet acked."""
+NAK_TRIES = 10
+"""Times a deferral is sent, RETRY_S apart, until a server confirms it. A deferral sent while
+the consumer's leader is being elected (its server lost) reaches no one, and the prompt
+would wait out ACK_WAIT_S."""
 
 
 class Admission(Actor):
@@ -251,10 +257,29 @@ class Admission(Actor):
         self.log.warning("admit_deferred", session=session, error=repr(error))
         self.deferred += 1
         self._deferred_now.add(id(msg))
-        try:
-            await msg.nak(delay=RETRY_S)
-        except Exception as e:  # NATS is away: the ack deadline redelivers it anyway
-            self.log.warning("intake_nak_failed", session=session, error=str(e) or repr(e))
+        self.spawn(self._nak(msg, session), f"nak:{session}")
+
+    async def _nak(self, msg: Msg, session: str) -> None:
+        """Send the deferral until the consumer's leader confirms it (a request, not a
+        publish), in its own task: the partition's next prompts do not wait on it. A
+        stopping node gives up after the first try; the next owner takes the consumer over
+        and is offered the prompt at once."""
+        loop = asyncio.get_running_loop()
+        nak = b"-NAK " + json.dumps({"delay": int(RETRY_S * 1e9)}).encode()
+        error = ""
+        for _ in range(NAK_TRIES):
+            sent = loop.time()
+            try:
+                await self.nc.request(msg.reply, nak, timeout=RETRY_S)
+                return
+            except Exception as e:  # no leader now: send it again once one may be elected
+                error = str(e) or repr(e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), sent + RETRY_S - loop.time())
+            if self._stopping.is_set() or self.nc.is_closed:
+                break
+        # Unconfirmed: JetStream offers the prompt again at its ack deadline anyway.
+        self.log.warning("intake_nak_failed", session=session, error=error)
 
     def _parse(self, msg: Msg, session: str) -> PromptRequest:
         if len(msg.data) > self.max_prompt_bytes:

@@ -6,6 +6,8 @@ them. Everything is asserted from the record stream, which outlives every kill:
 - A node killed with SIGKILL: the other two take its partitions and restore its sessions
   from the bank's object store; every accepted prompt is answered once, generations stay
   contiguous, and no session has records from two nodes inside one lease.
+- A prompt admission defers just as the server leading its partition's consumer dies is
+  offered again within seconds, not after the consumer's ack wait.
 - A NATS server killed with SIGKILL that does not lead the intake stream, then (once it is
   back and caught up) the one that leads it: prompts in flight across both kills are all
   answered once, nothing is duplicated, and the streams elect a new leader.
@@ -21,9 +23,14 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
 
+from actors.admission import ACK_WAIT_S, Admission
+from actors.leases import PartitionLeases
+from node.streams import ensure_streams
 from schemas.records import CommitRecord, UserRecord
-from schemas.subjects import Subjects
+from schemas.subjects import Subjects, partition_of
 from tests.helpers import EventCollector
 from tests.nats_cluster import NatsCluster, poll
 from tests.test_cluster import (
@@ -225,3 +232,50 @@ async def caught_up(nc: Client, cluster: NatsCluster, timeout: float = 30) -> No
 
     await poll(lagging, lambda behind: not behind, timeout, "every replica caught up")
 
+
+
+# -- a deferral sent while the server leading the consumer is lost ---------------------------
+@pytest.mark.timeout(90)
+async def test_a_prompt_deferred_as_its_consumers_leader_dies_is_offered_again_within_seconds(
+    nats_cluster: NatsCluster,
+):
+    """Given the intake on three servers and a prompt pulled from its partition's consumer,
+    when the server leading that consumer is SIGKILLed and admission defers the prompt at
+    once (its record log was unavailable), the prompt is offered again within seconds of a
+    new leader, not after the consumer's 30 s ack wait: the deferral is sent until a server
+    confirms it."""
+    session = "deferred"
+    partition = partition_of(session, 16)
+    durable = S.admission_consumer(partition)
+    setup = await nats.connect(servers=nats_cluster.urls)
+    try:
+        await ensure_streams(setup.jetstream(), S, 1 << 20, partitions=16, replicas=3)
+        await setup.jetstream().add_consumer(S.prompt_stream, ConsumerConfig(
+            durable_name=durable, filter_subject=S.intake(partition),
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
+        ))
+        await setup.jetstream().publish(S.prompt(session), prompt("hello"))
+        info = await setup.jetstream().consumer_info(S.prompt_stream, durable)
+        assert info.cluster is not None and info.cluster.leader
+        leader = info.cluster.leader
+    finally:
+        await setup.close()
+    # Admission's connection is on a server that survives, as it is for most nodes.
+    survivor = next(s.url for n, s in nats_cluster.servers.items() if n != leader)
+    nc = await nats.connect(servers=[survivor], reconnect_time_wait=0.2)
+    try:
+        sub = await nc.jetstream().pull_subscribe_bind(durable, S.prompt_stream)
+        [msg] = await sub.fetch(1, timeout=10)
+        admission = Admission(nc, S, 1 << 20, PartitionLeases(nc, S, "t", 16, 10.0, 3))
+        await nats_cluster.kill(leader)
+        deferred = asyncio.get_running_loop().time()
+        await admission._defer(msg, session, "the record log is unavailable")
+
+        async def again() -> list[Msg]:
+            return await sub.fetch(1, timeout=1)
+
+        redelivered = await poll(again, bool, ACK_WAIT_S / 2, "the deferred prompt again")
+        assert redelivered[0].metadata.sequence.stream == msg.metadata.sequence.stream
+        assert asyncio.get_running_loop().time() - deferred < ACK_WAIT_S / 2
+    finally:
+        await nc.close()
