@@ -73,7 +73,15 @@ async def keep_replicas(js: JetStreamContext, stream: str, what: str, replicas: 
         return
     async with placing(what, replicas):
         await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
-    log.info("replicas_changed", asset=what, stream=stream, was=have, now=replicas)
+    changed(what, stream, have, replicas)
 
 
-__all__ = ["MAX_REPLICAS", "ReplicasError", "keep_replicas", "placing"]
+def changed(what: str, stream: str, was: int, now: int) -> None:
+    """Log that ``stream`` (behind ``what``) went from ``was`` to ``now`` copies."""
+    # A warning: a node started without the cluster's --replicas changes every asset to its
+    # own count, which the operator should hear about.
+    log.warning("replicas_changed", asset=what, stream=stream, was=was, now=now,
+                hint="every node of a cluster should run with the same --replicas")
+
+
+__all__ = ["MAX_REPLICAS", "ReplicasError", "changed", "keep_replicas", "placing"]

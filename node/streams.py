@@ -14,7 +14,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from actors.replicas import placing
+from actors.replicas import changed, placing
 from schemas.subjects import Subjects
 
 DUPLICATE_WINDOW_S = 120.0
@@ -98,6 +98,9 @@ async def ensure_streams(
             if config is intake:
                 await _check_partitions(js, info.config, config)
             await js.update_stream(config)
+        if (info.config.num_replicas or 1) != replicas:
+            changed(f"the stream {config.name}", config.name or "", info.config.num_replicas or 1,
+                    replicas)
 
 
 async def _check_partitions(js: JetStreamContext, have: StreamConfig, want: StreamConfig) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import nats
 import pytest
 from nats.aio.client import Client
+from structlog.testing import capture_logs
 
 from actors.gateway import Gateway, GatewaySettings
 from actors.replicas import ReplicasError
@@ -65,7 +66,7 @@ async def test_assets_made_with_one_replica_are_updated_to_three(
     nats_cluster: NatsCluster, make_node
 ):
     """Given streams, leases and bank made by a node with one replica, a node started with
-    --replicas 3 on the same cluster updates each to three copies."""
+    --replicas 3 on the same cluster updates each to three copies, warning of each one."""
     first = await make_node(url=nats_cluster.url, bank_object_store=True)
     await first.stop()
     nc = await nats.connect(nats_cluster.urls)
@@ -75,7 +76,11 @@ async def test_assets_made_with_one_replica_are_updated_to_three(
         assert {s.prompt_stream, s.record_stream, s.kv_stream(s.lease_bucket),
                 s.bank_object_stream} <= set(before)
         assert set(before.values()) == {1}
-        await make_node(url=nats_cluster.url, replicas=3, bank_object_store=True)
+        with capture_logs() as logs:
+            await make_node(url=nats_cluster.url, replicas=3, bank_object_store=True)
+        changed = {e["stream"]: (e["was"], e["now"]) for e in logs
+                   if e["event"] == "replicas_changed"}
+        assert changed == dict.fromkeys(before, (1, 3))
         js = nc.jetstream()
         after = {name: (await js.stream_info(name)).config.num_replicas for name in before}
         assert after == dict.fromkeys(before, 3)
