@@ -7,6 +7,7 @@ bank, the compatibility key, the running turns — is the engine's own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -107,6 +108,7 @@ class SlotBanking:
         digest = slot.digest or token_hash(slot.tokens)
         existing = self.bank.find(digest, self.compat)  # any session's: stored once
         if existing is not None:
+            existing = self._claim(existing, slot.session)
             if persist:
                 self.bank.persist(existing)
             return SnapshotOutcome(True, n, existing.nbytes, 0.0, "already_banked")
@@ -131,9 +133,21 @@ class SlotBanking:
         entry = self.bank.find(digest, self.compat)
         if entry is None:
             return SnapshotOutcome(False, reason=why)
+        entry = self._claim(entry, session)
         self.bank.persist(entry)
         n = len(entry.meta.tokens)
         return SnapshotOutcome(True, n, entry.nbytes, 0.0, "banked_at_eviction")
+
+    def _claim(self, entry: BankEntry, session: str) -> BankEntry:
+        """``entry`` as ``session``'s: the same tokens' state banked by another session is
+        taken over (the same bytes, no copy; one entry in RAM), so deleting the session that
+        banked it first never takes this one's state with it."""
+        assert self.bank is not None
+        if entry.meta.session == session:
+            return entry
+        claimed = BankEntry(dataclasses.replace(entry.meta, session=session), entry.data)
+        self.bank.put(claimed)
+        return claimed
 
     async def snapshot(self, session: str, digest: str, wait_s: float) -> SnapshotOutcome:
         """Bank the exact state ``digest`` of ``session`` once its slot is idle (bounded)."""

@@ -294,10 +294,13 @@ class DurableTier:
                 fut.set_result(None)
 
     def _write(self, meta: SnapshotMeta, data: bytes) -> None:
-        with self._lock:  # the same tokens' state, made durable by another session: once
-            twin = any(meta.token_hash in v for v in self._index.values())
-        if twin:
-            return
+        # The same tokens' state made durable by another session is written again, under
+        # this session: deleting that session (a purge of all it owns) must never take this
+        # one's state. Only identical whole histories repeat; shared prefixes do not (each
+        # state is its session's own sequence).
+        with self._lock:
+            if meta.token_hash in self._index.get(meta.session, {}):
+                return
         try:
             for backend in self.backends:
                 backend.write(meta, data)

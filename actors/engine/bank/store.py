@@ -13,7 +13,8 @@ turns are written to the durable tier.
 Entries are also found by content: a session whose prompt begins with another session's
 banked tokens (a shared system prompt and tool list) restores that snapshot, found through
 the block hash chain index (``prefix``) and checked token by token. A state of exactly the
-same tokens is stored once, whichever session banks it first.
+same tokens is stored once in RAM, by the session that banked it last (the same bytes);
+the durable tier keeps a copy per session, so deleting one session never takes another's.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class BankStore:
                     self._drop(old)
             twin = self._by_hash.get(entry.meta.token_hash)
             if twin is not None and twin.meta.session != entry.meta.session:
-                entry.durable = entry.durable or twin.durable
-                self._drop(twin)  # the same tokens' state, banked again: keep one copy
+                # The same tokens' state, banked again: keep one copy in RAM. The durable
+                # tier holds the twin under its session's name, not this one's.
+                self._drop(twin)
             self._entries.setdefault(entry.meta.session, []).append(entry)
             self._by_hash[entry.meta.token_hash] = entry
             self._prefixes.add(entry.meta)
