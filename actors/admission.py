@@ -77,6 +77,8 @@ class Admission(Actor):
         self.ownership = ownership
         self._stopping = asyncio.Event()
         self._pullers: dict[int, asyncio.Task[None]] = {}
+        self._halts: dict[int, asyncio.Event] = {}
+        """Set to stop one partition's puller after the prompts in hand (a hand-over)."""
         self._invalid: asyncio.Task[None] | None = None
         self.admitted = 0
         self.rejected = 0
@@ -91,7 +93,7 @@ class Admission(Actor):
         await self.gain(self.ownership.held())
         sub = await self._subscribe(None)
         self._invalid = asyncio.get_running_loop().create_task(
-            self._pull(None, sub), name="admission:invalid"
+            self._pull(None, sub, asyncio.Event()), name="admission:invalid"
         )
 
     async def gain(self, partitions: frozenset[int]) -> None:
@@ -100,16 +102,30 @@ class Admission(Actor):
             if partition in self._pullers or self._stopping.is_set():
                 continue
             sub = await self._subscribe(partition)
+            halt = self._halts[partition] = asyncio.Event()
             self._pullers[partition] = asyncio.get_running_loop().create_task(
-                self._pull(partition, sub), name=f"admission:{partition}"
+                self._pull(partition, sub, halt), name=f"admission:{partition}"
             )
 
     async def lose(self, partitions: frozenset[int]) -> None:
         """Stop pulling at once; what was pulled and not acked goes to the new owner."""
         tasks = [self._pullers.pop(p) for p in partitions if p in self._pullers]
+        for partition in partitions:
+            self._halts.pop(partition, None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def hand_over(self, partitions: frozenset[int]) -> None:
+        """Stop pulling once the prompts in hand are recorded (or offered again): what is
+        left in the intake goes to the node taking the partitions over."""
+        held = [p for p in partitions if p in self._pullers]
+        for partition in held:
+            self._halts[partition].set()
+        await asyncio.gather(*(self._pullers[p] for p in held), return_exceptions=True)
+        for partition in held:
+            self._pullers.pop(partition, None)
+            self._halts.pop(partition, None)
 
     async def _subscribe(self, partition: int | None) -> JetStreamContext.PullSubscription:
         if partition is not None:
@@ -154,10 +170,11 @@ class Admission(Actor):
         await super().stop()
 
     async def _pull(
-        self, partition: int | None, sub: JetStreamContext.PullSubscription
+        self, partition: int | None, sub: JetStreamContext.PullSubscription,
+        halt: asyncio.Event,
     ) -> None:
         try:
-            while not self._stopping.is_set():
+            while not (self._stopping.is_set() or halt.is_set()):
                 try:
                     msgs = await sub.fetch(FETCH_BATCH, timeout=0.5)
                 except (TimeoutError, NatsTimeoutError):

@@ -10,6 +10,14 @@ token. On one node, the node takes every partition at start and the rest is book
 A lease counts as valid by this node's clock only until ``ttl`` after the renewal that set
 it was *sent*: the server's clock started later, so this node stops writing before the
 server can hand the partition to another node (a paused process resumes unable to write).
+
+Nodes balance (``actors.balance``): each node also keeps a membership key in the bucket,
+renewed with its leases, and takes free partitions only up to its fair share of the live
+members. A node over its share (another node joined) waits until the membership has held
+still for one TTL (a node that comes and goes moves nothing), then hands its coldest
+surplus partitions over as a stopping node does: its users finish or abort the turns in
+flight and bank each session durably, and only then is the lease given back, so the node
+that takes it restores the sessions instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -18,17 +26,23 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+)
 from nats.js.kv import KeyValue
 
+from actors.balance import COLD, Heat, fair_shares, surplus
 from actors.base import Actor, encode
 from actors.ownership import PartitionUser
 from actors.replicas import keep_replicas, placing
-from schemas.internal import PartitionLease
-from schemas.subjects import Subjects, partition_of
+from schemas.internal import NodeMember, PartitionLease
+from schemas.subjects import MEMBER_KEY_PREFIX, Subjects, partition_of
 
 RENEWALS_PER_TTL = 3
 """Renewals per lease TTL: two can fail (a slow server) before the lease runs out."""
@@ -36,9 +50,10 @@ RENEWALS_PER_TTL = 3
 
 @dataclass(frozen=True)
 class Change:
-    """Partitions gained or lost, to tell the users who had joined when it happened."""
+    """Partitions gained, lost or to hand over, to tell the users who had joined when it
+    happened."""
 
-    gained: bool
+    kind: Literal["gain", "lose", "hand_over"]
     partitions: frozenset[int]
     users: tuple[PartitionUser, ...]
 
@@ -61,13 +76,23 @@ class PartitionLeases(Actor):
     def __init__(
         self, nc: Client, subjects: Subjects, node: str, partitions: int, ttl_s: float,
         replicas: int,
+        balance: bool,
     ) -> None:
         super().__init__(nc, subjects)
         self.node = node
         self.partitions = partitions
         self.ttl_s = ttl_s
         self.replicas = replicas
+        self.balance = balance
+        """Take only a fair share and hand the surplus over; off: take every free one."""
         self.leases: dict[int, Lease] = {}
+        self.members: frozenset[str] = frozenset({node})
+        """The live nodes, as this node last read their membership keys."""
+        self._members_since = time.monotonic()
+        self._since = time.time()
+        self._leaving: set[int] = set()
+        """Partitions being handed over: still held (and renewed) until their users let go."""
+        self._heat: Callable[[int], Heat] = lambda partition: COLD
         self._users: list[PartitionUser] = []
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         """Gains and losses for the users, told in order by one task: a slow user (a big
@@ -79,6 +104,16 @@ class PartitionLeases(Actor):
     def join(self, user: PartitionUser) -> None:
         """Tell ``user`` of later gains (in joining order) and losses (in reverse)."""
         self._users.append(user)
+
+    def rank_by(self, heat: Callable[[int], Heat]) -> None:
+        """Choose the partitions to hand over by ``heat`` (coldest first)."""
+        self._heat = heat
+
+    def share(self) -> int:
+        """How many partitions this node takes: its fair share of the live members."""
+        if not self.balance:
+            return self.partitions
+        return fair_shares(self.members, self.partitions)[self.node]
 
     def held(self) -> frozenset[int]:
         """The partitions whose leases this node holds now."""
@@ -105,6 +140,8 @@ class PartitionLeases(Actor):
     async def start(self) -> None:
         """Open the bucket and take every free partition (before the users start)."""
         self._kv = await self._bucket()
+        await self._announce()
+        await self._read_members()
         await self._take_free()
         self.spawn(self._keep(), "keep")
         self.spawn(self._tell_users(), "tell")
@@ -112,7 +149,7 @@ class PartitionLeases(Actor):
     async def stop(self) -> None:
         """Stop renewing and give the leases back, so another node takes them at once."""
         self._stopping.set()
-        self._changes.put_nowait(Change(False, frozenset(), ()))  # wakes the teller to stop
+        self._changes.put_nowait(Change("lose", frozenset(), ()))  # wakes the teller to stop
         await super().stop()
         held = sorted(self.leases)
         if held and not self.nc.is_connected:
@@ -122,6 +159,11 @@ class PartitionLeases(Actor):
         elif held:
             await asyncio.gather(*(self._release(p, self.leases[p].revision) for p in held))
             self.log.info("leases_released", partitions=held)
+        if self.nc.is_connected:  # the others' shares grow at once, not after the TTL
+            try:
+                await self.kv.delete(self.subjects.member_key(self.node))
+            except Exception as e:  # it runs out by its TTL anyway
+                self.log.warning("member_leave_failed", error=repr(e))
         self.leases.clear()
 
     async def _release(self, partition: int, revision: int) -> None:
@@ -159,14 +201,76 @@ class PartitionLeases(Actor):
             except TimeoutError:
                 pass
             await self._renew()
+            await self._announce()
+            await self._read_members()
+            self._hand_over_surplus()
             await self._take_free()
 
     async def _tell_users(self) -> None:
         while not (self._stopping.is_set() and self._changes.empty()):
             change = await self._changes.get()
-            users = change.users if change.gained else tuple(reversed(change.users))
+            gained = change.kind == "gain"
+            users = change.users if gained else tuple(reversed(change.users))
             for user in users:
-                await self._tell(user.gain if change.gained else user.lose, change.partitions)
+                verb = {"gain": user.gain, "lose": user.lose, "hand_over": user.hand_over}
+                await self._tell(verb[change.kind], change.partitions)
+            if change.kind == "hand_over":
+                await self._give_back(change.partitions)
+
+    # -- membership and balance ------------------------------------------------------------
+    async def _announce(self) -> None:
+        """Write (or renew) this node's membership key."""
+        value = encode(NodeMember(node=self.node, since=self._since))
+        try:
+            await self.kv.put(self.subjects.member_key(self.node), value)
+        except Exception as e:  # NATS away: the others may count this node out meanwhile
+            self.log.warning("member_renew_failed", error=repr(e))
+
+    async def _read_members(self) -> None:
+        """The live nodes (their membership keys); unchanged if the bucket cannot be read."""
+        found: set[str] = set()
+        try:
+            watcher = await self.kv.watch(
+                f"{MEMBER_KEY_PREFIX}>", ignore_deletes=True, meta_only=True
+            )
+            try:
+                async for entry in watcher:
+                    if entry is None:  # every current key was sent
+                        break
+                    found.add(entry.key[len(MEMBER_KEY_PREFIX):])
+            finally:
+                await watcher.stop()
+        except Exception as e:
+            self.log.warning("members_read_failed", error=repr(e))
+            return
+        members = frozenset(found | {self.node})
+        if members != self.members:
+            self.members, self._members_since = members, time.monotonic()
+            self.log.info("members_changed", node=self.node, members=sorted(members),
+                          share=self.share())
+
+    def _hand_over_surplus(self) -> None:
+        """Start handing over what is above this node's share, once the membership held
+        still for one TTL and no hand-over is in progress (hysteresis: no flapping)."""
+        if not self.balance or self._leaving or self._stopping.is_set():
+            return
+        if time.monotonic() - self._members_since < self.ttl_s:
+            return
+        give = surplus(self.held(), self.share(), self._heat)
+        if give:
+            self._leaving |= give
+            self.log.info("leases_handing_over", node=self.node, partitions=sorted(give),
+                          share=self.share(), members=sorted(self.members))
+            self._changes.put_nowait(Change("hand_over", give, tuple(self._users)))
+
+    async def _give_back(self, partitions: frozenset[int]) -> None:
+        """The users let go of ``partitions``: give their leases back for another to take."""
+        mine = sorted(p for p in partitions if p in self.leases)
+        await asyncio.gather(*(self._release(p, self.leases[p].revision) for p in mine))
+        for partition in mine:
+            self.leases.pop(partition, None)
+        self._leaving -= partitions
+        self.log.info("leases_handed_over", node=self.node, partitions=mine)
 
     # -- taking, renewing, losing ----------------------------------------------------------
     def _value(self, partition: int) -> bytes:
@@ -175,6 +279,8 @@ class PartitionLeases(Actor):
     async def _take_free(self) -> None:
         gained: set[int] = set()
         for partition in range(self.partitions):
+            if len(self.leases) >= self.share():
+                break
             if partition in self.leases or self._stopping.is_set():
                 continue
             sent = time.monotonic()
@@ -192,7 +298,7 @@ class PartitionLeases(Actor):
                 gained.add(partition)
         if gained:
             self.log.info("leases_gained", node=self.node, partitions=sorted(gained))
-            self._changes.put_nowait(Change(True, frozenset(gained), tuple(self._users)))
+            self._changes.put_nowait(Change("gain", frozenset(gained), tuple(self._users)))
 
     async def _reclaim(self, partition: int) -> int | None:
         """Take back a lease that names this node (it restarted); None if another's."""
@@ -233,8 +339,9 @@ class PartitionLeases(Actor):
             return
         for partition in partitions:
             del self.leases[partition]
+        self._leaving -= partitions
         self.log.warning("leases_lost", node=self.node, partitions=sorted(partitions), why=why)
-        self._changes.put_nowait(Change(False, partitions, tuple(self._users)))
+        self._changes.put_nowait(Change("lose", partitions, tuple(self._users)))
 
     async def _tell(
         self, verb: Callable[[frozenset[int]], Awaitable[None]], partitions: frozenset[int]

@@ -7,7 +7,10 @@ a node serves a session only while it holds the lease of the session's partition
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
+
+from actors.balance import Heat
 
 
 class PartitionUser(Protocol):
@@ -20,6 +23,11 @@ class PartitionUser(Protocol):
         """Stop serving ``partitions`` at once, recording nothing (another node may own
         them now)."""
 
+    async def hand_over(self, partitions: frozenset[int]) -> None:
+        """Stop serving ``partitions`` gracefully (their leases are still held): finish
+        what is in hand, bank it durably, then forget them; their leases are given back
+        once every user returned."""
+
 
 class Ownership(Protocol):
     """This node's view of the partition leases."""
@@ -28,8 +36,12 @@ class Ownership(Protocol):
     """This node's id (recorded on every record it appends)."""
 
     def join(self, user: PartitionUser) -> None:
-        """Tell ``user`` of every later gain and loss (gains in joining order, losses in
-        the reverse order)."""
+        """Tell ``user`` of every later gain and loss (gains in joining order, losses and
+        hand-overs in the reverse order)."""
+
+    def rank_by(self, heat: Callable[[int], Heat]) -> None:
+        """Measure how hot each held partition is with ``heat`` when choosing which ones to
+        hand over to a node that joined (the coldest go)."""
 
     def held(self) -> frozenset[int]:
         """The partitions whose leases this node holds now."""

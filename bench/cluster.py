@@ -6,10 +6,11 @@ move costs next to recomputing them.
     python bench/cluster.py --model PATH.gguf --lease-ttl-s 5
     python bench/cluster.py --prompts 1000    # admissions: more append-only prompts
 
-It starts a nats-server and two ``infernode up`` processes on it, A then B (A takes every
-partition), with the bank in the object store. Each session gets a first turn with a long
-user message on A; once every snapshot is in the object store, A is SIGKILLed and each
-session's next prompt is published at once. Measured in this one run:
+It starts a nats-server and two ``infernode up`` processes on it, A then B (B stands by
+with ``--no-balance``: A takes every partition), with the bank in the object store. Each
+session gets a first turn with a long user message on A; once every snapshot is in the
+object store, A is SIGKILLed and each session's next prompt is published at once.
+Measured in this one run:
 
 - failover: time from the SIGKILL to each moved session's first token on B, divided by the
   lease TTL (B can take A's partitions only once their leases expire);
@@ -147,9 +148,10 @@ async def measure_move(args: argparse.Namespace, tmp: Path, model: Path, texts: 
                        sessions: list[str]) -> tuple[list[float], list[float], list[str],
                                                       list[ChatMessage]]:
     """Kill-to-first-token and TTFT of the moved turns, their cache sources, and answers."""
-    # A slot per session: each first turn is banked as it commits, none at an eviction.
+    # A slot per session: each first turn is banked as it commits, none at an eviction. B
+    # stands by (no balance), so every session is on A when A is killed.
     flags = ("--lease-ttl-s", str(args.lease_ttl_s), "--bank-object-store", "--ctx", "4096",
-             "--slots", str(len(sessions)))
+             "--slots", str(len(sessions)), "--no-balance")
     async with EmbeddedNats(tmp / "nats") as server:
         a = NodeChild(server.url, tmp / "a", model, *flags)
         await a.wait_ready()

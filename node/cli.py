@@ -68,6 +68,7 @@ UP_FLAGS: dict[str, str] = {
     "--partitions": "partitions",
     "--lease-ttl-s": "lease_ttl_s",
     "--replicas": "replicas",
+    "--no-balance": "balance",
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--llama-log": "llama_log",
@@ -137,6 +138,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="seconds a partition lease lasts unless renewed (default 10)")
     p.add_argument("--replicas", type=int, help="copies of each stream and bucket on the "
                    "servers of a NATS cluster (default 1)")
+    p.add_argument("--no-balance", dest="balance", action="store_const", const=False,
+                   help="take every free partition and hand none over to nodes that join")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="auto, json or console")
     p.add_argument("--llama-log", action="store_const", const=True, help="show llama.cpp's log")

@@ -113,6 +113,9 @@ class NodeConfig:
     replicas: int = 1
     """Copies JetStream keeps of each stream, KV bucket and object store the node makes, on
     as many servers of a NATS cluster (1 on a single server; 3 survives one server lost)."""
+    balance: bool = True
+    """Take a fair share of the partitions (live nodes counted in the lease bucket) and hand
+    the surplus over when a node joins; off: take every free partition, hand none over."""
     log_level: str = "info"
     """debug, info, warning, error or critical."""
     log_format: str = "auto"

@@ -111,6 +111,7 @@ async def build_actors(
     leases = PartitionLeases(
         await connect("leases"), subjects, node_id, config.partitions, config.lease_ttl_s,
         config.replicas,
+        config.balance,
     )
     return [
         leases,

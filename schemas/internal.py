@@ -260,6 +260,29 @@ class AdoptReply(Frozen):
     """Durable snapshots the engine knows of after indexing."""
 
 
+class BankFlushRequest(Frozen):
+    """Runner host → engine: these sessions go to another node; make the state of each one's
+    last commit durable now, so the node taking them restores instead of recomputing."""
+
+    type: Literal["bank_flush.v1"] = "bank_flush.v1"
+    """Message type and version."""
+    commits: dict[str, str]
+    """Session → token-prefix hash of its last commit banked on this node."""
+    wait_s: float
+    """Longest wait for a busy slot, per session."""
+
+
+class BankFlushReply(Frozen):
+    """Engine → runner host: the sessions' snapshots are in the durable tier (or why not)."""
+
+    type: Literal["bank_flush_reply.v1"] = "bank_flush_reply.v1"
+    """Message type and version."""
+    stored: int
+    """Sessions whose last commit's state is durable now."""
+    missed: dict[str, str] = {}
+    """Session → why its state is not durable (its next turn recomputes)."""
+
+
 class ForgetReply(Frozen):
     """Engine → runner host: the session's slot and bank entries are gone."""
 
@@ -300,3 +323,18 @@ class PartitionLease(Frozen):
     """The owning node's id."""
     partition: int
     """The partition owned."""
+
+
+class NodeMember(Frozen):
+    """The value of a node's membership key in the lease bucket: this node is alive.
+
+    Renewed with the node's leases (the bucket's TTL ends it once the node stops renewing);
+    every node counts the live members to compute its fair share of the partitions.
+    """
+
+    type: Literal["member.v1"] = "member.v1"
+    """Message type and version."""
+    node: str
+    """The node's id."""
+    since: float
+    """Unix time the node joined (first wrote this key)."""

@@ -68,6 +68,10 @@ def is_session_id(value: str) -> bool:
     return SESSION_ID_RE.fullmatch(value) is not None
 
 
+MEMBER_KEY_PREFIX = "member."
+"""Keys of the lease bucket that name a live node rather than a partition."""
+
+
 def partition_of(session: str, partitions: int) -> int:
     """The partition of ``session``: FNV-1a (32 bit) of its id, modulo ``partitions``.
 
@@ -271,6 +275,10 @@ class Subjects:
         """Session runner host → engine: sessions moved here; index their banked snapshots."""
         return f"{self._local}.engine.adopt"
 
+    def engine_bank_flush(self) -> str:
+        """Session runner host → engine: bank sessions handed to another node durably now."""
+        return f"{self._local}.engine.flush"
+
     def bank_commit(self) -> str:
         """Session runner → bank committer: bank the turn that was just committed."""
         return f"{self._local}.bank.commit"
@@ -339,6 +347,10 @@ class Subjects:
     def lease_key(self, partition: int) -> str:
         """The lease key of one partition."""
         return f"partition.{partition}"
+
+    def member_key(self, node: str) -> str:
+        """The membership key of one node in the lease bucket (renewed with its leases)."""
+        return f"{MEMBER_KEY_PREFIX}{node}"
 
     @property
     def service_name(self) -> str:

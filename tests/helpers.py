@@ -197,3 +197,38 @@ async def openai_base(proc: asyncio.subprocess.Process, timeout: float = 60) -> 
         found = re.search(r"OpenAI API on (http://\S+/v1)", line)
         if found:
             return found.group(1)
+
+
+async def lease_owners_until(
+    nc: Client, predicate: Callable[[dict[int, str]], bool], timeout: float,
+    prefix: str = "infer",
+) -> dict[int, str]:
+    """Watch the partition leases until ``predicate(owners)`` holds (partition → node id
+    of every held lease); the owners then. Fails after ``timeout`` s with the last owners."""
+    subjects = Subjects(prefix)
+    kv = await nc.jetstream().key_value(subjects.lease_bucket)
+    watcher = await kv.watchall()
+    owners: dict[int, str] = {}
+    lead = subjects.lease_key(0)[:-1]
+
+    async def watch() -> dict[int, str]:
+        caught_up = False  # the watch sends None once it has sent every current lease
+        async for entry in watcher:
+            if entry is None:
+                caught_up = True
+            elif entry.key.startswith(lead):
+                partition = int(entry.key[len(lead):])
+                if entry.operation is None and entry.value:
+                    owners[partition] = json.loads(entry.value)["node"]
+                else:  # deleted or purged: the lease is free
+                    owners.pop(partition, None)
+            if caught_up and predicate(owners):
+                return owners
+        raise AssertionError("the lease watch ended")
+
+    try:
+        return await asyncio.wait_for(watch(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"leases not as wanted within {timeout:g} s: {owners}") from None
+    finally:
+        await watcher.stop()

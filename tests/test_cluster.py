@@ -1,8 +1,10 @@
 """Many nodes on one NATS: sessions partitioned, fenced, and moved by restore when a node dies.
 
 - The node computes a session's partition as the intake stream does (NATS's partition()).
-- Two nodes on one nats-server: every prompt answered once, generations contiguous, each
-  session's records written by one node (today's hazard: two nodes split its prompts).
+- Two nodes on one nats-server, balanced: every prompt answered once, generations
+  contiguous, each session's records written by one node (the hazard: two nodes split its
+  prompts). The tests of a paused, killed or stopped node run B as a standby
+  (``--no-balance``), so A serves every session until it goes.
 - A node paused (SIGSTOP) past its lease resumes and writes nothing to the sessions another
   node took over.
 - A node killed (SIGKILL): the survivor takes its partitions, rebuilds the sessions from the
@@ -18,7 +20,7 @@ import json
 import re
 import signal
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
 from schemas.subjects import NODE_HEADER, Subjects, partition_of
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, lease_owners_until
 from tests.test_durability import NodeProcess
 
 S = Subjects()
@@ -140,14 +142,15 @@ async def test_a_lease_is_taken_once_renewed_and_taken_back_by_the_same_node_aft
     """Given node A holding every partition, node B gets none; when A's process is gone
     without giving them back, A restarted under its id takes them back at once (before their
     TTL), and once A stops cleanly B takes them all."""
-    a = PartitionLeases(nc, S, "node-a", 4, 30.0, 1)
-    b = PartitionLeases(nc, S, "node-b", 4, 30.0, 1)
+    # B stands by (no balance): A keeps every partition while it lives.
+    a = PartitionLeases(nc, S, "node-a", 4, 30.0, 1, balance=False)
+    b = PartitionLeases(nc, S, "node-b", 4, 30.0, 1, balance=False)
     await a.start()
     await b.start()
     assert a.held() == frozenset(range(4)) and b.held() == frozenset()
     revisions = {p: lease.revision for p, lease in a.leases.items()}
     a._stopping.set()  # a process killed: no release, the keys stay until their TTL
-    again = PartitionLeases(nc, S, "node-a", 4, 30.0, 1)
+    again = PartitionLeases(nc, S, "node-a", 4, 30.0, 1, balance=False)
     await again.start()
     assert again.held() == frozenset(range(4))
     assert all(again.leases[p].revision > revisions[p] for p in range(4))
@@ -189,10 +192,16 @@ async def test_health_names_the_answering_node_and_the_partitions_it_owns(make_n
 async def test_two_nodes_on_one_nats_server_answer_each_prompt_once_from_one_node(
     make_node, nc: Client
 ):
-    """Given two nodes on one nats-server and 12 sessions with 3 prompts each, every prompt
-    is answered by exactly one commit, generations run 1, 2, 3 per session, and each
-    session's records are written by one node (two nodes never split a session)."""
-    await asyncio.gather(make_node(bank_ram_bytes=0), make_node(bank_ram_bytes=0))
+    """Given two nodes on one nats-server, balanced at 8 partitions each, and 12 sessions
+    with 3 prompts each, every prompt is answered by exactly one commit, generations run 1,
+    2, 3 per session, each session's records are written by one node (two nodes never split
+    a session), and both nodes serve sessions."""
+    nodes = await asyncio.gather(
+        make_node(bank_ram_bytes=0, lease_ttl_s=2), make_node(bank_ram_bytes=0, lease_ttl_s=2)
+    )
+    await lease_owners_until(
+        nc, lambda o: Counter(o.values()) == {n.node_id: 8 for n in nodes}, timeout=30
+    )
     sessions = [f"two-{i}" for i in range(12)]
     commits = await EventCollector.start(nc, S.events("*", "commit"))
     js = nc.jetstream()
@@ -207,6 +216,7 @@ async def test_two_nodes_on_one_nats_server_answer_each_prompt_once_from_one_nod
     for session in sessions:
         assert_answered_once(log[session], session)
         assert len({node for node, _ in log[session]}) == 1, session
+    assert {log[s][0][0] for s in sessions} == {n.node_id for n in nodes}
 
 
 # -- fencing: a paused node ------------------------------------------------------------------
@@ -218,7 +228,8 @@ async def test_a_node_paused_past_its_lease_writes_nothing_after_another_node_to
     2 s lease, node B takes the partitions and answers the prompts sent meanwhile; when A is
     SIGCONTed it learns it lost its leases, and no record of A lands after B's."""
     url, js = nats_server.url, nc.jetstream()
-    flags = ("--lease-ttl-s", TTL, "--ctx", "4096", "--bank-ram-bytes", "0")
+    # B stands by (no balance): A serves every session until it is paused.
+    flags = ("--lease-ttl-s", TTL, "--ctx", "4096", "--bank-ram-bytes", "0", "--no-balance")
     a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
     b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
     sessions = [f"fence-{i}" for i in range(4)]
@@ -275,7 +286,7 @@ async def test_a_killed_nodes_sessions_move_to_the_survivor_restored_from_the_ba
     session's KV from the bank instead of recomputing it."""
     url, js = nats_server.url, nc.jetstream()
     # A slot per session: each first turn is banked as it commits, none at an eviction.
-    flags = ("--lease-ttl-s", TTL, "--bank-object-store", "--slots", "12")
+    flags = ("--lease-ttl-s", TTL, "--bank-object-store", "--slots", "12", "--no-balance")
     a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
     b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
     sessions = [f"move-{i}" for i in range(12)]
@@ -326,7 +337,7 @@ async def test_a_node_stopped_with_sigterm_hands_its_sessions_over_before_its_le
     every session from the bank."""
     url, js = nats_server.url, nc.jetstream()
     # A slot per session: each first turn is banked as it commits, none at an eviction.
-    flags = ("--lease-ttl-s", "30", "--bank-object-store", "--slots", "4")
+    flags = ("--lease-ttl-s", "30", "--bank-object-store", "--slots", "4", "--no-balance")
     a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
     b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
     sessions = [f"hand-{i}" for i in range(4)]

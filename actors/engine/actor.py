@@ -22,6 +22,8 @@ from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
     AdoptReply,
     AdoptRequest,
+    BankFlushReply,
+    BankFlushRequest,
     CancelReply,
     CancelRequest,
     ErrorBody,
@@ -75,6 +77,7 @@ class EngineActor(Actor):
         await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
         await self.subscribe(s.engine_forget(), self.on_forget)
         await self.subscribe(s.engine_adopt(), self.on_adopt)
+        await self.subscribe(s.engine_bank_flush(), self.on_bank_flush)
 
     async def stop(self) -> None:
         """Drain, then finish queued durable writes and close the tier."""
@@ -244,6 +247,27 @@ class EngineActor(Actor):
         if self.durable is not None:
             known = await asyncio.to_thread(self.durable.open, frozenset(req.sessions))
         await self.respond(msg, AdoptReply(snapshots=known))
+
+    async def on_bank_flush(self, msg: Msg) -> None:
+        """Make sessions handed to another node durable, in a task (slots may be busy)."""
+        req = BankFlushRequest.model_validate_json(msg.data)
+        self.spawn(self._bank_flush(req, msg), "bank_flush")
+
+    async def _bank_flush(self, req: BankFlushRequest, msg: Msg) -> None:
+        sessions = list(req.commits)
+        # A commit's snapshot already stored is found again and only queued durably.
+        outs = await asyncio.gather(*(
+            self.engine.snapshot(s, req.commits[s], req.wait_s) for s in sessions
+        ))
+        missed = {
+            s: o.reason or "not stored" for s, o in zip(sessions, outs, strict=True)
+            if not o.stored
+        }
+        if self.durable is None:
+            missed = {s: "no durable bank tier" for s in sessions}
+        else:
+            await asyncio.wrap_future(self.durable.flush())
+        await self.respond(msg, BankFlushReply(stored=len(sessions) - len(missed), missed=missed))
 
     async def on_forget(self, msg: Msg) -> None:
         """Drop a deleted session's state."""

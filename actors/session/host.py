@@ -6,7 +6,9 @@ the sessions of the partitions this node owns (``actors.ownership``) and stays s
 others, which another node answers. At start, and whenever it gains partitions (another node
 died), it rebuilds their sessions from the record log (``records``), turning an interrupted
 turn into an honest provisional/aborted record whose prompts are answered again; when it
-loses partitions it drops their runners at once, recording nothing. The bus a runner
+loses partitions it drops their runners at once, recording nothing; when it hands partitions
+over (another node joined) it lets their turns in flight finish, has the engine make each
+session's last commit durable, then drops them. The bus a runner
 speaks is ``BusIO``. It also logs a periodic stats heartbeat (sessions, turns in flight, RSS).
 """
 
@@ -21,6 +23,7 @@ import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from actors.balance import Heat
 from actors.base import Actor
 from actors.ownership import Ownership
 from actors.session.admit import SessionLimits
@@ -91,10 +94,13 @@ class RunnerHost(Actor):
         self.runners: dict[str, SessionRunner] = {}
         self.tombstones = Tombstones(settings.tombstones)
         self._stopping = asyncio.Event()
+        self._last_admit: dict[str, float] = {}
+        """``time.monotonic()`` of each session's last prompt (how hot it is)."""
 
     async def start(self) -> None:
         """Rebuild the owned partitions' sessions from the record log, subscribe, resume."""
         self.ownership.join(self)
+        self.ownership.rank_by(self.heat)
         rebuilt = await self._rebuild(self.ownership.held())
         s = self.subjects
         await self.subscribe(s.admit_all(), self.on_admit)
@@ -122,8 +128,38 @@ class RunnerHost(Actor):
         ]
         for runner in dropped:
             del self.runners[runner.session]
+            self._last_admit.pop(runner.session, None)
         await asyncio.gather(*(r.drop() for r in dropped))
         self.log.info("sessions_dropped", partitions=sorted(partitions), sessions=len(dropped))
+
+    async def hand_over(self, partitions: frozenset[int]) -> None:
+        """Let the partitions' turns in flight finish (bounded, then aborted), bank each
+        session's last commit durably, then drop the runners: the next owner restores."""
+        leaving = [
+            r for s, r in self.runners.items() if self.ownership.partition(s) in partitions
+        ]
+        wait_s = self.settings.stop_wait_s
+        await asyncio.gather(*(r.finish_turn(wait_s) for r in leaving))
+        flushed = await self.io.bank_flush([r.session for r in leaving], wait_s)
+        for runner in leaving:
+            if self.runners.get(runner.session) is runner:
+                del self.runners[runner.session]
+            self.io.banked.pop(runner.session, None)
+            self._last_admit.pop(runner.session, None)
+        await asyncio.gather(*(r.close() for r in leaving))
+        self.log.info(
+            "sessions_handed_over", partitions=sorted(partitions), sessions=len(leaving),
+            banked=flushed.stored if flushed else 0,
+            missed=dict(flushed.missed) if flushed else "no answer",
+        )
+
+    def heat(self, partition: int) -> Heat:
+        """How hot ``partition`` is here: sessions busy or waiting, sessions, then how
+        recently a prompt arrived (the coldest partitions are handed over first)."""
+        mine = [r for s, r in self.runners.items() if self.ownership.partition(s) == partition]
+        busy = sum(1 for r in mine if r.turn is not None or r.state.pending)
+        last = max((self._last_admit.get(r.session, 0.0) for r in mine), default=0.0)
+        return (busy, len(mine), last)
 
     async def stop(self) -> None:
         """Abort running turns (retried after a restart), finish what is queued, close."""
@@ -172,6 +208,7 @@ class RunnerHost(Actor):
                     "delete one or raise --max-sessions",
                 )
             runner = self._runner(SessionState(req.session))
+        self._last_admit[req.session] = time.monotonic()
         # Queued in the runner's mailbox now, in arrival order; the answer waits for the
         # record append, which must not hold up other sessions' admits.
         admitted = runner.submit(req)
@@ -221,6 +258,7 @@ class RunnerHost(Actor):
             return  # a second delete of the same session waited for the first
         # From here on the host answers gone (410) itself; the runner is no longer reachable.
         del self.runners[session]
+        self._last_admit.pop(session, None)
         self.tombstones.add(session, time.time())
         await self.io.forget(session)
         await self.io.purge_records(session)

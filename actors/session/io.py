@@ -27,6 +27,8 @@ from schemas.internal import (
     AdoptReply,
     AdoptRequest,
     BankCommitRequest,
+    BankFlushReply,
+    BankFlushRequest,
     CancelRequest,
     ForgetReply,
     ForgetRequest,
@@ -56,6 +58,8 @@ FORGET_TIMEOUT_S = 5.0
 """Longest wait for the engine to drop a deleted session's state."""
 ADOPT_TIMEOUT_S = 60.0
 """Longest wait for the engine to index the banked snapshots of sessions that moved here."""
+FLUSH_MARGIN_S = 30.0
+"""Extra time for the durable writes of a hand-over on top of the engine's slot wait."""
 WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for an expected-last-subject-sequence that does not hold."""
 
@@ -120,6 +124,8 @@ class BusIO:
         self.ownership = ownership
         self.last_seq: dict[str, int] = {}
         """Stream sequence of each session's last record: the fence of its next append."""
+        self.banked: dict[str, str] = {}
+        """Token-prefix hash of each session's last commit handed to the bank committer."""
 
     async def append(self, session: str, record: Record) -> None:
         """Append a record to the session's durable log (returns once stored).
@@ -249,6 +255,7 @@ class BusIO:
         self, session: str, turn_id: str, generation: int, result: GenerateResult
     ) -> None:
         """Hand the committed turn to the bank committer (fire and forget)."""
+        self.banked[session] = result.token_hash
         await self.nc.publish(self.subjects.bank_commit(), encode(BankCommitRequest(
             session=session, turn_id=turn_id, generation=generation, n_tokens=result.n_tokens,
             token_hash=result.token_hash,
@@ -288,6 +295,25 @@ class BusIO:
         except Exception as e:  # their next turns recompute instead of restoring
             log.warning("adopt_failed", actor="session_runners", sessions=len(sessions),
                         error=repr(e))
+
+    async def bank_flush(self, sessions: list[str], wait_s: float) -> BankFlushReply | None:
+        """Have the engine make each session's last commit durable (before a hand-over);
+        None if it did not answer (the taker recomputes what is missing)."""
+        commits = {s: self.banked[s] for s in sessions if self.banked.get(s)}
+        if not commits:
+            return BankFlushReply(stored=0)
+        try:
+            msg = await self.nc.request(
+                self.subjects.engine_bank_flush(),
+                encode(BankFlushRequest(commits=commits, wait_s=wait_s)),
+                timeout=wait_s + FLUSH_MARGIN_S,
+            )
+            reply: BankFlushReply = parse_reply(msg.data, msg.headers, BankFlushReply)
+            return reply
+        except Exception as e:
+            log.warning("bank_flush_failed", actor="session_runners", sessions=len(commits),
+                        error=repr(e))
+            return None
 
     async def forget(self, session: str) -> None:
         """Free a deleted session's slot and bank entries (stale bytes are only dead weight)."""

@@ -452,6 +452,13 @@ class SessionRunner:
             self._turn_task.cancel()
         await wait_set(self.idle, wait_s)
 
+    async def finish_turn(self, wait_s: float) -> None:
+        """Start no new turn; let a running one finish (bounded), else abort it as a stop
+        does. What is still pending stays in the log for the session's next owner."""
+        self.stopping = True
+        if not await wait_set(self.idle, wait_s):
+            await self.stop_turn(wait_s)
+
     async def drop(self) -> None:
         """Stop at once, recording nothing: another node owns the session now and runs
         its pending prompts (and closes a cut turn) from the record log."""
