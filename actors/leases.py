@@ -68,6 +68,37 @@ class Lease:
     """``time.monotonic()`` when the write that set ``revision`` was sent."""
 
 
+async def read_members(kv: KeyValue) -> frozenset[str]:
+    """The ids of the live nodes: those whose membership keys have not run out."""
+    found: set[str] = set()
+    watcher = await kv.watch(f"{MEMBER_KEY_PREFIX}>", ignore_deletes=True, meta_only=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # every current key was sent
+                break
+            found.add(entry.key[len(MEMBER_KEY_PREFIX):])
+    finally:
+        await watcher.stop()
+    return frozenset(found)
+
+
+async def read_owners(kv: KeyValue, subjects: Subjects) -> dict[int, str]:
+    """Partition → the node holding its lease, for every lease held now."""
+    lead = subjects.lease_key(0)[:-1]
+    owners: dict[int, str] = {}
+    watcher = await kv.watch(f"{lead}>", ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value:
+                lease = PartitionLease.model_validate_json(entry.value)
+                owners[lease.partition] = lease.node
+    finally:
+        await watcher.stop()
+    return owners
+
+
 class PartitionLeases(Actor):
     """Takes free partitions, renews the held ones, tells admission and the runners."""
 
@@ -200,8 +231,10 @@ class PartitionLeases(Actor):
                 return
             except TimeoutError:
                 pass
-            await self._renew()
+            # The member key is renewed before the leases, so it runs out first: when a
+            # dead node's leases are free, the others already count it out.
             await self._announce()
+            await self._renew()
             await self._read_members()
             self._hand_over_surplus()
             await self._take_free()
@@ -228,18 +261,8 @@ class PartitionLeases(Actor):
 
     async def _read_members(self) -> None:
         """The live nodes (their membership keys); unchanged if the bucket cannot be read."""
-        found: set[str] = set()
         try:
-            watcher = await self.kv.watch(
-                f"{MEMBER_KEY_PREFIX}>", ignore_deletes=True, meta_only=True
-            )
-            try:
-                async for entry in watcher:
-                    if entry is None:  # every current key was sent
-                        break
-                    found.add(entry.key[len(MEMBER_KEY_PREFIX):])
-            finally:
-                await watcher.stop()
+            found = await read_members(self.kv)
         except Exception as e:
             self.log.warning("members_read_failed", error=repr(e))
             return
@@ -354,4 +377,4 @@ class PartitionLeases(Actor):
                                error=str(e))
 
 
-__all__ = ["PartitionLeases"]
+__all__ = ["PartitionLeases", "read_members", "read_owners"]

@@ -1,5 +1,9 @@
 """Admin verbs: health, sessions, one session's history, metrics, delete.
 
+Every node answers health, sessions and metrics (each in its own queue group), so a client
+gathers the whole cluster's; one session's history is answered by the node owning the
+session, and a delete by any one node, which has the owner carry it out.
+
 Each verb is an endpoint of the node's micro service (``node/service.py``), which turns the
 reply model, or a raised ``InferError``, into the answer.
 
@@ -23,6 +27,7 @@ from schemas.admin import (
     HealthReply,
     HistoryItemInfo,
     HistoryReply,
+    MetricsReply,
     SessionRequest,
     SessionsReply,
     SessionSummary,
@@ -35,6 +40,7 @@ from schemas.subjects import Subjects, is_session_id
 if TYPE_CHECKING:
     from actors.engine.bank.meta import EntryInfo
     from actors.engine.engine import SlotEngine
+    from node.metrics import NodeMetrics
 
 
 class NodeView(Protocol):
@@ -44,6 +50,8 @@ class NodeView(Protocol):
     def engine(self) -> SlotEngine | None: ...
     @property
     def actors(self) -> list[Actor]: ...
+    @property
+    def metrics(self) -> NodeMetrics: ...
 
 
 class AdminActor(Actor):
@@ -67,13 +75,15 @@ class AdminActor(Actor):
         engine = self.node.engine
         assert engine is not None
         info = engine.info
+        host = self._host()
         return HealthReply(
             status="ok" if info.snapshots else "degraded", engine=info.engine, model=info.model,
             n_ctx=info.n_ctx, slots=info.n_slots, snapshots=info.snapshots,
             snapshot_note=info.snapshot_note, sessions=len(self._host().runners),
             uptime_s=time.time() - self.started, bank_tiers=_tiers(engine),
-            node=self._host().ownership.node,
-            partitions=tuple(sorted(self._host().ownership.held())),
+            node=host.ownership.node, partitions=tuple(sorted(host.ownership.held())),
+            turns_in_flight=host.inflight(), slots_busy=engine.pool.busy_count(),
+            pending=sum(len(r.state.pending) for r in host.runners.values()),
         )
 
     async def on_sessions(self, data: bytes) -> SessionsReply:
@@ -81,6 +91,7 @@ class AdminActor(Actor):
         engine = self.node.engine
         assert engine is not None
         out = []
+        node = self._host().ownership.node
         for sid, runner in sorted(self._host().runners.items()):
             slot = engine.pool.resident(sid)
             entries = engine.bank.session_entries(sid) if engine.bank else []
@@ -93,13 +104,16 @@ class AdminActor(Actor):
                 last_cache_source=last.source if last else None,
                 last_miss_reason=last.miss_reason if last else None,
                 last_cached_tokens=last.cached_tokens if last else 0,
-                last_prompt_tokens=last.prompt_tokens if last else 0,
+                last_prompt_tokens=last.prompt_tokens if last else 0, node=node,
             ))
-        return SessionsReply(sessions=tuple(out))
+        return SessionsReply(sessions=tuple(out), node=node)
 
-    async def on_session(self, data: bytes) -> HistoryReply:
-        """The record log of one session, honest about aborted turns."""
+    async def on_session(self, data: bytes) -> HistoryReply | None:
+        """The record log of one session, honest about aborted turns; None (no reply) on a
+        node that does not own the session's partition: its owner answers."""
         req = SessionRequest.model_validate_json(data, strict=True)
+        if is_session_id(req.session) and not self._host().ownership.owns(req.session):
+            return None
         runner = self._host().runners.get(req.session)
         if runner is None:
             gone = req.session in self._host().tombstones
@@ -113,7 +127,8 @@ class AdminActor(Actor):
 
     async def on_metrics(self, data: bytes) -> MetricsReply:
         """The node's metric families: the numbers its Prometheus endpoint serves."""
-        return self.node.metrics.reply()
+        reply = self.node.metrics.reply()
+        return reply.model_copy(update={"node": self._host().ownership.node})
 
     async def on_delete(self, data: bytes) -> DeleteReply:
         """Delete a session: waits for an in-flight commit; its bank entries go too."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from node.bus import REACH_HINT, BusError
 from node.client import InfernodeClient, TurnAborted, TurnResult
+from node.cluster_view import cluster_health, cluster_metrics, cluster_sessions
 from node.config import NodeConfig
 from node.local_auth import URL_FILE
 from node.logging import configure_logging
@@ -141,25 +142,33 @@ async def abort(c: InfernodeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing(nodes: tuple[str, ...]) -> int:
+    """Exit code 0, or 1 with a sentence when live nodes did not answer."""
+    if not nodes:
+        return 0
+    return _fail(f"no answer from live node(s) {', '.join(nodes)}; the rest is shown", 1)
+
+
 async def sessions(c: InfernodeClient, args: argparse.Namespace) -> int:
-    """One line per session."""
-    reply = await c.sessions(timeout=args.timeout or 10.0)
+    """One line per session of every node."""
+    reply, missing = await cluster_sessions(c, timeout=args.timeout or 10.0)
     if args.json:
         _print_json(reply)
-        return 0
+        return _missing(missing)
     if not reply.sessions:
         print("no sessions")
-        return 0
-    print(f"{'session':<32} {'gen':>4} {'records':>7} {'pending':>7} {'bank':>5}  state")
+        return _missing(missing)
+    print(f"{'session':<32} {'gen':>4} {'records':>7} {'pending':>7} {'bank':>5}  "
+          f"{'node':<24} state")
     for r in reply.sessions:
         state = "busy" if r.busy else "idle"
         if r.slot is not None:
             state += f", slot {r.slot}"
         print(
             f"{r.session:<32} {r.generation:>4} {r.records:>7} {r.pending:>7} "
-            f"{len(r.bank):>5}  {state}"
+            f"{len(r.bank):>5}  {r.node:<24} {state}"
         )
-    return 0
+    return _missing(missing)
 
 
 async def history(c: InfernodeClient, args: argparse.Namespace) -> int:
@@ -181,14 +190,18 @@ async def history(c: InfernodeClient, args: argparse.Namespace) -> int:
 
 
 async def metrics(c: InfernodeClient, args: argparse.Namespace) -> int:
-    """Counters and gauges one per line; histograms as count, sum and estimated quantiles."""
-    reply = await c.metrics(timeout=args.timeout or 10.0)
+    """Counters and gauges one per line; histograms as count, sum and estimated quantiles;
+    with several nodes, each node's under a ``# node <id>`` line."""
+    view = await cluster_metrics(c, timeout=args.timeout or 10.0)
     if args.json:
-        _print_json(reply)
-        return 0
-    for line in metrics_lines(reply):
-        print(line)
-    return 0
+        _print_json(view)
+        return _missing(view.missing)
+    for reply in view.nodes:
+        if len(view.nodes) > 1:
+            print(f"# node {reply.node}")
+        for line in metrics_lines(reply):
+            print(line)
+    return _missing(view.missing)
 
 
 def metrics_lines(reply: MetricsReply) -> list[str]:
@@ -214,12 +227,17 @@ def metrics_lines(reply: MetricsReply) -> list[str]:
 
 
 async def health(c: InfernodeClient, args: argparse.Namespace) -> int:
-    """Exit 0 when the node answers that it serves."""
-    reply = await c.health(timeout=args.timeout or 5.0)
+    """Exit 0 when every live node answers that it serves; one block per node."""
+    view = await cluster_health(c, timeout=args.timeout or 5.0)
     if args.json:
-        _print_json(reply)
+        _print_json(view)
     else:
-        for name, value in reply.model_dump(mode="json").items():
-            if name != "type":
-                print(f"{name:<16} {value}")
-    return 0 if reply.status in ("ok", "degraded") else 1
+        for i, reply in enumerate(view.nodes):
+            if i:
+                print()
+            for name, value in reply.model_dump(mode="json").items():
+                if name != "type":
+                    print(f"{name:<16} {value}")
+    if any(r.status not in ("ok", "degraded") for r in view.nodes):
+        return 1
+    return _missing(view.missing)

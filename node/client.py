@@ -270,7 +270,7 @@ class InfernodeClient:
         )
         body = _body(prompt, _openai_extra(tools, tool_choice, response_format))
         msg = await self.nc.request(self.subjects.ask(session), body, timeout=timeout)
-        return _reply(msg, AnswerReply)
+        return read_reply(msg, AnswerReply)
 
     async def abort(self, session: str, reason: str = "client", timeout: float = 30.0) -> AbortReply:
         """Abort the running turn of ``session``."""
@@ -278,11 +278,11 @@ class InfernodeClient:
             self.subjects.abort(session), AbortRequest(reason=reason).model_dump_json().encode(),
             timeout=timeout,
         )
-        return _reply(msg, AbortReply)
+        return read_reply(msg, AbortReply)
 
     async def _admin(self, verb: AdminVerb, body: bytes, model: type[M], timeout: float) -> M:
         msg = await self.nc.request(self.subjects.admin(verb), body, timeout=timeout)
-        return _reply(msg, model)
+        return read_reply(msg, model)
 
     async def history(self, session: str, timeout: float = 10.0) -> HistoryReply:
         """The record log of ``session``: user, committed and ABORTED turns."""
@@ -307,7 +307,7 @@ class InfernodeClient:
         await self._admin(AdminVerb.DELETE, body, DeleteReply, timeout)
 
 
-def _reply(msg: Msg, model: type[M]) -> M:
+def read_reply(msg: Msg, model: type[M]) -> M:
     """A reply's model; an error reply raises its ``InferError``."""
     if msg.headers and ERROR_HEADER in msg.headers:
         event = ErrorEvent.model_validate_json(msg.data)

@@ -27,7 +27,7 @@ from node.ask import AskDoor
 from schemas.errors import ErrorCode, InferError
 from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects
 
-Verb = Callable[[bytes], Awaitable[BaseModel]]
+Verb = Callable[[bytes], Awaitable[BaseModel | None]]
 
 
 def reply_subject(request: Request) -> str:
@@ -79,6 +79,9 @@ class NodeService(Actor):
                 name=verb.value, subject=s.admin(verb), handler=functools.partial(
                     self.on_admin, handler
                 ),
+                # Every node answers the node-wide verbs (a queue group of its own), so a
+                # client gathers them all; the others go to one node of the default group.
+                queue_group=s.admin_group(verb),
             )
 
     async def stop(self) -> None:

@@ -45,6 +45,12 @@ class HealthReply(Frozen):
     """The answering node's id (several nodes may serve one NATS)."""
     partitions: tuple[int, ...] = ()
     """The partitions of the sessions whose leases the answering node holds."""
+    turns_in_flight: int = 0
+    """Turns running on the node now (its active runners)."""
+    slots_busy: int = 0
+    """Engine slots running a turn now."""
+    pending: int = 0
+    """Recorded prompts waiting for a turn, over all its sessions (its queue)."""
 
 
 class BankEntryInfo(Frozen):
@@ -93,6 +99,8 @@ class SessionSummary(Frozen):
     """Prompt tokens the last turn reused."""
     last_prompt_tokens: int = 0
     """Prompt tokens of the last turn."""
+    node: str = ""
+    """The node serving the session."""
 
 
 class SessionsReply(Frozen):
@@ -102,6 +110,8 @@ class SessionsReply(Frozen):
     """Message type and version."""
     sessions: tuple[SessionSummary, ...]
     """The sessions."""
+    node: str = ""
+    """The answering node's id ("" when the sessions of several nodes were merged)."""
 
 
 class HistoryItemInfo(Frozen):
@@ -177,6 +187,8 @@ class MetricsReply(Frozen):
     """Message type and version."""
     families: tuple[MetricFamily, ...]
     """Every metric family, counters, gauges and latency histograms in seconds."""
+    node: str = ""
+    """The answering node's id."""
 
     def value(self, sample: str, **labels: str) -> float:
         """The value of ``sample`` with exactly these labels; 0 when it has not been seen."""
@@ -222,3 +234,29 @@ class DeleteReply(Frozen):
     """The deleted session."""
     deleted: bool = True
     """Always true; failures are error replies."""
+
+
+class ClusterHealth(Frozen):
+    """Every node's health, gathered by the client from the nodes on one NATS."""
+
+    type: Literal["cluster_health.v1"] = "cluster_health.v1"
+    """Message type and version."""
+    live: tuple[str, ...]
+    """Nodes with a membership key in the lease bucket (alive by their renewals)."""
+    owners: dict[str, tuple[int, ...]]
+    """Node → the partitions whose leases it holds, read from the lease bucket."""
+    nodes: tuple[HealthReply, ...]
+    """The health of every node that answered, by node id."""
+    missing: tuple[str, ...] = ()
+    """Live nodes that did not answer before the deadline."""
+
+
+class ClusterMetrics(Frozen):
+    """Every node's metrics, gathered by the client from the nodes on one NATS."""
+
+    type: Literal["cluster_metrics.v1"] = "cluster_metrics.v1"
+    """Message type and version."""
+    nodes: tuple[MetricsReply, ...]
+    """The metrics of every node that answered, by node id."""
+    missing: tuple[str, ...] = ()
+    """Live nodes that did not answer before the deadline."""

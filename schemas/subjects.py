@@ -63,6 +63,13 @@ class AdminVerb(StrEnum):
     DELETE = "delete"
 
 
+NODE_WIDE_VERBS = frozenset(
+    {AdminVerb.HEALTH, AdminVerb.SESSIONS, AdminVerb.METRICS, AdminVerb.SESSION}
+)
+"""Admin verbs every node receives: health, sessions and metrics each node answers for
+itself (a client gathers the replies); one session's history only the node owning it."""
+
+
 def is_session_id(value: str) -> bool:
     """True when ``value`` is a valid session id (one subject token)."""
     return SESSION_ID_RE.fullmatch(value) is not None
@@ -202,6 +209,14 @@ class Subjects:
     def admin(self, verb: AdminVerb | str) -> str:
         """Operator request-reply subject."""
         return f"{self.prefix}.admin.{verb}"
+
+    def admin_group(self, verb: AdminVerb) -> str | None:
+        """The queue group of an admin endpoint: this node's own for the verbs every node
+        receives (``NODE_WIDE_VERBS``), None (the micro service's shared group: any one
+        node answers) for the others."""
+        if verb in NODE_WIDE_VERBS and self.node:
+            return f"node-{self.node}"
+        return None
 
     def admin_all(self) -> str:
         """Every admin subject."""
