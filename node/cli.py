@@ -186,12 +186,15 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(command_fn=cli_client.history)
 
     for name, fn, text in (
-        ("sessions", cli_client.sessions, "every session the node holds"),
-        ("metrics", cli_client.metrics, "counters and latencies of the node"),
-        ("health", cli_client.health, "exit 0 when the node serves"),
+        ("sessions", cli_client.sessions, "every session of every node"),
+        ("metrics", cli_client.metrics, "counters and latencies of every node"),
+        ("health", cli_client.health, "exit 0 when every node serves"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
+        if name == "health":
+            p.add_argument("--local", action="store_true",
+                           help="only the node this host and --data-dir run (a healthcheck)")
         cli_client.add_connection_flags(p)
         p.set_defaults(command_fn=fn)
 

@@ -227,8 +227,15 @@ def metrics_lines(reply: MetricsReply) -> list[str]:
 
 
 async def health(c: InfernodeClient, args: argparse.Namespace) -> int:
-    """Exit 0 when every live node answers that it serves; one block per node."""
-    view = await cluster_health(c, timeout=args.timeout or 5.0)
+    """Exit 0 when every live node answers that it serves; one block per node. With
+    ``--local``, only the node this host and data directory run (a container's check)."""
+    only = None
+    if args.local:
+        # The node's wiring imports the engine's modules: loaded only for a --local check.
+        from node.wiring import node_identity
+
+        only = node_identity(c.config)
+    view = await cluster_health(c, timeout=args.timeout or 5.0, only=only)
     if args.json:
         _print_json(view)
     else:

@@ -65,11 +65,15 @@ async def _bucket(client: InfernodeClient) -> tuple[frozenset[str] | None, dict[
 
 
 async def gather(
-    client: InfernodeClient, verb: AdminVerb, model: type[M], timeout: float
+    client: InfernodeClient, verb: AdminVerb, model: type[M], timeout: float,
+    only: str | None = None,
 ) -> Gathered[M]:
-    """Every node's reply to ``verb``; raises when none answered."""
+    """Every node's reply to ``verb`` (with ``only``, that node's: the gathering ends when
+    it answered); raises when none answered."""
     out: Gathered[M] = Gathered()
     out.live, out.owners = await _bucket(client)
+    if only is not None:
+        out.live = frozenset({only})
     errors: list[InferError] = []
     done = asyncio.Event()
     nobody = {"no_responders": False}
@@ -80,9 +84,12 @@ async def gather(
             done.set()
             return
         try:
-            out.replies.append(read_reply(msg, model))
+            reply = read_reply(msg, model)
         except InferError as e:
             errors.append(e)
+        else:
+            if only is None or getattr(reply, "node", None) == only:
+                out.replies.append(reply)
         if out.live and len(out.replies) + len(errors) >= len(out.live):
             done.set()
 
@@ -104,12 +111,16 @@ async def gather(
     return out
 
 
-async def cluster_health(client: InfernodeClient, timeout: float) -> ClusterHealth:
-    """Every node's health, and which node holds which partitions."""
-    got = await gather(client, AdminVerb.HEALTH, HealthReply, timeout)
+async def cluster_health(
+    client: InfernodeClient, timeout: float, only: str | None = None
+) -> ClusterHealth:
+    """Every node's health (or only that of node ``only``), and which node holds which
+    partitions."""
+    got = await gather(client, AdminVerb.HEALTH, HealthReply, timeout, only)
     owners: dict[str, list[int]] = {}
     for partition, node in sorted(got.owners.items()):
-        owners.setdefault(node, []).append(partition)
+        if only is None or node == only:
+            owners.setdefault(node, []).append(partition)
     return ClusterHealth(
         live=tuple(sorted(got.live or ())), owners={n: tuple(p) for n, p in owners.items()},
         nodes=tuple(got.replies), missing=got.missing({r.node for r in got.replies}),

@@ -119,7 +119,8 @@ async def test_a_live_node_that_does_not_answer_is_named_and_the_command_fails(
     make_node, nc: Client
 ):
     """Given a node and a second live member that serves nothing, `health` prints the node
-    that answered, names the silent one and exits 1."""
+    that answered, names the silent one and exits 1; `health --local` with the node's data
+    directory (a container's healthcheck) checks only that node and exits 0."""
     node = await make_node(lease_ttl_s=30)  # no hand-over to the silent member in this test
     silent = PartitionLeases(nc, S, "silent-node", 16, 30.0, balance=False)
     await silent.start()
@@ -128,5 +129,10 @@ async def test_a_live_node_that_does_not_answer_is_named_and_the_command_fails(
         assert run.returncode == 1
         assert f"node             {node.node_id}" in run.stdout
         assert "silent-node" in run.stderr and "no answer" in run.stderr
+        local = await asyncio.to_thread(
+            cli, node.url, "health", "--local", "--data-dir", str(node.config.data_dir)
+        )
+        assert local.returncode == 0, local.stderr
+        assert f"node             {node.node_id}" in local.stdout
     finally:
         await silent.stop()

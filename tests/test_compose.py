@@ -61,7 +61,8 @@ def test_compose_node_command_and_env_match_the_cli_and_config(compose):
         assert var[len(ENV_PREFIX):].lower() in fields, var
     assert node["depends_on"]["nats"]["condition"] == "service_healthy"
     _parses(node["healthcheck"]["test"][1:])
-    mounts = {v.split(":")[1] for v in node["volumes"]}
+    # `SOURCE:TARGET[:MODE]`, or only `TARGET` for an anonymous volume.
+    mounts = {v.split(":")[1] if ":" in v else v for v in node["volumes"]}
     assert {"/models", "/data"} <= mounts
     assert "--nats-url" in node["command"] and "nats://nats:4222" in node["command"]
 
@@ -147,8 +148,8 @@ def _mounts(service: dict, volumes_dir: Path) -> dict[str, str]:
     for volume in service.get("volumes", []):
         if volume["type"] == "bind":
             out[volume["target"]] = volume["source"]
-        else:
-            host = volumes_dir / volume["source"]
+        else:  # a named volume, or an anonymous one (no source): one per container
+            host = volumes_dir / volume.get("source", "anonymous" + volume["target"])
             host.mkdir(parents=True, exist_ok=True)
             out[volume["target"]] = str(host)
     return out
@@ -214,6 +215,28 @@ def test_compose_config_validates_with_compose_v2(resolved):
     assert [p["target"] for p in resolved["services"]["node"]["ports"]] == [9464]
 
 
+def test_compose_node_scales_with_no_fixed_host_port_and_a_data_volume_per_replica(resolved):
+    """`docker compose up --scale node=3` can start: the node publishes 9464 on no fixed host
+    port (Docker picks one per replica), its /data is an anonymous volume (one per
+    container, where a named one would be shared by every replica), the bank is in the
+    object store, and its healthcheck asks for its own node only."""
+    node = resolved["services"]["node"]
+    assert all(not p.get("published") for p in node["ports"]), node["ports"]
+    (data,) = [v for v in node["volumes"] if v["target"] == "/data"]
+    assert data["type"] == "volume" and not data.get("source"), data
+    assert node["environment"]["INFERNODE_BANK_OBJECT_STORE"] == "true"
+    assert "container_name" not in node  # a fixed name would also stop a second replica
+    check = node["healthcheck"]["test"]
+    assert "--local" in check and check[check.index("--data-dir") + 1] == "/data"
+    assert "--scale node=3" in compose_header()
+
+
+def compose_header() -> str:
+    """The usage lines at the top of compose.yaml."""
+    return "".join(line for line in (ROOT / "compose.yaml").read_text().splitlines(True)
+                   if line.startswith("#"))
+
+
 def test_dockerfile_is_clean_for_hadolint_at_warning_level():
     """hadolint finds nothing at warning level or above in the Dockerfile."""
     done = subprocess.run(
@@ -263,3 +286,41 @@ def test_compose_openai_profile_runs_the_gateway_with_keys_beyond_loopback(compo
     port = command[command.index("--port") + 1]
     assert f"{port}:{port}" in gateway["ports"]
     assert gateway["depends_on"]["node"]["condition"] == "service_healthy"
+
+
+def _readme_compose_lines() -> list[str]:
+    """The `docker compose` lines of the README's "Running with compose" block."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running with compose", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines()
+            if "docker compose" in line]
+
+
+def test_the_readme_compose_lines_resolve_with_compose_v2_and_scale_the_node():
+    """Each README `docker compose` line resolves with the real compose CLI as far as no
+    Docker engine is needed (its variables, profiles and file: `config`), and a `--scale
+    S=N` names a service that publishes no fixed host port and has no fixed name."""
+    lines = _readme_compose_lines()
+    assert any("--scale node=3" in line for line in lines)
+    for line in lines:
+        words = line.split()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+        while "=" in words[0]:  # VAR=value before the command
+            name, value = words.pop(0).split("=", 1)
+            env[name] = value
+        assert words[:2] == ["docker", "compose"], line
+        options, command = words[2:words.index("up")], words[words.index("up"):]
+        done = subprocess.run(
+            [_tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), *options, "config",
+             "--format", "json"], env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, (line, done.stderr)
+        services = json.loads(done.stdout)["services"]
+        for i, word in enumerate(command):
+            if word == "--scale":
+                name, count = command[i + 1].split("=")
+                assert name in services and int(count) > 1, line
+                assert all(not p.get("published") for p in services[name].get("ports", []))
+                assert "container_name" not in services[name]
