@@ -5,6 +5,7 @@ move costs next to recomputing them.
     python bench/cluster.py --quick           # smoke run: 2 sessions, short histories
     python bench/cluster.py --model PATH.gguf --lease-ttl-s 5
     python bench/cluster.py --prompts 1000    # admissions: more append-only prompts
+    python bench/cluster.py --admissions 2000 # more appends per node count
 
 It starts a nats-server and two ``infernode up`` processes on it, A then B (B stands by
 with ``--no-balance``: A takes every partition), with the bank in the object store. Each
@@ -19,6 +20,13 @@ Measured in this one run:
   no bank (recomputed from their text), a third node on its own nats-server;
 - admissions through a 3-server NATS cluster with replicas 3 ÷ through one nats-server, one
   node each, append-only prompts (bench/cluster_admissions.py).
+- durable admissions per second with 1, 2 and 3 nodes: on another nats-server, one node,
+  then a second and a third joining (each stage measured once the nodes hold their fair
+  shares of the partitions); each stage publishes prompts that append without a turn
+  (``reply: false``) over many sessions as fast as it can and counts them once every one
+  is in the record log (its ``accepted`` event). Every process shares this machine's
+  cores, so more nodes add no CPU here: the ratios say what the partitioning costs or
+  gains on one machine, not what more machines give.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +52,9 @@ from nats.aio.msg import Msg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cluster_admissions import measure as measure_admissions  # noqa: E402
+from actors.balance import fair_shares  # noqa: E402
+from actors.leases import read_owners  # noqa: E402
+from bench.cluster_admissions import measure as measure_cluster_admissions  # noqa: E402
 from bench.common import Chatter, Ratio, median, print_table, quiet_logs  # noqa: E402
 from node.demo_model import write_llama_gguf  # noqa: E402
 from node.nats_server import EmbeddedNats  # noqa: E402
@@ -213,6 +224,66 @@ async def measure_recompute(tmp: Path, model: Path, texts: list[str], sessions: 
             c.stop()
 
 
+async def balanced(nc: Any, nodes: int, timeout: float = 120) -> None:
+    """Wait until ``nodes`` nodes hold their fair shares of the 16 partitions."""
+    kv = await nc.jetstream().key_value(S.lease_bucket)
+    want = sorted(fair_shares([str(i) for i in range(nodes)], 16).values())
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        owners = await read_owners(kv, S)
+        if len(owners) == 16 and sorted(Counter(owners.values()).values()) == want:
+            return
+        await asyncio.sleep(0.2)  # a benchmark polls; the tests wait on the lease watch
+    raise RuntimeError(f"{nodes} nodes did not balance within {timeout:g} s")
+
+
+async def admissions(nc: Any, stage: str, sessions: int, prompts: int) -> float:
+    """Durable admissions per second: ``prompts`` appends over ``sessions`` sessions."""
+    accepted = asyncio.Event()
+    count = {"n": 0}
+
+    async def on_accepted(msg: Msg) -> None:
+        if not S.event_of(msg.subject)[0].startswith(f"{stage}-"):
+            return
+        count["n"] += 1
+        if count["n"] >= prompts:
+            accepted.set()
+
+    sub = await nc.subscribe(S.events("*", "accepted"), cb=on_accepted)
+    await nc.flush()
+    body = [PromptRequest(messages=(ChatMessage(role="user", content=f"note {i}"),),
+                          reply=False).model_dump_json().encode() for i in range(prompts)]
+    js = nc.jetstream()
+    start = time.perf_counter()
+    await asyncio.gather(*(js.publish(S.prompt(f"{stage}-{i % sessions}"), b)
+                           for i, b in enumerate(body)))
+    await asyncio.wait_for(accepted.wait(), 600)
+    elapsed = time.perf_counter() - start
+    await sub.unsubscribe()
+    return prompts / elapsed
+
+
+async def measure_admissions(tmp: Path, model: Path, sessions: int, prompts: int
+                             ) -> list[float]:
+    """Durable admissions per second with 1, then 2, then 3 nodes on one nats-server."""
+    rates = []
+    children: list[NodeChild] = []
+    async with EmbeddedNats(tmp / "nats-admit") as server:
+        nc = await nats.connect(server.url)
+        try:
+            for n in (1, 2, 3):
+                child = NodeChild(server.url, tmp / f"admit-{n}", model, "--lease-ttl-s", "2")
+                children.append(child)
+                await child.wait_ready()
+                await balanced(nc, n)
+                rates.append(await admissions(nc, f"admit{n}", sessions, prompts))
+        finally:
+            await nc.close()
+            for child in reversed(children):
+                child.stop()
+    return rates
+
+
 async def main(args: argparse.Namespace) -> int:
     quiet_logs()
     n, words = (2, 200) if args.quick else (args.sessions, args.words)
@@ -225,17 +296,27 @@ async def main(args: argparse.Namespace) -> int:
         moved, restored, sources, answers = await measure_move(args, tmp, model, texts,
                                                                sessions)
         recomputed = await measure_recompute(tmp, model, texts, sessions, answers)
-        admissions = await measure_admissions(NodeChild, tmp, model,
-                                              60 if args.quick else args.prompts)
+        cluster_admissions = await measure_cluster_admissions(NodeChild, tmp, model,
+                                                      60 if args.quick else args.prompts)
+        prompts = 60 if args.quick else args.admissions
+        rates = await measure_admissions(tmp, model, 12 if args.quick else 48, prompts)
     ttl = args.lease_ttl_s
-    print_table(f"cluster: 2 nodes, {n} sessions of ~{words} words, lease TTL {ttl:g} s", [
+    title = (f"cluster: 2 nodes (1, 2, 3 for admission), {n} sessions of ~{words} words, "
+             f"lease TTL {ttl:g} s")
+    print_table(title, [
         Ratio("failover: kill -> first token / lease TTL", median(moved) / ttl, 2.0, True,
               f"kill -> first token median {median(moved):.2f} s, max {max(moved):.2f} s"),
         Ratio("moved turn TTFT: restored / recomputed",
               median(restored) / median(recomputed), 0.1, True,
               f"restored {median(restored):.1f} ms (cache {', '.join(sorted(set(sources)))}), "
               f"recomputed {median(recomputed):.1f} ms (medians)"),
-        admissions,
+        cluster_admissions,
+        # No target to beat on one machine (every node shares its cores): the bar is only
+        # that partitioning over more nodes does not collapse admission.
+        Ratio("durable admissions/s: 2 nodes / 1 node", rates[1] / rates[0], 0.5, False,
+              f"{prompts} appends each: 1 node {rates[0]:.0f}/s, 2 nodes {rates[1]:.0f}/s"),
+        Ratio("durable admissions/s: 3 nodes / 1 node", rates[2] / rates[0], 0.5, False,
+              f"3 nodes {rates[2]:.0f}/s; {os.cpu_count()} CPU cores shared by every node"),
     ])
     return 0
 
@@ -248,6 +329,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease-ttl-s", type=float, default=2.0)
     p.add_argument("--prompts", type=int, default=400,
                    help="append-only prompts of the admissions measurement")
+    p.add_argument("--admissions", type=int, default=600,
+                   help="prompts appended at each node count")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 short sessions")
     return p.parse_args(argv)
 

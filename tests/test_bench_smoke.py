@@ -114,12 +114,15 @@ CLUSTER_RATIO_LINES = (
     "failover: kill -> first token / lease TTL",
     "moved turn TTFT: restored / recomputed",
     "admissions/s: 3 servers, replicas 3 / 1 server",
+    "durable admissions/s: 2 nodes / 1 node",
+    "durable admissions/s: 3 nodes / 1 node",
 )
 
 
 @pytest.mark.timeout(180)
 def test_quick_cluster_benchmark_moves_the_sessions_and_prints_both_ratios() -> None:
-    """`python bench/cluster.py --quick` kills a node, measures both ratios and exits 0; the
-    moved turns restored their KV from the bank."""
+    """`python bench/cluster.py --quick` kills a node, measures the failover ratios and the
+    admission rates with 1, 2 and 3 nodes, and exits 0; the moved turns restored their KV
+    from the bank."""
     lines = _check_quick_run("cluster.py", CLUSTER_RATIO_LINES, timeout=170)
     assert any("(cache bank)" in x for x in lines), "\n".join(lines)
