@@ -204,7 +204,10 @@ async def lease_owners_until(
     prefix: str = "infer",
 ) -> dict[int, str]:
     """Watch the partition leases until ``predicate(owners)`` holds (partition → node id
-    of every held lease); the owners then. Fails after ``timeout`` s with the last owners."""
+    of every held lease); the owners then. Fails after ``timeout`` s with the last owners.
+
+    It sees leases taken, renewed and given back; a lease that runs out by the bucket's TTL
+    leaves no message to watch (a killed node's leases stay in ``owners`` until retaken)."""
     subjects = Subjects(prefix)
     kv = await nc.jetstream().key_value(subjects.lease_bucket)
     watcher = await kv.watchall()

@@ -3,7 +3,8 @@
 - The rule: shares add up to the partitions, the first nodes by id take the remainder, and
   a node over its share gives up its coldest partitions.
 - Leases alone: node A takes all 16; B joins and takes none free; once the membership held
-  still for a TTL, A gives up 8 and B takes them; then nothing moves again.
+  still for a TTL, A gives up 8 and B takes them; then nothing moves again. A node that
+  comes and goes within a TTL moves nothing; one that stops gives its share back at once.
 - Two node processes: A alone serves sessions; B joins; within a deadline each holds 8;
   prompts sent during the move are answered once with contiguous generations, and every
   moved session's first turn on B restores its KV from the bank.
@@ -24,7 +25,7 @@ from actors.leases import PartitionLeases
 from node.nats_server import EmbeddedNats
 from schemas.records import CommitRecord
 from schemas.subjects import Subjects, partition_of
-from tests.helpers import EventCollector, lease_owners_until
+from tests.helpers import EventCollector, lease_owners_until, until
 from tests.test_cluster import (
     assert_answered_once,
     assert_one_writer_at_a_time,
@@ -83,6 +84,28 @@ async def test_a_joining_node_gets_half_the_leases_and_then_nothing_moves(nc: Cl
         assert (a.held(), b.held()) == before
     finally:
         await b.stop()
+        await a.stop()
+
+
+async def test_a_node_that_comes_and_goes_within_a_ttl_moves_nothing(nc: Client):
+    """Given A holding all 16 leases, when B joins and stops again before the membership held
+    still for a TTL, A hands nothing over: through two more TTLs of renewals no lease is
+    given back and A still holds all 16."""
+    a = PartitionLeases(nc, S, "node-a", 16, 1.0, balance=True)
+    await a.start()
+    writes = await EventCollector.start(nc, f"$KV.{S.lease_bucket}.{S.lease_key(0)[:-1]}*")
+    try:
+        b = PartitionLeases(nc, S, "node-b", 16, 1.0, balance=True)
+        await b.start()
+        await until(lambda: "node-b" in a.members, timeout=5, what="A seeing B")
+        await b.stop()
+        await until(lambda: a.members == {"node-a"}, timeout=5, what="A seeing B leave")
+        seen = len(writes.messages)
+        # Six more renewals of all 16: two TTLs in which a hand-over would have started.
+        await writes.wait_until(lambda ms: len(ms) >= seen + 6 * 16, timeout=10)
+        released = [m.subject for m in writes.messages if (m.headers or {}).get("KV-Operation")]
+        assert released == [] and a.held() == frozenset(range(16))
+    finally:
         await a.stop()
 
 
