@@ -2,10 +2,11 @@
 
 Each partition of the sessions has its own consumer on the intake stream, pulled only by the
 partition's owner (``actors.ownership``): a node pulls the prompts of the partitions whose
-leases it holds, and stops pulling a partition the moment it loses the lease. A prompt is
-acked on the intake stream only once its session runner answered that it is in the record
-log (or refused it for good, with a typed error event). Until then it stays in
-the stream and is redelivered — after a crash, or when the record log or the runner is
+leases it holds, and stops pulling a partition the moment it loses the lease (or, when it
+hands the partition to a node that joined, once the prompts in hand are recorded). A prompt
+is acked on the intake stream only once its session runner answered that it is in the record
+log (or refused it for good, with a typed error event). Until then it stays in the stream
+and is redelivered — after a crash, or when the record log or the runner is
 unavailable (``unavailable`` is "not now", never a refusal); the runner recognises a
 redelivery by its intake sequence and does not record it twice.
 """

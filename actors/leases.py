@@ -30,11 +30,7 @@ from typing import Literal
 
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import (
-    BucketNotFoundError,
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-)
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from actors.balance import COLD, Heat, fair_shares, surplus
@@ -133,7 +129,8 @@ class PartitionLeases(Actor):
 
     # -- Ownership -------------------------------------------------------------------------
     def join(self, user: PartitionUser) -> None:
-        """Tell ``user`` of later gains (in joining order) and losses (in reverse)."""
+        """Tell ``user`` of later gains (in joining order), losses and hand-overs (in
+        reverse)."""
         self._users.append(user)
 
     def rank_by(self, heat: Callable[[int], Heat]) -> None:
@@ -169,7 +166,8 @@ class PartitionLeases(Actor):
 
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Open the bucket and take every free partition (before the users start)."""
+        """Open the bucket, join the members and take free partitions up to this node's
+        share (before the users start)."""
         self._kv = await self._bucket()
         await self._announce()
         await self._read_members()
