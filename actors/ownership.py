@@ -34,6 +34,8 @@ class Ownership(Protocol):
 
     node: str
     """This node's id (recorded on every record it appends)."""
+    members: frozenset[str]
+    """The live nodes (this one included) as this node last read their membership keys."""
 
     def join(self, user: PartitionUser) -> None:
         """Tell ``user`` of every later gain and loss (gains in joining order, losses and

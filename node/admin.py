@@ -70,6 +70,9 @@ class AdminActor(Actor):
     def _host(self) -> RunnerHost:
         return next(a for a in self.node.actors if isinstance(a, RunnerHost))
 
+    def _members(self) -> tuple[str, ...]:
+        return tuple(sorted(self._host().ownership.members))
+
     async def on_health(self, data: bytes) -> HealthReply:
         """Health of the node."""
         engine = self.node.engine
@@ -84,6 +87,7 @@ class AdminActor(Actor):
             node=host.ownership.node, partitions=tuple(sorted(host.ownership.held())),
             turns_in_flight=host.inflight(), slots_busy=engine.pool.busy_count(),
             pending=sum(len(r.state.pending) for r in host.runners.values()),
+            members=self._members(),
         )
 
     async def on_sessions(self, data: bytes) -> SessionsReply:
@@ -106,7 +110,7 @@ class AdminActor(Actor):
                 last_cached_tokens=last.cached_tokens if last else 0,
                 last_prompt_tokens=last.prompt_tokens if last else 0, node=node,
             ))
-        return SessionsReply(sessions=tuple(out), node=node)
+        return SessionsReply(sessions=tuple(out), node=node, members=self._members())
 
     async def on_session(self, data: bytes) -> HistoryReply | None:
         """The record log of one session, honest about aborted turns; None (no reply) on a
@@ -128,7 +132,9 @@ class AdminActor(Actor):
     async def on_metrics(self, data: bytes) -> MetricsReply:
         """The node's metric families: the numbers its Prometheus endpoint serves."""
         reply = self.node.metrics.reply()
-        return reply.model_copy(update={"node": self._host().ownership.node})
+        return reply.model_copy(
+            update={"node": self._host().ownership.node, "members": self._members()}
+        )
 
     async def on_delete(self, data: bytes) -> DeleteReply:
         """Delete a session: waits for an in-flight commit; its bank entries go too."""

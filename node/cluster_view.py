@@ -2,9 +2,11 @@
 
 The node-wide admin verbs (``<prefix>.admin.health``, ``sessions``, ``metrics``) are
 answered by every node, each in a queue group of its own. The client publishes one request
-with its own inbox and gathers the replies until as many nodes answered as have a live
-membership key in the lease bucket, or until the deadline. When the bucket cannot be read
-(an older node, or a user not allowed to read it) it gathers for ``GATHER_S`` at most.
+with its own inbox and gathers the replies until every live node answered, or until the
+deadline. Each reply names the live nodes as its node knows them (their membership keys in
+the lease bucket), so the client needs no access to the bucket: it waits for every node any
+reply named. A reply that names none (a node from before membership) leaves only the
+deadline, ``GATHER_S`` at most.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from typing import Generic, TypeVar
 
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from pydantic import BaseModel
 
-from actors.leases import read_members, read_owners
 from node.client import InfernodeClient, read_reply
 from schemas.admin import (
     ClusterHealth,
@@ -30,53 +30,44 @@ from schemas.admin import (
 from schemas.errors import InferError
 from schemas.subjects import AdminVerb
 
-M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", HealthReply, SessionsReply, MetricsReply)
 
 GATHER_S = 1.0
-"""How long replies are gathered when the number of live nodes is not known."""
-BUCKET_READ_S = 2.0
-"""Longest wait for the lease bucket's membership and leases."""
+"""How long replies are gathered when no reply said which nodes are live."""
 
 
 @dataclass
-class Gathered(Generic[M]):
-    """The replies of one node-wide verb, and what the lease bucket says of the nodes."""
+class Gathered(Generic[R]):
+    """The replies of one node-wide verb, and the live nodes they named."""
 
-    replies: list[M] = field(default_factory=list)
-    live: frozenset[str] | None = None
-    """The nodes with a live membership key (None: the bucket could not be read)."""
-    owners: dict[int, str] = field(default_factory=dict)
-    """Partition → the node holding its lease."""
+    replies: list[R] = field(default_factory=list)
+    live: set[str] = field(default_factory=set)
+    """Every node a reply named live, and every node that answered."""
 
-    def missing(self, answered: set[str]) -> tuple[str, ...]:
+    def answered(self) -> set[str]:
+        """The nodes that answered."""
+        return {r.node for r in self.replies}
+
+    def missing(self) -> tuple[str, ...]:
         """Live nodes that did not answer."""
-        return tuple(sorted((self.live or frozenset()) - answered))
-
-
-async def _bucket(client: InfernodeClient) -> tuple[frozenset[str] | None, dict[int, str]]:
-    async def read() -> tuple[frozenset[str], dict[int, str]]:
-        kv = await client.nc.jetstream().key_value(client.subjects.lease_bucket)
-        return await read_members(kv), await read_owners(kv, client.subjects)
-
-    try:
-        return await asyncio.wait_for(read(), BUCKET_READ_S)
-    except Exception:  # no bucket (one node that never made it) or not allowed: no count
-        return None, {}
+        return tuple(sorted(self.live - self.answered()))
 
 
 async def gather(
-    client: InfernodeClient, verb: AdminVerb, model: type[M], timeout: float,
+    client: InfernodeClient, verb: AdminVerb, model: type[R], timeout: float,
     only: str | None = None,
-) -> Gathered[M]:
+) -> Gathered[R]:
     """Every node's reply to ``verb`` (with ``only``, that node's: the gathering ends when
     it answered); raises when none answered."""
-    out: Gathered[M] = Gathered()
-    out.live, out.owners = await _bucket(client)
-    if only is not None:
-        out.live = frozenset({only})
+    out: Gathered[R] = Gathered()
     errors: list[InferError] = []
     done = asyncio.Event()
     nobody = {"no_responders": False}
+
+    def complete() -> bool:
+        if only is not None:
+            return only in out.answered()
+        return bool(out.replies) and out.live <= out.answered()
 
     async def on_reply(msg: Msg) -> None:
         if not msg.data and (msg.headers or {}).get("Status") == "503":
@@ -84,13 +75,14 @@ async def gather(
             done.set()
             return
         try:
-            reply = read_reply(msg, model)
+            reply: R = read_reply(msg, model)
         except InferError as e:
             errors.append(e)
-        else:
-            if only is None or getattr(reply, "node", None) == only:
-                out.replies.append(reply)
-        if out.live and len(out.replies) + len(errors) >= len(out.live):
+            return
+        if only is None or reply.node == only:
+            out.replies.append(reply)
+            out.live |= {reply.node, *reply.members}
+        if complete():
             done.set()
 
     inbox = client.nc.new_inbox()
@@ -98,7 +90,12 @@ async def gather(
     try:
         await client.nc.publish(client.subjects.admin(verb), b"{}", reply=inbox)
         with contextlib.suppress(TimeoutError):  # the deadline: what came is the answer
-            await asyncio.wait_for(done.wait(), timeout if out.live else min(timeout, GATHER_S))
+            await asyncio.wait_for(done.wait(), timeout)
+            if not nobody["no_responders"] and only is None and not any(
+                r.members for r in out.replies
+            ):
+                done.clear()  # no reply named the live nodes: gather a little longer
+                await asyncio.wait_for(done.wait(), min(timeout, GATHER_S))
     finally:
         await sub.unsubscribe()
     if not out.replies:
@@ -107,7 +104,9 @@ async def gather(
         if nobody["no_responders"]:
             raise NoRespondersError
         raise TimeoutError(f"no node answered {client.subjects.admin(verb)} in {timeout:g} s")
-    out.replies.sort(key=lambda r: str(getattr(r, "node", "")))
+    out.replies.sort(key=lambda r: r.node)
+    if only is not None:
+        out.live = {only}
     return out
 
 
@@ -117,13 +116,9 @@ async def cluster_health(
     """Every node's health (or only that of node ``only``), and which node holds which
     partitions."""
     got = await gather(client, AdminVerb.HEALTH, HealthReply, timeout, only)
-    owners: dict[str, list[int]] = {}
-    for partition, node in sorted(got.owners.items()):
-        if only is None or node == only:
-            owners.setdefault(node, []).append(partition)
     return ClusterHealth(
-        live=tuple(sorted(got.live or ())), owners={n: tuple(p) for n, p in owners.items()},
-        nodes=tuple(got.replies), missing=got.missing({r.node for r in got.replies}),
+        live=tuple(sorted(got.live)), owners={r.node: r.partitions for r in got.replies},
+        nodes=tuple(got.replies), missing=got.missing(),
     )
 
 
@@ -133,12 +128,10 @@ async def cluster_sessions(
     """Every node's sessions (each names its node), and the live nodes that did not answer."""
     got = await gather(client, AdminVerb.SESSIONS, SessionsReply, timeout)
     merged = sorted((s for r in got.replies for s in r.sessions), key=lambda s: (s.node, s.session))
-    return SessionsReply(sessions=tuple(merged)), got.missing({r.node for r in got.replies})
+    return SessionsReply(sessions=tuple(merged)), got.missing()
 
 
 async def cluster_metrics(client: InfernodeClient, timeout: float) -> ClusterMetrics:
     """Every node's metric families."""
     got = await gather(client, AdminVerb.METRICS, MetricsReply, timeout)
-    return ClusterMetrics(
-        nodes=tuple(got.replies), missing=got.missing({r.node for r in got.replies})
-    )
+    return ClusterMetrics(nodes=tuple(got.replies), missing=got.missing())

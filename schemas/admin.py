@@ -43,6 +43,9 @@ class HealthReply(Frozen):
     """Tiers of the bank under the slots: ``ram``, then ``dir`` and/or ``object_store``."""
     node: str = ""
     """The answering node's id (several nodes may serve one NATS)."""
+    members: tuple[str, ...] = ()
+    """The live nodes as the answering node last read them (their membership keys): a
+    client gathering every node's reply waits for these."""
     partitions: tuple[int, ...] = ()
     """The partitions of the sessions whose leases the answering node holds."""
     turns_in_flight: int = 0
@@ -112,6 +115,9 @@ class SessionsReply(Frozen):
     """The sessions."""
     node: str = ""
     """The answering node's id ("" when the sessions of several nodes were merged)."""
+    members: tuple[str, ...] = ()
+    """The live nodes as the answering node last read them (their membership keys): a
+    client gathering every node's reply waits for these."""
 
 
 class HistoryItemInfo(Frozen):
@@ -189,6 +195,9 @@ class MetricsReply(Frozen):
     """Every metric family, counters, gauges and latency histograms in seconds."""
     node: str = ""
     """The answering node's id."""
+    members: tuple[str, ...] = ()
+    """The live nodes as the answering node last read them (their membership keys): a
+    client gathering every node's reply waits for these."""
 
     def value(self, sample: str, **labels: str) -> float:
         """The value of ``sample`` with exactly these labels; 0 when it has not been seen."""
@@ -242,9 +251,10 @@ class ClusterHealth(Frozen):
     type: Literal["cluster_health.v1"] = "cluster_health.v1"
     """Message type and version."""
     live: tuple[str, ...]
-    """Nodes with a membership key in the lease bucket (alive by their renewals)."""
+    """The live nodes (membership keys in the lease bucket) as the nodes that answered
+    know them."""
     owners: dict[str, tuple[int, ...]]
-    """Node → the partitions whose leases it holds, read from the lease bucket."""
+    """Node → the partitions whose leases it holds, as each node answered."""
     nodes: tuple[HealthReply, ...]
     """The health of every node that answered, by node id."""
     missing: tuple[str, ...] = ()

@@ -27,7 +27,7 @@ from actors.leases import PartitionLeases
 from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
 from schemas.subjects import Subjects, partition_of
-from tests.helpers import EventCollector, lease_owners_until, publish_prompt
+from tests.helpers import EventCollector, lease_owners_until, publish_prompt, until
 from tests.test_cluster import commits_of
 from tests.test_durability import NodeProcess
 
@@ -121,10 +121,14 @@ async def test_a_live_node_that_does_not_answer_is_named_and_the_command_fails(
     """Given a node and a second live member that serves nothing, `health` prints the node
     that answered, names the silent one and exits 1; `health --local` with the node's data
     directory (a container's healthcheck) checks only that node and exits 0."""
-    node = await make_node(lease_ttl_s=30)  # no hand-over to the silent member in this test
+    # No balance: nothing is handed to the silent member, which takes nothing either.
+    node = await make_node(lease_ttl_s=3, balance=False)
     silent = PartitionLeases(nc, S, "silent-node", 16, 30.0, balance=False)
     await silent.start()
+    leases = next(a for a in node.actors if isinstance(a, PartitionLeases))
     try:
+        await until(lambda: "silent-node" in leases.members, timeout=10, what="the node "
+                    "reading the silent member's key")
         run = await asyncio.to_thread(cli, node.url, "health", "--timeout", "2")
         assert run.returncode == 1
         assert f"node             {node.node_id}" in run.stdout
