@@ -296,8 +296,8 @@ async def main(args: argparse.Namespace) -> int:
         moved, restored, sources, answers = await measure_move(args, tmp, model, texts,
                                                                sessions)
         recomputed = await measure_recompute(tmp, model, texts, sessions, answers)
-        cluster_admissions = await measure_cluster_admissions(NodeChild, tmp, model,
-                                                      60 if args.quick else args.prompts)
+        cluster_admissions = await measure_cluster_admissions(
+            NodeChild, tmp, model, 60 if args.quick else args.prompts)
         prompts = 60 if args.quick else args.admissions
         rates = await measure_admissions(tmp, model, 12 if args.quick else 48, prompts)
     ttl = args.lease_ttl_s
