@@ -123,7 +123,7 @@ async def test_a_live_node_that_does_not_answer_is_named_and_the_command_fails(
     directory (a container's healthcheck) checks only that node and exits 0."""
     # No balance: nothing is handed to the silent member, which takes nothing either.
     node = await make_node(lease_ttl_s=3, balance=False)
-    silent = PartitionLeases(nc, S, "silent-node", 16, 30.0, balance=False)
+    silent = PartitionLeases(nc, S, "silent-node", 16, 30.0, 1, balance=False)
     await silent.start()
     leases = next(a for a in node.actors if isinstance(a, PartitionLeases))
     try:

@@ -91,11 +91,11 @@ async def test_a_node_that_comes_and_goes_within_a_ttl_moves_nothing(nc: Client)
     """Given A holding all 16 leases, when B joins and stops again before the membership held
     still for a TTL, A hands nothing over: through two more TTLs of renewals no lease is
     given back and A still holds all 16."""
-    a = PartitionLeases(nc, S, "node-a", 16, 1.0, balance=True)
+    a = PartitionLeases(nc, S, "node-a", 16, 1.0, 1, balance=True)
     await a.start()
     writes = await EventCollector.start(nc, f"$KV.{S.lease_bucket}.{S.lease_key(0)[:-1]}*")
     try:
-        b = PartitionLeases(nc, S, "node-b", 16, 1.0, balance=True)
+        b = PartitionLeases(nc, S, "node-b", 16, 1.0, 1, balance=True)
         await b.start()
         await until(lambda: "node-b" in a.members, timeout=5, what="A seeing B")
         await b.stop()
