@@ -125,6 +125,7 @@ class PartitionLeases(Actor):
         """Gains and losses for the users, told in order by one task: a slow user (a big
         rebuild) never holds up the renewals."""
         self._stopping = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
         self._kv: KeyValue | None = None
 
     # -- Ownership -------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class PartitionLeases(Actor):
         await self._announce()
         await self._read_members()
         await self._take_free()
-        self.spawn(self._keep(), "keep")
+        self._keeper = self.spawn(self._keep(), "keep")
         self.spawn(self._tell_users(), "tell")
 
     async def stop(self) -> None:
@@ -231,9 +232,10 @@ class PartitionLeases(Actor):
                 pass
             # The member key is renewed before the leases, so it runs out first: when a
             # dead node's leases are free, the others already count it out.
-            await self._announce()
-            await self._renew()
-            await self._read_members()
+            for step in (self._announce, self._renew, self._read_members):
+                if self._stopping.is_set():  # a stop does not wait out a round's timeouts
+                    return
+                await step()
             self._hand_over_surplus()
             await self._take_free()
 
@@ -335,25 +337,28 @@ class PartitionLeases(Actor):
             return None
 
     async def _renew(self) -> None:
-        lost: set[int] = set()
-        for partition, lease in list(self.leases.items()):
-            sent = time.monotonic()
-            try:
-                revision = await self.kv.update(
-                    self.subjects.lease_key(partition), self._value(partition),
-                    last=lease.revision,
-                )
-            except KeyWrongLastSequenceError:  # expired, and maybe another node's now
-                lost.add(partition)
-                continue
-            except Exception as e:  # NATS away: the lease runs out by this node's clock
-                self.log.warning("lease_renew_failed", partition=partition, error=repr(e))
-                if sent > lease.renewed_at + self.ttl_s:
-                    lost.add(partition)
-                continue
-            if self.leases.get(partition) == lease:  # not given up meanwhile (fenced)
-                self.leases[partition] = Lease(revision, sent)
-        self._lose(frozenset(lost) & self.held(), "expired")
+        # All at once: one by one, a server that stopped answering holds a round for a
+        # timeout per lease (16 x 5 s), past the TTL of the leases still waiting their turn.
+        held = list(self.leases.items())
+        lost = await asyncio.gather(*(self._renew_one(p, lease) for p, lease in held))
+        self._lose(frozenset(p for p in lost if p is not None) & self.held(), "expired")
+
+    async def _renew_one(self, partition: int, lease: Lease) -> int | None:
+        """Renew one lease; the partition if it is lost."""
+        sent = time.monotonic()
+        try:
+            revision = await self.kv.update(
+                self.subjects.lease_key(partition), self._value(partition),
+                last=lease.revision,
+            )
+        except KeyWrongLastSequenceError:  # expired, and maybe another node's now
+            return partition
+        except Exception as e:  # NATS away: the lease runs out by this node's clock
+            self.log.warning("lease_renew_failed", partition=partition, error=repr(e))
+            return partition if sent > lease.renewed_at + self.ttl_s else None
+        if self.leases.get(partition) == lease:  # not given up meanwhile (fenced)
+            self.leases[partition] = Lease(revision, sent)
+        return None
 
     def _lose(self, partitions: frozenset[int], why: str) -> None:
         if not partitions:
