@@ -37,7 +37,7 @@ from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
 from schemas.subjects import NODE_HEADER, Subjects, partition_of
-from tests.helpers import EventCollector, lease_owners_until
+from tests.helpers import EventCollector, lease_owners_until, until
 from tests.test_durability import NodeProcess
 
 S = Subjects()
@@ -382,4 +382,23 @@ async def test_a_node_whose_server_went_away_stops_without_waiting_on_each_lease
     assert len(owner.leases) == 16
     await server.stop()
     await asyncio.wait_for(node.stop(), 20)
+    assert owner.leases == {}
+
+
+async def test_a_node_whose_server_went_away_mid_renewal_stops_without_waiting_it_out(
+    make_node, tmp_path
+):
+    """The server goes away while the node renews its leases: the stop cancels the round,
+    whose requests would each wait out their timeout (one lease after another, 90 s
+    before), and leaves the leases to their TTL."""
+    server = EmbeddedNats(tmp_path / "gone")
+    await server.start()
+    node = await make_node(url=server.url, bank_ram_bytes=0, lease_ttl_s=1.5)
+    owner = next(a for a in node.actors if isinstance(a, PartitionLeases))
+    assert len(owner.leases) == 16
+    await server.stop()
+    sent = owner.nc.stats["out_msgs"]
+    await until(lambda: owner.nc.stats["out_msgs"] > sent, timeout=10,
+                what="a renewal request sent while the server is gone")
+    await asyncio.wait_for(node.stop(), 15)
     assert owner.leases == {}
