@@ -179,7 +179,7 @@ def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
     ]
     server = subprocess.Popen([str(image_nats_server), *server_argv], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    up = None
+    started = [server]
     try:
         LineReader(server.stdout).wait_for(re.compile("Server is ready"), timeout=30)
         url = f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"
@@ -187,26 +187,36 @@ def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
             assert json.loads(health.read()) == {"status": "ok"}
 
         names = {"nats://nats:4222": f"nats://127.0.0.1:{port}", "9464": str(metrics_port)}
-        node_mounts = _mounts(node, tmp_path / "volumes")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
-        env.update({k: str(v) for k, v in node["environment"].items()})
-        env["INFERNODE_THREADS"] = "1"  # the test machine's cores are shared
-        command = _on_this_host(node["command"], node_mounts, names)
-        assert command[0] == "infernode"
-        up = subprocess.Popen([sys.executable, "-m", "node.cli", *command[1:]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        LineReader(up.stdout).wait_for(re.compile(r'"event": "node_ready"'), timeout=120)
-
-        check = _on_this_host(node["healthcheck"]["test"][1:], node_mounts, names)
-        health = subprocess.run([sys.executable, "-m", "node.cli", *check[1:]], env=env,
-                                capture_output=True, text=True, timeout=30)
-        assert health.returncode == 0, health.stdout + health.stderr
+        health = run_node_service(node, names, tmp_path / "volumes", started)
         assert "status" in health.stdout and "ok" in health.stdout
     finally:
-        for proc in (up, server):
-            if proc is not None and proc.poll() is None:
+        for proc in started:
+            if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)
+
+
+def run_node_service(node: dict, names: dict[str, str], volumes: Path,
+                     started: list[subprocess.Popen[str]]) -> subprocess.CompletedProcess[str]:
+    """Run the compose ``node`` service's command here until it is ready (its hosts and ports
+    mapped by ``names``, its volumes under ``volumes``), then its healthcheck, which must
+    exit 0; the node's process joins ``started`` for the caller to stop."""
+    node_mounts = _mounts(node, volumes)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+    env.update({k: str(v) for k, v in node["environment"].items()})
+    env["INFERNODE_THREADS"] = "1"  # the test machine's cores are shared
+    command = _on_this_host(node["command"], node_mounts, names)
+    assert command[0] == "infernode"
+    up = subprocess.Popen([sys.executable, "-m", "node.cli", *command[1:]], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started.append(up)
+    LineReader(up.stdout).wait_for(re.compile(r'"event": "node_ready"'), timeout=120)
+
+    check = _on_this_host(node["healthcheck"]["test"][1:], node_mounts, names)
+    health = subprocess.run([sys.executable, "-m", "node.cli", *check[1:]], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert health.returncode == 0, health.stdout + health.stderr
+    return health
 
 
 def test_compose_config_validates_with_compose_v2(resolved):

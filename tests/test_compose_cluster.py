@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tests.test_compose import (  # noqa: F401  (image_nats_server is a fixture 
     _parses,
     _tool,
     image_nats_server,
+    run_node_service,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_cluster_stack_starts_three_servers_and_a_node_whose_streams_have_three_
     ports = dict(zip(SERVERS, free[0::3], strict=True))
     http = dict(zip(SERVERS, free[1::3], strict=True))
     routes = dict(zip(SERVERS, free[2::3], strict=True))
-    servers, up = [], None
+    servers: list[subprocess.Popen[str]] = []
     try:
         for name in SERVERS:
             argv = _on_this_host(resolved["services"][name]["command"],
@@ -124,28 +124,15 @@ def test_cluster_stack_starts_three_servers_and_a_node_whose_streams_have_three_
         asyncio.run(_healthy(http.values()))
 
         names = {f"nats://{n}:4222": f"nats://127.0.0.1:{ports[n]}" for n in SERVERS}
-        node = resolved["services"]["node"]
-        node_mounts = _mounts(node, tmp_path / "volumes")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
-        env.update({k: str(v) for k, v in node["environment"].items()})
-        env["INFERNODE_THREADS"] = "1"  # the test machine's cores are shared
-        command = _on_this_host(node["command"], node_mounts, names)
-        up = subprocess.Popen([sys.executable, "-m", "node.cli", *command[1:]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        LineReader(up.stdout).wait_for(re.compile(r'"event": "node_ready"'), timeout=120)
-
-        check = _on_this_host(node["healthcheck"]["test"][1:], node_mounts, names)
-        health = subprocess.run([sys.executable, "-m", "node.cli", *check[1:]], env=env,
-                                capture_output=True, text=True, timeout=30)
-        assert health.returncode == 0, health.stdout + health.stderr
+        run_node_service(resolved["services"]["node"], names, tmp_path / "volumes", servers)
         replicas = asyncio.run(_replicas(list(names.values())))
         s = Subjects()
         for stream in (s.prompt_stream, s.record_stream, s.kv_stream(s.lease_bucket),
                        s.bank_object_stream):
             assert replicas.get(stream) == 3, (stream, replicas)
     finally:
-        for proc in (up, *servers):
-            if proc is not None and proc.poll() is None:
+        for proc in servers:  # the node too, once started
+            if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)
 
