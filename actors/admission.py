@@ -33,6 +33,7 @@ from actors.base import (
     error_headers,
     parse_reply,
     validation_sentence,
+    wait_any,
 )
 from actors.constraints import check_enforceable
 from actors.ownership import Ownership
@@ -49,6 +50,10 @@ FETCH_BATCH = 32
 """Prompts pulled from the intake stream at once."""
 RETRY_S = 1.0
 """Delay before a prompt that could not be recorded now is offered again."""
+SUBSCRIBE_RETRY_S = 0.25
+SUBSCRIBE_RETRY_MAX_S = 4.0
+"""A partition's consumer that cannot be taken over is tried again after 0.25 s, doubling
+up to 4 s, until it can (or the partition is lost)."""
 ACK_WAIT_S = 30.0
 """How long a pulled prompt may stay unacked before JetStream offers it again."""
 MAX_ACK_PENDING = 1024
@@ -92,20 +97,19 @@ class Admission(Actor):
         prompts whose subject names no session (every node refuses those)."""
         self.ownership.join(self)
         await self.gain(self.ownership.held())
-        sub = await self._subscribe(None)
         self._invalid = asyncio.get_running_loop().create_task(
-            self._pull(None, sub, asyncio.Event()), name="admission:invalid"
+            self._pull(None, asyncio.Event()), name="admission:invalid"
         )
 
     async def gain(self, partitions: frozenset[int]) -> None:
-        """Take over each partition's consumer and start pulling it."""
+        """Start a puller for each partition: it takes over the partition's consumer (until
+        it can: a server may be electing the stream's leader) and pulls it."""
         for partition in sorted(partitions):
             if partition in self._pullers or self._stopping.is_set():
                 continue
-            sub = await self._subscribe(partition)
             halt = self._halts[partition] = asyncio.Event()
             self._pullers[partition] = asyncio.get_running_loop().create_task(
-                self._pull(partition, sub, halt), name=f"admission:{partition}"
+                self._pull(partition, halt), name=f"admission:{partition}"
             )
 
     async def lose(self, partitions: frozenset[int]) -> None:
@@ -127,6 +131,22 @@ class Admission(Actor):
         for partition in held:
             self._pullers.pop(partition, None)
             self._halts.pop(partition, None)
+
+    async def _subscribe_until_done(
+        self, partition: int | None, halt: asyncio.Event
+    ) -> JetStreamContext.PullSubscription | None:
+        """The partition's pull subscription, tried again (0.25 s, doubling up to 4 s) while
+        JetStream cannot answer; None once stopping or halted first."""
+        delay = SUBSCRIBE_RETRY_S
+        while not (self._stopping.is_set() or halt.is_set()):
+            try:
+                return await self._subscribe(partition)
+            except Exception as e:
+                self.log.warning("intake_subscribe_failed", partition=partition,
+                                 error=repr(e), retry_in_s=delay)
+            await wait_any(delay, self._stopping, halt)
+            delay = min(2 * delay, SUBSCRIBE_RETRY_MAX_S)
+        return None
 
     async def _subscribe(self, partition: int | None) -> JetStreamContext.PullSubscription:
         if partition is not None:
@@ -170,10 +190,10 @@ class Admission(Actor):
         self._pullers.clear()
         await super().stop()
 
-    async def _pull(
-        self, partition: int | None, sub: JetStreamContext.PullSubscription,
-        halt: asyncio.Event,
-    ) -> None:
+    async def _pull(self, partition: int | None, halt: asyncio.Event) -> None:
+        sub = await self._subscribe_until_done(partition, halt)
+        if sub is None:
+            return
         try:
             while not (self._stopping.is_set() or halt.is_set()):
                 try:
@@ -184,9 +204,7 @@ class Admission(Actor):
                     if self._stopping.is_set():
                         return
                     self.log.warning("intake_fetch_failed", partition=partition, error=str(e))
-                    await asyncio.wait(
-                        [asyncio.ensure_future(self._stopping.wait())], timeout=0.5
-                    )
+                    await wait_any(0.5, self._stopping, halt)
                     continue
                 await self._admit_batch(msgs)
         finally:

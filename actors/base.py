@@ -30,6 +30,16 @@ from schemas.subjects import (
 Handler = Callable[[Msg], Awaitable[None]]
 
 
+async def wait_any(timeout: float, *events: asyncio.Event) -> None:
+    """Return after ``timeout`` seconds, or as soon as one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 def encode(model: BaseModel) -> bytes:
     """Wire form of a message."""
     return model.model_dump_json(exclude_none=False).encode()
@@ -182,5 +192,5 @@ def parse_reply(data: bytes, headers: dict[str, str] | None, model: type[BaseMod
 
 __all__ = [
     "Actor", "STATUS", "encode", "error_event", "error_headers", "parse_reply",
-    "validation_sentence",
+    "validation_sentence", "wait_any",
 ]

@@ -23,6 +23,7 @@ that takes it restores the sessions instead of recomputing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from actors.replicas import keep_replicas, placing
 from schemas.internal import NodeMember, PartitionLease
 from schemas.subjects import MEMBER_KEY_PREFIX, Subjects, partition_of
 
+GAIN_RETRY_S = 0.25
+GAIN_RETRY_MAX_S = 4.0
+"""A gain a user failed to take is told again after 0.25 s, doubling up to 4 s."""
 RENEWALS_PER_TTL = 3
 """Renewals per lease TTL: two can fail (a slow server) before the lease runs out."""
 
@@ -245,7 +249,10 @@ class PartitionLeases(Actor):
             gained = change.kind == "gain"
             users = change.users if gained else tuple(reversed(change.users))
             for user in users:
-                verb = {"gain": user.gain, "lose": user.lose, "hand_over": user.hand_over}
+                if gained:
+                    await self._tell_gain(user, change.partitions)
+                    continue
+                verb = {"lose": user.lose, "hand_over": user.hand_over}
                 await self._tell(verb[change.kind], change.partitions)
             if change.kind == "hand_over":
                 await self._give_back(change.partitions)
@@ -368,6 +375,31 @@ class PartitionLeases(Actor):
         self._leaving -= partitions
         self.log.warning("leases_lost", node=self.node, partitions=sorted(partitions), why=why)
         self._changes.put_nowait(Change("lose", partitions, tuple(self._users)))
+
+    async def _tell_gain(self, user: PartitionUser, partitions: frozenset[int]) -> None:
+        """Tell ``user`` of a gain until it took it, while the partitions are still held.
+
+        A gain that fails (the server leading a stream died and its successor is not
+        elected yet) would otherwise leave the partitions held and unserved: their prompts
+        wait in the intake until the lease moves, which it never does while this node renews
+        it. Users' gains skip what they already serve, so a retry does only the rest; the
+        next user hears of the gain only once this one took it (the runner host rebuilds the
+        sessions before admission pulls their prompts).
+        """
+        delay = GAIN_RETRY_S
+        while still := partitions & self.held():
+            if self._stopping.is_set():
+                return
+            try:
+                await user.gain(still)
+                return
+            except Exception as e:  # told again shortly; the lease is still renewed meanwhile
+                self.errors += 1
+                self.log.warning("partition_gain_failed", partitions=sorted(still),
+                                 user=type(user).__name__, error=repr(e), retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(2 * delay, GAIN_RETRY_MAX_S)
 
     async def _tell(
         self, verb: Callable[[frozenset[int]], Awaitable[None]], partitions: frozenset[int]

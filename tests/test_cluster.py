@@ -27,6 +27,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
+from actors.admission import Admission
 from actors.leases import PartitionLeases
 from node.client import InfernodeClient
 from node.config import NodeConfig
@@ -35,6 +36,7 @@ from node.streams import ensure_streams
 from node.wiring import node_identity
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
+from schemas.internal import AdmitReply, AdmitRequest
 from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
 from schemas.subjects import NODE_HEADER, Subjects, partition_of
 from tests.helpers import EventCollector, lease_owners_until, until
@@ -158,6 +160,70 @@ async def test_a_lease_is_taken_once_renewed_and_taken_back_by_the_same_node_aft
     await b._take_free()
     assert b.held() == frozenset(range(4))
     await b.stop()
+
+
+class FlakyUser:
+    """A partition user whose first gain fails, as a gain does while the server leading a
+    stream has died and its successor is not elected yet."""
+
+    def __init__(self) -> None:
+        self.served: set[int] = set()
+        self.gains: list[frozenset[int]] = []
+
+    async def gain(self, partitions: frozenset[int]) -> None:
+        self.gains.append(partitions)
+        if len(self.gains) == 1:
+            raise TimeoutError("nats: timeout")
+        self.served |= partitions
+
+    async def lose(self, partitions: frozenset[int]) -> None:
+        self.served -= partitions
+
+    async def hand_over(self, partitions: frozenset[int]) -> None:
+        self.served -= partitions
+
+
+async def test_a_gain_a_user_failed_to_take_is_told_again_until_it_took_it(nc):
+    """Given node B holding every partition and node A standing by with a user, when B stops
+    and A takes the partitions but the user's first gain fails, A tells it again until the
+    user serves all of them (a failed gain no longer leaves partitions held and unserved)."""
+    b = PartitionLeases(nc, S, "node-b", 4, 1.0, 1, balance=False)
+    a = PartitionLeases(nc, S, "node-a", 4, 1.0, 1, balance=False)
+    user = FlakyUser()
+    await b.start()
+    await a.start()
+    a.join(user)
+    try:
+        await b.stop()
+        await until(lambda: user.served == set(range(4)), timeout=10, what="the user serving")
+        assert len(user.gains) >= 2 and user.gains[-1] <= frozenset(range(4))
+    finally:
+        await a.stop()
+
+
+async def test_a_partition_gained_before_its_intake_can_be_pulled_is_pulled_once_it_can(nc):
+    """Given admission holding every partition while the intake stream is not there (a new
+    stream leader not yet elected answers the same way), its start does not fail; once the
+    stream exists, a prompt published to it reaches the runners within seconds."""
+    leases = PartitionLeases(nc, S, "node-a", 4, 10.0, 1, balance=False)
+    await leases.start()
+    admits: asyncio.Queue[AdmitRequest] = asyncio.Queue()
+
+    async def runner(msg) -> None:  # records nothing: answers as a runner host would
+        await admits.put(AdmitRequest.model_validate_json(msg.data))
+        await msg.respond(AdmitReply(outcome="recorded", generation=1).model_dump_json().encode())
+
+    await nc.subscribe(S.admit_all(), cb=runner)
+    admission = Admission(nc, S, 1 << 20, leases)
+    await admission.start()
+    try:
+        await ensure_streams(nc.jetstream(), S, 1 << 20, partitions=4)
+        await nc.jetstream().publish(S.prompt("late"), prompt("hello"))
+        admitted = await asyncio.wait_for(admits.get(), timeout=15)
+        assert admitted.session == "late"
+    finally:
+        await admission.stop()
+        await leases.stop()
 
 
 def test_a_node_keeps_its_id_across_restarts_and_nodes_sharing_a_volume_get_their_own(
