@@ -35,8 +35,8 @@ from node.nats_server import EmbeddedNats
 from node.streams import ensure_streams
 from node.wiring import node_identity
 from schemas.chat import ChatMessage, SamplingParams
-from schemas.messages import PromptRequest
 from schemas.internal import AdmitReply, AdmitRequest
+from schemas.messages import PromptRequest
 from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
 from schemas.subjects import NODE_HEADER, Subjects, partition_of
 from tests.helpers import EventCollector, lease_owners_until, until
