@@ -567,3 +567,58 @@ async def test_a_refused_decode_names_the_library_reason_and_where_each_sequence
         assert "positions remain consecutive" in message.split("llama.cpp:")[1], message
     finally:
         await engine.close()
+
+
+@NEEDS_LLAMA_CPP
+async def test_sequences_decoding_in_one_step_reach_llama_cpp_in_id_order_with_their_own_logits(
+    tiny_model,
+):
+    """Given three sequences whose next tokens are queued for one step in the order 2, 0, 1,
+    the batch handed to llama_decode lists them 0, 1, 2 (with a KV stream per sequence,
+    llama.cpp computes only a run of consecutive ids in one micro-batch; any other order costs
+    a graph per sequence), and each sequence still gets the logits of its own token."""
+    import numpy as np
+
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=3,
+                                    threads=1, verify_restore=False))
+    try:
+        shared = engine.backend.shared
+        prompts = {0: [5, 6, 7], 1: [9, 8], 2: [11, 12, 13, 14]}
+        for seq, tokens in prompts.items():
+            await asyncio.to_thread(shared.evaluate, seq, tokens, 0, False)
+        nxt = {0: 21, 1: 22, 2: 23}
+        alone = {}
+        for seq in prompts:  # each next token evaluated in a step of its own, then dropped
+            alone[seq] = await asyncio.to_thread(
+                shared.evaluate, seq, [nxt[seq]], len(prompts[seq]), False)
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(10)
+
+        blocker = asyncio.ensure_future(asyncio.to_thread(shared.call, hold))
+        await asyncio.to_thread(held.wait, 10)
+        together = {}
+
+        async def queue(seq: int) -> None:
+            queued = len(shared._queue)
+            task = asyncio.ensure_future(asyncio.to_thread(
+                shared.evaluate, seq, [nxt[seq]], len(prompts[seq]), True))
+            while len(shared._queue) == queued:  # in the queue before the next one joins
+                await asyncio.sleep(0)
+            together[seq] = task
+
+        steps = shared.steps
+        for seq in (2, 0, 1):
+            await queue(seq)
+        release.set()
+        await blocker
+        logits = {seq: await task for seq, task in together.items()}
+        assert shared.steps == steps + 1, "the three tokens were not one llama_decode call"
+        assert [shared._batch.seq_id[i][0] for i in range(3)] == [0, 1, 2]
+        for seq in prompts:
+            np.testing.assert_allclose(logits[seq], alone[seq], rtol=1e-4, atol=1e-4)
+        assert not np.allclose(logits[0], logits[2])
+    finally:
+        await engine.close()

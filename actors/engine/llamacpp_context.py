@@ -216,7 +216,10 @@ class SharedContext:
     def _run(self, batch: list[_Eval]) -> None:
         lib, b = self.lib, self._batch
         n = 0
-        for w in batch:
+        # Sequences in increasing id order: with a KV stream per sequence, llama.cpp puts
+        # into one micro-batch only a run of consecutive ids (0, 1, 2…); any other order
+        # evaluates each sequence's token in a graph of its own, at almost the cost of all.
+        for w in sorted(batch, key=lambda w: w.seq):
             if w.trim:
                 lib.llama_memory_seq_rm(self.memory, w.seq, w.pos, -1)
             last = len(w.tokens) - 1
@@ -237,7 +240,7 @@ class SharedContext:
         self.evaluations += len(batch)
         if rc != 0:
             raise LlamaCppDecodeError(rc, n, self._refusal(batch, logged))
-        for w in batch:
+        for w in sorted(batch, key=lambda w: w.seq):
             ptr = lib.llama_get_logits_ith(self.handle, w.index)
             w.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
