@@ -36,10 +36,11 @@ from nats.js.kv import KeyValue
 
 from actors.balance import COLD, Heat, fair_shares, surplus
 from actors.base import Actor, encode
+from actors.lease_bucket import read_members
 from actors.ownership import PartitionUser
 from actors.replicas import keep_replicas, placing
 from schemas.internal import NodeMember, PartitionLease
-from schemas.subjects import MEMBER_KEY_PREFIX, Subjects, partition_of
+from schemas.subjects import Subjects, partition_of
 
 GAIN_RETRY_S = 0.25
 GAIN_RETRY_MAX_S = 4.0
@@ -66,37 +67,6 @@ class Lease:
     """The key's revision this node wrote last (the fencing token)."""
     renewed_at: float
     """``time.monotonic()`` when the write that set ``revision`` was sent."""
-
-
-async def read_members(kv: KeyValue) -> frozenset[str]:
-    """The ids of the live nodes: those whose membership keys have not run out."""
-    found: set[str] = set()
-    watcher = await kv.watch(f"{MEMBER_KEY_PREFIX}>", ignore_deletes=True, meta_only=True)
-    try:
-        async for entry in watcher:
-            if entry is None:  # every current key was sent
-                break
-            found.add(entry.key[len(MEMBER_KEY_PREFIX):])
-    finally:
-        await watcher.stop()
-    return frozenset(found)
-
-
-async def read_owners(kv: KeyValue, subjects: Subjects) -> dict[int, str]:
-    """Partition → the node holding its lease, for every lease held now."""
-    lead = subjects.lease_key(0)[:-1]
-    owners: dict[int, str] = {}
-    watcher = await kv.watch(f"{lead}>", ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.value:
-                lease = PartitionLease.model_validate_json(entry.value)
-                owners[lease.partition] = lease.node
-    finally:
-        await watcher.stop()
-    return owners
 
 
 class PartitionLeases(Actor):
@@ -412,4 +382,4 @@ class PartitionLeases(Actor):
                                error=str(e))
 
 
-__all__ = ["PartitionLeases", "read_members", "read_owners"]
+__all__ = ["PartitionLeases"]

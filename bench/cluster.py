@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.balance import fair_shares  # noqa: E402
-from actors.leases import read_owners  # noqa: E402
+from actors.lease_bucket import read_owners  # noqa: E402
 from bench.cluster_admissions import measure as measure_cluster_admissions  # noqa: E402
 from bench.common import Chatter, Ratio, median, print_table, quiet_logs  # noqa: E402
 from node.demo_model import write_llama_gguf  # noqa: E402

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import structlog
 
-from actors.session.admit import SessionLimits, key_conflict, refusal
+from actors.session.admit import SessionLimits
+from actors.session.admitting import AdmitSteps
 from actors.session.io import RunnerIO
 from actors.session.mailbox import (
     Abort,
@@ -26,12 +27,10 @@ from actors.session.mailbox import (
     TurnDone,
     chain,
     fail,
-    rejected,
     wait_set,
 )
 from actors.session.records import new_id
 from actors.session.state import RETRIED_REASONS, SessionState, parents_of, supersedes_of
-from actors.session.tools import tool_refusal
 from actors.session.turn import (
     Turn,
     aborted_result,
@@ -44,14 +43,11 @@ from actors.session.turn import (
 )
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, GenerateRequest, GenerateResult
-from schemas.messages import AbortReply, AcceptedEvent, StartedEvent, StatusEvent
+from schemas.messages import AbortReply, StartedEvent, StatusEvent
 from schemas.records import (
     DeleteRecord,
-    RelayGrantRecord,
-    ToolsRecord,
     TurnParams,
     TurnStartRecord,
-    UserRecord,
 )
 from schemas.subjects import EventKind
 
@@ -65,7 +61,7 @@ MAX_RERUN_WAIT_S = 30.0
 __all__ = ["SessionRunner"]
 
 
-class SessionRunner:
+class SessionRunner(AdmitSteps):
     """The actor of one session."""
 
     def __init__(
@@ -160,109 +156,6 @@ class SessionRunner:
     def _reject_left(self) -> None:
         while not self.mailbox.empty():
             fail(self.mailbox.get_nowait(), self._closed_error)
-
-    # -- admits ----------------------------------------------------------------------------
-    async def on_admit(self, cmd: Admit) -> None:
-        """Record the prompt's messages, answer admission, maybe start a turn."""
-        req, st = cmd.req, self.state
-        prompt = req.prompt
-        seen: tuple[str, ...] = ()
-        if req.intake_seq is not None:
-            seen = st.intake_seqs.get(req.intake_seq, ())
-        key = req.idempotency_key
-        if self.deleting is not None:
-            err = InferError(ErrorCode.GONE, f"session {self.session} is being deleted")
-            cmd.done.set_result(rejected(err))
-            return
-        if len(seen) >= max(len(prompt.messages), 1):  # a redelivery of what is recorded
-            cmd.done.set_result(
-                AdmitReply(outcome="duplicate", message_ids=seen, generation=st.generation)
-            )
-            return
-        if not seen and key and key in st.keys:
-            await self._repeated_key(cmd, key)
-            return
-        if not seen:  # a redelivery of a partly recorded prompt was checked the first time
-            refused = self._refusal(req)
-            if refused is not None:
-                cmd.done.set_result(rejected(refused))
-                return
-        ids = list(seen)
-        if not seen and prompt.accept_relays_from is not None:
-            await self._record_grant(prompt.accept_relays_from)
-        await self._record_messages(req, ids)
-        if prompt.reply and not prompt.messages and prompt.accept_relays_from is None:
-            st.retry_deferred()
-        cmd.done.set_result(
-            AdmitReply(outcome="recorded", message_ids=tuple(ids), generation=st.generation)
-        )
-        await self.io.event(self.session, EventKind.ACCEPTED, AcceptedEvent(
-            session=self.session, message_ids=tuple(ids), generation=st.generation,
-            idempotency_key=key,
-        ))
-        if self.turn is None:
-            await self._after_turn()
-
-    async def _repeated_key(self, cmd: Admit, key: str) -> None:
-        """A key seen before: a retry is answered ``duplicate``; another prompt is refused."""
-        st, prompt = self.state, cmd.req.prompt
-        conflict = key_conflict(st, key, prompt, ask=cmd.req.answer_to is not None)
-        if conflict is not None:
-            cmd.done.set_result(rejected(conflict))
-            return
-        known = st.keys[key]
-        cmd.done.set_result(
-            AdmitReply(outcome="duplicate", message_ids=known, generation=st.generation)
-        )
-        await self.io.event(self.session, EventKind.ACCEPTED, AcceptedEvent(
-            session=self.session, message_ids=known, generation=st.generation,
-            idempotency_key=key, duplicate=True,
-        ))
-
-    def _refusal(self, req: AdmitRequest) -> InferError | None:
-        refused = refusal(self.state, req.prompt, self.turn is not None, self.limits)
-        return refused or tool_refusal(self.state, req.prompt)
-
-    async def _record_grant(self, sources: tuple[str, ...]) -> None:
-        record = RelayGrantRecord(id=new_id("grant"), sources=sources, ts=time.time())
-        await self._append_or_retry(record)
-        self.state.relay_grants = frozenset(sources)
-
-    async def _record_messages(self, req: AdmitRequest, ids: list[str]) -> None:
-        prompt = req.prompt
-        params = TurnParams(
-            sampling=prompt.sampling, stop=prompt.stop, max_tokens=prompt.max_tokens,
-            relay_to=prompt.relay_to, answer_to=req.answer_to, overflow=prompt.overflow,
-            tool_choice=prompt.tool_choice, response_format=prompt.response_format,
-        )
-        if prompt.tools is not None and prompt.tools != self.state.tools and not ids:
-            await self._append_or_retry(ToolsRecord(
-                id=new_id("tools"), tools=prompt.tools, intake_seq=req.intake_seq,
-                ts=time.time(),
-            ))
-            self.state.tools = prompt.tools
-        digest = prompt.digest() if req.idempotency_key else None
-        for m in prompt.messages[len(ids):]:
-            record = UserRecord(
-                id=new_id("msg"), message=m, intake_seq=req.intake_seq,
-                idempotency_key=req.idempotency_key, reply=prompt.reply, params=params,
-                prompt_digest=digest,
-                ts=time.time(),
-            )
-            await self._append_or_retry(record)
-            self.state.add_user(record)
-            ids.append(record.id)
-
-    async def _append_or_retry(
-        self, record: UserRecord | ToolsRecord | RelayGrantRecord
-    ) -> None:
-        try:
-            await self.io.append(self.session, record)
-        except Exception as e:  # left in intake: admission offers it again
-            raise InferError(
-                ErrorCode.UNAVAILABLE,
-                f"the record log did not store the prompt ({e!r}); it is retried",
-            ) from e
 
     # -- turns -----------------------------------------------------------------------------
     async def _after_turn(self) -> None:

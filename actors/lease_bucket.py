@@ -1,0 +1,46 @@
+"""Reading the lease bucket: which nodes are live, and which node holds each partition.
+
+Both read every current key once through a watcher (deleted and expired keys are not sent),
+so an admin view and a node's balance see the same membership.
+"""
+
+from __future__ import annotations
+
+from nats.js.kv import KeyValue
+
+from schemas.internal import PartitionLease
+from schemas.subjects import MEMBER_KEY_PREFIX, Subjects
+
+
+async def read_members(kv: KeyValue) -> frozenset[str]:
+    """The ids of the live nodes: those whose membership keys have not run out."""
+    found: set[str] = set()
+    watcher = await kv.watch(f"{MEMBER_KEY_PREFIX}>", ignore_deletes=True, meta_only=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # every current key was sent
+                break
+            found.add(entry.key[len(MEMBER_KEY_PREFIX):])
+    finally:
+        await watcher.stop()
+    return frozenset(found)
+
+
+async def read_owners(kv: KeyValue, subjects: Subjects) -> dict[int, str]:
+    """Partition → the node holding its lease, for every lease held now."""
+    lead = subjects.lease_key(0)[:-1]
+    owners: dict[int, str] = {}
+    watcher = await kv.watch(f"{lead}>", ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value:
+                lease = PartitionLease.model_validate_json(entry.value)
+                owners[lease.partition] = lease.node
+    finally:
+        await watcher.stop()
+    return owners
+
+
+__all__ = ["read_members", "read_owners"]
