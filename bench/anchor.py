@@ -72,12 +72,15 @@ class Sizes:
     """Concurrent streams of (c)."""
     decode: int
     """Tokens each stream of (c) asks for."""
+    rounds: int
+    """Rounds of (c); its tokens/s is their mean (one round is at the mercy of whatever the
+    machine did just then)."""
     n_ctx: int
     """Context length of one slot."""
 
 
-FULL = Sizes(600, 8, (4, 16), 3, 1000, 8, 4, 128, 4096)
-QUICK = Sizes(40, 4, (2,), 2, 60, 3, 2, 8, 512)
+FULL = Sizes(600, 8, (4, 16), 3, 1000, 8, 4, 128, 3, 4096)
+QUICK = Sizes(40, 4, (2,), 2, 60, 3, 2, 8, 1, 512)
 
 Ms = dict[str, list[float]]
 """Measurement name → values."""
@@ -152,19 +155,25 @@ async def shared_prefix(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
 
 
 async def streams(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
-    """(c): concurrent streams, aggregate completion tokens over the wall time. Each stream's
-    session takes a short untimed turn first, so the node's session set-up is not counted."""
+    """(c): concurrent streams, aggregate completion tokens over the wall time, in
+    ``sizes.rounds`` rounds. Each stream's session takes a short untimed turn first, so the
+    node's session set-up is not counted."""
     names = [f"{tag}-stream{i}" for i in range(sizes.streams)]
     for name in names:
         await side.chat(name, [user("Hello.")], 1)
-    start = time.perf_counter()
-    results = await asyncio.gather(*(
-        side.chat(name, [user(f"Tell a long story about {words.text(8)}")], sizes.decode)
-        for name in names
-    ))
-    tokens = sum(r.completion_tokens for r in results)
-    wall = max(r.end for r in results) - start
-    return {"tok/s": [tokens / wall], "tokens": [float(tokens)]}
+    rates, counts = [], []
+    for _ in range(sizes.rounds):
+        start = time.perf_counter()
+        results = await asyncio.gather(*(
+            side.chat(name, [user(f"Tell a long story about {words.text(8)}")], sizes.decode)
+            for name in names
+        ))
+        tokens = sum(r.completion_tokens for r in results)
+        rates.append(tokens / (max(r.end for r in results) - start))
+        counts.append(float(tokens))
+    print(f"c rounds on {side.name}: " + ", ".join(f"{r:.0f}" for r in rates) + " tok/s",
+          file=sys.stderr)
+    return {"tok/s": rates, "tokens": counts}
 
 
 # -- the run ----------------------------------------------------------------------------------
