@@ -35,6 +35,7 @@ from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
+from tests.helpers import until
 
 GREEDY = SamplingParams(temperature=0.0)
 NEEDS_LLAMA_CPP = pytest.mark.skipif(
@@ -605,8 +606,8 @@ async def test_sequences_decoding_in_one_step_reach_llama_cpp_in_id_order_with_t
             queued = len(shared._queue)
             task = asyncio.ensure_future(asyncio.to_thread(
                 shared.evaluate, seq, [nxt[seq]], len(prompts[seq]), True))
-            while len(shared._queue) == queued:  # in the queue before the next one joins
-                await asyncio.sleep(0)
+            # In the queue before the next one joins.
+            await until(lambda: len(shared._queue) > queued, timeout=10, what=f"{seq} queued")
             together[seq] = task
 
         steps = shared.steps
