@@ -219,7 +219,8 @@ class SharedContext:
         # Sequences in increasing id order: with a KV stream per sequence, llama.cpp puts
         # into one micro-batch only a run of consecutive ids (0, 1, 2…); any other order
         # evaluates each sequence's token in a graph of its own, at almost the cost of all.
-        for w in sorted(batch, key=lambda w: w.seq):
+        batch = sorted(batch, key=lambda w: w.seq)
+        for w in batch:
             if w.trim:
                 lib.llama_memory_seq_rm(self.memory, w.seq, w.pos, -1)
             last = len(w.tokens) - 1
@@ -240,7 +241,7 @@ class SharedContext:
         self.evaluations += len(batch)
         if rc != 0:
             raise LlamaCppDecodeError(rc, n, self._refusal(batch, logged))
-        for w in sorted(batch, key=lambda w: w.seq):
+        for w in batch:
             ptr = lib.llama_get_logits_ith(self.handle, w.index)
             w.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
