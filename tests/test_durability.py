@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from actors.bank_committer import BankCommitter
 from actors.engine.bank.durable import DirectoryBackend, DurableTier
 from actors.engine.bank.meta import SnapshotMeta
-from actors.engine.bank.objects import ObjectStoreBackend
+from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
 from node.app import Node
 from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig
@@ -25,7 +26,7 @@ from node.nats_server import EmbeddedNats
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
 from schemas.subjects import Subjects
-from tests.helpers import EventCollector
+from tests.helpers import EventCollector, wait_for_event
 
 GREEDY = SamplingParams(temperature=0.0)
 S = Subjects()
@@ -319,3 +320,38 @@ def test_the_durable_tier_holds_its_byte_cap_by_evicting_the_least_recently_used
         assert sum(1 for _ in root.glob("*/*.kv")) == 2
     finally:
         smaller.close()
+
+
+async def test_indexing_moved_sessions_never_holds_the_lock_the_event_loop_takes(
+    nc, monkeypatch
+):
+    """Given snapshots in the object store, when the tier indexes them (a node gaining
+    partitions) while the event loop reads the index (a turn's durable lookup, metrics),
+    then the loop's reads answer at once instead of waiting out the scan's call timeout."""
+    monkeypatch.setattr("actors.engine.bank.objects.CALL_TIMEOUT_S", 3.0)
+    store = await open_object_store(nc.jetstream(), S.bank_bucket)
+    backend = ObjectStoreBackend(store, asyncio.get_running_loop(), nc.jetstream(), S)
+    writer = DurableTier([backend])
+    try:
+        await asyncio.wrap_future(writer.persist(*_snapshot("moved", 1)))
+    finally:
+        await asyncio.to_thread(writer.close)
+    scanning = asyncio.Event()
+    real_list = store.list
+
+    async def listing(**kwargs):  # the scan has begun and waits on this loop
+        scanning.set()
+        return await real_list(**kwargs)
+
+    monkeypatch.setattr(store, "list", listing)
+    tier = DurableTier([backend])
+    try:
+        opened = asyncio.create_task(asyncio.to_thread(tier.open, frozenset({"moved"})))
+        await wait_for_event(scanning, what="the index scan")
+        t0 = time.perf_counter()
+        tier.entries("moved"), tier.stats()  # on the loop, as banking and metrics read it
+        assert time.perf_counter() - t0 < 1.0, "the loop waited for a lock held by the scan"
+        assert await asyncio.wait_for(opened, 10) == 1
+        assert [m.session for m in tier.entries("moved")] == ["moved"]
+    finally:
+        await asyncio.to_thread(tier.close)

@@ -172,10 +172,14 @@ class DurableTier:
         With ``sessions``, add only theirs: sessions that moved here from another node,
         whose snapshots that node banked after this one opened the tier.
         """
+        # Scanned before the lock is taken: an object store's scan waits on the event loop,
+        # where turns and metrics take this lock, so holding it here would freeze the loop.
+        found = [meta for backend in self.backends for meta in backend.scan(sessions)]
         with self._lock:
-            for backend in self.backends:
-                for meta in backend.scan(sessions):
-                    self._index.setdefault(meta.session, {})[meta.token_hash] = meta
+            for meta in found:  # a snapshot indexed meanwhile (written here) is kept as is
+                mine = self._index.setdefault(meta.session, {})
+                if meta.token_hash not in mine:
+                    mine[meta.token_hash] = meta
                     self.prefixes.add(meta)
         for meta in self._over_cap():  # a node restarted with a smaller cap
             self._delete(meta)
