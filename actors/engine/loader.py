@@ -17,7 +17,7 @@ from typing import Protocol, cast
 
 import structlog
 
-from actors.engine import llama_api
+from actors.engine import llama_api, llamacpp_verify, verify
 from actors.engine.bank.store import BankStore
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
@@ -31,9 +31,8 @@ from actors.engine.gguf_info import (
 from actors.engine.interface import Backend, end_of_generation
 from actors.engine.llama_model import ModelParams
 from actors.engine.llamacpp_backend import INSTALL_HINT, LlamaCppBackend, llama_cpp_available
-from actors.engine.llamacpp_verify import verify_in_child as verify_llamacpp_in_child
+from actors.engine.probe import probe_engine
 from actors.engine.template_choice import select_template, turn_stops
-from actors.engine.verify import verify_in_child
 from schemas.chat import OverflowPolicy
 
 log = structlog.get_logger("engine")
@@ -190,16 +189,20 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     return slot_engine
 
 
-def _snapshots(load: _Load, verify: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
-    """Whether snapshots are on, and why (the restore check's verdict)."""
+def _probe(load: _Load, engine: str, module: str, args: list[str]) -> tuple[bool, str]:
+    """Probe the engine in a child (it must evaluate, or the start stops); whether snapshots
+    are on, and why (the restore check's verdict)."""
+    check_restore = load.snapshots and load.settings.verify_restore
+    verdict = probe_engine(engine, module, args, load.model, check_restore)
     if not load.snapshots:
         return False, ""
-    ok, reason = (True, "not verified (--no-verify-restore)")
-    if load.settings.verify_restore:
-        ok, reason = verify()
-    if not ok:
-        log.warning("snapshots_disabled", reason=reason)
-    return ok, reason
+    if not verdict.evaluated:  # the node's own load raises the probe's error, typed
+        return False, verdict.reason
+    if not check_restore:
+        return True, "not verified (--no-verify-restore)"
+    if not verdict.restore_ok:
+        log.warning("snapshots_disabled", reason=verdict.reason)
+    return bool(verdict.restore_ok), verdict.reason
 
 
 def _load_llamacpp(load: _Load) -> tuple[Backend, tuple[bool, str], str]:
@@ -210,9 +213,11 @@ def _load_llamacpp(load: _Load) -> tuple[Backend, tuple[bool, str], str]:
             "llama_lib_ignored", library=str(settings.llama_lib),
             reason="the llama-cpp engine runs llama-cpp-python's own library",
         )
-    # Checked before loading: the check's own copy of the weights must not sit beside ours.
-    snapshots = _snapshots(
-        load, lambda: verify_llamacpp_in_child(load.model, settings.gpu_layers)
+    # Probed before loading: the probe's own copy of the weights must not sit beside ours,
+    # and a library that crashes on this CPU must not take the node with it.
+    snapshots = _probe(
+        load, "llama-cpp", "actors.engine.llamacpp_verify",
+        llamacpp_verify.probe_args(load.model, settings.gpu_layers),
     )
     backend = LlamaCppBackend(params, settings.n_slots, settings.llama_log)
     return backend, snapshots, "llama-cpp-python"
@@ -236,7 +241,10 @@ def _load_ctransformers(
         gpu_layers = info.n_layer + 1
     cuda = gpu_layers > 0
     lib_path = llama_api.library_path(cuda, settings.llama_lib)
+    ok, reason = _probe(
+        load, "ctransformers", "actors.engine.verify",
+        verify.probe_args(lib_path, load.model, gpu_layers),
+    )
     backend = CtransformersBackend(load.params(gpu_layers), lib_path, cuda, settings.llama_log)
-    ok, reason = _snapshots(load, lambda: verify_in_child(lib_path, load.model, gpu_layers))
     note = "; ".join(x for x in (clamp, reason) if x)
     return backend, (ok, note), str(lib_path), gpu_layers
