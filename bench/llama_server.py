@@ -59,9 +59,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def refuse_amx_where_it_faults(model: Path) -> None:
+    """The node's probe on ``model``: on a CPU that reports AMX but faults on it, this process
+    refuses AMX, and so does every server it starts after (a child inherits the refusal), so
+    the anchors run the same AVX-512 kernels as the node instead of crashing."""
+    from actors.engine.loader import probe_llamacpp
+
+    probe_llamacpp(model)
+
+
 def llama_server_cmd(binary: Path, model: Path, port: int, threads: int, n_ctx: int,
                      slots: int, extra: Sequence[str] = ()) -> list[str]:
     """``llama-server`` with ``slots`` slots of ``n_ctx`` tokens each and a RAM prompt cache."""
+    refuse_amx_where_it_faults(model)
     return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(threads), "-tb", str(threads), "-np", str(slots),
             # -c is the whole KV cache; each of the -np slots gets an equal share.
@@ -71,6 +81,7 @@ def llama_server_cmd(binary: Path, model: Path, port: int, threads: int, n_ctx: 
 
 def llama_cpp_python_cmd(model: Path, port: int, threads: int, n_ctx: int) -> list[str]:
     """llama-cpp-python's OpenAI server with its RAM prompt cache."""
+    refuse_amx_where_it_faults(model)
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--cache", "true",
             "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--verbose", "false",

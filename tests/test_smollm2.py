@@ -19,7 +19,7 @@ from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import read_gguf_info
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
 from actors.engine.llamacpp_backend import llama_cpp_available
-from actors.engine.loader import load_engine
+from actors.engine.loader import load_engine, probe_llamacpp
 from node.config import NodeConfig
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, SamplingParams
@@ -89,6 +89,7 @@ def library() -> Iterator[Any]:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     assert SMOLLM2 is not None
+    probe_llamacpp(SMOLLM2)  # refuses this process AMX where the CPU faults on it
     info = read_gguf_info(SMOLLM2)
     assert info.chat_template and info.eos_token and info.bos_token
     formatter = Jinja2ChatFormatter(info.chat_template, info.eos_token, info.bos_token)

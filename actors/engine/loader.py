@@ -18,6 +18,7 @@ from typing import Protocol, cast
 import structlog
 
 from actors.engine import llama_api, llamacpp_verify, verify
+from actors.engine.bank.domains import parse_share_groups
 from actors.engine.bank.store import BankStore
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
@@ -31,7 +32,7 @@ from actors.engine.gguf_info import (
 from actors.engine.interface import Backend, end_of_generation
 from actors.engine.llama_model import ModelParams
 from actors.engine.llamacpp_backend import INSTALL_HINT, LlamaCppBackend, llama_cpp_available
-from actors.engine.probe import probe_engine
+from actors.engine.probe import ProbeVerdict, probe_engine
 from actors.engine.template_choice import select_template, turn_stops
 from schemas.chat import OverflowPolicy
 
@@ -68,6 +69,8 @@ class EngineSettings(Protocol):
     def bank_ram_bytes(self) -> int: ...
     @property
     def bank_session_bytes(self) -> int: ...
+    @property
+    def bank_share_groups(self) -> str: ...
     @property
     def verify_restore(self) -> bool: ...
     @property
@@ -159,7 +162,10 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         backend, (snapshots, note), library, gpu_layers = _load_ctransformers(load, info)
     bank: BankStore | None = None
     if snapshots:
-        bank = BankStore(settings.bank_ram_bytes, settings.bank_session_bytes)
+        bank = BankStore(
+            settings.bank_ram_bytes, settings.bank_session_bytes,
+            parse_share_groups(settings.bank_share_groups),
+        )
     specials = backend.tokenizer.specials
     template = select_template(
         settings.chat_template, info.chat_template, backend.bos_text, backend.eos_text, specials
@@ -189,16 +195,26 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     return slot_engine
 
 
-def _probe(load: _Load, engine: str, module: str, args: list[str]) -> tuple[bool, str]:
-    """Probe the engine in a child (it must evaluate, or the start stops); whether snapshots
-    are on, and why (the restore check's verdict)."""
-    check_restore = load.snapshots and load.settings.verify_restore
-    verdict = probe_engine(engine, module, args, load.model, check_restore)
+def probe_llamacpp(model: Path, gpu_layers: int = 0, restore: bool = False) -> ProbeVerdict:
+    """Probe the llama-cpp engine on ``model`` in a child (refusing this process AMX where that
+    makes it run; see ``actors.engine.probe``). For code that loads llama.cpp itself, or starts
+    another llama.cpp server: a child process inherits the refusal."""
+    args = llamacpp_verify.probe_args(model, gpu_layers)
+    return probe_engine("llama-cpp", "actors.engine.llamacpp_verify", args, model, restore)
+
+
+def _restore(load: _Load) -> bool:
+    """Whether the probe also checks that a restored state gives the live logits."""
+    return load.snapshots and load.settings.verify_restore
+
+
+def _snapshots(load: _Load, verdict: ProbeVerdict) -> tuple[bool, str]:
+    """Whether snapshots are on, and why (the probe's restore verdict)."""
     if not load.snapshots:
         return False, ""
     if not verdict.evaluated:  # the node's own load raises the probe's error, typed
         return False, verdict.reason
-    if not check_restore:
+    if not _restore(load):
         return True, "not verified (--no-verify-restore)"
     if not verdict.restore_ok:
         log.warning("snapshots_disabled", reason=verdict.reason)
@@ -215,10 +231,7 @@ def _load_llamacpp(load: _Load) -> tuple[Backend, tuple[bool, str], str]:
         )
     # Probed before loading: the probe's own copy of the weights must not sit beside ours,
     # and a library that crashes on this CPU must not take the node with it.
-    snapshots = _probe(
-        load, "llama-cpp", "actors.engine.llamacpp_verify",
-        llamacpp_verify.probe_args(load.model, settings.gpu_layers),
-    )
+    snapshots = _snapshots(load, probe_llamacpp(load.model, settings.gpu_layers, _restore(load)))
     backend = LlamaCppBackend(params, settings.n_slots, settings.llama_log)
     return backend, snapshots, "llama-cpp-python"
 
@@ -241,10 +254,11 @@ def _load_ctransformers(
         gpu_layers = info.n_layer + 1
     cuda = gpu_layers > 0
     lib_path = llama_api.library_path(cuda, settings.llama_lib)
-    ok, reason = _probe(
-        load, "ctransformers", "actors.engine.verify",
-        verify.probe_args(lib_path, load.model, gpu_layers),
+    args = verify.probe_args(lib_path, load.model, gpu_layers)
+    verdict = probe_engine(
+        "ctransformers", "actors.engine.verify", args, load.model, _restore(load)
     )
+    ok, reason = _snapshots(load, verdict)
     backend = CtransformersBackend(load.params(gpu_layers), lib_path, cuda, settings.llama_log)
     note = "; ".join(x for x in (clamp, reason) if x)
     return backend, (ok, note), str(lib_path), gpu_layers
