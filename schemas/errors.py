@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     GONE = "gone"
     TOO_LARGE = "too_large"
     CONTEXT_OVERFLOW = "context_overflow"
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
     BUSY = "busy"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
@@ -28,6 +29,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.GONE: 410,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.CONTEXT_OVERFLOW: 422,
+    ErrorCode.IDEMPOTENCY_MISMATCH: 422,
     ErrorCode.BUSY: 429,
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAVAILABLE: 503,

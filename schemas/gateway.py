@@ -43,15 +43,22 @@ class SessionChain(Frozen):
     """True once a turn of this conversation was aborted: later calls start a fork."""
 
 
-class StoredAnswer(Frozen):
-    """Under ``i.<key hash>``: the answer of a request with an ``Idempotency-Key``."""
+class IdempotencyEntry(Frozen):
+    """Under ``i.<key hash>``: a request with an ``Idempotency-Key``, claimed, then answered.
 
-    type: Literal["gateway_answer.v1"] = "gateway_answer.v1"
+    The gateway that creates the key runs the turn; every other request with the key, on
+    any gateway, waits for the answer (or for the claim to go, or to expire)."""
+
+    type: Literal["gateway_idempotency.v1"] = "gateway_idempotency.v1"
     """Message type and version."""
-    session: str
-    """Session id the client saw (``X-Session-Id``)."""
-    completion: str
-    """The chat completion object, as JSON."""
+    request: Digest
+    """Hash of the request the key was first used with; another body is refused (422)."""
+    claimed_until: float
+    """Unix time after which an unanswered claim is taken to be dead (its gateway gone)."""
+    session: str | None = None
+    """Session id the client saw (``X-Session-Id``); None until answered."""
+    completion: str | None = None
+    """The chat completion object, as JSON; None until answered."""
 
 
 def prefix_key(link: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -21,13 +20,14 @@ from typing import Any
 import structlog
 from nats.aio.client import Client
 
+from actors.gateway.idempotency import Claim, KeyClaims
 from actors.gateway.responses import SSE_DONE, CompletionShape, answer_message
 from actors.gateway.sessions import Plan, SessionRouter
 from actors.gateway.stream import ContentFilter, ToolCallRelay
 from actors.gateway.turns import DuplicatePromptError, NodeTurn, TurnAbortedError
 from actors.gateway.wire import ChatCompletionRequest, prompt_for
 from schemas.errors import ErrorCode, InferError
-from schemas.gateway import StoredAnswer
+from schemas.gateway import IdempotencyEntry
 from schemas.messages import CommitEvent, DoneEvent, TokenEvent, ToolCallEvent
 from schemas.subjects import Subjects
 
@@ -42,10 +42,11 @@ class OpenCall:
     turn: NodeTurn
     shape: CompletionShape
     lock: asyncio.Lock
-    idempotency: str | None
+    claim: Claim | None
     finished: bool = False
     done: DoneEvent | None = None
     _released: bool = field(default=False, repr=False)
+    _answered: bool = field(default=False, repr=False)
 
     @property
     def session(self) -> str:
@@ -124,9 +125,10 @@ class OpenCall:
         try:
             await self.service.router.committed(self.plan, answer_message(self.done),
                                                 commit.generation)
-            if self.idempotency is not None:
+            if self.claim is not None:
                 body = self.shape.completion(self.done, self.session)
-                await self.service.keep_answer(self.idempotency, self.session, body)
+                await self.service.claims.answered(self.claim, self.session, body)
+                self._answered = True
         finally:
             await self.release()
 
@@ -151,7 +153,8 @@ class OpenCall:
         self._released = True
         await self.turn.close()
         self.lock.release()
-        self.service.release_idempotency(self.idempotency)
+        if self.claim is not None and not self._answered:
+            await self.service.claims.release(self.claim)
 
 
 class ChatService:
@@ -168,50 +171,34 @@ class ChatService:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
-        self._inflight: dict[str, asyncio.Event] = {}
+        self.claims = KeyClaims(router.index.answers, turn_timeout)
 
-    async def stored_answer(self, agent: str, client_key: str | None) -> StoredAnswer | None:
-        """The answer already given to this ``Idempotency-Key``, waiting for one in flight."""
-        if client_key is None:
-            return None
-        key = scoped_key(agent, client_key)
-        running = self._inflight.get(key)
-        if running is not None:
-            await asyncio.wait_for(running.wait(), self.turn_timeout)
-        return await self.router.index.answer(key)
-
-    async def keep_answer(self, key: str, session: str, body: dict[str, Any]) -> None:
-        """Keep an answer for retries."""
-        await self.router.index.keep_answer(
-            key, StoredAnswer(session=session, completion=json.dumps(body))
-        )
-
-    def release_idempotency(self, key: str | None) -> None:
-        """Wake retries of ``key`` waiting on this gateway."""
-        if key is not None and key in self._inflight:
-            self._inflight.pop(key).set()
+    async def claim(
+        self, agent: str, client_key: str, request: str
+    ) -> Claim | IdempotencyEntry:
+        """Own this ``Idempotency-Key`` (run the turn), or the answer it was given, waiting
+        for one in flight on any gateway."""
+        return await self.claims.claim(scoped_key(agent, client_key), request, client_key)
 
     async def open(
-        self, agent: str, req: ChatCompletionRequest, named: str | None, client_key: str | None
+        self, agent: str, req: ChatCompletionRequest, named: str | None, claim: Claim | None
     ) -> OpenCall:
         """Plan the call, publish its prompt and return once the session recorded it."""
-        idem = scoped_key(agent, client_key) if client_key else None
-        if idem is not None:
-            self._inflight.setdefault(idem, asyncio.Event())
         try:
-            return await self._open(agent, req, named, idem)
+            return await self._open(agent, req, named, claim)
         except BaseException:
-            self.release_idempotency(idem)
+            if claim is not None:  # unanswered: the key is free for a retry
+                await asyncio.shield(self.claims.release(claim))
             raise
 
     async def _open(
-        self, agent: str, req: ChatCompletionRequest, named: str | None, idem: str | None
+        self, agent: str, req: ChatCompletionRequest, named: str | None, claim: Claim | None
     ) -> OpenCall:
         plan = await self.router.plan(agent, named, req.chat_messages())
         for attempt in range(2):
             lock = self._locks.setdefault(plan.session, asyncio.Lock())
             await lock.acquire()
-            key = _attempt_key(idem, plan, attempt)
+            key = _attempt_key(claim, plan, attempt)
             turn = NodeTurn(self.nc, self.subjects, plan.session,
                             prompt_for(req, plan.new_messages, key, plan.expect_generation),
                             self.turn_timeout)
@@ -242,7 +229,7 @@ class ChatService:
                 lock.release()
                 raise
             shape = CompletionShape(f"chatcmpl-{uuid.uuid4().hex}", self.model)
-            return OpenCall(self, plan, turn, shape, lock, idem)
+            return OpenCall(self, plan, turn, shape, lock, claim)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
 
@@ -251,8 +238,10 @@ def scoped_key(agent: str, client_key: str) -> str:
     return hashlib.sha256(f"{agent}\0{client_key}".encode()).hexdigest()
 
 
-def _attempt_key(idem: str | None, plan: Plan, attempt: int) -> str:
-    # A fork is a different prompt, so it must not look like a retry of the first one.
-    if idem is None:
+def _attempt_key(claim: Claim | None, plan: Plan, attempt: int) -> str:
+    # A fork is a different prompt, so it must not look like a retry of the first one; nor
+    # is a new claim of the key (its first request failed unanswered) a retry of the last.
+    if claim is None:
         return uuid.uuid4().hex
-    return hashlib.sha256(f"{idem}\0{plan.session}\0{attempt}".encode()).hexdigest()
+    text = f"{claim.key}\0{claim.revision}\0{plan.session}\0{attempt}"
+    return hashlib.sha256(text.encode()).hexdigest()

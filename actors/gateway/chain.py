@@ -27,14 +27,12 @@ from schemas.chat import ChatMessage
 from schemas.gateway import (
     ConversationEntry,
     SessionChain,
-    StoredAnswer,
-    answer_key,
     prefix_key,
     session_key,
 )
 from schemas.subjects import Subjects
 
-M = TypeVar("M", ConversationEntry, SessionChain, StoredAnswer)
+M = TypeVar("M", ConversationEntry, SessionChain)
 
 ANSWER_TTL_S = 24 * 3600.0
 """How long an ``Idempotency-Key`` answer is kept for retries."""
@@ -155,14 +153,6 @@ class ConversationIndex:
     async def put_session_chain(self, value: SessionChain) -> None:
         """Record a named session's committed conversation."""
         await self.conversations.put(session_key(value.session), value.model_dump_json().encode())
-
-    async def answer(self, key: str) -> StoredAnswer | None:
-        """The kept answer of an idempotency key."""
-        return await self._get(self.answers, answer_key(key), StoredAnswer)
-
-    async def keep_answer(self, key: str, value: StoredAnswer) -> None:
-        """Keep an answer for retries of its idempotency key."""
-        await self.answers.put(answer_key(key), value.model_dump_json().encode())
 
     @staticmethod
     async def _get(

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.gateway.calls import ChatService, OpenCall
+from actors.gateway.idempotency import request_digest
 from actors.gateway.responses import (
     SSE_DONE,
     CompletionShape,
@@ -33,6 +34,7 @@ from actors.gateway.responses import (
 )
 from actors.gateway.wire import parse_request
 from schemas.errors import ErrorCode, InferError
+from schemas.gateway import IdempotencyEntry
 
 log = structlog.get_logger("gateway")
 
@@ -100,10 +102,14 @@ class GatewayApp:
         req = parse_request(await self._body(request))
         named = request.headers.get(SESSION_HEADER) or req.session_hint()
         key = request.headers.get(IDEMPOTENCY_HEADER)
-        stored = await self.service.stored_answer(agent, key)
-        if stored is not None:
-            return _replay(stored.completion, stored.session, req.stream)
-        call = await self.service.open(agent, req, named, key)
+        claim = None
+        if key is not None:
+            held = await self.service.claim(agent, key, request_digest(req, named))
+            if isinstance(held, IdempotencyEntry):
+                assert held.completion is not None and held.session is not None
+                return _replay(held.completion, held.session, req.stream)
+            claim = held
+        call = await self.service.open(agent, req, named, claim)
         headers = {SESSION_HEADER: call.session}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
