@@ -35,8 +35,8 @@ from actors.base import (
     validation_sentence,
     wait_any,
 )
-from actors.constraints import check_enforceable
 from actors.ownership import Ownership
+from actors.schema_worker import SchemaWorker
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import PromptRequest
@@ -81,6 +81,8 @@ class Admission(Actor):
         self.js: JetStreamContext = nc.jetstream()
         self.max_prompt_bytes = max_prompt_bytes
         self.ownership = ownership
+        self.schemas = SchemaWorker()
+        """Compiles the prompts' schemas in its own process (a crash there is a refusal)."""
         self._stopping = asyncio.Event()
         self._pullers: dict[int, asyncio.Task[None]] = {}
         self._halts: dict[int, asyncio.Event] = {}
@@ -149,18 +151,23 @@ class Admission(Actor):
         return None
 
     async def _subscribe(self, partition: int | None) -> JetStreamContext.PullSubscription:
+        stream = self.subjects.prompt_stream
+        durable = self.subjects.admission_consumer(partition)
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ACK_WAIT_S, max_ack_pending=MAX_ACK_PENDING,
+        )
         if partition is not None:
             await self._take_over(partition)
-        return await self.js.pull_subscribe(
-            self.subjects.prompt_unsessioned() if partition is None
-            else self.subjects.intake(partition),
-            durable=self.subjects.admission_consumer(partition),
-            stream=self.subjects.prompt_stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                ack_wait=ACK_WAIT_S, max_ack_pending=MAX_ACK_PENDING,
-            ),
-        )
+            return await self.js.pull_subscribe(
+                self.subjects.intake(partition), durable=durable, stream=stream, config=config
+            )
+        # Created or updated: a consumer made by an older version filtered fewer subjects,
+        # and what it missed would stay in the intake for good.
+        config.durable_name = config.name = durable
+        config.filter_subjects = list(self.subjects.prompt_unsessioned())
+        await self.js.add_consumer(stream, config)
+        return await self.js.pull_subscribe_bind(durable, stream)
 
     async def _take_over(self, partition: int) -> None:
         """Offer again, at once and in stream order, what a previous owner had pulled.
@@ -188,6 +195,7 @@ class Admission(Actor):
         pullers = [*self._pullers.values(), *([self._invalid] if self._invalid else [])]
         await asyncio.gather(*pullers, return_exceptions=True)
         self._pullers.clear()
+        await self.schemas.close()
         await super().stop()
 
     async def _pull(self, partition: int | None, halt: asyncio.Event) -> None:
@@ -260,7 +268,7 @@ class Admission(Actor):
                     ErrorCode.BAD_REQUEST,
                     f"{ANSWER_TO_HEADER} {forged[:64]!r} is not an inbox the node may answer",
                 )
-            check_enforceable(prompt)
+            await self.schemas.check(prompt)
         except InferError as e:
             # The key names the refused prompt: a client waiting on it (the gateway) hears why.
             await self._reject(token, e, key, answer_to)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import llguidance
 
@@ -44,7 +45,18 @@ def response_grammar(fmt: JsonObjectFormat | JsonSchemaFormat) -> str:
     schema: JsonSchema = {"type": "object"}
     if isinstance(fmt, JsonSchemaFormat):
         schema = fmt.json_schema.schema_
+    _within_bounds(schema, "response_format")
     return llguidance.LLMatcher.grammar_from_json_schema(_with_options(schema))
+
+
+def _within_bounds(schema: JsonSchema, where: str) -> None:
+    """Refuse a schema past the bounds here too: one recorded before they held would crash
+    the engine's compile on every turn."""
+    problem = schema_bounds_problem(schema)
+    if problem:
+        raise InferError(
+            ErrorCode.BAD_REQUEST, f"{where}: the schema cannot be enforced: {problem}"
+        )
 
 
 def _call_schema(tool: Tool) -> dict[str, object]:
@@ -76,6 +88,8 @@ def tool_call_grammar(
     """
     if isinstance(choice, NamedToolChoice):
         tools = [t for t in tools if t.function.name == choice.function.name]
+    for tool in tools:
+        _within_bounds(tool.function.parameters, f"tool {tool.function.name}")
     rules = [f"call{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(tools)]
     alternatives = " | ".join(f"call{i}" for i in range(len(tools)))
     lark = "\n".join([
@@ -97,34 +111,139 @@ def grammar_for(
     return None
 
 
+SCHEMA_MAX_DEPTH = 128
+"""Most nested objects and arrays along any path of a schema, each ``$ref`` followed counted
+as one more. llguidance compiles a schema recursively in native code, ~3 KiB of stack a
+level: a chain of ~2,300 references overflows an 8 MiB thread stack and kills the process."""
+SCHEMA_MAX_NODES = 20_000
+"""Most objects and arrays in a schema (every ``$ref`` target counted once)."""
+
+_DONE = object()
+
+
+def _ref_target(ref: object, root: object) -> object:
+    """The container a local ``$ref`` (``#/...``) names, or None."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _children(node: object, root: object) -> list[object]:
+    values = list(node.values()) if isinstance(node, dict) else list(node)  # type: ignore[union-attr]
+    if isinstance(node, dict) and "$ref" in node:
+        values.append(_ref_target(node["$ref"], root))
+    return [v for v in values if isinstance(v, dict | list)]
+
+
+def schema_bounds_problem(schema: JsonSchema) -> str:
+    """Why ``schema`` is too deep or too large to compile (naming the limit), or ``""``.
+
+    An iterative walk (it cannot overflow a stack itself) that visits each container once:
+    a reference back into the path being walked (a recursive schema) adds no depth.
+    """
+    heights: dict[int, int] = {}
+    path: list[tuple[object, list[object], int]] = [(schema, _children(schema, schema), 0)]
+    on_path = {id(schema)}
+    while path:
+        if len(path) > SCHEMA_MAX_DEPTH:
+            return (f"it nests more than {SCHEMA_MAX_DEPTH} levels deep (objects, arrays "
+                    "and $ref hops along one path)")
+        node, todo, best = path[-1]
+        child = todo.pop() if todo else _DONE
+        if child is _DONE:
+            path.pop()
+            on_path.discard(id(node))
+            heights[id(node)] = best + 1
+            if path:
+                parent, rest, parent_best = path[-1]
+                path[-1] = (parent, rest, max(parent_best, best + 1))
+            continue
+        if id(child) in heights or id(child) in on_path:
+            path[-1] = (node, todo, max(best, heights.get(id(child), 0)))
+            continue
+        if len(heights) + len(path) >= SCHEMA_MAX_NODES:
+            return f"it has more than {SCHEMA_MAX_NODES} objects and arrays"
+        on_path.add(id(child))
+        path.append((child, _children(child, schema), 0))
+    return ""
+
+
+def schema_source(schema: JsonSchema) -> str:
+    """The text llguidance compiles for ``schema`` (also the key its verdict is kept by)."""
+    return json.dumps(_with_options(schema), sort_keys=True)
+
+
+def compile_problem(source: str) -> str:
+    """llguidance's verdict on a ``schema_source``: why it cannot be enforced, or ``""``.
+
+    Native code: run it only on a schema within the bounds, where a crash is contained."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(source)
+        return llguidance.LLMatcher.validate_grammar(grammar).strip()
+    except Exception as e:  # llguidance raises on what it cannot even parse
+        return str(e).strip() or repr(e)
+
+
 @functools.lru_cache(maxsize=256)
-def _schema_problem(schema_json: str) -> str:
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_json)
-    return llguidance.LLMatcher.validate_grammar(grammar)
+def _schema_problem(source: str) -> str:
+    return compile_problem(source)
 
 
 def schema_problem(schema: JsonSchema) -> str:
-    """Why the grammar cannot enforce ``schema`` (llguidance's words), or ``""``."""
-    return _schema_problem(json.dumps(_with_options(schema), sort_keys=True)).strip()
+    """Why the grammar cannot enforce ``schema`` (llguidance's words, or the bound it
+    passes), or ``""``; compiled in this process."""
+    return schema_bounds_problem(schema) or _schema_problem(schema_source(schema))
+
+
+class SchemaQuestion(NamedTuple):
+    """One schema of a prompt the grammar must be able to enforce."""
+
+    schema: JsonSchema
+    """The schema."""
+    where: str
+    """How the refusal names it."""
+    details: dict[str, str]
+    """The refusal's details (``param``, and ``tool``)."""
+
+    def refusal(self, problem: str) -> InferError:
+        """The 400 refusing the prompt for ``problem``."""
+        return InferError(ErrorCode.BAD_REQUEST, f"{self.where}: {problem}", self.details)
+
+
+def schema_questions(prompt: PromptRequest) -> list[SchemaQuestion]:
+    """The schemas of ``prompt`` the grammar would compile: tools' parameters, then the
+    response format's."""
+    questions = [
+        SchemaQuestion(
+            tool.function.parameters,
+            f"tools[{i}] ({tool.function.name}): its parameters schema cannot be enforced "
+            "when the call is forced",
+            {"tool": tool.function.name, "param": f"tools.{i}.function.parameters"},
+        )
+        for i, tool in enumerate(prompt.tools or ())
+    ]
+    fmt = prompt.response_format
+    if isinstance(fmt, JsonSchemaFormat):
+        questions.append(SchemaQuestion(
+            fmt.json_schema.schema_, "response_format: the schema cannot be enforced",
+            {"param": "response_format.json_schema.schema"},
+        ))
+    return questions
 
 
 def check_enforceable(prompt: PromptRequest) -> None:
-    """Raise ``bad_request`` naming the first schema feature the grammar cannot enforce."""
-    for i, tool in enumerate(prompt.tools or ()):
-        problem = schema_problem(tool.function.parameters)
+    """Raise ``bad_request`` naming the first schema feature the grammar cannot enforce
+    (compiled in this process; admission compiles in ``actors.schema_worker``)."""
+    for question in schema_questions(prompt):
+        problem = schema_problem(question.schema)
         if problem:
-            raise InferError(
-                ErrorCode.BAD_REQUEST,
-                f"tools[{i}] ({tool.function.name}): its parameters schema cannot be enforced "
-                f"when the call is forced: {problem}",
-                {"tool": tool.function.name, "param": f"tools.{i}.function.parameters"},
-            )
-    fmt = prompt.response_format
-    if isinstance(fmt, JsonSchemaFormat):
-        problem = schema_problem(fmt.json_schema.schema_)
-        if problem:
-            raise InferError(
-                ErrorCode.BAD_REQUEST,
-                f"response_format: the schema cannot be enforced: {problem}",
-                {"param": "response_format.json_schema.schema"},
-            )
+            raise question.refusal(problem)
