@@ -121,11 +121,13 @@ class Subjects:
         """Every prompt subject (the intake stream's filter)."""
         return f"{self.prefix}.prompt.>"
 
-    def prompt_unsessioned(self) -> str:
-        """Stored prompts whose subject has more than one token after ``prompt`` (the
-        transform moves the others to their partition): refused by any node. (Not the
-        stream's own filter, which a consumer would take for "every message".)"""
-        return f"{self.prefix}.prompt.*.>"
+    def prompt_unsessioned(self) -> tuple[str, str]:
+        """Stored prompts the transform left under ``prompt``, refused by any node: those
+        with more than one token after ``prompt``, and those whose one token is a literal
+        ``*`` or ``>`` (the server publishes them, and moves no wildcard subject to a
+        partition). Two filters, not the stream's own one, which a consumer would take for
+        "every message"."""
+        return f"{self.prefix}.prompt.*", f"{self.prefix}.prompt.*.>"
 
     def intake_transform(self, partitions: int) -> tuple[str, str]:
         """``(source, destination)`` of the intake stream's subject transform: a prompt is
