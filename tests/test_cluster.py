@@ -38,7 +38,7 @@ from schemas.chat import ChatMessage, SamplingParams
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import PromptRequest
 from schemas.records import RECORD_ADAPTER, CommitRecord, Record, UserRecord
-from schemas.subjects import NODE_HEADER, Subjects, partition_of
+from schemas.subjects import ABORTED_HEADER, NODE_HEADER, Subjects, partition_of
 from tests.helpers import EventCollector, lease_owners_until, until
 from tests.test_durability import NodeProcess
 
@@ -468,3 +468,40 @@ async def test_a_node_whose_server_went_away_mid_renewal_stops_without_waiting_i
                 what="a renewal request sent while the server is gone")
     await asyncio.wait_for(node.stop(), 15)
     assert owner.leases == {}
+
+
+@pytest.mark.timeout(180)
+async def test_a_turn_cut_by_a_killed_node_ends_with_provisional_and_aborted_from_the_next_owner(
+    nats_server: EmbeddedNats, nc: Client, tiny_model: Path, tmp_path: Path
+):
+    """Given node A streaming a long turn, when A is SIGKILLed, then node B, taking the
+    session over, publishes the cut turn's provisional and aborted events (marked
+    Infer-Aborted), so a client that saw it start sees it end."""
+    url, js = nats_server.url, nc.jetstream()
+    flags = ("--lease-ttl-s", TTL, "--ctx", "4096", "--no-balance")
+    a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
+    b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
+    events = await EventCollector.start(nc, S.events_all("cut"))
+
+    def of(kind: str) -> list:
+        return [m for m in events.messages if m.subject == S.events("cut", kind)]
+
+    try:
+        await js.publish(S.prompt("cut"), prompt("talk for a long time", max_tokens=8000))
+        await events.wait_until(lambda _: of("token"), timeout=60)
+        cut = json.loads(of("started")[0].data)["turn_id"]
+        await a.kill()
+        assert not of("done"), "the long turn ended before the kill; it needs more tokens"
+        await b.wait_for_line(GAINED, timeout=30)
+        await events.wait_until(lambda _: any(
+            json.loads(m.data)["turn_id"] == cut for m in of("aborted")), timeout=30)
+    finally:
+        await b.terminate()
+    # B's own stop aborts the retried turn too: only the cut turn's events count here.
+    (provisional,), (aborted,) = (
+        [m for m in of(kind) if json.loads(m.data)["turn_id"] == cut]
+        for kind in ("provisional", "aborted")
+    )
+    for msg in (provisional, aborted):
+        assert (msg.headers or {}).get(ABORTED_HEADER) == "1"
+    assert json.loads(aborted.data)["reason"] == "node_restart"

@@ -31,6 +31,7 @@ from actors.session.io import BusIO
 from actors.session.records import close_interrupted, rebuild
 from actors.session.runner import SessionRunner
 from actors.session.state import SessionState
+from actors.session.turn import publish_abort
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, SessionDeleteReply, SessionDeleteRequest
 from schemas.messages import AbortRequest
@@ -312,8 +313,11 @@ class RunnerHost(Actor):
         rebuilt = []
         for state in found.states.values():
             if state.open_turn is not None:
-                turn_id = await close_interrupted(self.io.append, state)
-                self.log.info("interrupted_turn_recorded", session=state.session, turn=turn_id)
+                provisional, abort = await close_interrupted(self.io.append, state)
+                # A client saw the turn start on the node that died: it sees it end here.
+                await publish_abort(self.io, state, provisional, abort.reason, "")
+                self.log.info("interrupted_turn_recorded", session=state.session,
+                              turn=abort.turn_id)
             rebuilt.append(self._runner(state))
         if found.states:
             self.log.info("sessions_rebuilt", sessions=len(found.states))

@@ -110,11 +110,14 @@ async def rebuild(
     return out
 
 
-async def close_interrupted(append: Append, state: SessionState) -> str:
-    """Record the turn a restart interrupted as aborted (``node_restart``); its id."""
+async def close_interrupted(
+    append: Append, state: SessionState
+) -> tuple[ProvisionalRecord, AbortRecord]:
+    """Record the turn a restart interrupted as aborted (``node_restart``); the records."""
     turn = state.open_turn
     assert turn is not None
-    for record in abort_records(turn.id, turn.parent_ids, "", "node_restart"):
+    records = abort_records(turn.id, turn.parent_ids, "", "node_restart")
+    for record in records:
         await append(state.session, record)
         apply(state, record)
-    return turn.id
+    return records

@@ -124,14 +124,7 @@ async def record_abort(
     await io.append(s, abort)
     st.abort(turn.taken, provisional.id, reason)
     turn.recorded = True
-    await io.event(s, EventKind.PROVISIONAL, ProvisionalEvent(
-        session=s, turn_id=turn.id, record_id=provisional.id, parent_ids=turn.parent_ids,
-        text=text,
-    ), aborted=True)
-    await io.event(s, EventKind.ABORTED, AbortedEvent(
-        session=s, turn_id=turn.id, reason=reason, generation=st.generation,
-        provisional_id=provisional.id,
-    ), aborted=True)
+    await publish_abort(io, st, provisional, reason, text)
     if answer and reason not in RETRIED_REASONS:
         await answer_asks(io, turn, AnswerReply(
             session=s, turn_id=turn.id, parent_ids=turn.parent_ids, text=text,
@@ -140,6 +133,22 @@ async def record_abort(
                         completion_tokens=0),
         ))
     return provisional.id
+
+
+async def publish_abort(
+    io: RunnerIO, st: SessionState, provisional: ProvisionalRecord, reason: str, text: str
+) -> None:
+    """Publish a recorded abort: ``provisional`` with the partial text, then ``aborted``
+    (both marked ``Infer-Aborted``), so a client that saw the turn start sees it end."""
+    s = st.session
+    await io.event(s, EventKind.PROVISIONAL, ProvisionalEvent(
+        session=s, turn_id=provisional.turn_id, record_id=provisional.id,
+        parent_ids=provisional.parent_ids, text=text,
+    ), aborted=True)
+    await io.event(s, EventKind.ABORTED, AbortedEvent(
+        session=s, turn_id=provisional.turn_id, reason=reason, generation=st.generation,
+        provisional_id=provisional.id,
+    ), aborted=True)
 
 
 async def record_failure(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateResult) -> str:
