@@ -39,6 +39,7 @@ from actors.ownership import Ownership
 from actors.schema_worker import SchemaWorker
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
+from schemas.json_depth import check_json_depth
 from schemas.messages import PromptRequest
 from schemas.subjects import ANSWER_TO_HEADER, MSG_ID_HEADER, EventKind, Subjects, is_session_id
 
@@ -332,6 +333,7 @@ class Admission(Actor):
                 f"the prompt is {len(msg.data)} bytes; the limit is {self.max_prompt_bytes}",
                 {"bytes": len(msg.data), "limit": self.max_prompt_bytes},
             )
+        check_json_depth(msg.data, "the prompt")
         try:
             prompt = PromptRequest.model_validate_json(msg.data)
         except ValidationError as e:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from actors.base import encode, validation_sentence
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
+from schemas.json_depth import check_json_depth
 from schemas.messages import PromptRequest
 from schemas.subjects import ANSWER_TO_HEADER, MSG_ID_HEADER, Subjects, is_session_id
 
@@ -28,6 +29,7 @@ def read_ask(data: bytes) -> PromptRequest:
     except UnicodeDecodeError as e:
         raise InferError(ErrorCode.BAD_REQUEST, "the ask body is not UTF-8 text") from e
     if text.lstrip().startswith("{"):
+        check_json_depth(data, "the ask")
         try:
             return PromptRequest.model_validate_json(data)
         except ValidationError as e:

@@ -178,3 +178,17 @@ def test_openai_sampling_fields_map_one_to_one_onto_the_prompt():
     assert (s.frequency_penalty, s.presence_penalty, s.repeat_penalty) == (0.4, -0.2, 1.3)
     assert prompt.stop == ("END",) and prompt.max_tokens == 33 and prompt.model == "m1"
     assert prompt.expect_generation == 2 and prompt.idempotency_key == "k" * 8
+
+
+async def test_a_five_megabyte_tool_result_is_a_typed_error_and_the_gateway_serves_on(make_node):
+    """A tool result of 5 MB is refused with a typed 4xx and a sentence, never a 500."""
+    _, base = await _gateway_node(make_node)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "call f"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "x" * (5 << 20)}]
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(f"{base}/chat/completions", json={**CHAT, "messages": messages})
+        assert r.status_code in (400, 413), r.text
+        assert _error(r, r.status_code)["message"]
+        assert (await http.post(f"{base}/chat/completions", json=CHAT)).status_code == 200

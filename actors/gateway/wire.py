@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
+from schemas.chat import MAX_TEXT, ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import ErrorCode, InferError
+from schemas.json_depth import check_json_depth
 from schemas.messages import PromptRequest
 from schemas.tools import ResponseFormat, Tool, ToolChoice
 
@@ -187,6 +188,7 @@ class ChatCompletionRequest(_Lenient):
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """The request, or a 400 naming what is wrong."""
+    check_json_depth(body, "the request body")
     try:
         req = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as e:
@@ -194,7 +196,26 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             ErrorCode.BAD_REQUEST, _sentence(e, body), {"param": _param(e, body)}
         ) from e
     _check_tool_results(req.messages)
+    _check_convertible(req.messages)
     return req
+
+
+def _check_convertible(messages: list[WireMessage]) -> None:
+    """Every message fits infernode's own bounds (a text of at most ``MAX_TEXT`` characters,
+    short names and ids): a 413 or 400 naming the field, not a failure further in."""
+    for i, m in enumerate(messages):
+        try:
+            m.to_chat()
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in (f"messages.{i}", *first["loc"]))
+            if first["type"] == "string_too_long":
+                raise InferError(
+                    ErrorCode.TOO_LARGE, f"{where} is longer than {MAX_TEXT} characters, the "
+                    "most one message may hold; send less", {"param": where},
+                ) from e
+            raise InferError(ErrorCode.BAD_REQUEST, f"{where}: {first['msg']}",
+                             {"param": where}) from e
 
 
 def _check_tool_results(messages: list[WireMessage]) -> None:
