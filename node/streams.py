@@ -1,4 +1,5 @@
-"""JetStream streams the node needs: prompt intake and the record log."""
+"""JetStream streams the node needs: prompt intake (and the empty stream it sources) and the
+record log."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
     SubjectTransform,
 )
 from nats.js.errors import NotFoundError
@@ -19,10 +21,12 @@ from schemas.subjects import Subjects
 
 DUPLICATE_WINDOW_S = 120.0
 """How long JetStream remembers a record's ``Nats-Msg-Id`` to drop a retried append."""
-INTAKE_DUPLICATE_WINDOW_S = 0.1
-"""JetStream's de-duplication is stream-wide, so on the intake it would drop agent B's prompt
-for carrying the ``Nats-Msg-Id`` agent A used. It is kept to the server's minimum there;
-each session runner de-duplicates by idempotency key within its own session instead."""
+INTAKE_DUPLICATE_WINDOW_S = 0.0
+"""None: JetStream's de-duplication is stream-wide, so on the intake it would drop agent B's
+prompt for carrying the ``Nats-Msg-Id`` agent A used (even within its 100 ms minimum). Each
+session runner de-duplicates by idempotency key within its own session instead. JetStream
+keeps a zero window only on a stream with a source, so the intake sources an empty stream
+(``Subjects.intake_origin_stream``)."""
 
 
 INTAKE_MAX_PROMPTS = 100_000
@@ -54,7 +58,8 @@ async def ensure_streams(
     The intake stores each prompt under its session's partition (a subject transform the
     server applies), so each partition's prompts have their own consumer, pulled by the
     partition's owner only; admission makes those consumers. Every node of a cluster must
-    use the same number of partitions: a different one is refused, not applied.
+    use the same number of partitions: a different one is refused, not applied. The intake
+    drops no ``Nats-Msg-Id`` as a duplicate (see ``INTAKE_DUPLICATE_WINDOW_S``).
 
     The intake is bounded: when admission falls that far behind, JetStream refuses the
     publish (the agent sees the error and may retry) instead of growing without end. The
@@ -63,9 +68,19 @@ async def ensure_streams(
     count is updated to this one (a ReplicasError where the servers cannot place it).
     """
     source, dest = subjects.intake_transform(partitions)
+    origin = StreamConfig(
+        name=subjects.intake_origin_stream,
+        subjects=[subjects.intake_origin()],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_msgs=1,
+        discard=DiscardPolicy.NEW,
+        num_replicas=replicas,
+    )
     intake = StreamConfig(
         name=subjects.prompt_stream,
         subjects=[subjects.prompt_all()],
+        sources=[StreamSource(name=subjects.intake_origin_stream)],
         subject_transform=SubjectTransform(src=source, dest=dest),
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
@@ -88,7 +103,7 @@ async def ensure_streams(
         discard=DiscardPolicy.OLD,
         num_replicas=replicas,
     )
-    for config in (intake, records):
+    for config in (origin, intake, records):
         async with placing(f"the stream {config.name}", replicas):
             try:
                 info = await js.stream_info(config.name)  # type: ignore[arg-type]

@@ -311,6 +311,17 @@ class Subjects:
         return f"{self._stream_base}_PROMPTS"
 
     @property
+    def intake_origin_stream(self) -> str:
+        """An empty stream the intake sources from: JetStream keeps de-duplication off only
+        on a stream with a source, and the intake must have none (a ``Nats-Msg-Id`` is an
+        agent's own, so one session's would drop another session's prompt)."""
+        return f"{self._stream_base}_PROMPTS_ORIGIN"
+
+    def intake_origin(self) -> str:
+        """The one subject of ``intake_origin_stream``; nothing publishes there."""
+        return f"{self.prefix}.internal.intake.origin"
+
+    @property
     def record_stream(self) -> str:
         """Stream holding every session's record log."""
         return f"{self._stream_base}_RECORDS"

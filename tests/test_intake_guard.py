@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from nats.aio.client import Client
@@ -69,3 +70,25 @@ async def test_literal_wildcard_prompts_are_rejected_and_the_intake_keeps_none(n
     assert len(rejected.messages) == 50
     assert all("not a valid session id" in json.loads(m.data)["message"]
                for m in rejected.messages)
+
+
+async def test_another_sessions_prompt_with_the_same_msg_id_right_after_is_answered(
+    nats_server, nc
+):
+    """B's prompt with the Nats-Msg-Id A's prompt carried, sent at once after it, is stored
+    (no duplicate in its PubAck), recorded and answered, also on an intake an older version
+    made with a de-duplication window."""
+    js = nc.jetstream()
+    await ensure_streams(js, S, 1 << 20)
+    made = (await js.stream_info(S.prompt_stream)).config
+    await js.delete_stream(S.prompt_stream)
+    await js.add_stream(dataclasses.replace(made, sources=None, duplicate_window=0.1))
+    async with FakeNode(nats_server.url, heartbeat_s=0):
+        commits = await EventCollector.start(nc, S.events("*", "commit"))
+        first = await js.publish(S.prompt("a-1"), prompt_body("from a"),
+                                 headers={MSG_ID_HEADER: "id-1"})
+        second = await js.publish(S.prompt("b-1"), prompt_body("from b"),
+                                  headers={MSG_ID_HEADER: "id-1"})
+        assert not first.duplicate and not second.duplicate, "B's prompt was dropped"
+        await commits.wait_until(lambda ms: len(ms) >= 2, timeout=30)
+        assert sorted(commits.subjects) == [S.events("a-1", "commit"), S.events("b-1", "commit")]
