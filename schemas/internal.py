@@ -90,6 +90,9 @@ class GenerateRequest(Frozen):
     """Most tokens to generate."""
     overflow: OverflowPolicy | None = None
     """Window policy of the turn; None takes the engine's default."""
+    window_start: int | None = None
+    """Index in ``messages`` where the session's recorded window starts (after the system
+    head); None leaves the window to the engine's own memory of the session."""
     token_subject: str
     """Where to publish token events as they are generated."""
     queue_ms: float
@@ -120,7 +123,9 @@ class GenerateResult(Frozen):
     """Parsed tool calls."""
     finish_reason: FinishReason = "stop"
     """Why generation stopped."""
-    usage: Usage = Usage(prompt_tokens=0, cached_tokens=0, new_prefill_tokens=0, completion_tokens=0)
+    usage: Usage = Usage(
+        prompt_tokens=0, cached_tokens=0, new_prefill_tokens=0, completion_tokens=0
+    )
     """Token counts."""
     cache: CacheInfo = CacheInfo(source="none")
     """Prefix reuse."""

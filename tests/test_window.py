@@ -387,3 +387,30 @@ async def test_a_session_with_tools_driven_through_three_times_its_context_keeps
             call = messages[i - 1]
             assert call.role == "assistant" and call.in_window == r.in_window
             assert (r.content in rendered) == r.in_window
+
+
+async def test_a_session_restarted_past_its_context_keeps_its_window(make_node):
+    """Given a session whose window moved and that grew past half the context since, when
+    its node restarts (the session is rebuilt from the log, as on a node it moved to), then
+    its next turn keeps the recorded window: the same turns left out, the same window start,
+    only the newest turn added to the prompt."""
+    first = await make_node(fresh_server=True, n_ctx=256)
+    budget = 256 - 8
+    async with InfernodeClient(first.url) as client:
+        last = await client.ask("kept", [SYSTEM, user("start")], max_tokens=8)
+        for n in range(100):  # until the moved window holds more than half the budget
+            if last.usage.dropped_turns and last.usage.prompt_tokens > budget * 0.6:
+                break
+            last = await client.ask("kept", f"message {n}: tell me more", max_tokens=8)
+        assert last.usage.dropped_turns and last.usage.prompt_tokens + 40 < budget, \
+            f"the window moved again at {last.usage.prompt_tokens} tokens; ask shorter turns"
+        before = await client.history("kept")
+    await first.stop()
+    second = await make_node(url=first.url, n_ctx=256)
+    async with InfernodeClient(second.url) as client:
+        after = await client.ask("kept", "and after the restart?", max_tokens=8)
+        history = await client.history("kept")
+    assert after.usage.dropped_turns == last.usage.dropped_turns
+    assert after.usage.prompt_tokens > last.usage.prompt_tokens  # nothing more left out
+    kept = [r.id for r in before.records if r.in_window is False]
+    assert [r.id for r in history.records if r.in_window is False] == kept

@@ -140,6 +140,7 @@ class EngineActor(Actor):
             generation=req.generation,
             queue_ms=req.queue_ms,
             tools=req.tools,
+            window_start=req.window_start,
             tool_choice=req.tool_choice,
             response_format=req.response_format,
         )

@@ -122,6 +122,9 @@ class TurnSpec:
     """How the reply may call them; ``none`` leaves tool-call markup as text."""
     response_format: ResponseFormat | None = None
     """A JSON format the reply is forced into."""
+    window_start: int | None = None
+    """Where the session's record log says its window starts (an index in ``messages``);
+    None: the engine's own memory of the session decides."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from actors.engine.interface import Backend, TurnSpec
 from actors.engine.templates import ChatTemplate
 from actors.engine.tokenizer import assistant_mark, shield_nonce, shielded
-from actors.engine.window import Window, slide, system_head, view
+from actors.engine.window import Window, recorded, slide, system_head, view
 from schemas.chat import ChatMessage, OverflowPolicy
 from schemas.errors import ErrorCode, InferError
 from schemas.tools import Tool
@@ -53,6 +53,10 @@ class PromptBuilder:
 
             budget = max(1, n_ctx - spec.max_tokens)
             current = self._windows.get(spec.session, Window())
+            if spec.window_start is not None and spec.window_start != current.start:
+                # The log's window, not this node's memory of it: a session that moved
+                # here (or back) shows the model what the last node did.
+                current = recorded(spec.messages, spec.window_start)
             window, _ = slide(spec.messages, current, measure, budget)
             tokens = cache[max(window.start, system_head(spec.messages))]
             self._windows[spec.session] = window

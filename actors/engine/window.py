@@ -56,6 +56,21 @@ def system_head(messages: Sequence[ChatMessage]) -> int:
     return n
 
 
+def recorded(messages: Sequence[ChatMessage], start: int) -> Window:
+    """The window starting at ``start``, as the session's record log names it.
+
+    A node that did not move this window itself (the session moved here, or the node
+    restarted) knows what it leaves out but not how many tokens that took: ``dropped_tokens``
+    counts only what it drops from here on.
+    """
+    head = system_head(messages)
+    dropped = messages[head : max(start, head)]
+    return Window(
+        start=start, dropped_turns=sum(1 for m in dropped if m.role == "user"),
+        dropped_messages=len(dropped),
+    )
+
+
 def view(
     messages: Sequence[ChatMessage], tokens: Mapping[int, tuple[int, ...]], start: int
 ) -> tuple[tuple[ChatMessage, ...], dict[int, tuple[int, ...]]]:

@@ -213,6 +213,7 @@ class SessionRunner(AdmitSteps):
             stop=params.stop, max_tokens=params.max_tokens, overflow=params.overflow,
             token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
             tools=st.tools, tool_choice=params.tool_choice, response_format=params.response_format,
+            window_start=st.window_start(),
         )
         self._turn_task = asyncio.get_running_loop().create_task(self._generate(turn, req))
         return True

@@ -105,6 +105,9 @@ class SessionState:
     """The input of ``open_turn``."""
     tools: tuple[Tool, ...] = ()
     """The session's current tool set (the last ``ToolsRecord``)."""
+    window_from: str | None = None
+    """Record id of the first message after the system head that the model still sees (the
+    last commit's ``window_from``); None: the window never moved."""
 
     # -- admits ----------------------------------------------------------------------------
     def add_user(self, record: UserRecord) -> None:
@@ -184,6 +187,7 @@ class SessionState:
         )
         self.recorded_bytes += message_bytes(assistant.message)
         self.generation = commit.generation
+        self.window_from = commit.window_from
 
     def abort(self, taken: list[Pending], provisional_id: str, reason: str) -> None:
         """A turn over ``taken`` was aborted; the generation stays."""
@@ -201,6 +205,14 @@ class SessionState:
                 nbytes=p.nbytes,
             ))
         self.pending = back + self.pending
+
+    def window_start(self) -> int:
+        """Index in the history (and so in ``messages_for``) where the window starts; 0 when
+        it never moved. Sent with every turn: a node that never ran the session (a move, a
+        restart) shows the model what the last one did."""
+        return next(
+            (i for i, h in enumerate(self.history) if h.record_id == self.window_from), 0
+        )
 
     def record_at(self, taken: list[Pending], index: int) -> str | None:
         """Record id of message ``index`` of the conversation ``messages_for(taken)`` gave."""
