@@ -57,6 +57,7 @@ UP_FLAGS: dict[str, str] = {
     "--max-pending": "max_pending_per_session",
     "--max-pending-bytes": "max_pending_bytes",
     "--max-session-bytes": "max_session_bytes",
+    "--max-node-bytes": "max_node_bytes",
     "--max-sessions": "max_sessions",
     "--tombstones": "tombstones",
     "--intake-max-prompts": "intake_max_prompts",
@@ -120,6 +121,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="bytes a session may have waiting before busy (429)")
     p.add_argument("--max-session-bytes", type=int,
                    help="bytes a session may record before too_large (413)")
+    p.add_argument("--max-node-bytes", type=int,
+                   help="bytes all sessions of the node may hold before busy (429)")
     p.add_argument("--max-sessions", type=int, help="sessions held before busy (429)")
     p.add_argument("--tombstones", type=int, help="deleted session ids remembered (410)")
     p.add_argument("--intake-max-prompts", type=int,

@@ -89,6 +89,11 @@ class NodeConfig:
     """Bytes of messages a session may have waiting before new ones get busy (429)."""
     max_session_bytes: int = 64 * MIB
     """Bytes of messages a session may record in all before new ones get too_large (413)."""
+    max_node_bytes: int = GIB
+    """Bytes of messages all sessions of the node may hold in memory together before new
+    ones get busy (429). A fixed 1 GiB, not a share of RAM, so one configuration behaves
+    the same on every machine: 16 sessions at the per-session bound, or hundreds of
+    ordinary ones, far under the RAM a machine that runs a model has."""
     max_sessions: int = 4096
     """Sessions the node keeps runners for."""
     tombstones: int = 1024

@@ -89,6 +89,7 @@ def _check_counts(c: NodeConfig) -> None:
         ("max_pending_per_session", "--max-pending"): 1,
         ("max_pending_bytes", "--max-pending-bytes"): KIB,
         ("max_session_bytes", "--max-session-bytes"): KIB,
+        ("max_node_bytes", "--max-node-bytes"): KIB,
         ("max_sessions", "--max-sessions"): 1,
         ("tombstones", "--tombstones"): 0,
         ("records_max_bytes", "--records-max-bytes"): 0,

@@ -52,6 +52,7 @@ def host_settings(config: NodeConfig) -> HostSettings:
     return HostSettings(
         max_pending=config.max_pending_per_session, max_sessions=config.max_sessions,
         max_pending_bytes=config.max_pending_bytes, max_session_bytes=config.max_session_bytes,
+        max_node_bytes=config.max_node_bytes,
         tombstones=config.tombstones, turn_timeout_s=config.turn_timeout_s,
         turn_probe_s=config.turn_probe_s, heartbeat_s=config.heartbeat_s,
         stop_wait_s=config.stop_wait_s,

@@ -6,11 +6,33 @@ and the recording that follows it are one step (no second prompt slips in betwee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from actors.session.state import SessionState, message_bytes
 from schemas.errors import ErrorCode, InferError
 from schemas.messages import PromptRequest
+
+
+@dataclass
+class NodeBytes:
+    """Bytes of messages all of the node's sessions hold, against one node-wide cap.
+
+    ``held`` sums what the node's sessions recorded (so a deleted, dropped or handed-over
+    session stops counting the moment its runner goes); ``reserved`` counts the prompts
+    being recorded now, so concurrent admits to many sessions cannot all pass one check.
+    """
+
+    limit: int
+    """Most bytes of messages the node's sessions may hold in all (busy 429 past it)."""
+    held: Callable[[], int] = field(default=lambda: 0)
+    """Bytes the node's sessions hold now."""
+    reserved: int = 0
+    """Bytes of prompts admitted and still being recorded."""
+
+    def used(self) -> int:
+        """Bytes held and reserved."""
+        return self.held() + self.reserved
 
 
 @dataclass(frozen=True)
@@ -23,6 +45,8 @@ class SessionLimits:
     """Bytes of messages that may wait for a turn (busy 429 past it)."""
     max_session_bytes: int
     """Bytes of messages the session may record in all (too_large 413 past it)."""
+    node: NodeBytes | None = None
+    """The node-wide bound every session shares (busy 429 past it); None: unbounded."""
 
 
 def refusal(
@@ -106,7 +130,7 @@ def generation_conflict(st: SessionState, expected: int, turn_running: bool) -> 
 def _byte_bound(
     st: SessionState, prompt: PromptRequest, limits: SessionLimits
 ) -> InferError | None:
-    size = sum(message_bytes(m) for m in prompt.messages)
+    size = prompt_bytes(prompt)
     if st.recorded_bytes + size > limits.max_session_bytes:
         return InferError(
             ErrorCode.TOO_LARGE,
@@ -124,4 +148,24 @@ def _byte_bound(
             "(--max-pending-bytes): retry after its current turn",
             {"pending_bytes": waiting, "adds": size, "limit": limits.max_pending_bytes},
         )
-    return None
+    return _node_bound(limits.node, size)
+
+
+def _node_bound(node: NodeBytes | None, size: int) -> InferError | None:
+    if node is None or not size:
+        return None
+    used = node.used()
+    if used + size <= node.limit:
+        return None
+    return InferError(
+        ErrorCode.BUSY,
+        f"the node's sessions hold {used} bytes of messages and this prompt adds {size}; "
+        f"the node holds at most {node.limit} (--max-node-bytes): retry later, or delete "
+        "sessions you no longer need",
+        {"node_bytes": used, "adds": size, "limit": node.limit, "retry_after_s": 5},
+    )
+
+
+def prompt_bytes(prompt: PromptRequest) -> int:
+    """Bytes of messages a prompt adds to its session."""
+    return sum(message_bytes(m) for m in prompt.messages)

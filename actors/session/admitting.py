@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from actors.session.admit import SessionLimits, key_conflict, refusal
+from actors.session.admit import SessionLimits, key_conflict, prompt_bytes, refusal
 from actors.session.io import RunnerIO
 from actors.session.mailbox import Admit, rejected
 from actors.session.records import new_id
@@ -63,9 +63,7 @@ class AdmitSteps:
                 cmd.done.set_result(rejected(refused))
                 return
         ids = list(seen)
-        if not seen and prompt.accept_relays_from is not None:
-            await self._record_grant(prompt.accept_relays_from)
-        await self._record_messages(req, ids)
+        await self._record(req, ids, fresh=not seen)
         if prompt.reply and not prompt.messages and prompt.accept_relays_from is None:
             st.retry_deferred()
         cmd.done.set_result(
@@ -93,6 +91,22 @@ class AdmitSteps:
             session=self.session, message_ids=known, generation=st.generation,
             idempotency_key=key, duplicate=True,
         ))
+
+    async def _record(self, req: AdmitRequest, ids: list[str], fresh: bool) -> None:
+        """Record the prompt's grant and messages. A fresh prompt's bytes are held against
+        the node-wide bound from its check until its records count them, so admits to many
+        sessions at once cannot all pass one check."""
+        node = self.limits.node if fresh else None
+        size = prompt_bytes(req.prompt) if node is not None else 0
+        if node is not None:
+            node.reserved += size
+        try:
+            if fresh and req.prompt.accept_relays_from is not None:
+                await self._record_grant(req.prompt.accept_relays_from)
+            await self._record_messages(req, ids)
+        finally:
+            if node is not None:
+                node.reserved -= size
 
     def _refusal(self, req: AdmitRequest) -> InferError | None:
         refused = refusal(self.state, req.prompt, self.turn is not None, self.limits)

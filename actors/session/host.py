@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from actors.balance import Heat
 from actors.base import Actor
 from actors.ownership import Ownership
-from actors.session.admit import SessionLimits
+from actors.session.admit import NodeBytes, SessionLimits
 from actors.session.io import BusIO
 from actors.session.records import close_interrupted, rebuild
 from actors.session.runner import SessionRunner
@@ -63,6 +63,8 @@ class HostSettings:
     """Bytes of messages one session may have waiting for a turn."""
     max_session_bytes: int
     """Bytes of messages one session may record in all."""
+    max_node_bytes: int
+    """Bytes of messages all sessions of the node may hold together."""
     max_sessions: int
     """Sessions held at once."""
     tombstones: int
@@ -90,7 +92,8 @@ class RunnerHost(Actor):
         self.ownership = ownership
         self.io = BusIO(nc, subjects, settings.turn_timeout_s, settings.turn_probe_s, ownership)
         self.limits = SessionLimits(
-            settings.max_pending, settings.max_pending_bytes, settings.max_session_bytes
+            settings.max_pending, settings.max_pending_bytes, settings.max_session_bytes,
+            NodeBytes(settings.max_node_bytes, self.held_bytes),
         )
         self.runners: dict[str, SessionRunner] = {}
         self.tombstones = Tombstones(settings.tombstones)
@@ -279,6 +282,10 @@ class RunnerHost(Actor):
         self.runners[state.session] = runner
         return runner
 
+    def held_bytes(self) -> int:
+        """Bytes of messages the sessions served here hold (a session gone counts no more)."""
+        return sum(r.state.recorded_bytes for r in self.runners.values())
+
     def inflight(self) -> int:
         """Turns running on this node now."""
         return sum(1 for r in self.runners.values() if r.turn is not None)
@@ -297,6 +304,7 @@ class RunnerHost(Actor):
                 "stats_heartbeat", sessions=len(self.runners), inflight=self.inflight(),
                 pending=sum(len(r.state.pending) for r in self.runners.values()),
                 tombstones=len(self.tombstones), rss_bytes=rss, errors=self.errors,
+                message_bytes=self.held_bytes(),
             )
 
     # -- rebuild ---------------------------------------------------------------------------
