@@ -5,24 +5,40 @@ free one (``-p -1``) and we read the port back from its log, so two servers star
 can never race for a port we chose in advance. The node asks for NATS's own default, 4222,
 as any nats-server does (so ``nats`` commands work as documented), and takes a free port
 when 4222 is in use, saying so.
+
+Never two servers on one store: the server dies with its node, and a node finds what an
+earlier one left. On Linux the server is asked to stop (SIGTERM) the moment the node dies
+(``PR_SET_PDEATHSIG``). The node locks the store (``flock`` on ``nats-server.lock``) and the
+server inherits the lock, so it is held while either lives: a node whose store is locked
+stops the server named in ``nats-server.pid`` if that server's node is gone, and refuses to
+start if it is alive. A server on the store that holds no lock (started by hand, or left by
+a node from before the lock) is stopped before ours starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import shutil
+import signal
 import sys
 import sysconfig
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 import structlog
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the store is not guarded there
+    fcntl = None  # type: ignore[assignment]
 
 log = structlog.get_logger("nats_server")
 
@@ -32,6 +48,13 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 _BINARY_NAME = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _TAIL_LINES = 50
 _GENERATED_CONFIG = "nats-server.conf"
+LOCK_FILE = "nats-server.lock"
+"""Held (``flock``) by the node and its server while either lives."""
+PID_FILE = "nats-server.pid"
+"""``<server pid> <node pid>`` of the server running on the store."""
+_STORE_ARGS = ("-sd", "--sd", "-store_dir", "--store_dir")
+_PR_SET_PDEATHSIG = 1
+_LOCK_POLL_S = 0.05
 DEFAULT_PORT = 4222
 """The port every NATS client tries first."""
 _PORT_IN_USE = "address already in use"
@@ -88,6 +111,64 @@ def _from_wheel_record() -> Path | None:
     return None
 
 
+def _die_with_node() -> Callable[[], None] | None:
+    """What the server's process runs before exec (Linux): SIGTERM when the node dies.
+
+    The kernel sends it when the thread that forked exits: the server is started from the
+    event loop's thread, which lives as long as the node."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    node = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != node:  # the node died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def _store_of(proc: psutil.Process, cmdline: Sequence[str]) -> Path | None:
+    for i, arg in enumerate(cmdline):
+        flag, _, value = arg.partition("=")
+        if flag in _STORE_ARGS:
+            value = value or (cmdline[i + 1] if i + 1 < len(cmdline) else "")
+            with contextlib.suppress(psutil.Error):
+                return (Path(proc.cwd()) / value).resolve()
+    return None
+
+
+def servers_on_store(store: Path) -> list[psutil.Process]:
+    """The running nats-server processes whose JetStream store is ``store``."""
+    want = store.resolve()
+    return [
+        proc for proc in psutil.process_iter(["name", "cmdline"])
+        if proc.info["name"] == _BINARY_NAME
+        and _store_of(proc, proc.info["cmdline"] or ()) == want
+    ]
+
+
+async def _stop_left(proc: psutil.Process, timeout: float, why: str) -> None:
+    """Stop a server another run left on the store: SIGTERM, SIGKILL after ``timeout``."""
+    log.warning("nats_server_left_stopped", pid=proc.pid, why=why)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        proc.terminate()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, [proc], timeout)
+    for left in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            left.kill()
+    await asyncio.to_thread(psutil.wait_procs, alive, timeout)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class EmbeddedNats:
     """A nats-server child process; ``async with`` starts it and stops it."""
 
@@ -128,6 +209,7 @@ class EmbeddedNats:
         self._drain_task: asyncio.Task[None] | None = None
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._stopping = False
+        self._lock_fd: int | None = None
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -194,6 +276,7 @@ class EmbeddedNats:
         self._port = None
         binary = self._binary or find_nats_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self._claim_store()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 str(binary),
@@ -204,19 +287,25 @@ class EmbeddedNats:
                 # Its own session keeps Ctrl-C on the node's terminal from killing the server
                 # before the node has drained its actors and recorded their aborts.
                 start_new_session=True,
+                preexec_fn=_die_with_node(),
+                pass_fds=() if self._lock_fd is None else (self._lock_fd,),
             )
         except OSError as e:
+            self._release_store()
             raise NatsServerError(f"cannot run nats-server at {binary}: {e}") from e
+        (self.data_dir / PID_FILE).write_text(f"{self._proc.pid} {os.getpid()}\n")
         try:
             await asyncio.wait_for(self._read_until_ready(), self.ready_timeout)
         except TimeoutError:
             await self._terminate()
+            self._release_store()
             raise NatsServerError(
                 f"nats-server did not report ready within {self.ready_timeout:g} s",
                 self.output,
             ) from None
         except BaseException:
             await self._terminate()
+            self._release_store()
             raise
         self._drain_task = asyncio.create_task(self._drain(), name="nats-server-log")
         log.debug("nats_server_started", url=self.url, pid=self.pid, data_dir=str(self.data_dir))
@@ -241,6 +330,7 @@ class EmbeddedNats:
     async def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout``); idempotent."""
         if self._proc is None:
+            self._release_store()
             return
         self._stopping = True
         await self._terminate()
@@ -251,6 +341,60 @@ class EmbeddedNats:
             self._drain_task = None
         log.debug("nats_server_stopped", returncode=self._proc.returncode)
         self._proc = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.data_dir / PID_FILE).unlink()
+        self._release_store()
+
+    # -- the store's one server -----------------------------------------------------------
+    async def _claim_store(self) -> None:
+        """Lock the store (the server inherits the lock), stopping what was left on it."""
+        if fcntl is None or self._lock_fd is not None:
+            return
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if not _try_lock(fd):
+                await self._stop_orphan()
+                await self._lock_within(fd)
+            for proc in servers_on_store(self.data_dir):
+                await _stop_left(proc, self.stop_timeout, "running on the store without its lock")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    async def _stop_orphan(self) -> None:
+        """Stop the server ``PID_FILE`` names if its node is gone; refuse if it is alive."""
+        try:
+            server, node = map(int, (self.data_dir / PID_FILE).read_text().split())
+            proc = psutil.Process(server)
+            if proc not in servers_on_store(self.data_dir):
+                return
+            parent = proc.ppid()
+        except (OSError, ValueError, psutil.Error):
+            return  # no server left by a node: a node is starting one; the lock wait tells
+        if parent == node:
+            raise NatsServerError(
+                f"the store {self.data_dir} is in use by the nats-server (pid {server}) of a "
+                f"running node (pid {node}): stop that node, or give this one another data dir"
+            )
+        await _stop_left(proc, self.stop_timeout, f"its node (pid {node}) is gone")
+
+    async def _lock_within(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout
+        while not _try_lock(fd):
+            if loop.time() > deadline:
+                raise NatsServerError(
+                    f"the store {self.data_dir} stayed locked ({LOCK_FILE}) for "
+                    f"{self.stop_timeout:g} s: another node uses it; stop that node, or give "
+                    "this one another data dir"
+                )
+            await asyncio.sleep(_LOCK_POLL_S)  # flock has no wait with a deadline
+
+    def _release_store(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- internals ------------------------------------------------------------------------
     def _arguments(self) -> list[str]:
@@ -258,7 +402,8 @@ class EmbeddedNats:
         args = ["-a", self.host, "-p", str(port)]
         if self.jetstream:
             # nats-server appends "jetstream" to the store dir itself.
-            args += ["-js", "-sd", str(self.data_dir)]
+            # Absolute, so another node can tell which store a running server uses.
+            args += ["-js", "-sd", str(self.data_dir.resolve())]
         config = self._config_path()
         if config is not None:
             args += ["-c", str(config)]

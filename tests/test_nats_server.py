@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nats
+import psutil
 import pytest
 from nats.js.api import StreamConfig
 from structlog.testing import capture_logs
 
 from node.bus import BusError, connect
 from node.config import NodeConfig
-from node.nats_server import EmbeddedNats, NatsServerError, find_nats_server
+from node.nats_server import EmbeddedNats, NatsServerError, find_nats_server, servers_on_store
+from tests.helpers import LineReader, stop_child, until
 
 
 def test_binary_from_the_wheel_is_found_and_executable():
@@ -235,3 +240,80 @@ async def test_a_node_built_in_code_leaves_port_4222_to_infernode_up(tmp_path, t
     async with Node(NodeConfig(data_dir=tmp_path / "asked", model=tiny_model,
                                engine="ctransformers", threads=1, nats_port=0)) as node:
         assert node.url != f"nats://127.0.0.1:{DEFAULT_PORT}"
+
+
+async def test_a_second_server_on_a_store_in_use_is_refused_and_the_first_keeps_serving(
+    tmp_path: Path,
+):
+    """Two servers never share a store: the second start on a running node's store is
+    refused, naming the node, and the first still serves."""
+    async with EmbeddedNats(tmp_path / "nats") as first:
+        second = EmbeddedNats(tmp_path / "nats")
+        with pytest.raises(NatsServerError, match=f"running node \\(pid {os.getpid()}\\)"):
+            await second.start()
+        assert [p.pid for p in servers_on_store(tmp_path / "nats")] == [first.pid]
+        nc = await nats.connect(first.url)
+        await nc.close()
+
+
+def _up(data_dir: Path) -> tuple[subprocess.Popen[str], LineReader]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+    env.update(INFERNODE_DATA_DIR=str(data_dir), INFERNODE_THREADS="1", INFERNODE_MODEL="demo")
+    up = subprocess.Popen([sys.executable, "-m", "node.cli", "up"], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = LineReader(up.stdout)
+    out.wait_for(re.compile(r'"event": "up_ready"'), timeout=90)
+    return up, out
+
+
+async def _exited(pid: int, timeout: float) -> None:
+    await until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status()
+                == psutil.STATUS_ZOMBIE, timeout=timeout, what=f"process {pid} to exit")
+
+
+@pytest.mark.timeout(180)
+async def test_the_embedded_server_dies_with_a_sigkilled_node_and_the_restart_runs_alone(
+    tmp_path: Path,
+):
+    """SIGKILL of `infernode up` ends its nats-server too; the restarted node's server is
+    then the only one on the store."""
+    store = tmp_path / "data" / "nats"
+    up, _ = _up(tmp_path / "data")
+    try:
+        (server,) = servers_on_store(store)
+        up.send_signal(signal.SIGKILL)
+        up.wait(timeout=30)
+        await _exited(server.pid, timeout=15)
+        again, _ = _up(tmp_path / "data")
+        try:
+            assert len(servers_on_store(store)) == 1
+        finally:
+            stop_child(again)
+    finally:
+        stop_child(up)
+
+
+@pytest.mark.timeout(180)
+async def test_a_node_stops_a_server_left_running_on_its_store_before_starting_its_own(
+    tmp_path: Path,
+):
+    """A nats-server started by hand on the node's store is stopped (and said so) by
+    `infernode up`, whose own server is then the only one on it."""
+    store = tmp_path / "data" / "nats"
+    store.mkdir(parents=True)
+    left = subprocess.Popen([str(find_nats_server()), "-p", "-1", "-js", "-sd", str(store)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await until(lambda: len(servers_on_store(store)) == 1, what="the left server")
+        up, out = _up(tmp_path / "data")
+        try:
+            assert any("nats_server_left_stopped" in line for line in out.seen)
+            assert left.wait(timeout=15) is not None
+            assert [p.pid for p in servers_on_store(store)] != [left.pid]
+            assert len(servers_on_store(store)) == 1
+        finally:
+            stop_child(up)
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
