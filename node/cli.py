@@ -52,6 +52,7 @@ UP_FLAGS: dict[str, str] = {
     "--bank-dir": "bank_dir",
     "--bank-object-store": "bank_object_store",
     "--bank-durable-bytes": "bank_durable_bytes",
+    "--bank-share-groups": "bank_share_groups",
     "--metrics-port": "metrics_port",
     "--metrics-host": "metrics_host",
     "--max-pending": "max_pending_per_session",
@@ -112,6 +113,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="durable bank tier in a JetStream object store")
     p.add_argument("--bank-durable-bytes", type=int,
                    help="durable bank cap; least recently used snapshots go (0 = no cap)")
+    p.add_argument("--bank-share-groups", metavar="NAME=PATTERN[,PATTERN][;...]",
+                   help="sessions or agents that share KV prefixes (default: each agent alone)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus text on this port")
     p.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
     p.add_argument("--batch", type=int, dest="n_batch", help="prompt tokens per evaluation")

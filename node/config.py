@@ -73,6 +73,11 @@ class NodeConfig:
     bank_durable_bytes: int = 16 * GIB
     """Most bytes the durable tier holds; past it the least recently used snapshots go.
     0 means no cap."""
+    bank_share_groups: str = ""
+    """Sessions that may restore each other's KV prefixes beyond their own agent:
+    ``NAME=PATTERN[,PATTERN][;NAME=...]``, patterns over session ids or agent names (globs
+    allowed). Empty: a prefix is shared only among one agent's sessions (``<agent>_...``),
+    and any other session shares with nobody."""
     commit_wait_s: float = 30.0
     """How long the bank committer waits for a slot to go idle before dropping a snapshot."""
     intake_max_prompts: int = 100_000

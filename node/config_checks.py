@@ -11,6 +11,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from actors.engine.bank.domains import ShareGroupsError, parse_share_groups
 from actors.replicas import MAX_REPLICAS
 from node.models import ModelNameError, resolve_model
 from schemas.subjects import Subjects
@@ -261,8 +262,16 @@ def _check_model(c: NodeConfig) -> None:
         raise ConfigError(str(e)) from e
 
 
+def _check_share_groups(c: NodeConfig) -> None:
+    try:
+        parse_share_groups(c.bank_share_groups)
+    except ShareGroupsError as e:
+        _fail(f"{e} (--bank-share-groups, INFERNODE_BANK_SHARE_GROUPS)")
+
+
 CHECKS: tuple[Callable[[NodeConfig], None], ...] = (
     _check_choices,
+    _check_share_groups,
     _check_chat_template,
     _check_model,
     _check_counts,

@@ -319,16 +319,23 @@ async def test_a_session_whose_snapshot_was_pushed_out_of_ram_reports_evicted(ti
         await engine.close()
 
 
-async def test_a_new_session_restores_the_prefix_another_session_banked(engine):
-    """Given session a banked a system prompt and a question, then a new session b starting
-    the same way restores that shared prefix from a's snapshot and computes only the rest."""
-    system = ChatMessage(role="system", content="You review diffs and answer briefly. " * 4)
-    a = await run(engine, spec("shared-a", [system, user("first question")]))
-    banked = await engine.snapshot("shared-a", a.token_hash, wait_s=5)
-    assert banked.stored
-    b = await run(engine, spec("shared-b", [system, user("another question")]))
+async def test_a_new_session_restores_the_prefix_another_session_banked(tiny_model: Path):
+    """Given session a banked a system prompt and a question, then a new session b of the
+    same declared share group starting the same way restores that shared prefix from a's
+    snapshot and computes only the rest."""
+    engine = load_engine(NodeConfig(model=tiny_model, engine="ctransformers", n_slots=1,
+                                    threads=1, verify_restore=False,
+                                    bank_share_groups="review=shared-*"))
+    try:
+        system = ChatMessage(role="system", content="You review diffs and answer briefly. " * 4)
+        a = await run(engine, spec("shared-a", [system, user("first question")]))
+        banked = await engine.snapshot("shared-a", a.token_hash, wait_s=5)
+        assert banked.stored
+        b = await run(engine, spec("shared-b", [system, user("another question")]))
+        cold = await run(engine, spec("shared-c", [user("nothing in common")]))
+    finally:
+        await engine.close()
     n = b.usage.cached_tokens
     assert b.cache.source == "bank" and 16 <= n < a.n_tokens
     assert b.cache.miss_reason == f"prefix_divergence_at_token {n}"
-    cold = await run(engine, spec("shared-c", [user("nothing in common")]))
     assert cold.cache.source == "none" and cold.usage.cached_tokens == 0

@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from actors.gateway import Gateway, GatewayBindError, GatewaySettings
-from node.wiring import gateway_settings
 from node.client import InfernodeClient
 from node.config import ConfigError, NodeConfig
+from node.wiring import gateway_settings
 from schemas.subjects import Subjects
 from tests.helpers import EventCollector
 
@@ -113,8 +113,10 @@ async def test_named_session_sends_only_messages_the_session_has_not_seen(make_n
 
 
 async def test_edited_history_forks_a_session_restored_up_to_the_divergence(make_node):
-    """Editing an earlier message forks: a new session id, its prefix restored, the old kept."""
-    node, base = await _gateway_node(make_node)
+    """Editing an earlier message forks: a new session id, its prefix restored, the old kept
+    (without API keys every session is its own trust domain: this one-user node declares them
+    all one share group)."""
+    node, base = await _gateway_node(make_node, bank_share_groups="local=*")
     client = _client(base)
     head = {"X-Session-Id": "editme"}
     messages = [{"role": "system", "content": "You are terse. " * 8}, _user("first")]

@@ -1,4 +1,6 @@
-"""Shared prefixes: any session whose prompt begins with banked tokens restores them, exactly."""
+"""Shared prefixes: any session of the same trust domain whose prompt begins with banked tokens
+restores them, exactly. These sessions are agents of one mesh, a share group the operator
+declared (``MESH``); tests/test_bank_security.py shows that nobody outside it shares."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
+MESH = "mesh=a,b,s*"
+"""The share group of every session here (``--bank-share-groups``)."""
 PROMPTS = [
     ChatMessage(role="system", content=f"You are agent {k} of the mesh. Tools: search, "
                 f"fetch, summarise, plan. Answer tersely and cite sources. Team {k}. " * 3)
@@ -39,6 +43,7 @@ async def run(engine: SlotEngine, s: TurnSpec) -> TurnOutcome:
 
 
 def engine_on(model: Path, **settings: object) -> SlotEngine:
+    settings.setdefault("bank_share_groups", MESH)
     return load_engine(NodeConfig(model=model, threads=1, verify_restore=False, **settings))
 
 
@@ -81,7 +86,7 @@ async def test_a_restarted_node_restores_a_shared_prefix_from_the_durable_tier(
     RAM) starts a new session with the same system prompt, then it restores a's state from the
     durable tier and answers what a cold compute does."""
     first = engine_on(tiny_model, n_slots=1)
-    tier = DurableTier([DirectoryBackend(tmp_path / "bank")])
+    tier = DurableTier([DirectoryBackend(tmp_path / "bank")], groups=first.bank.groups)  # type: ignore[union-attr]
     first.bank.attach(tier)  # type: ignore[union-attr]
     try:
         one = await run(first, spec("a", [PROMPTS[1], user("remember the tools")]))
@@ -90,7 +95,7 @@ async def test_a_restarted_node_restores_a_shared_prefix_from_the_durable_tier(
         tier.close()
         await first.close()
     second = engine_on(tiny_model, n_slots=1)
-    again = DurableTier([DirectoryBackend(tmp_path / "bank")])
+    again = DurableTier([DirectoryBackend(tmp_path / "bank")], groups=second.bank.groups)  # type: ignore[union-attr]
     assert await asyncio.to_thread(again.open) == 1
     second.bank.attach(again)  # type: ignore[union-attr]
     b = spec("b", [PROMPTS[1], user("a new agent after the restart")])

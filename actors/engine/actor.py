@@ -104,7 +104,7 @@ class EngineActor(Actor):
             backends.append(
                 ObjectStoreBackend(store, asyncio.get_running_loop(), js, self.subjects)
             )
-        tier = DurableTier(backends, self.bank_durable_bytes)
+        tier = DurableTier(backends, self.bank_durable_bytes, bank.groups)
         try:
             await asyncio.to_thread(tier.open)
         except BaseException:

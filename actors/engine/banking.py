@@ -57,7 +57,8 @@ class SlotBanking:
             log.warning("bank_durable_load_failed", session=session, error=str(e))
             return
         ms = (time.perf_counter() - start) * 1000
-        bank.put(BankEntry(meta, data, durable=True, fetched_ms=ms))
+        # Checked against its checksum before its first restore (``BankStore.check``).
+        bank.put(BankEntry(meta, data, durable=True, fetched_ms=ms, checked=False))
 
     async def _bank_idle_slots(self, session: str) -> None:
         """Bank every idle slot whose state is not banked yet, before a new session looks.
@@ -66,15 +67,20 @@ class SlotBanking:
         next agent of a mesh, sharing its long system prompt, can arrive first and find
         nothing to share: it would prefill the whole prompt again. Copying those states now
         costs what the commit snapshot would have (which then finds them banked by content).
+        Only slots of the new session's trust domain: no other state could be shared with it,
+        and copying one would let its first token's time say whose state was idle.
         """
-        if self.bank is None:
+        bank = self.bank
+        if bank is None:
             return
+        domain = bank.groups.domain(session)
         jobs = [
             slot.worker.submit(lambda slot=slot, owner=slot.session, digest=slot.digest:
                                self._bank_if_idle(slot, owner, digest))
             for slot in self.pool.slots
             if not slot.busy and slot.session not in (None, session) and slot.tokens
-            and slot.digest is not None and self.bank.find(slot.digest, self.compat) is None
+            and slot.digest is not None and bank.groups.domain(slot.session) == domain
+            and bank.find(slot.session, slot.digest, self.compat) is None
         ]
         if jobs:
             done, _ = await asyncio.wait(jobs, timeout=IDLE_BANK_WAIT_S)
@@ -106,7 +112,8 @@ class SlotBanking:
         n = len(slot.tokens)
         # Only a state a failed turn left behind has no digest yet.
         digest = slot.digest or token_hash(slot.tokens)
-        existing = self.bank.find(digest, self.compat)  # any session's: stored once
+        # Any session's of this domain: stored once.
+        existing = self.bank.find(slot.session, digest, self.compat)
         if existing is not None:
             existing = self._claim(existing, slot.session)
             if persist:
@@ -130,7 +137,7 @@ class SlotBanking:
     def _bank_known(self, session: str, digest: str, why: str) -> SnapshotOutcome:
         """The slot moved on: make durable what an eviction already banked, if anything."""
         assert self.bank is not None
-        entry = self.bank.find(digest, self.compat)
+        entry = self.bank.find(session, digest, self.compat)
         if entry is None:
             return SnapshotOutcome(False, reason=why)
         entry = self._claim(entry, session)
@@ -139,9 +146,9 @@ class SlotBanking:
         return SnapshotOutcome(True, n, entry.nbytes, 0.0, "banked_at_eviction")
 
     def _claim(self, entry: BankEntry, session: str) -> BankEntry:
-        """``entry`` as ``session``'s: the same tokens' state banked by another session is
-        taken over (the same bytes, no copy; one entry in RAM), so deleting the session that
-        banked it first never takes this one's state with it."""
+        """``entry`` as ``session``'s: the same tokens' state banked by another session of its
+        trust domain is taken over (the same bytes, no copy; one entry in RAM), so deleting
+        the session that banked it first never takes this one's state with it."""
         assert self.bank is not None
         if entry.meta.session == session:
             return entry

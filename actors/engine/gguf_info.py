@@ -3,12 +3,13 @@
 The bundled llama.cpp (ctransformers 0.2.27, September 2023) knows only some architectures;
 a file of another one must be refused with a sentence saying what to do, not handed to C
 code that fails obscurely. The ``gguf`` package reads the header through a memory map, so
-the weights are never read here.
+the weights are never read here — except once by ``model_id_of``, which hashes them all.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,36 @@ READABLE_TOKENIZERS = frozenset({"llama", "gpt2"})
 _MAGIC = b"GGUF"
 
 
+_HASH_CHUNK = 8 << 20
+"""Bytes read per step while hashing a model file."""
+_ids: dict[tuple[str, int, int], str] = {}
+_ids_lock = threading.Lock()
+
+
 def model_id_of(path: Path) -> str:
-    """A cheap identity of a model file: size and a hash of its first MiB."""
-    with path.open("rb") as f:
-        head = f.read(1 << 20)
-    return f"{path.stat().st_size:x}-{hashlib.sha256(head).hexdigest()[:16]}"
+    """The identity of a model file: its size and the sha256 of every byte of it.
+
+    A KV state belongs to the weights that computed it, so the identity covers the tensor
+    data, not just the header (a file with changed weights but the same size and header
+    must never restore the old model's states). Hashing reads the whole file once (about
+    0.1 s for a 100 MB model, seconds for a multi-GB one); the result is kept per process by
+    resolved path, size and modification time.
+    """
+    resolved = path.resolve()
+    st = resolved.stat()
+    key = (str(resolved), st.st_size, st.st_mtime_ns)
+    with _ids_lock:
+        known = _ids.get(key)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    with resolved.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    model_id = f"{st.st_size:x}-{digest.hexdigest()[:32]}"
+    with _ids_lock:
+        _ids[key] = model_id
+    return model_id
 
 
 class ModelFileError(ValueError):

@@ -33,14 +33,15 @@ BLOCK = 16
 """Tokens per block of a prefix hash chain."""
 
 
-def block_chain(tokens: Sequence[int], block: int = BLOCK) -> list[bytes]:
+def block_chain(tokens: Sequence[int], block: int = BLOCK, salt: bytes = b"") -> list[bytes]:
     """Hash chain over the whole blocks of ``tokens``: entry i identifies tokens[: (i+1)*block].
 
     Each link hashes the previous link and the block, so equal links mean equal prefixes
-    (as in vLLM's automatic prefix caching); partial trailing blocks are not hashed.
+    (as in vLLM's automatic prefix caching); partial trailing blocks are not hashed. A
+    ``salt`` (a trust domain) starts the chain, so chains of other salts never meet it.
     """
     out: list[bytes] = []
-    link = b""
+    link = hashlib.sha256(salt).digest() if salt else b""
     for end in range(block, len(tokens) + 1, block):
         link = hashlib.sha256(link + array("i", tokens[end - block : end]).tobytes()).digest()
         out.append(link)

@@ -5,7 +5,10 @@ never on a slot thread (a turn must not wait for a disk). Reads run on the slot 
 restores. The index (metadata and token ids of every snapshot, no bytes) lives in memory and
 is rebuilt from the backends when the node starts, so a restarted node restores old sessions.
 A snapshot is written whole or not at all (temporary name, then rename), so a node killed
-mid-write leaves nothing half-written to restore.
+mid-write leaves nothing half-written to restore. Each carries a checksum (set on the writer
+thread from the bytes in RAM), checked before it is restored; one that fails is discarded.
+Snapshot files hold whole conversations as token ids: they are the user's only (0600, in
+0700 directories).
 
 The tier holds at most ``max_bytes``: past it, the least recently used snapshots are deleted
 (a restore counts as a use; after a restart the write time stands in for the last use).
@@ -27,7 +30,8 @@ from typing import Protocol
 
 import structlog
 
-from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json
+from actors.engine.bank.domains import ISOLATED, ShareGroups
+from actors.engine.bank.meta import SnapshotMeta, meta_from_json, meta_to_json, sealed
 from actors.engine.bank.prefix import PrefixIndex
 from schemas.subjects import is_session_id
 
@@ -76,7 +80,7 @@ class DirectoryBackend:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, meta: SnapshotMeta) -> Path:
         if not is_session_id(meta.session) or not _HEX.fullmatch(meta.token_hash):
@@ -86,10 +90,12 @@ class DirectoryBackend:
     def write(self, meta: SnapshotMeta, data: bytes) -> None:
         """Write to a temporary name, fsync, then rename into place."""
         path = self._path(meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.parent.chmod(0o700)  # also one an older version made readable to all
         head = meta_to_json(meta)
         tmp = path.with_suffix(".part")
-        with tmp.open("wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(_HEADER.pack(MAGIC, len(head)))
             f.write(head)
             f.write(data)
@@ -140,7 +146,9 @@ class DirectoryBackend:
 class DurableTier:
     """The index over one or more backends, and the thread that writes to them."""
 
-    def __init__(self, backends: list[DurableBackend], max_bytes: int = 0) -> None:
+    def __init__(
+        self, backends: list[DurableBackend], max_bytes: int = 0, groups: ShareGroups = ISOLATED
+    ) -> None:
         if not backends:
             raise ValueError("a durable tier needs at least one backend")
         self.backends = backends
@@ -148,8 +156,9 @@ class DurableTier:
         """Byte cap over every snapshot; 0 means none."""
         self.evictions = 0
         self._index: dict[str, dict[str, SnapshotMeta]] = {}
-        self.prefixes = PrefixIndex()
-        """The same snapshots by the token blocks they begin with (shared across sessions)."""
+        self.prefixes = PrefixIndex(groups)
+        """The same snapshots by the token blocks they begin with (shared across the sessions
+        of one trust domain)."""
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="bank-writer", daemon=True)
@@ -232,6 +241,17 @@ class DurableTier:
             self.prefixes.remove(meta)
         return OSError(f"snapshot {meta.token_hash[:12]} unreadable: {'; '.join(errors)}")
 
+    def discard(self, meta: SnapshotMeta) -> concurrent.futures.Future[None]:
+        """Forget one snapshot and delete it from every backend (it failed its checksum)."""
+        with self._lock:
+            mine = self._index.get(meta.session, {})
+            if mine.get(meta.token_hash) is meta:
+                del mine[meta.token_hash]
+                if not mine:
+                    self._index.pop(meta.session, None)
+                self.prefixes.remove(meta)
+        return self._submit(lambda: self._delete(meta))
+
     # -- writes (on the writer thread) ----------------------------------------------------
     def persist(self, meta: SnapshotMeta, data: bytes) -> concurrent.futures.Future[None]:
         """Queue a write; it joins the index once every backend has it.
@@ -245,7 +265,7 @@ class DurableTier:
             fut: concurrent.futures.Future[None] = concurrent.futures.Future()
             fut.set_result(None)
             return fut
-        return self._submit(lambda: self._write(meta, data))
+        return self._submit(lambda: self._write(sealed(meta, data), data))
 
     def forget(self, session: str) -> concurrent.futures.Future[None]:
         """Drop a session's snapshots (after any write already queued for it)."""

@@ -2,12 +2,19 @@
 
 The RAM tier (``store``) and the durable tier (``durable``, ``objects``) both hold this
 metadata; it lives below them so neither imports the other to know it.
+
+Every snapshot that leaves the process carries a checksum over its state bytes and what
+they mean (the token ids, the model's identity, the context length, the template), checked
+before a restore: bytes flipped on disk or an object overwritten in the store must never
+hand a conversation a state it did not compute.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 
 from actors.engine.tokens import token_hash
@@ -51,6 +58,9 @@ class SnapshotMeta:
     """Unix time of the last hit."""
     hits: int = 0
     """Times a turn restored it."""
+    checksum: str = ""
+    """sha256 of the state and its meaning (``snapshot_checksum``); set before it is made
+    durable, and checked before a state read back is restored."""
 
     def __post_init__(self) -> None:
         if not self.token_hash:
@@ -71,6 +81,39 @@ class SnapshotMeta:
             "nbytes": self.nbytes, "created": self.created, "last_access": self.last_access,
             "hits": self.hits, "model_id": self.model_id,
         }
+
+
+def snapshot_checksum(meta: SnapshotMeta, data: bytes) -> str:
+    """sha256 over what a restore relies on: model, context, template, tokens and state.
+
+    Not the session, the times or the hits: the same state claimed by another session of
+    its trust domain keeps its checksum, and a hit changes nothing it covers.
+    """
+    head = json.dumps(
+        [meta.model_id, meta.n_ctx, meta.template, meta.token_hash, len(meta.tokens),
+         meta.nbytes], separators=(",", ":"),
+    ).encode()
+    h = hashlib.sha256(len(head).to_bytes(4, "little") + head)
+    h.update(array("i", meta.tokens).tobytes())
+    h.update(data)
+    return h.hexdigest()
+
+
+def sealed(meta: SnapshotMeta, data: bytes) -> SnapshotMeta:
+    """``meta`` with its checksum set (computed once, where the bytes are trusted)."""
+    if not meta.checksum:
+        meta.checksum = snapshot_checksum(meta, data)
+    return meta
+
+
+def intact(meta: SnapshotMeta, data: bytes) -> bool:
+    """True when ``data`` is the state ``meta`` describes: its size, its token hash and its
+    checksum agree (a snapshot without a checksum is not trusted)."""
+    return (
+        bool(meta.checksum) and len(data) == meta.nbytes
+        and meta.token_hash == token_hash(meta.tokens)
+        and meta.checksum == snapshot_checksum(meta, data)
+    )
 
 
 def meta_to_json(meta: SnapshotMeta) -> bytes:

@@ -12,9 +12,15 @@ turns are written to the durable tier.
 
 Entries are also found by content: a session whose prompt begins with another session's
 banked tokens (a shared system prompt and tool list) restores that snapshot, found through
-the block hash chain index (``prefix``) and checked token by token. A state of exactly the
-same tokens is stored once in RAM, by the session that banked it last (the same bytes);
-the durable tier keeps a copy per session, so deleting one session never takes another's.
+the block hash chain index (``prefix``) and checked token by token — but only a session of
+the same trust domain (``domains``: the agent, or a group an operator declared), whose salt
+every content address carries, so no agent learns from a hit what another sent. A state of
+exactly the same tokens is stored once in RAM per domain, by the session that banked it
+last (the same bytes); the durable tier keeps a copy per session, so deleting one session
+never takes another's.
+
+A state read back from the durable tier is restored only once its checksum (``meta``)
+matches; a corrupt one is dropped from every tier and the turn's miss says ``corrupt``.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from actors.engine.bank.meta import Compat, EntryInfo, SnapshotMeta
+from actors.engine.bank.domains import ISOLATED, ShareGroups
+from actors.engine.bank.meta import Compat, EntryInfo, SnapshotMeta, intact
 from actors.engine.bank.prefix import PrefixIndex
 from actors.engine.tokens import BLOCK as BLOCK_SIZE
-from actors.engine.tokens import block_chain, common_prefix
+from actors.engine.tokens import common_prefix
 
 if TYPE_CHECKING:
     from actors.engine.bank.durable import DurableTier
@@ -51,6 +58,9 @@ class BankEntry:
     fetched_ms: float | None = None
     """Set while a snapshot fetched from the durable tier awaits its first restore: how
     long the fetch took (that restore counts as a durable hit and its restore time)."""
+    checked: bool = True
+    """Its bytes were made by this process, or were read back and matched their checksum;
+    False until a state read from the durable tier is checked (before its first restore)."""
 
     @property
     def nbytes(self) -> int:
@@ -89,14 +99,18 @@ class BankMatch:
 class BankStore:
     """Host-RAM tier: per-session entries under a total and a per-session byte cap."""
 
-    def __init__(self, max_bytes: int, max_session_bytes: int) -> None:
+    def __init__(
+        self, max_bytes: int, max_session_bytes: int, groups: ShareGroups = ISOLATED
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_session_bytes = max_session_bytes
+        self.groups = groups
+        """Which sessions share snapshots (``domains``)."""
         self.durable: DurableTier | None = None
         self._entries: dict[str, list[BankEntry]] = {}
-        self._by_hash: dict[str, BankEntry] = {}
-        """Every RAM entry by its token hash (one per distinct token sequence)."""
-        self._prefixes = PrefixIndex()
+        self._by_hash: dict[tuple[str, str], BankEntry] = {}
+        """Every RAM entry by its domain and token hash (one per token sequence and domain)."""
+        self._prefixes = PrefixIndex(groups)
         self._lock = threading.Lock()
         self._bytes = 0
         self.evictions = 0
@@ -104,10 +118,16 @@ class BankStore:
         self.durable_hits = 0
         self.stored = 0
         self.shared_hits = 0
+        self.corrupt = 0
 
     def attach(self, durable: DurableTier | None) -> None:
-        """Put a durable tier under this one (None detaches it)."""
+        """Put a durable tier under this one (None detaches it); both share alike."""
+        if durable is not None and durable.prefixes.groups != self.groups:
+            raise ValueError("the durable tier was opened with other bank share groups")
         self.durable = durable
+
+    def _key(self, meta: SnapshotMeta) -> tuple[str, str]:
+        return self.groups.domain(meta.session), meta.token_hash
 
     def put(self, entry: BankEntry) -> bool:
         """Store ``entry``; drops superseded shorter prefixes; False if it can never fit."""
@@ -119,13 +139,14 @@ class BankStore:
                 if same or _is_prefix(old.meta.tokens, entry.meta.tokens):
                     entry.durable = entry.durable or (same and old.durable)
                     self._drop(old)
-            twin = self._by_hash.get(entry.meta.token_hash)
+            key = self._key(entry.meta)
+            twin = self._by_hash.get(key)
             if twin is not None and twin.meta.session != entry.meta.session:
-                # The same tokens' state, banked again: keep one copy in RAM. The durable
-                # tier holds the twin under its session's name, not this one's.
+                # The same tokens' state, banked again in this domain: keep one copy in RAM.
+                # The durable tier holds the twin under its session's name, not this one's.
                 self._drop(twin)
             self._entries.setdefault(entry.meta.session, []).append(entry)
-            self._by_hash[entry.meta.token_hash] = entry
+            self._by_hash[key] = entry
             self._prefixes.add(entry.meta)
             self._bytes += entry.nbytes
             self.stored += 1
@@ -139,11 +160,14 @@ class BankStore:
                 (e for e in self._entries.get(session, ()) if e.meta.token_hash == digest), None
             )
 
-    def find(self, digest: str, compat: Compat) -> BankEntry | None:
-        """The RAM entry of any session holding exactly the tokens of ``digest``."""
+    def find(self, session: str, digest: str, compat: Compat) -> BankEntry | None:
+        """The checked RAM entry of any session of ``session``'s domain holding exactly the
+        tokens of ``digest``."""
         with self._lock:
-            entry = self._by_hash.get(digest)
-        return entry if entry is not None and entry.meta.fits(compat) is None else None
+            entry = self._by_hash.get((self.groups.domain(session), digest))
+        if entry is None or not entry.checked or entry.meta.fits(compat) is not None:
+            return None
+        return entry
 
     def has(self, session: str, digest: str) -> bool:
         """True when ``session`` has a RAM entry with this token hash."""
@@ -177,35 +201,39 @@ class BankStore:
             if best is None or n > best_n:
                 best, best_n = (meta, entry), n
         shared = self._shared_match(session, tokens, compat, best_n)
-        if shared is not None:
+        if shared is not None and shared.entry is not None:
             return shared
+        failed = shared.miss_reason if shared is not None else None  # corrupt or evicted
         if best is None:  # whether the session had state that was evicted is the engine's
-            return BankMatch(None, 0, refused or "new_session")
+            return BankMatch(None, 0, failed or refused or "new_session")
         if best_n == 0:
-            return BankMatch(None, 0, "prefix_divergence_at_token 0")
+            return BankMatch(None, 0, failed or "prefix_divergence_at_token 0")
         meta, entry = best
         partial = best_n < len(meta.tokens)
         reason = f"prefix_divergence_at_token {best_n}" if partial else None
-        return self._hit(meta, entry, best_n, reason, shared=False) or BankMatch(None, 0, "evicted")
+        return self._hit(meta, entry, best_n, reason, shared=False)
 
     def _shared_match(
         self, session: str, tokens: Sequence[int], compat: Compat, own: int
     ) -> BankMatch | None:
-        """Another session's snapshot covering more of ``tokens`` than ``own`` tokens, if any.
+        """Another session's snapshot covering more of ``tokens`` than ``own`` tokens, if any:
+        of ``session``'s trust domain only (the chain is salted with it).
 
         Durable snapshots are only taken from local backends (this runs on a slot thread).
         """
-        chain = block_chain(tokens)
-        if len(chain) * BLOCK_SIZE <= own:
+        if (len(tokens) // BLOCK_SIZE) * BLOCK_SIZE <= own:
             return None
+        chain = self._prefixes.chain_of(session, tokens)
+        domain = self.groups.domain(session)
 
         def accept(meta: SnapshotMeta) -> bool:
-            return meta.session != session and meta.fits(compat) is None
+            return (meta.session != session and meta.fits(compat) is None
+                    and self.groups.domain(meta.session) == domain)
 
         found: list[tuple[SnapshotMeta, BankEntry | None]] = []
         for meta in self._prefixes.longest(chain, accept):
             with self._lock:
-                found.append((meta, self._by_hash.get(meta.token_hash)))
+                found.append((meta, self._by_hash.get((domain, meta.token_hash))))
         durable = self.durable
         if durable is not None and durable.readable_here:
             found += [(m, None) for m in durable.prefixes.longest(chain, accept)]
@@ -222,16 +250,20 @@ class BankStore:
     def _hit(
         self, meta: SnapshotMeta, entry: BankEntry | None, n: int, reason: str | None,
         shared: bool,
-    ) -> BankMatch | None:
-        """Count a restore of ``meta`` (loading it from the durable tier when not in RAM)."""
+    ) -> BankMatch:
+        """Count a restore of ``meta`` (loading it from the durable tier when not in RAM); a
+        miss when it cannot be loaded (``evicted``) or fails its checksum (``corrupt``)."""
         tier, fetch_ms = "ram", 0.0
         if entry is None:
             entry = self._load(meta)
             if entry is None:
-                return None
+                return BankMatch(None, 0, "evicted")
             tier = "durable"
         elif entry.fetched_ms is not None:
-            tier, fetch_ms, entry.fetched_ms = "durable", entry.fetched_ms, None
+            tier, fetch_ms = "durable", entry.fetched_ms
+        if not self.check(entry):
+            return BankMatch(None, 0, "corrupt")
+        entry.fetched_ms = None
         with self._lock:
             meta.hits += 1
             meta.last_access = time.time()
@@ -264,9 +296,30 @@ class BankStore:
         except Exception as e:  # a damaged or vanished snapshot is a miss, never a crash
             log.warning("bank_durable_load_failed", session=meta.session, error=str(e))
             return None
-        entry = BankEntry(meta, data, durable=True)
+        entry = BankEntry(meta, data, durable=True, checked=False)
         self.put(entry)
         return entry
+
+    def check(self, entry: BankEntry) -> bool:
+        """True when ``entry``'s bytes may be restored: made here, or matching their checksum.
+
+        One check for every tier, before every restore: a state read back that fails it is
+        dropped from RAM and from the durable tier, and never used.
+        """
+        if entry.checked:
+            return True
+        if intact(entry.meta, entry.data):
+            entry.checked = True
+            return True
+        meta = entry.meta
+        log.warning("bank_snapshot_corrupt", session=meta.session, tokens=len(meta.tokens),
+                    token_hash=meta.token_hash[:12])
+        with self._lock:
+            self.corrupt += 1
+            self._drop(entry)
+        if self.durable is not None:
+            self.durable.discard(meta)
+        return False
 
     def forget(self, session: str) -> int:
         """Drop every RAM entry of ``session`` (the durable tier is the caller's); how many."""
@@ -297,7 +350,7 @@ class BankStore:
                 "entries": n, "bytes": self._bytes, "max_bytes": self.max_bytes,
                 "hits": self.hits, "durable_hits": self.durable_hits,
                 "evictions": self.evictions, "stored": self.stored,
-                "shared_hits": self.shared_hits,
+                "shared_hits": self.shared_hits, "corrupt": self.corrupt,
             }
         if self.durable is not None:
             out.update({f"durable_{k}": v for k, v in self.durable.stats().items()})
@@ -309,8 +362,9 @@ class BankStore:
             mine.remove(entry)
             self._bytes -= entry.nbytes
             self._prefixes.remove(entry.meta)
-            if self._by_hash.get(entry.meta.token_hash) is entry:
-                del self._by_hash[entry.meta.token_hash]
+            key = self._key(entry.meta)
+            if self._by_hash.get(key) is entry:
+                del self._by_hash[key]
         if not mine:
             self._entries.pop(entry.meta.session, None)
 

@@ -1,0 +1,289 @@
+"""Attacks on the KV bank: tampered snapshots and model files, and the cross-tenant prefix
+side channel.
+
+- Bytes flipped in a ``--bank-dir`` snapshot, or an object overwritten in the object store,
+  are never restored: the turn misses with ``corrupt``, answers what a cold compute does, and
+  the snapshot is dropped.
+- A model file whose tensor data changed (same size, same first MiB) has another identity,
+  so the old model's states are not restored into it.
+- Snapshot files (whole conversations as token ids) are the node user's only.
+- An agent's ``cached_tokens`` for a prefix another agent sent equal those for a prefix nobody
+  sent (same cache source, same miss reason): nothing is learned from the shared bank; only
+  the members of a share group an operator declared share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import stat
+from pathlib import Path
+
+import gguf
+import httpx
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+from nats.js.object_store import ObjectStore
+
+from actors.engine.bank.durable import DirectoryBackend, DurableTier
+from actors.engine.bank.meta import SnapshotMeta
+from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
+from actors.engine.engine import SlotEngine
+from actors.engine.gguf_info import model_id_of
+from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
+from actors.engine.loader import load_engine
+from node.config import NodeConfig
+from node.demo_model import ModelShape, write_llama_gguf
+from schemas.chat import ChatMessage, SamplingParams
+from schemas.subjects import Subjects
+
+S = Subjects()
+GREEDY = SamplingParams(temperature=0.0)
+MIB = 1 << 20
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def spec(session: str, messages: list[ChatMessage], ids: dict[int, tuple[int, ...]] | None = None,
+         ) -> TurnSpec:
+    return TurnSpec(session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
+                    max_tokens=6, assistant_tokens=ids or {})
+
+
+async def run(engine: SlotEngine, s: TurnSpec) -> TurnOutcome:
+    return await engine.run_turn(s, lambda text: None, CancelToken())
+
+
+def engine_on(model: Path, **settings: object) -> SlotEngine:
+    settings.setdefault("n_slots", 1)
+    return load_engine(NodeConfig(model=model, threads=1, verify_restore=False, **settings))
+
+
+FIRST = [ChatMessage(role="system", content="You list animals. " * 6), user("three animals")]
+
+
+async def bank_first_turn(engine: SlotEngine, tier: DurableTier) -> tuple[list, dict]:  # type: ignore[type-arg]
+    """Session ``victim``'s first turn, committed to ``tier``: its next turn's history."""
+    engine.bank.attach(tier)  # type: ignore[union-attr]
+    try:
+        one = await run(engine, spec("victim", FIRST))
+        assert (await engine.snapshot("victim", one.token_hash, wait_s=30)).stored
+        await asyncio.wrap_future(tier.flush())
+    finally:
+        engine.bank.attach(None)  # type: ignore[union-attr]
+    history = [*FIRST, ChatMessage(role="assistant", content=one.text), user("two more")]
+    return history, {2: one.completion_ids or ()}
+
+
+async def second_turn(model: Path, tier: DurableTier, history: list, ids: dict) -> TurnOutcome:  # type: ignore[type-arg]
+    """The victim's next turn on a fresh engine over ``tier`` (empty RAM)."""
+    engine = engine_on(model)
+    assert await asyncio.to_thread(tier.open) == 1
+    engine.bank.attach(tier)  # type: ignore[union-attr]
+    try:
+        out = await run(engine, spec("victim", history, ids))
+        await asyncio.wrap_future(tier.flush())  # the discarded snapshot's delete
+        assert engine.bank.stats()["durable_entries"] == 0  # type: ignore[union-attr]
+    finally:
+        await asyncio.to_thread(tier.close)
+        await engine.close()
+    return out
+
+
+async def cold_answer(model: Path, history: list, ids: dict) -> TurnOutcome:  # type: ignore[type-arg]
+    engine = engine_on(model, bank_ram_bytes=0)
+    try:
+        return await run(engine, spec("cold", history, ids))
+    finally:
+        await engine.close()
+
+
+def flip_kv_bytes(raw: bytes, at: int) -> bytes:
+    """``raw`` with 64 bytes from ``at`` inverted: the size stays the same."""
+    out = bytearray(raw)
+    for i in range(at, at + 64):
+        out[i] ^= 0xFF
+    return bytes(out)
+
+
+async def test_flipped_bytes_in_a_snapshot_file_are_never_restored(tiny_model: Path, tmp_path):
+    """Given a committed snapshot in a --bank-dir whose KV bytes were flipped (size intact),
+    when the session continues on a restarted engine, then nothing is restored: the miss says
+    corrupt, the answer is the cold compute's, and the file is gone."""
+    root = tmp_path / "bank"
+    first = engine_on(tiny_model)
+    tier = DurableTier([DirectoryBackend(root)])
+    try:
+        history, ids = await bank_first_turn(first, tier)
+    finally:
+        tier.close()
+        await first.close()
+    (path,) = (root / "victim").glob("*.kv")
+    raw = path.read_bytes()
+    path.write_bytes(flip_kv_bytes(raw, len(raw) // 2))
+    out = await second_turn(tiny_model, DurableTier([DirectoryBackend(root)]), history, ids)
+    cold = await cold_answer(tiny_model, history, ids)
+    assert out.cache.source == "none" and out.cache.miss_reason == "corrupt"
+    assert out.usage.cached_tokens == 0
+    assert out.completion_ids == cold.completion_ids
+    assert not path.exists()
+
+
+async def test_an_overwritten_object_store_snapshot_is_never_restored(
+    tiny_model: Path, nc: Client
+):
+    """Given a committed snapshot in the JetStream object store whose bytes object was
+    overwritten with others of the same size, when the session continues on a restarted
+    engine, then nothing is restored: the miss says corrupt, the answer is the cold
+    compute's, and the snapshot's objects are deleted."""
+    js = nc.jetstream()
+    store = await open_object_store(js, S.bank_bucket)
+    loop = asyncio.get_running_loop()
+
+    def tier() -> DurableTier:
+        return DurableTier([ObjectStoreBackend(store, loop, js, S)])
+
+    first = engine_on(tiny_model)
+    written = tier()
+    try:
+        history, ids = await bank_first_turn(first, written)
+    finally:
+        await asyncio.to_thread(written.close)
+        await first.close()
+    (name,) = [n for n in await live_objects(store) if n.endswith(".kv")]
+    raw = (await store.get(name)).data or b""
+    await store.put(name, flip_kv_bytes(raw, len(raw) // 3))
+    out = await second_turn(tiny_model, tier(), history, ids)
+    cold = await cold_answer(tiny_model, history, ids)
+    assert out.cache.source == "none" and out.cache.miss_reason == "corrupt"
+    assert out.usage.cached_tokens == 0
+    assert out.completion_ids == cold.completion_ids
+    assert await live_objects(store) == []
+
+
+async def live_objects(store: ObjectStore) -> list[str]:
+    """Names of the objects in ``store`` that are not deleted."""
+    try:
+        infos = await store.list(ignore_deletes=True)
+    except NotFoundError:  # nothing left at all
+        return []
+    return [i.name for i in infos if not i.deleted]
+
+
+def _weights_changed_past_the_first_mib(model: Path, copy: Path) -> None:
+    """Copy ``model`` with one byte of its last tensor changed, beyond its first MiB."""
+    shutil.copyfile(model, copy)
+    tensor = next(t for t in gguf.GGUFReader(model).tensors if t.name == "output.weight")
+    at = int(tensor.data_offset) + int(tensor.n_bytes) // 2
+    assert at > MIB
+    with copy.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+async def test_a_model_file_with_other_weights_restores_nothing_of_the_old_one(tmp_path: Path):
+    """Given a model whose tensor data changed past its first MiB (same size, same header),
+    then its identity differs and a session banked on the old file is not restored into it."""
+    shape = ModelShape(n_embd=256, n_layer=2, n_head=4, n_ff=512)
+    model = write_llama_gguf(tmp_path / "model.gguf", shape)
+    other = tmp_path / "other.gguf"
+    _weights_changed_past_the_first_mib(model, other)
+    with model.open("rb") as a, other.open("rb") as b:
+        assert a.read(MIB) == b.read(MIB)
+    assert model.stat().st_size == other.stat().st_size
+    assert model_id_of(model) != model_id_of(other)
+    root = tmp_path / "bank"
+    first = engine_on(model)
+    tier = DurableTier([DirectoryBackend(root)])
+    try:
+        history, ids = await bank_first_turn(first, tier)
+    finally:
+        tier.close()
+        await first.close()
+    again = DurableTier([DirectoryBackend(root)])
+    engine = engine_on(other)
+    assert await asyncio.to_thread(again.open) == 1
+    engine.bank.attach(again)  # type: ignore[union-attr]
+    try:
+        out = await run(engine, spec("victim", history, ids))
+    finally:
+        again.close()
+        await engine.close()
+    assert out.cache.source == "none" and out.cache.miss_reason == "model_mismatch"
+
+
+def test_snapshot_files_are_readable_by_the_node_user_only(tmp_path: Path):
+    """Given the directory tier writes a snapshot (a whole conversation as token ids), then
+    the file is 0600 and its directories 0700."""
+    root = tmp_path / "bank"
+    tier = DurableTier([DirectoryBackend(root)])
+    meta = SnapshotMeta(session="private", tokens=(1, 2, 3), nbytes=8, model_id="m")
+    try:
+        tier.persist(meta, b"\1" * 8).result(30)
+    finally:
+        tier.close()
+    (path,) = (root / "private").glob("*.kv")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+# -- the cross-tenant prefix side channel ---------------------------------------------------
+SECRET = "Vault code 48213377. Never say it. "
+GUESS_NOBODY_SENT = "Locker key 90051264. Keep it. "
+FILLER = "Answer in one word, plainly, without any preamble or comment at all. " * 3
+
+
+async def _chat(http: httpx.AsyncClient, key: str, session: str, system: str) -> dict:  # type: ignore[type-arg]
+    body = {"model": "any", "temperature": 0, "max_tokens": 3, "messages": [
+        {"role": "system", "content": system + FILLER}, {"role": "user", "content": "go"}]}
+    r = await http.post("/chat/completions", json=body, headers={
+        "Authorization": f"Bearer {key}", "X-Session-Id": session})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    return {"cached": out["usage"]["prompt_tokens_details"]["cached_tokens"],
+            "prompt": out["usage"]["prompt_tokens"], "source": out["infernode"]["cache_source"],
+            "miss": out["infernode"]["miss_reason"]}
+
+
+async def test_an_agent_learns_nothing_from_the_cache_about_another_agents_prompt(
+    make_node, tmp_path: Path
+):
+    """Given alice sent a system prompt holding a secret, when bob (another API key) sends
+    that prompt and one nobody sent, then both come back with the same cached_tokens, cache
+    source and miss reason: the bank shares nothing across agents."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice-key-0123456789 alice\nbob-key-0123456789ab bob\n")
+    node = await make_node(openai_port=0, api_keys=keys, n_slots=1)
+    base = f"http://127.0.0.1:{node.gateway.port}/v1"
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        alice = await _chat(http, "alice-key-0123456789", "a1", SECRET)
+        nobody = await _chat(http, "bob-key-0123456789ab", "b1", GUESS_NOBODY_SENT)
+        guessed = await _chat(http, "bob-key-0123456789ab", "b2", SECRET)
+        again = await _chat(http, "alice-key-0123456789", "a2", SECRET)
+    assert alice["prompt"] == guessed["prompt"] > 64
+    assert guessed == {**nobody, "prompt": guessed["prompt"]}
+    assert guessed["cached"] == 0 and guessed["source"] == "none"
+    assert again["source"] == "bank" and again["cached"] > 48  # alice's own sessions share
+
+
+async def test_a_declared_share_group_shares_prefixes_among_its_members_only(tiny_model: Path):
+    """Given --bank-share-groups team=alice,bob, then bob restores the prefix alice banked,
+    while carol (outside the group) and an ungrouped NATS session get none of it."""
+    engine = engine_on(tiny_model, bank_share_groups="team=alice,bob")
+    system = ChatMessage(role="system", content=SECRET + FILLER)
+    try:
+        await run(engine, spec("alice_one", [system, user("go")]))
+        bob = await run(engine, spec("bob_one", [system, user("go on")]))
+        carol = await run(engine, spec("carol_one", [system, user("go on")]))
+        loose = await run(engine, spec("b-1", [system, user("go on")]))
+    finally:
+        await engine.close()
+    assert bob.cache.source == "bank" and bob.cache.shared_from == "ram"
+    assert bob.usage.cached_tokens > 48
+    for outsider in (carol, loose):
+        assert outsider.cache.source == "none" and outsider.usage.cached_tokens == 0
