@@ -109,7 +109,10 @@ async def node_side(name: str, engine: str, setup: Setup) -> AsyncIterator[NodeS
         config = NodeConfig(data_dir=Path(tmp), model=setup.model, engine=engine,
                             threads=setup.threads, n_ctx=setup.n_ctx, n_slots=setup.slots,
                             overflow=setup.overflow, log_level="warning",
-                            bank_ram_bytes=setup.bank_ram_bytes, bank_session_bytes=1 << 30)
+                            bank_ram_bytes=setup.bank_ram_bytes, bank_session_bytes=1 << 30,
+                            # The agents of one mesh, as its operator would declare them: the
+                            # anchors share cached prefixes among all their clients.
+                            bank_share_groups="mesh=*")
         try:
             node = Node(config)
             await node.__aenter__()

@@ -5,7 +5,8 @@
 
 Agent 1's first turn computes the ~1,000-token system prompt (and its own question) from
 nothing; agents 2–8 then start their own sessions with the same system prompt and restore it
-from the bank (another session's snapshot, found by content). The ratio is the median
+from the bank (another session's snapshot, found by content: the agents are declared one
+share group, as an operator declares a mesh with --bank-share-groups). The ratio is the median
 first-turn TTFT of agents 2–8 ÷ agent 1's, repeated with a fresh system prompt each round,
 on one engine with two slots (the node's default); each turn is banked after it ends, as the
 node's bank committer does. It exits 0 whatever the verdict: it is a benchmark, not a test.
@@ -93,6 +94,7 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[
         model=model, n_slots=2, n_ctx=sizes.n_ctx, threads=threads,
         gpu_layers=args.gpu_layers, llama_lib=args.llama_lib,
         bank_ram_bytes=_UNCAPPED, bank_session_bytes=_UNCAPPED,
+        bank_share_groups="mesh=*",  # the agents of one mesh share (a declared group)
     ))
     chatter = Chatter(19)
     firsts: list[float] = []
