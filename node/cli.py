@@ -80,6 +80,8 @@ UP_FLAGS: dict[str, str] = {
     "--openai-max-body-bytes": "openai_max_body_bytes",
     "--openai-max-requests": "openai_max_requests",
     "--openai-header-timeout-s": "openai_header_timeout_s",
+    "--openai-max-connections": "openai_max_connections",
+    "--openai-max-connections-per-client": "openai_max_connections_per_client",
 }
 
 
@@ -158,6 +160,11 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="OpenAI requests at once before 429")
     p.add_argument("--openai-header-timeout-s", type=float,
                    help="seconds a connection has to send its request headers")
+    p.add_argument("--openai-max-connections", type=int,
+                   help="open OpenAI connections in all (idle ones make room; 503 past it)")
+    p.add_argument("--openai-max-connections-per-client", type=int,
+                   help="open OpenAI connections per client address (idle ones make room; "
+                   "429 past it)")
     p.add_argument("--demo-agents", type=int, default=0,
                    help="also run a ring of N agents relaying to each other, then keep serving")
 

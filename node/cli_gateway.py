@@ -32,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="file of `KEY AGENT` lines; required beyond loopback")
     p.add_argument("--data-dir", type=Path, default=None, help="data dir of `infernode up`")
     p.add_argument("--prefix", default=None, help="subject prefix (default: infer)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections in all (default 2048; idle ones make room)")
+    p.add_argument("--max-connections-per-client", type=int, default=None,
+                   help="open connections per client address (default 256; its idle ones "
+                   "make room)")
     p.set_defaults(command_fn=None)
 
 
@@ -41,7 +46,8 @@ async def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     config = NodeConfig.from_env(
         environ, data_dir=args.data_dir, prefix=args.prefix, api_keys=args.api_keys,
-        openai_host=args.host,
+        openai_host=args.host, openai_max_connections=args.max_connections,
+        openai_max_connections_per_client=args.max_connections_per_client,
     )
     configure_logging(config.log_level, config.log_format)
     url = resolve_url(args.nats_url, config)

@@ -146,6 +146,14 @@ class NodeConfig:
     """Requests the gateway handles at once; more are refused (429, Retry-After)."""
     openai_header_timeout_s: float = 10.0
     """Seconds a connection has to send its request headers before it is closed."""
+    openai_max_connections: int = 2048
+    """Connections the gateway holds open in all; past it an idle one is closed to make
+    room, and with none idle the newcomer gets 503."""
+    openai_max_connections_per_client: int = 256
+    """Connections one client address may hold open; past it that address's idle ones make
+    room, and with none idle the newcomer gets 429. Far more than one client's pool uses
+    (the SDKs keep at most 100), and an eighth of the total, so eight addresses holding
+    all they may still leave the gateway room."""
     verify_restore: bool = True
     """Check at load that a restored KV state equals the live one."""
     llama_log: bool = False

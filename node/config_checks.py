@@ -157,6 +157,13 @@ def _check_gateway(c: NodeConfig) -> None:
             "openai_max_body_bytes must be at least 1024 and openai_max_requests at least 1; "
             f"pass --openai-max-body-bytes {8 * MIB} and --openai-max-requests 256"
         )
+    if not 1 <= c.openai_max_connections_per_client <= c.openai_max_connections:
+        _fail(
+            "openai_max_connections_per_client must be at least 1 and at most "
+            f"openai_max_connections (got {c.openai_max_connections_per_client} and "
+            f"{c.openai_max_connections}); pass --openai-max-connections 2048 and "
+            "--openai-max-connections-per-client 256"
+        )
     if not c.openai_header_timeout_s > 0:
         _fail(
             "openai_header_timeout_s must be more than 0 seconds; pass "

@@ -71,6 +71,8 @@ def gateway_settings(
             max_requests=config.openai_max_requests,
         ),
         header_timeout_s=config.openai_header_timeout_s,
+        max_connections=config.openai_max_connections,
+        max_connections_per_client=config.openai_max_connections_per_client,
         model_name=model_name,
         replicas=config.replicas,
     )

@@ -3,7 +3,8 @@
 uvicorn parses HTTP; two guards are added at the connection level, where the app cannot
 see: a connection that has not finished sending its request headers within
 ``header_timeout_s`` is closed (uvicorn would wait for ever: the slow-loris attack), and
-connections beyond ``max_connections`` are closed as they arrive.
+open connections are capped per client address and in all (``connections``: idle ones
+make room for new ones, so sockets held open starve nobody).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -21,6 +23,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from actors.gateway.calls import ChatService
 from actors.gateway.chain import ConversationIndex
+from actors.gateway.connections import ConnectionTable, refuse
 from actors.gateway.http import GatewayApp, HttpLimits
 from actors.gateway.sessions import SessionRouter
 from schemas.admin import HealthReply
@@ -48,7 +51,9 @@ class GatewaySettings:
     limits: HttpLimits = HttpLimits()
     """Body size and concurrency limits."""
     max_connections: int = 2048
-    """Open connections; more are closed on arrival."""
+    """Open connections in all (idle ones are closed to make room for new ones)."""
+    max_connections_per_client: int = 256
+    """Open connections from one client address (its idle ones make room first)."""
     header_timeout_s: float = 10.0
     """Time a connection has to send its request headers."""
     turn_timeout_s: float = 600.0
@@ -66,27 +71,49 @@ class GatewaySettings:
             )
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header deadline and a connection cap."""
+def guarded_protocol(header_timeout_s: float, table: ConnectionTable) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a header deadline and the connection caps of ``table``."""
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _refused = False
+        _idle_from = 0.0
+        address = ""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.close()
+            self.address = self.client[0] if self.client else ""
+            self._idle_from = time.monotonic()
+            refused = table.admit(self)
+            if refused is not None:
+                self._refused = True
+                refuse(transport, table, *refused)
                 return
             self._arm()
 
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:  # a refused client's request is read and dropped
+                super().data_received(data)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            self._idle_from = time.monotonic()
             self._arm()  # the next request on a kept-alive connection gets its own deadline
 
         def connection_lost(self, exc: Exception | None) -> None:
+            table.remove(self)
             if self._header_timer is not None:
                 self._header_timer.cancel()
             super().connection_lost(exc)
+
+        def idle_since(self) -> float | None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                return None  # a request is running
+            return self._idle_from
+
+        def evict(self) -> None:
+            log.info("gateway_connection_evicted", client=self.address)
+            self.transport.close()
 
         def _arm(self) -> None:
             if self._header_timer is not None:
@@ -115,6 +142,9 @@ class Gateway:
         self.app: GatewayApp | None = None
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
+        self.connections = ConnectionTable(settings.max_connections,
+                                           settings.max_connections_per_client)
+        """Open connections by client address (the caps' bookkeeping)."""
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -133,7 +163,7 @@ class Gateway:
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
         self._socket = socket.create_server((s.host, s.port), family=family, backlog=1024)
         config = uvicorn.Config(
-            self.app.asgi, http=guarded_protocol(s.header_timeout_s, s.max_connections),
+            self.app.asgi, http=guarded_protocol(s.header_timeout_s, self.connections),
             ws="none", lifespan="off", log_config=None, access_log=False,
             timeout_keep_alive=5, timeout_graceful_shutdown=5,
         )
