@@ -3,19 +3,27 @@ never takes the node down; a turn that crashed the node again and again is set a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from actors.constraints import SCHEMA_MAX_DEPTH, schema_bounds_problem, schema_source
 from actors.schema_worker import SchemaWorker
+from actors.session.records import abort_records
+from actors.session.state import CRASH_LIMIT, CRASHED, apply, rebuild
 from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
-from schemas.chat import SamplingParams
+from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import InferError
+from schemas.messages import PromptRequest
+from schemas.records import TurnStartRecord, UserRecord
+from schemas.subjects import Subjects
+from tests.helpers import EventCollector
 from tests.test_durability import NodeProcess
 
 GREEDY = SamplingParams(temperature=0.0)
+S = Subjects()
 
 
 def ref_chain(n: int) -> dict[str, object]:
@@ -70,3 +78,69 @@ async def test_a_node_refuses_a_ref_chain_schema_naming_the_limit_and_still_serv
         assert served.commit is not None and node.proc.returncode is None
     finally:
         await node.terminate()
+
+
+def _cut(turn: str, question: UserRecord) -> list[object]:
+    start = TurnStartRecord(id=turn, parent_ids=(question.id,), input_ids=(question.id,), ts=0.0)
+    return [start, *abort_records(turn, (question.id,), "", "node_restart")]
+
+
+def test_the_third_turn_a_nodes_death_cuts_is_set_aside_and_its_input_dropped():
+    """Two cuts (node_restart) run the input again; the third closes as CRASHED, after
+    which nothing waits for a turn; a graceful stop's abort counts nothing."""
+    question = UserRecord(id="u1", message=ChatMessage(role="user", content="boom"), ts=0.0)
+    state = rebuild("s", [question, *_cut("t1", question), *_cut("t2", question)])
+    assert state.wants_turn()
+    apply(state, TurnStartRecord(id="t3", parent_ids=("u1",), input_ids=("u1",), ts=0.0))
+    assert CRASH_LIMIT == 3 and state.interrupted_reason() == CRASHED
+    for record in abort_records("t3", ("u1",), "", CRASHED):
+        apply(state, record)
+    assert not state.wants_turn() and not state.pending and not state.history
+    calm = rebuild("s", [question, *_cut("t1", question)])
+    for record in abort_records("t2", ("u1",), "", "shutdown"):  # a turn cut by SIGTERM
+        apply(calm, record)
+    apply(calm, TurnStartRecord(id="t3", parent_ids=("u1",), input_ids=("u1",), ts=0.0))
+    assert calm.interrupted_reason() == "node_restart"
+
+
+def kinds(events: EventCollector, kind: str) -> list[dict]:
+    return [json.loads(m.data) for m in events.messages if m.subject.endswith("." + kind)]
+
+
+@pytest.mark.timeout(300)
+async def test_a_turn_cut_by_three_sigkills_is_set_aside_with_an_error_and_the_node_serves_on(
+    nats_server: EmbeddedNats, nc, tiny_model: Path, tmp_path: Path
+):
+    """Given a turn that is streaming each time its node is SIGKILLed, the first two
+    restarts run it again and the third sets it aside: an `error` event, an abort recorded
+    as repeated_crash, no fourth run; the next prompt is answered without it."""
+    url, data, js = nats_server.url, tmp_path / "node", nc.jetstream()
+    events = await EventCollector.start(nc, S.events_all("poison"))
+    node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
+    try:
+        long = PromptRequest(messages=(ChatMessage(role="user", content="talk at length"),),
+                             sampling=GREEDY, max_tokens=8000)
+        await js.publish(S.prompt("poison"), long.model_dump_json().encode())
+        for cut in range(1, CRASH_LIMIT + 1):
+            await events.wait_until(lambda ms, n=cut: len(kinds(events, "started")) >= n, 60)
+            turn = kinds(events, "started")[-1]["turn_id"]
+            await events.wait_until(
+                lambda ms, t=turn: any(e["turn_id"] == t for e in kinds(events, "token")), 60)
+            await node.kill()
+            node = await NodeProcess.up(url, data, tiny_model, "--ctx", "4096")
+        await events.wait_until(lambda ms: kinds(events, "error"), timeout=60)
+        (error,) = kinds(events, "error")
+        assert error["turn_id"] == turn and error["code"] == "internal"
+        assert "set aside" in error["message"]
+        async with InfernodeClient(url) as client:
+            after = await client.complete("poison", "hello again", sampling=GREEDY,
+                                          max_tokens=4, timeout=60)
+            history = await client.history("poison")
+    finally:
+        await node.terminate()
+    started = kinds(events, "started")
+    assert len(started) == CRASH_LIMIT + 1  # three cut runs and the new prompt's, no fourth
+    reasons = [r.reason for r in history.records if r.kind == "abort"]
+    assert reasons == ["node_restart"] * (CRASH_LIMIT - 1) + [CRASHED]
+    (poisoned, fresh) = [r.id for r in history.records if r.kind == "user"]
+    assert after.commit is not None and after.commit.parent_ids == (fresh,)

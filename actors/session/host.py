@@ -5,7 +5,9 @@ to change them: a runner records its own deletion, then its host retires it. It 
 the sessions of the partitions this node owns (``actors.ownership``) and stays silent on the
 others, which another node answers. At start, and whenever it gains partitions (another node
 died), it rebuilds their sessions from the record log (``records``), turning an interrupted
-turn into an honest provisional/aborted record whose prompts are answered again; when it
+turn into an honest provisional/aborted record whose prompts are answered again (unless
+the node's death has cut a turn over them ``CRASH_LIMIT`` times: then they are set aside,
+with an ``error`` event); when it
 loses partitions it drops their runners at once, recording nothing; when it hands partitions
 over (another node joined) it lets their turns in flight finish, has the engine make each
 session's last commit durable, then drops them. The bus a runner
@@ -30,8 +32,8 @@ from actors.session.admit import NodeBytes, SessionLimits
 from actors.session.io import BusIO
 from actors.session.records import close_interrupted, rebuild
 from actors.session.runner import SessionRunner
-from actors.session.state import SessionState
-from actors.session.turn import publish_abort
+from actors.session.state import CRASH_LIMIT, CRASHED, SessionState
+from actors.session.turn import publish_abort, publish_set_aside
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest, SessionDeleteReply, SessionDeleteRequest
 from schemas.messages import AbortRequest
@@ -321,7 +323,11 @@ class RunnerHost(Actor):
         rebuilt = []
         for state in found.states.values():
             if state.open_turn is not None:
-                provisional, abort = await close_interrupted(self.io.append, state)
+                provisional, abort, taken = await close_interrupted(self.io.append, state)
+                if abort.reason == CRASHED:
+                    await publish_set_aside(self.io, state, abort, taken)
+                    self.log.warning("turn_set_aside", session=state.session,
+                                     turn=abort.turn_id, cuts=CRASH_LIMIT)
                 # A client saw the turn start on the node that died: it sees it end here.
                 await publish_abort(self.io, state, provisional, abort.reason, "")
                 self.log.info("interrupted_turn_recorded", session=state.session,

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors.session.state import SessionState, apply
+from actors.session.state import Pending, SessionState, apply
 from schemas.chat import ChatMessage
 from schemas.records import RECORD_ADAPTER, AbortRecord, DeleteRecord, ProvisionalRecord, Record
 from schemas.subjects import Subjects
@@ -112,12 +112,14 @@ async def rebuild(
 
 async def close_interrupted(
     append: Append, state: SessionState
-) -> tuple[ProvisionalRecord, AbortRecord]:
-    """Record the turn a restart interrupted as aborted (``node_restart``); the records."""
+) -> tuple[ProvisionalRecord, AbortRecord, list[Pending]]:
+    """Record the turn a restart interrupted as aborted: ``node_restart``, or ``CRASHED``
+    once its input was cut ``CRASH_LIMIT`` times; the records and the turn's input."""
     turn = state.open_turn
     assert turn is not None
-    records = abort_records(turn.id, turn.parent_ids, "", "node_restart")
-    for record in records:
+    taken = list(state.open_taken)
+    provisional, abort = abort_records(turn.id, turn.parent_ids, "", state.interrupted_reason())
+    for record in (provisional, abort):
         await append(state.session, record)
         apply(state, record)
-    return records
+    return provisional, abort, taken

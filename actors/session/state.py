@@ -39,7 +39,12 @@ _K = TypeVar("_K", int, str)
 
 RETRIED_REASONS = RERUN_REASONS
 """Abort reasons after which a turn's prompts are answered without being asked again."""
-DROPPED_REASONS = frozenset({"context_overflow", "too_large"})
+CRASHED = "repeated_crash"
+"""Abort reason of a turn whose input a node's death cut ``CRASH_LIMIT`` times: set aside."""
+CRASH_LIMIT = 3
+"""Turns over one input that a node's death (``node_restart``) may cut before the input is
+set aside instead of run again: a prompt that kills the node must not do so for ever."""
+DROPPED_REASONS = frozenset({"context_overflow", "too_large", CRASHED})
 """Abort reasons after which a turn's input is dropped: it can never be answered."""
 SEEN_PER_SESSION = 1024
 """Intake sequences and idempotency keys a session remembers (the most recent ones).
@@ -77,6 +82,8 @@ class Pending:
     """The provisional record of the aborted turn that last answered it."""
     nbytes: int = 0
     """Size of the message (``message_bytes``), counted against the pending bound."""
+    cut: int = 0
+    """Turns over it that a node's death cut (``node_restart`` aborts)."""
 
 
 @dataclass
@@ -203,8 +210,15 @@ class SessionState:
                 deferred=not retry and answered,
                 supersedes=provisional_id if answered else None,
                 nbytes=p.nbytes,
+                cut=p.cut + int(reason == "node_restart" and answered),
             ))
         self.pending = back + self.pending
+
+    def interrupted_reason(self) -> str:
+        """The abort reason of the open turn a node's death cut: ``node_restart`` (it runs
+        again), or ``CRASHED`` when this is the ``CRASH_LIMIT``-th cut of its input."""
+        cuts = 1 + max((p.cut for p in self.open_taken if p.wants_reply), default=0)
+        return CRASHED if cuts >= CRASH_LIMIT else "node_restart"
 
     def window_start(self) -> int:
         """Index in the history (and so in ``messages_for``) where the window starts; 0 when

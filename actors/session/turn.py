@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from actors.session.io import RunnerIO
 from actors.session.records import abort_records, new_id
-from actors.session.state import RETRIED_REASONS, Pending, SessionState
+from actors.session.state import CRASH_LIMIT, CRASHED, RETRIED_REASONS, Pending, SessionState
 from schemas.chat import ChatMessage, Usage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import ErrorBody, GenerateRequest, GenerateResult
@@ -174,6 +174,27 @@ async def record_failure(io: RunnerIO, st: SessionState, turn: Turn, r: Generate
     await record_abort(io, st, turn, r.raw_text or r.text, reason, answer=False)
     await answer_asks(io, turn, event, error)
     return reason
+
+
+async def publish_set_aside(
+    io: RunnerIO, st: SessionState, abort: AbortRecord, taken: list[Pending]
+) -> None:
+    """Say why a turn whose input a node's death cut ``CRASH_LIMIT`` times is not run again
+    (its abort, ``CRASHED``, is recorded): an ``error`` event, and to each ask it answered."""
+    error = InferError(
+        ErrorCode.INTERNAL,
+        f"the node died {CRASH_LIMIT} times while running this turn, so its prompt is set "
+        "aside and not run again: send it again to retry",
+        {"reason": CRASHED, "cuts": str(CRASH_LIMIT)},
+    )
+    event = ErrorEvent(
+        session=st.session, code=error.code, status=error.status, message=error.message,
+        turn_id=abort.turn_id, details=error.details,
+    )
+    await io.event(st.session, EventKind.ERROR, event)
+    for inbox in dict.fromkeys(p.record.params.answer_to for p in taken if p.wants_reply):
+        if inbox is not None:
+            await io.answer(inbox, event, error)
 
 
 async def answer_asks(
