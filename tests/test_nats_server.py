@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import signal
@@ -18,7 +19,14 @@ from structlog.testing import capture_logs
 
 from node.bus import BusError, connect
 from node.config import NodeConfig
-from node.nats_server import EmbeddedNats, NatsServerError, find_nats_server, servers_on_store
+from node.nats_server import (
+    LOCK_FILE,
+    PID_FILE,
+    EmbeddedNats,
+    NatsServerError,
+    find_nats_server,
+    servers_on_store,
+)
 from tests.helpers import LineReader, stop_child, until
 
 
@@ -313,6 +321,35 @@ async def test_a_node_stops_a_server_left_running_on_its_store_before_starting_i
             assert len(servers_on_store(store)) == 1
         finally:
             stop_child(up)
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+
+
+async def test_a_server_whose_node_died_still_holding_the_store_lock_is_stopped_at_start(
+    tmp_path: Path,
+):
+    """A server left by a dead node (it holds the store's lock; the pid file names it and
+    its node) is stopped by the next start, whose server then runs alone on the store."""
+    store = tmp_path / "nats"
+    store.mkdir()
+    lock = os.open(store / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    left = subprocess.Popen([str(find_nats_server()), "-p", "-1", "-js", "-sd", str(store)],
+                            pass_fds=(lock,), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.close(lock)  # only the left server holds it now, as a dead node's server would
+    gone_node = subprocess.Popen(["true"])
+    gone_node.wait()
+    (store / PID_FILE).write_text(f"{left.pid} {gone_node.pid}\n")
+    try:
+        await until(lambda: len(servers_on_store(store)) == 1, what="the left server")
+        with capture_logs() as logs:
+            async with EmbeddedNats(store) as server:
+                assert left.wait(timeout=15) is not None
+                assert [p.pid for p in servers_on_store(store)] == [server.pid]
+        assert any(e["event"] == "nats_server_left_stopped" for e in logs)
     finally:
         if left.poll() is None:
             left.kill()
