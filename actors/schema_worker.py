@@ -33,6 +33,8 @@ COMPILE_TIMEOUT_S = 10.0
 """Longest a schema may take to compile (a large valid one takes well under a second)."""
 REMEMBERED = 256
 """Verdicts kept, by schema text: agents send the same schema again and again."""
+REMEMBERED_BYTES = 16 * 1024 * 1024
+"""Most schema text the kept verdicts hold (a schema may be megabytes)."""
 _LINE_LIMIT = 64 * 1024 * 1024
 """Longest answer line read (an answer is one sentence; the default 64 KiB is not a bound
 worth failing on)."""
@@ -49,6 +51,7 @@ class SchemaWorker:
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._verdicts: OrderedDict[str, str] = OrderedDict()
+        self._remembered_bytes = 0
         self.restarts = 0
         """Children killed after a crash or an overrun."""
 
@@ -69,9 +72,11 @@ class SchemaWorker:
             return verdict
         async with self._lock:
             verdict = await self._ask(source)
-        self._verdicts[source] = verdict
-        if len(self._verdicts) > REMEMBERED:
-            self._verdicts.popitem(last=False)
+        if source not in self._verdicts:
+            self._verdicts[source] = verdict
+            self._remembered_bytes += len(source)
+        while len(self._verdicts) > REMEMBERED or self._remembered_bytes > REMEMBERED_BYTES:
+            self._remembered_bytes -= len(self._verdicts.popitem(last=False)[0])
         return verdict
 
     async def _ask(self, source: str) -> str:
