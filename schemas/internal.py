@@ -65,16 +65,22 @@ class AdmitReply(Frozen):
 
 
 class GenerateRequest(Frozen):
-    """Runner → engine: run one turn over the full history."""
+    """Runner → engine: run one turn over the session's window of its history."""
 
-    type: Literal["generate.v2"] = "generate.v2"
+    type: Literal["generate.v3"] = "generate.v3"
     """Message type and version."""
     session: str
     """The session (its slot and bank entries)."""
     turn_id: str
     """Id of the turn."""
     messages: tuple[ChatMessage, ...]
-    """Committed history plus the messages this turn answers."""
+    """Committed history plus the messages this turn answers, less the ``omitted`` ones."""
+    omitted: int = 0
+    """History messages right after the leading system messages that ``messages`` leaves
+    out: they are before the recorded window, which never moves back, so a turn carries its
+    window and not the whole log. ``window_start`` and the result's count them."""
+    omitted_turns: int = 0
+    """Whole turns among the ``omitted`` messages (they count in ``usage.dropped_turns``)."""
     assistant_tokens: dict[int, tuple[int, ...]] = {}
     """Exact token ids of assistant messages, by index in ``messages``."""
     model_id: str | None = None
@@ -91,8 +97,9 @@ class GenerateRequest(Frozen):
     overflow: OverflowPolicy | None = None
     """Window policy of the turn; None takes the engine's default."""
     window_start: int | None = None
-    """Index in ``messages`` where the session's recorded window starts (after the system
-    head); None leaves the window to the engine's own memory of the session."""
+    """Index in the conversation (``messages`` with the ``omitted`` ones) where the session's
+    recorded window starts (after the system head); None leaves the window to the engine's
+    own memory of the session."""
     token_subject: str
     """Where to publish token events as they are generated."""
     queue_ms: float
@@ -140,8 +147,9 @@ class GenerateResult(Frozen):
     token_hash: str = ""
     """sha256 of those token ids."""
     window_start: int = 0
-    """Index in the request's messages of the first message after the system head that the
-    model still saw; the ones before it were left out of the window."""
+    """Index in the request's conversation (its ``omitted`` messages counted) of the first
+    message after the system head that the model still saw; the ones before it were left
+    out of the window."""
     error: ErrorBody | None = None
     """Set when the turn failed."""
 

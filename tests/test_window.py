@@ -17,6 +17,7 @@ from node.mesh import run_mesh
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import InferError
+from schemas.internal import GenerateRequest
 from schemas.messages import ErrorEvent, PromptRequest
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -177,6 +178,35 @@ async def test_a_session_driven_through_three_times_its_context_keeps_answering(
         assert out and out == messages[1:1 + len(out)]  # the oldest, after the system message
         assert sum(1 for r in out if r.kind == "user") == answers[-1].usage.dropped_turns
         assert all(r.in_window for r in messages[1 + len(out):])
+
+
+async def test_a_long_sessions_turns_send_its_window_not_its_whole_log(make_node, nc):
+    """Through a node at --ctx 256: once the window moved, a turn's engine request carries the
+    system head and the window, counting what it leaves out, so its size stops growing with
+    the session's log; the answers still count every turn left out of the window."""
+    node = await make_node(n_ctx=256)
+    sent: list[GenerateRequest] = []
+
+    async def seen(msg) -> None:
+        sent.append(GenerateRequest.model_validate_json(msg.data))
+
+    await nc.subscribe(node.subjects.engine_generate(), cb=seen)
+    await nc.flush()
+    async with InfernodeClient(node.url) as client:
+        answers = [await client.ask("log", [SYSTEM, user("start the long one")], max_tokens=16)]
+        for n in range(40):
+            answers.append(await client.ask("log", f"message {n}: tell me more about windows",
+                                            max_tokens=16))
+        history = await client.history("log")
+    assert len(sent) == len(answers)
+    moved = next(i for i, a in enumerate(answers) if a.usage.dropped_turns)
+    for i, req in enumerate(sent):  # the whole conversation: system, first question, 2 a turn
+        assert req.omitted + len(req.messages) == 2 + 2 * i
+        assert req.messages[0] == SYSTEM and len(req.messages) <= 2 + 2 * moved
+    assert sent[-1].omitted > 0 and len(sent) > 3 * moved
+    out = [r for r in history.records if r.role is not None and r.in_window is False]
+    assert sum(1 for r in out if r.kind == "user") == answers[-1].usage.dropped_turns
+    assert answers[-1].usage.dropped_turns >= sent[-1].omitted_turns > 0
 
 
 async def test_a_three_agent_mesh_runs_thirty_rounds_at_a_small_context(make_node):

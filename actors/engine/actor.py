@@ -141,6 +141,8 @@ class EngineActor(Actor):
             queue_ms=req.queue_ms,
             tools=req.tools,
             window_start=req.window_start,
+            omitted=req.omitted,
+            omitted_turns=req.omitted_turns,
             tool_choice=req.tool_choice,
             response_format=req.response_format,
         )

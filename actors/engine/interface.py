@@ -123,8 +123,13 @@ class TurnSpec:
     response_format: ResponseFormat | None = None
     """A JSON format the reply is forced into."""
     window_start: int | None = None
-    """Where the session's record log says its window starts (an index in ``messages``);
-    None: the engine's own memory of the session decides."""
+    """Where the session's record log says its window starts (an index in the conversation:
+    ``messages`` with the ``omitted`` ones); None: the engine's own memory decides."""
+    omitted: int = 0
+    """History messages right after the leading system messages that ``messages`` leaves
+    out, all before the recorded window."""
+    omitted_turns: int = 0
+    """Whole turns among them."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,8 @@ class TurnOutcome:
     n_tokens: int
     token_hash: str
     window_start: int = 0
-    """Index in the turn's messages of the first one after the system head still seen."""
+    """Index in the turn's conversation (``omitted`` messages counted) of the first message
+    after the system head still seen."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ back as the exact token ids it sampled, so the next turn's prefix matches the ca
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from actors.engine.interface import Backend, TurnSpec
 from actors.engine.templates import ChatTemplate
@@ -41,8 +42,8 @@ class PromptBuilder:
         """The prompt's tokens under the turn's window policy, and the window they show."""
         n_ctx = self.backend.n_ctx
         policy = self.policy(spec)
-        if policy == "refuse":
-            tokens, window = self.prompt_tokens(spec), Window()
+        if policy == "refuse":  # a window the log moved stays: what it left out is not sent
+            tokens, window = self.prompt_tokens(spec), logged(spec) if spec.omitted else Window()
         else:
             cache: dict[int, list[int]] = {}
 
@@ -56,9 +57,12 @@ class PromptBuilder:
             if spec.window_start is not None and spec.window_start != current.start:
                 # The log's window, not this node's memory of it: a session that moved
                 # here (or back) shows the model what the last node did.
-                current = recorded(spec.messages, spec.window_start)
-            window, _ = slide(spec.messages, current, measure, budget)
+                current = logged(spec)
+            # Indices in ``spec.messages`` are the conversation's less the omitted ones.
+            here = replace(current, start=current.start - spec.omitted)
+            window, _ = slide(spec.messages, here, measure, budget)
             tokens = cache[max(window.start, system_head(spec.messages))]
+            window = replace(window, start=window.start + spec.omitted)
             self._windows[spec.session] = window
         if len(tokens) >= n_ctx:
             fix = "" if policy == "refuse" else "its newest turn alone does not fit; "
@@ -102,3 +106,14 @@ class PromptBuilder:
         bos = self.backend.bos_text
         add_bos = not (bos and text.startswith(bos))
         return tokenizer.encode(text, add_bos, spliced, nonce)
+
+
+def logged(spec: TurnSpec) -> Window:
+    """The window the session's record log names, in the conversation's indices: what the
+    request left out (``spec.omitted``) is all before it, and counts as dropped."""
+    start = spec.window_start or 0
+    here = recorded(spec.messages, start - spec.omitted)
+    return replace(
+        here, start=start, dropped_turns=here.dropped_turns + spec.omitted_turns,
+        dropped_messages=here.dropped_messages + spec.omitted,
+    )

@@ -17,6 +17,7 @@ import structlog
 
 from actors.session.admit import SessionLimits
 from actors.session.admitting import AdmitSteps
+from actors.session.conversation import conversation
 from actors.session.io import RunnerIO
 from actors.session.mailbox import (
     Abort,
@@ -204,16 +205,19 @@ class SessionRunner(AdmitSteps):
             session=self.session, turn_id=turn.id, parent_ids=turn.parent_ids,
             generation=st.generation,
         ))
-        messages, tokens, model_id = st.messages_for(taken)
-        fields = chat_start_fields(turn, len(messages), st.generation, self.inflight())
+        convo = conversation(st, taken, whole=params.overflow == "refuse")
+        messages = len(convo.messages) + convo.omitted
+        fields = chat_start_fields(turn, messages, st.generation, self.inflight())
         self.log.info("chat_start", **fields)
         req = GenerateRequest(
-            session=self.session, turn_id=turn.id, messages=messages, assistant_tokens=tokens,
-            model_id=model_id, generation=st.generation, sampling=params.sampling,
+            session=self.session, turn_id=turn.id, messages=convo.messages,
+            assistant_tokens=convo.assistant_tokens, model_id=convo.model_id,
+            generation=st.generation, sampling=params.sampling,
             stop=params.stop, max_tokens=params.max_tokens, overflow=params.overflow,
             token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
             tools=st.tools, tool_choice=params.tool_choice, response_format=params.response_format,
-            window_start=st.window_start(),
+            window_start=convo.window_start, omitted=convo.omitted,
+            omitted_turns=convo.omitted_turns,
         )
         self._turn_task = asyncio.get_running_loop().create_task(self._generate(turn, req))
         return True
