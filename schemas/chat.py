@@ -172,7 +172,8 @@ class CacheInfo(Frozen):
     source: Literal["slot", "bank", "none"]
     """``slot``: the live context; ``bank``: a restored snapshot; ``none``: cold."""
     miss_reason: str | None = None
-    """new_session, evicted, prefix_divergence_at_token N, template_mismatch, model_mismatch."""
+    """new_session, evicted, prefix_divergence_at_token N, template_mismatch, model_mismatch,
+    corrupt (a snapshot read back failed its checksum and was dropped)."""
     restore_ms: float = 0.0
     """Time spent restoring a snapshot."""
     shared_from: Literal["ram", "durable"] | None = None

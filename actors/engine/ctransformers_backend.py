@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,11 +19,13 @@ class CtransformersBackend:
 
     name = "ctransformers"
 
-    def __init__(self, params: ModelParams, lib_path: Path, cuda: bool, verbose: bool = False) -> None:
+    def __init__(
+        self, params: ModelParams, lib_path: Path, cuda: bool, verbose: bool = False
+    ) -> None:
         self.lib_path = lib_path
         lib = llama_api.load_library(lib_path, cuda=cuda, verbose=verbose)
         self.model = LlamaModel(lib, params)
-        self.model_id = model_id_of(params.path)
+        self._path = params.path
         self.description = self.model.description
         self.n_vocab = self.model.n_vocab
         self.n_ctx = params.n_ctx
@@ -46,6 +49,11 @@ class CtransformersBackend:
             lambda text, bos: self.model.tokenize(text, bos), specials, self.bos_id, spm,
             adds_bos=True,
         )
+
+    @functools.cached_property
+    def model_id(self) -> str:
+        """Identity of the weights: a hash of the whole file, computed when first asked."""
+        return model_id_of(self._path)
 
     def _special_tokens(self, ctx: LlamaContext) -> dict[str, int]:
         lib = self.model.lib

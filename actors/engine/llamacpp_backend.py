@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import importlib.util
 import os
@@ -130,9 +131,7 @@ class LlamaCppBackend:
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.n_ctx = params.n_ctx
-        # Current llama.cpp's model and KV formats differ from the default engine's: a
-        # snapshot of one must never be offered to the other.
-        self.model_id = f"{model_id_of(params.path)}+{self.name}"
+        self._path = params.path
         buf = ctypes.create_string_buffer(256)
         lib.llama_model_desc(self.model, buf, 256)
         self.description = buf.value.decode(errors="replace")
@@ -163,6 +162,14 @@ class LlamaCppBackend:
             raise ModelLoadError(str(e)) from e
         self.n_ctx = min(self.n_ctx, self.shared.n_ctx_seq)
         self._free_seqs = list(range(n_seq))
+
+    @functools.cached_property
+    def model_id(self) -> str:
+        """Identity of the weights (a hash of the whole file: computed when first asked, so a
+        probe child that never banks never reads the file). Current llama.cpp's model and KV
+        formats differ from the default engine's: a snapshot of one is never offered to the
+        other."""
+        return f"{model_id_of(self._path)}+{self.name}"
 
     def _scan_vocab(self) -> tuple[dict[str, int], frozenset[int]]:
         """Control and user-defined token texts, and every end-of-generation token."""
