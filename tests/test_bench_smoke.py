@@ -83,9 +83,9 @@ def test_quick_shared_prefix_benchmark_prints_its_ratio_and_exits_0() -> None:
 
 
 SOAK_RATIO_LINES = (
-    "RSS: largest after warm-up / at warm-up",
-    "turn time: last 10% / first 10%",
-    "node CPU per turn: last 10% / first 10%",
+    "turn time at equal prompt size: last / first",
+    "node CPU per turn: last / first",
+    "RSS: at the end / when the bank reached its cap",
     "turns answered / sent",
 )
 
