@@ -150,13 +150,14 @@ def schema_bounds_problem(schema: JsonSchema) -> str:
     An iterative walk (it cannot overflow a stack itself) that visits each container once:
     a reference back into the path being walked (a recursive schema) adds no depth.
     """
+    too_deep = (f"it nests more than {SCHEMA_MAX_DEPTH} levels deep (objects, arrays and "
+                "$ref hops along one path)")
     heights: dict[int, int] = {}
     path: list[tuple[object, list[object], int]] = [(schema, _children(schema, schema), 0)]
     on_path = {id(schema)}
     while path:
         if len(path) > SCHEMA_MAX_DEPTH:
-            return (f"it nests more than {SCHEMA_MAX_DEPTH} levels deep (objects, arrays "
-                    "and $ref hops along one path)")
+            return too_deep
         node, todo, best = path[-1]
         child = todo.pop() if todo else _DONE
         if child is _DONE:
@@ -168,6 +169,10 @@ def schema_bounds_problem(schema: JsonSchema) -> str:
                 path[-1] = (parent, rest, max(parent_best, best + 1))
             continue
         if id(child) in heights or id(child) in on_path:
+            # A part met again is not walked again, but its depth counts from here too: the
+            # compiler may meet it here first.
+            if len(path) + heights.get(id(child), 0) > SCHEMA_MAX_DEPTH:
+                return too_deep
             path[-1] = (node, todo, max(best, heights.get(id(child), 0)))
             continue
         if len(heights) + len(path) >= SCHEMA_MAX_NODES:

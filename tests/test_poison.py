@@ -144,3 +144,19 @@ async def test_a_turn_cut_by_three_sigkills_is_set_aside_with_an_error_and_the_n
     assert reasons == ["node_restart"] * (CRASH_LIMIT - 1) + [CRASHED]
     (poisoned, fresh) = [r.id for r in history.records if r.kind == "user"]
     assert after.commit is not None and after.commit.parent_ids == (fresh,)
+
+
+def test_a_deep_part_reached_again_from_deep_down_counts_its_depth_from_there():
+    """A $ref chain walked once from the root still counts as deep when a second path
+    reaches it from far down (the compiler may meet it there first)."""
+    half = SCHEMA_MAX_DEPTH // 2 + 8
+    schema = ref_chain(half)
+    schema["properties"] = {"deep": ref_chain(half)["$defs"]["a0"]}  # a shallow way in first
+    defs = schema["$defs"]
+    assert isinstance(defs, dict)
+    for i in range(half):  # a second, deep way in: b0 -> ... -> b<half> -> a0
+        defs[f"b{i}"] = {"$ref": f"#/$defs/b{i + 1}"}
+    defs[f"b{half}"] = {"$ref": "#/$defs/a0"}
+    schema["items"] = {"$ref": "#/$defs/b0"}
+    assert schema_bounds_problem(ref_chain(half)) == ""
+    assert "more than" in schema_bounds_problem(schema)
