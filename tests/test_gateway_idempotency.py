@@ -5,11 +5,14 @@ key; a key whose first request failed before it was answered can be used again."
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
 
 from actors.gateway import Gateway, GatewaySettings
+from actors.gateway.chain import ConversationIndex
+from actors.gateway.idempotency import Claim, KeyClaims
 from schemas.subjects import Subjects
 from tests.helpers import EventCollector
 
@@ -84,3 +87,39 @@ async def test_a_key_whose_request_failed_unanswered_is_free_for_a_retry(make_no
         await make_node()
         r = await http.post(url, json=body, headers=head)
         assert r.status_code == 200, r.text
+
+
+async def _waiting_on(nc, bucket: str, watchers: int) -> None:
+    """Until the answers bucket has ``watchers`` consumers (a waiter watching its key)."""
+    js = nc.jetstream()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (await js.stream_info(S.kv_stream(bucket))).state.consumer_count < watchers:
+        assert loop.time() < deadline, "no request waited on the key"
+
+
+async def test_a_released_claim_wakes_a_waiting_request_which_owns_the_key(nats_server, nc):
+    """A request waiting on a claimed key owns it the moment the claim is released (its
+    turn failed unanswered), not when the claim would have expired."""
+    index = await ConversationIndex.open(nc.jetstream(), S)
+    claims, key, body = KeyClaims(index.answers, hold_s=60), "a" * 64, "b" * 64
+    first = await claims.claim(key, body, "shown")
+    assert isinstance(first, Claim)
+    waiter = asyncio.ensure_future(claims.claim(key, body, "shown"))
+    await _waiting_on(nc, S.gateway_answers_bucket, 1)
+    await claims.release(first)
+    second = await asyncio.wait_for(waiter, 5)
+    assert isinstance(second, Claim) and second.revision > first.revision
+
+
+async def test_a_claim_its_gateway_never_answered_is_taken_over_once_it_expires(nats_server, nc):
+    """A claim left by a gateway that died holds its key until its claimed_until only; the
+    request waiting on it then owns the key."""
+    index = await ConversationIndex.open(nc.jetstream(), S)
+    key, body = "c" * 64, "d" * 64
+    dead = await KeyClaims(index.answers, hold_s=0.5).claim(key, body, "shown")
+    assert isinstance(dead, Claim)
+    started = time.monotonic()
+    taken = await KeyClaims(index.answers, hold_s=60).claim(key, body, "shown")
+    assert isinstance(taken, Claim) and taken.revision > dead.revision
+    assert time.monotonic() - started < 5
