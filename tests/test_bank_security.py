@@ -21,10 +21,12 @@ from pathlib import Path
 
 import gguf
 import httpx
+import pytest
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
+from actors.engine.bank.domains import parse_share_groups
 from actors.engine.bank.durable import DirectoryBackend, DurableTier
 from actors.engine.bank.meta import SnapshotMeta
 from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
@@ -32,7 +34,7 @@ from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import model_id_of
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
 from actors.engine.loader import load_engine
-from node.config import NodeConfig
+from node.config import ConfigError, NodeConfig
 from node.demo_model import ModelShape, write_llama_gguf
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.subjects import Subjects
@@ -287,3 +289,24 @@ async def test_a_declared_share_group_shares_prefixes_among_its_members_only(tin
     assert bob.usage.cached_tokens > 48
     for outsider in (carol, loose):
         assert outsider.cache.source == "none" and outsider.usage.cached_tokens == 0
+
+
+def test_trust_domains_follow_the_agent_and_the_declared_groups():
+    """An agent's gateway sessions share one domain; other sessions are alone; a declared
+    group (by agent name or session glob) joins its members and nobody else."""
+    plain = parse_share_groups("")
+    assert plain.domain("alice_a1") == plain.domain("alice_chat-2") != plain.domain("bob_a1")
+    assert plain.domain("a-1") != plain.domain("a-2")
+    grouped = parse_share_groups("team=alice,bob; mesh=ring-*")
+    assert grouped.domain("alice_x") == grouped.domain("bob_y") != grouped.domain("carol_z")
+    assert grouped.domain("ring-0") == grouped.domain("ring-7") != grouped.domain("a-1")
+
+
+def test_a_malformed_share_groups_setting_is_refused_with_the_fix():
+    """A group without '=' or patterns, a bad pattern or a repeated name stops the start with
+    a sentence naming the setting and its form."""
+    for bad in ("mesh", "mesh=", "me sh=a", "mesh=a.b", "mesh=a;mesh=b"):
+        with pytest.raises(ConfigError, match="bank share group") as refused:
+            NodeConfig.from_env({"INFERNODE_BANK_SHARE_GROUPS": bad})
+        assert "--bank-share-groups" in str(refused.value)
+    assert NodeConfig.from_env({"INFERNODE_BANK_SHARE_GROUPS": "m=a,b"}).bank_share_groups
