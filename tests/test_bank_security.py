@@ -79,19 +79,22 @@ async def bank_first_turn(engine: SlotEngine, tier: DurableTier) -> tuple[list, 
     return history, {2: one.completion_ids or ()}
 
 
-async def second_turn(model: Path, tier: DurableTier, history: list, ids: dict) -> TurnOutcome:  # type: ignore[type-arg]
-    """The victim's next turn on a fresh engine over ``tier`` (empty RAM)."""
+async def second_turn(
+    model: Path, tier: DurableTier, history: list, ids: dict  # type: ignore[type-arg]
+) -> tuple[TurnOutcome, int]:
+    """The victim's next turn on a fresh engine over ``tier`` (empty RAM), and the
+    snapshots the durable tier holds after it."""
     engine = engine_on(model)
     assert await asyncio.to_thread(tier.open) == 1
     engine.bank.attach(tier)  # type: ignore[union-attr]
     try:
         out = await run(engine, spec("victim", history, ids))
         await asyncio.wrap_future(tier.flush())  # the discarded snapshot's delete
-        assert engine.bank.stats()["durable_entries"] == 0  # type: ignore[union-attr]
+        left = tier.stats()["entries"]
     finally:
         await asyncio.to_thread(tier.close)
         await engine.close()
-    return out
+    return out, left
 
 
 async def cold_answer(model: Path, history: list, ids: dict) -> TurnOutcome:  # type: ignore[type-arg]
@@ -125,12 +128,12 @@ async def test_flipped_bytes_in_a_snapshot_file_are_never_restored(tiny_model: P
     (path,) = (root / "victim").glob("*.kv")
     raw = path.read_bytes()
     path.write_bytes(flip_kv_bytes(raw, len(raw) // 2))
-    out = await second_turn(tiny_model, DurableTier([DirectoryBackend(root)]), history, ids)
+    out, left = await second_turn(tiny_model, DurableTier([DirectoryBackend(root)]), history, ids)
     cold = await cold_answer(tiny_model, history, ids)
     assert out.cache.source == "none" and out.cache.miss_reason == "corrupt"
     assert out.usage.cached_tokens == 0
     assert out.completion_ids == cold.completion_ids
-    assert not path.exists()
+    assert left == 0 and not path.exists()
 
 
 async def test_an_overwritten_object_store_snapshot_is_never_restored(
@@ -157,12 +160,12 @@ async def test_an_overwritten_object_store_snapshot_is_never_restored(
     (name,) = [n for n in await live_objects(store) if n.endswith(".kv")]
     raw = (await store.get(name)).data or b""
     await store.put(name, flip_kv_bytes(raw, len(raw) // 3))
-    out = await second_turn(tiny_model, tier(), history, ids)
+    out, left = await second_turn(tiny_model, tier(), history, ids)
     cold = await cold_answer(tiny_model, history, ids)
     assert out.cache.source == "none" and out.cache.miss_reason == "corrupt"
     assert out.usage.cached_tokens == 0
     assert out.completion_ids == cold.completion_ids
-    assert await live_objects(store) == []
+    assert left == 0 and await live_objects(store) == []
 
 
 async def live_objects(store: ObjectStore) -> list[str]:
