@@ -33,15 +33,51 @@ class Conversation:
     """Whole turns among them."""
 
 
-def conversation(st: SessionState, taken: list[Pending], whole: bool) -> Conversation:
+class WindowCut:
+    """Where one session's window starts in its history and how many whole turns lie before
+    it, kept from turn to turn: the history only grows and the window only moves forward,
+    so a turn looks at the messages its window passed since the last one, not at all."""
+
+    def __init__(self) -> None:
+        self.record_id: str | None = None
+        """The window's first record when it was last found."""
+        self.start = 0
+        """Its index in the history."""
+        self.turns = 0
+        """Whole turns between the system head and it."""
+
+    def find(self, history: list[HistoryItem], head: int, record_id: str | None) -> int:
+        """Index of ``record_id`` in ``history`` (0 when None or not there); counts the turns
+        before it."""
+        if record_id is None:
+            return 0
+        if self._holds(history, self.record_id) and self.record_id == record_id:
+            return self.start
+        start = next((i for i in range(len(history) - 1, -1, -1)
+                      if history[i].record_id == record_id), 0)
+        since = self.start if self._holds(history, self.record_id) and self.start <= start else head
+        before = self.turns if since > head else 0
+        self.record_id, self.start = record_id, start
+        self.turns = before + sum(1 for h in history[since:start] if h.message.role == "user")
+        return start
+
+    def _holds(self, history: list[HistoryItem], record_id: str | None) -> bool:
+        return record_id is not None and self.start < len(history) and (
+            history[self.start].record_id == record_id
+        )
+
+
+def conversation(
+    st: SessionState, taken: list[Pending], cut: WindowCut, whole: bool
+) -> Conversation:
     """The request's conversation for a turn over ``taken``; ``whole`` keeps every message.
 
-    Only the system head and the window are walked (the window start is looked for from
-    the end), so the request is built in the window's time, not the log's.
+    Only the system head and the window are walked, so the request is built in the
+    window's time, not the log's.
     """
     history = st.history
     head = system_head(history)
-    start = window_index(st)
+    start = cut.find(history, head, st.window_from)
     if whole or start <= head or history[start].message.role != "user":
         messages, tokens, model_id = st.messages_for(taken)
         return Conversation(messages, tokens, model_id, start)
@@ -50,18 +86,7 @@ def conversation(st: SessionState, taken: list[Pending], whole: bool) -> Convers
     model_id = next((h.model_id for h in reversed(kept) if h.model_id), None)
     messages = tuple(h.message for h in kept) + tuple(p.record.message for p in taken)
     return Conversation(
-        messages, tokens, model_id, start, omitted=start - head,
-        omitted_turns=sum(1 for h in history[head:start] if h.message.role == "user"),
-    )
-
-
-def window_index(st: SessionState) -> int:
-    """Index in the history where the recorded window starts; 0 when it never moved."""
-    if st.window_from is None:
-        return 0
-    return next(
-        (i for i in range(len(st.history) - 1, -1, -1)
-         if st.history[i].record_id == st.window_from), 0,
+        messages, tokens, model_id, start, omitted=start - head, omitted_turns=cut.turns,
     )
 
 

@@ -17,7 +17,7 @@ import structlog
 
 from actors.session.admit import SessionLimits
 from actors.session.admitting import AdmitSteps
-from actors.session.conversation import conversation
+from actors.session.conversation import WindowCut, conversation
 from actors.session.io import RunnerIO
 from actors.session.mailbox import (
     Abort,
@@ -76,6 +76,8 @@ class SessionRunner(AdmitSteps):
         self.inflight = inflight
         """Turns running on the node now (for the log lines)."""
         self.session = state.session
+        self.cut = WindowCut()
+        """Where the session's window starts, kept between its turns."""
         self.mailbox: asyncio.Queue[Command] = asyncio.Queue()
         self.turn: Turn | None = None
         self.deleting: asyncio.Future[None] | None = None
@@ -205,7 +207,7 @@ class SessionRunner(AdmitSteps):
             session=self.session, turn_id=turn.id, parent_ids=turn.parent_ids,
             generation=st.generation,
         ))
-        convo = conversation(st, taken, whole=params.overflow == "refuse")
+        convo = conversation(st, taken, self.cut, whole=params.overflow == "refuse")
         messages = len(convo.messages) + convo.omitted
         fields = chat_start_fields(turn, messages, st.generation, self.inflight())
         self.log.info("chat_start", **fields)

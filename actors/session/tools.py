@@ -19,6 +19,8 @@ def tool_refusal(state: SessionState, prompt: PromptRequest) -> InferError | Non
     refusal = _choice_refusal(state.session, tools, prompt)
     if refusal is not None:
         return refusal
+    if not any(m.role == "tool" for m in prompt.messages):
+        return None  # the session's calls are looked at only for a tool result to check
     known = state.call_ids()
     for i, m in enumerate(prompt.messages):
         if m.role == "tool" and m.tool_call_id not in known:
