@@ -37,6 +37,7 @@ from actors.base import (
 )
 from actors.ownership import Ownership
 from actors.schema_worker import SchemaWorker
+from actors.seal import is_sealed
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.json_depth import check_json_depth
@@ -77,11 +78,16 @@ class Admission(Actor):
         subjects: Subjects,
         max_prompt_bytes: int,
         ownership: Ownership,
+        seal_secret: bytes,
     ) -> None:
         super().__init__(nc, subjects)
         self.js: JetStreamContext = nc.jetstream()
         self.max_prompt_bytes = max_prompt_bytes
         self.ownership = ownership
+        self.seal_secret = seal_secret
+        """Keys the ask door's seal: only a sealed ``Infer-Answer-To`` is answered."""
+        self.own_inbox = nc.new_inbox().rpartition(".")[0]
+        """The prefix of the node's reply inboxes, never an ask's."""
         self.schemas = SchemaWorker()
         """Compiles the prompts' schemas in its own process (a crash there is a refusal)."""
         self._stopping = asyncio.Event()
@@ -261,14 +267,16 @@ class Admission(Actor):
         answer_to = (msg.headers or {}).get(ANSWER_TO_HEADER)
         key = (msg.headers or {}).get(MSG_ID_HEADER)
         try:
-            prompt = self._parse(msg, token)
-            key = prompt.idempotency_key or key
-            if answer_to is not None and not self.subjects.may_answer(answer_to):
+            # Before anything else: even a refusal of the prompt would be published there.
+            if answer_to is not None and not self._answerable(token, msg.headers or {}):
                 forged, answer_to = answer_to, None  # never published to
                 raise InferError(
-                    ErrorCode.BAD_REQUEST,
-                    f"{ANSWER_TO_HEADER} {forged[:64]!r} is not an inbox the node may answer",
+                    ErrorCode.FORBIDDEN,
+                    f"{ANSWER_TO_HEADER} {forged[:64]!r} was not set by the node's ask door: "
+                    f"only an ask on {self.subjects.ask(token)} is answered, to its own inbox",
                 )
+            prompt = self._parse(msg, token)
+            key = prompt.idempotency_key or key
             await self.schemas.check(prompt)
         except InferError as e:
             # The key names the refused prompt: a client waiting on it (the gateway) hears why.
@@ -296,6 +304,14 @@ class Admission(Actor):
         except Exception as e:  # no runner answered: leave it in the stream for later
             return await self._defer(msg, token, e)
         await self._settle(msg, rejected=False)
+
+    def _answerable(self, session: str, headers: dict[str, str]) -> bool:
+        """The ask door sealed this ``Infer-Answer-To`` for ``session``, and it names a
+        requester's inbox (the door checked that too; a node of another configuration may
+        have sealed it)."""
+        return is_sealed(self.seal_secret, session, headers) and self.subjects.may_answer(
+            headers[ANSWER_TO_HEADER], self.own_inbox
+        )
 
     async def _defer(self, msg: Msg, session: str, error: Exception | str) -> None:
         """Not recorded, but not refused either: the stream offers it again shortly."""

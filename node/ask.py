@@ -2,9 +2,10 @@
 
 The door answers nothing itself once the ask is in the intake stream: the prompt goes through
 admission and the session runner like any other, with the requester's inbox recorded beside
-it (header ``Infer-Answer-To``), and the runner that commits the turn publishes the answer
-there. A node restarted mid-turn rebuilds the session with that inbox, so the answer still
-reaches a requester that is still waiting; one that gave up finds it in the history.
+it (header ``Infer-Answer-To``, sealed by the door: ``actors.seal``), and the runner that
+commits the turn publishes the answer there. A node restarted mid-turn rebuilds the session
+with that inbox, so the answer still reaches a requester that is still waiting; one that gave
+up finds it in the history.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from nats.aio.client import Client
 from pydantic import ValidationError
 
 from actors.base import encode, validation_sentence
+from actors.seal import seal
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.json_depth import check_json_depth
 from schemas.messages import PromptRequest
-from schemas.subjects import ANSWER_TO_HEADER, MSG_ID_HEADER, Subjects, is_session_id
+from schemas.subjects import (
+    ANSWER_SEAL_HEADER,
+    ANSWER_TO_HEADER,
+    MSG_ID_HEADER,
+    Subjects,
+    is_session_id,
+)
 
 
 def read_ask(data: bytes) -> PromptRequest:
@@ -61,9 +69,10 @@ def _check_answerable(prompt: PromptRequest) -> None:
 class AskDoor:
     """Puts asks into the intake stream with the inbox their answer goes to."""
 
-    def __init__(self, nc: Client, subjects: Subjects) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, seal_secret: bytes) -> None:
         self.js = nc.jetstream()
         self.subjects = subjects
+        self.seal_secret = seal_secret
 
     async def on_ask(
         self, subject: str, data: bytes, headers: dict[str, str] | None, inbox: str
@@ -81,21 +90,17 @@ class AskDoor:
         key = prompt.idempotency_key or (headers or {}).get(MSG_ID_HEADER) or uuid.uuid4().hex
         if prompt.idempotency_key != key:
             prompt = prompt.model_copy(update={"idempotency_key": key})
+        msg_id = f"{session}:{key}"
+        sealed = {
+            MSG_ID_HEADER: msg_id, ANSWER_TO_HEADER: inbox,
+            # Admission answers to the inbox only with this: a prompt's own header is not.
+            ANSWER_SEAL_HEADER: seal(self.seal_secret, session, msg_id, inbox),
+        }
         try:
-            ack = await self.js.publish(
-                self.subjects.prompt(session), encode(prompt),
-                # Session and key: JetStream de-duplicates ids across the whole stream.
-                headers={MSG_ID_HEADER: f"{session}:{key}", ANSWER_TO_HEADER: inbox},
-            )
+            # A second ask with this key is stored too (the intake de-duplicates nothing):
+            # the session's runner refuses it with 409, told to its own inbox.
+            await self.js.publish(self.subjects.prompt(session), encode(prompt), headers=sealed)
         except Exception as e:
             raise InferError(
                 ErrorCode.UNAVAILABLE, f"the intake stream did not take the ask ({e}); retry"
             ) from e
-        if ack.duplicate:
-            # The first ask with this key is the one answered: its inbox is recorded.
-            raise InferError(
-                ErrorCode.CONFLICT,
-                f"an ask with idempotency key {key!r} was already accepted; its answer goes "
-                f"to that ask and is in the history of session {session}",
-                {"idempotency_key": key},
-            )

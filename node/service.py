@@ -25,7 +25,14 @@ from actors.base import Actor, encode, error_event, validation_sentence
 from node.admin import AdminActor
 from node.ask import AskDoor
 from schemas.errors import ErrorCode, InferError
-from schemas.subjects import ERROR_HEADER, AdminVerb, Subjects
+from schemas.subjects import (
+    ERROR_HEADER,
+    INBOX_ROOT,
+    AdminVerb,
+    EventKind,
+    Subjects,
+    is_session_id,
+)
 
 Verb = Callable[[bytes], Awaitable[BaseModel | None]]
 
@@ -46,11 +53,13 @@ class NodeService(Actor):
 
     def __init__(
         self, nc: Client, subjects: Subjects, admin: AdminActor, version: str,
-        metadata: dict[str, str],
+        metadata: dict[str, str], seal_secret: bytes,
     ) -> None:
         super().__init__(nc, subjects)
         self.admin = admin
-        self.door = AskDoor(nc, subjects)
+        self.door = AskDoor(nc, subjects, seal_secret)
+        self.own_inbox = nc.new_inbox().rpartition(".")[0]
+        """The prefix of the node's reply inboxes (its connections share one)."""
         self.version = version
         self.metadata = metadata
         self.service: nats.micro.Service | None = None
@@ -97,13 +106,26 @@ class NodeService(Actor):
     async def on_ask(self, request: Request) -> None:
         """Put the ask into the intake stream; the committing runner answers it."""
         inbox = reply_subject(request)
-        if not self.subjects.may_answer(inbox):
-            # Nowhere safe to answer (none given, or one of the node's own subjects).
+        if not self.subjects.may_answer(inbox, self.own_inbox):
+            # Nowhere safe to answer (none given, or no requester's inbox): the refusal goes
+            # to the session's error events only.
             self.log.warning("ask_not_answerable", subject=request.subject, reply=inbox[:128])
+            await self._refuse_unanswerable(request.subject, inbox)
             return
         await self._guard(request, self.door.on_ask(
             request.subject, request.data, request.headers, inbox
         ))
+
+    async def _refuse_unanswerable(self, subject: str, inbox: str) -> None:
+        session = self.subjects.session_of_ask(subject)
+        err = InferError(
+            ErrorCode.FORBIDDEN,
+            f"the ask's reply subject {inbox[:64]!r} is not a requester's inbox (one under "
+            f"{INBOX_ROOT}, not the node's own): the node answers nowhere else",
+        )
+        where = (self.subjects.events(session, EventKind.ERROR) if is_session_id(session)
+                 else self.subjects.rejected())
+        await self.publish(where, error_event(err, session if is_session_id(session) else None))
 
     async def on_admin(self, verb: Verb, request: Request) -> None:
         """Answer an admin verb with its reply model (a publish without a reply runs it too)."""

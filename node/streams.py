@@ -1,23 +1,34 @@
-"""JetStream streams the node needs: prompt intake (and the empty stream it sources) and the
-record log."""
+"""JetStream assets the node needs: prompt intake (and the empty stream it sources), the record
+log, and the deployment's secret that seals asks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
     StreamSource,
     SubjectTransform,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from nats.js.kv import KeyValue
 
-from actors.replicas import changed, placing
-from schemas.subjects import Subjects
+from actors.replicas import changed, keep_replicas, placing
+from schemas.subjects import ANSWER_SEAL_KEY, Subjects
 
 DUPLICATE_WINDOW_S = 120.0
 """How long JetStream remembers a record's ``Nats-Msg-Id`` to drop a retried append."""
@@ -132,3 +143,56 @@ async def _check_partitions(js: JetStreamContext, have: StreamConfig, want: Stre
     if transform is None:
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(have.name or "", LEGACY_CONSUMER)
+
+
+SEAL_SECRET_BYTES = 32
+"""Size of the secret that seals asks (``actors.seal``): an HMAC-SHA256 key."""
+SEAL_SECRET_WAIT_S = 30.0
+SEAL_SECRET_RETRY_S = 0.5
+"""The secret is asked for again every 0.5 s, for up to 30 s, while JetStream cannot answer
+(its bucket just changed replica count, or a server of the cluster is electing leaders)."""
+
+
+async def answer_seal_secret(js: JetStreamContext, subjects: Subjects, replicas: int) -> bytes:
+    """The deployment's secret that seals asks, made once by the first node (a create that
+    only succeeds where the key is absent, so nodes starting together agree on one) and read
+    by every other. It lives in a KV bucket only the node's user may read: agents reach no
+    JetStream API under the example permissions and the embedded server's client user."""
+    kv = await _secret_bucket(js, subjects, replicas)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SEAL_SECRET_WAIT_S
+    while True:
+        try:
+            return await _read_or_make(kv)
+        except (TimeoutError, NoRespondersError, ServiceUnavailableError):
+            if loop.time() > deadline:
+                raise
+        await asyncio.sleep(SEAL_SECRET_RETRY_S)
+
+
+async def _read_or_make(kv: KeyValue) -> bytes:
+    try:
+        entry = await kv.get(ANSWER_SEAL_KEY)
+    except KeyNotFoundError:
+        try:
+            made = secrets.token_bytes(SEAL_SECRET_BYTES)
+            await kv.create(ANSWER_SEAL_KEY, made)
+            return made
+        except KeyWrongLastSequenceError:  # another node made it first
+            entry = await kv.get(ANSWER_SEAL_KEY)
+    assert entry.value, "the seal secret is never stored empty"
+    return entry.value
+
+
+async def _secret_bucket(js: JetStreamContext, subjects: Subjects, replicas: int) -> KeyValue:
+    bucket = subjects.secret_bucket
+    what = f"the KV bucket {bucket}"
+    try:
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        async with placing(what, replicas):
+            return await js.create_key_value(KeyValueConfig(
+                bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas,
+            ))
+    await keep_replicas(js, subjects.kv_stream(bucket), what, replicas)
+    return kv

@@ -25,7 +25,7 @@ from actors.session.host import HostSettings, RunnerHost
 from node.admin import AdminActor, NodeView
 from node.config import NodeConfig
 from node.service import NodeService
-from node.streams import ensure_streams
+from node.streams import answer_seal_secret, ensure_streams
 from schemas.subjects import Subjects
 
 Connect = Callable[[str], Awaitable[Client]]
@@ -111,6 +111,8 @@ async def build_actors(
     the durable bank, so the node taking them over restores instead of recomputing.
     """
     admin = AdminActor(admin_nc, subjects, node)
+    # The ask door seals where an ask's answer goes; admission honours only what it sealed.
+    seal_secret = await answer_seal_secret(admin_nc.jetstream(), subjects, config.replicas)
     leases = PartitionLeases(
         await connect("leases"), subjects, node_id, config.partitions, config.lease_ttl_s,
         config.replicas,
@@ -121,7 +123,7 @@ async def build_actors(
         engine,
         BankCommitter(await connect("bank"), subjects, config.commit_wait_s),
         RunnerHost(await connect("runners"), subjects, host_settings(config), leases),
-        Admission(await connect("admission"), subjects, config.max_payload, leases),
+        Admission(await connect("admission"), subjects, config.max_payload, leases, seal_secret),
         admin,
-        NodeService(admin_nc, subjects, admin, version, metadata),
+        NodeService(admin_nc, subjects, admin, version, metadata, seal_secret),
     ]

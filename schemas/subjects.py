@@ -29,6 +29,13 @@ NODE_HEADER = "Infer-Node"
 """On a record: the node that appended it."""
 ANSWER_TO_HEADER = "Infer-Answer-To"
 """On an ask in the intake stream: the requester's inbox, which receives the answer."""
+ANSWER_SEAL_HEADER = "Infer-Answer-Seal"
+"""On an ask in the intake stream: the ask door's seal over session, ``Nats-Msg-Id`` and
+``Infer-Answer-To`` (``actors.seal``); without a matching one the prompt is refused."""
+ANSWER_SEAL_KEY = "answer-seal"
+"""The key of the secret that seals asks, in ``Subjects.secret_bucket``."""
+INBOX_ROOT = "_INBOX"
+"""First token of the reply inboxes NATS clients make; an ask is answered only under it."""
 SERVER_API_SUBJECTS = ("$JS.>", "$KV.>", "$O.>")
 """JetStream's API, key-value and object-store subjects (stream purge and delete among them)."""
 
@@ -178,19 +185,22 @@ class Subjects:
         """The session token of an ask subject (possibly invalid; check it)."""
         return subject[len(self.prefix) + len(".ask.") :]
 
-    def may_answer(self, subject: str) -> bool:
+    def may_answer(self, subject: str, node_inbox: str) -> bool:
         """True when the node may publish an answer to ``subject`` (a requester's inbox).
 
-        The node may publish anywhere, so a reply subject naming the node's own subjects or
-        a server API (``$JS``, ``$SRV``, ``$SYS``…) would make it publish there for the
-        requester: such an ask is never answered.
+        The node may publish anywhere, so any other reply subject (an application's
+        ``orders.create``, a server API, another deployment's prompts or admin verbs) would
+        make it publish there for the requester: only a reply inbox under ``_INBOX`` is
+        answered, and never one under ``node_inbox``, the node's own connections' prefix
+        (unless that is the bare ``_INBOX``), where its actors' replies travel.
         """
         tokens = subject.split(".")
-        return (
-            bool(subject) and all(tokens) and not subject.startswith("$")
-            and not subject.startswith(self.prefix + ".")
+        if not (
+            len(tokens) >= 2 and tokens[0] == INBOX_ROOT and all(tokens)
             and not any(c in subject for c in " \t\r\n*>")
-        )
+        ):
+            return False
+        return node_inbox == INBOX_ROOT or not f"{subject}.".startswith(f"{node_inbox}.")
 
     def events(self, session: str, kind: EventKind | str) -> str:
         """Where the node publishes one kind of event of ``session``."""
@@ -366,6 +376,12 @@ class Subjects:
         """Durable consumer of one partition's prompts (its owner's admission pulls it), or
         with None of the prompts no partition holds (every node refuses them)."""
         return f"admission-{'invalid' if partition is None else partition}"
+
+    @property
+    def secret_bucket(self) -> str:
+        """KV bucket of the deployment's secrets (the ask seal's key): only the node's user
+        may read it (JetStream's API is closed to agents)."""
+        return f"{self._stream_base}_SECRETS"
 
     @property
     def lease_bucket(self) -> str:

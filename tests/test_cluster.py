@@ -214,7 +214,7 @@ async def test_a_partition_gained_before_its_intake_can_be_pulled_is_pulled_once
         await msg.respond(AdmitReply(outcome="recorded", generation=1).model_dump_json().encode())
 
     await nc.subscribe(S.admit_all(), cb=runner)
-    admission = Admission(nc, S, 1 << 20, leases)
+    admission = Admission(nc, S, 1 << 20, leases, b"seal secret")
     await admission.start()
     try:
         await ensure_streams(nc.jetstream(), S, 1 << 20, partitions=4)

@@ -271,7 +271,7 @@ async def test_a_prompt_deferred_as_its_consumers_leader_dies_is_offered_again_w
         sub = await nc.jetstream().pull_subscribe_bind(durable, S.prompt_stream)
         [msg] = await sub.fetch(1, timeout=10)
         leases = PartitionLeases(nc, S, "t", 16, 10.0, 3, balance=True)
-        admission = Admission(nc, S, 1 << 20, leases)
+        admission = Admission(nc, S, 1 << 20, leases, b"seal secret")
         await nats_cluster.kill(leader)
         deferred = asyncio.get_running_loop().time()
         await admission._defer(msg, session, "the record log is unavailable")
