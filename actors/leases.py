@@ -11,6 +11,11 @@ A lease counts as valid by this node's clock only until ``ttl`` after the renewa
 it was *sent*: the server's clock started later, so this node stops writing before the
 server can hand the partition to another node (a paused process resumes unable to write).
 
+A node also watches every lease write, so it knows, by its own clock, when each lease
+another node holds runs out unless renewed (``ttl`` after the write came by), and tries to
+take it then rather than at its next renewal round (up to a third of a TTL later); a lease
+given back is tried at once.
+
 Nodes balance (``actors.balance``): each node also keeps a membership key in the bucket,
 renewed with its leases, and takes free partitions only up to its fair share of the live
 members. A node over its share (another node joined) waits until the membership has held
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,7 +42,7 @@ from nats.js.kv import KeyValue
 
 from actors.balance import COLD, Heat, fair_shares, surplus
 from actors.base import Actor, encode
-from actors.lease_bucket import read_members
+from actors.lease_bucket import read_members, watch_leases
 from actors.ownership import PartitionUser
 from actors.replicas import keep_replicas, placing
 from schemas.internal import NodeMember, PartitionLease
@@ -47,6 +53,10 @@ GAIN_RETRY_MAX_S = 4.0
 """A gain a user failed to take is told again after 0.25 s, doubling up to 4 s."""
 RENEWALS_PER_TTL = 3
 """Renewals per lease TTL: two can fail (a slow server) before the lease runs out."""
+PROBE_RETRY_S = 0.05
+PROBE_TRIES = 10
+"""A lease due to run out is tried up to 10 times, 50 ms apart: the server frees an expired
+key a little after its TTL (up to about 0.3 s was seen), not at the instant."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,14 @@ class PartitionLeases(Actor):
         """Gains and losses for the users, told in order by one task: a slow user (a big
         rebuild) never holds up the renewals."""
         self._stopping = asyncio.Event()
+        self._runs_out: dict[int, tuple[float, int]] = {}
+        """Leases another node holds (or gave back): when each runs out unless renewed
+        (``time.monotonic()``), and how often taking it was tried since."""
+        self._wake = asyncio.Event()
+        """Set when the keeper should look again sooner (a lease runs out earlier, a stop)."""
+        self._wake_at = math.inf
         self._keeper: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         self._kv: KeyValue | None = None
 
     # -- Ownership -------------------------------------------------------------------------
@@ -148,11 +165,19 @@ class PartitionLeases(Actor):
         await self._read_members()
         await self._take_free()
         self._keeper = self.spawn(self._keep(), "keep")
+        # Not spawned: a stop cancels it (the watch has nothing to finish), maybe before
+        # it ran at all.
+        self._watching = asyncio.get_running_loop().create_task(self._watch())
         self.spawn(self._tell_users(), "tell")
 
     async def stop(self) -> None:
         """Stop renewing and give the leases back, so another node takes them at once."""
         self._stopping.set()
+        self._wake.set()
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
         self._changes.put_nowait(Change("lose", frozenset(), ()))  # wakes the teller to stop
         await super().stop()
         held = sorted(self.leases)
@@ -198,12 +223,12 @@ class PartitionLeases(Actor):
         return kv
 
     async def _keep(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.ttl_s / RENEWALS_PER_TTL)
-                return
-            except TimeoutError:
-                pass
+        period = self.ttl_s / RENEWALS_PER_TTL
+        next_round = time.monotonic() + period
+        while await self._sleep_until(min(next_round, self._probe_at())):
+            if time.monotonic() < next_round:
+                await self._probe()
+                continue
             # The member key is renewed before the leases, so it runs out first: when a
             # dead node's leases are free, the others already count it out.
             for step in (self._announce, self._renew, self._read_members):
@@ -212,6 +237,16 @@ class PartitionLeases(Actor):
                 await step()
             self._hand_over_surplus()
             await self._take_free()
+            next_round = time.monotonic() + period
+
+    async def _sleep_until(self, at: float) -> bool:
+        """Wait until ``at``, or until a lease is seen to run out sooner; False once stopping."""
+        self._wake.clear()
+        self._wake_at = at
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, at - time.monotonic()))
+        return not self._stopping.is_set()
 
     async def _tell_users(self) -> None:
         while not (self._stopping.is_set() and self._changes.empty()):
@@ -272,13 +307,61 @@ class PartitionLeases(Actor):
         self._leaving -= partitions
         self.log.info("leases_handed_over", node=self.node, partitions=mine)
 
+    # -- the leases of others: when each runs out -------------------------------------------
+    async def _watch(self) -> None:
+        """Follow every lease write (started again after a failure; the renewal rounds take
+        free leases meanwhile, only later)."""
+        delay = GAIN_RETRY_S
+        while not self._stopping.is_set():
+            try:
+                await watch_leases(self.kv, self.subjects, self._seen)
+            except Exception as e:
+                self.log.warning("lease_watch_failed", error=repr(e), retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(2 * delay, GAIN_RETRY_MAX_S)
+
+    def _seen(self, partition: int, node: str | None) -> None:
+        """A lease write came by: note when the lease runs out unless its holder renews it."""
+        if node == self.node:
+            self._runs_out.pop(partition, None)
+            return
+        at = time.monotonic() + (self.ttl_s if node is not None else 0.0)
+        self._runs_out[partition] = (at, 0)
+        if at < self._wake_at:
+            self._wake.set()
+
+    def _probe_at(self) -> float:
+        """When the next lease of another node runs out (infinity: none is known)."""
+        return min((at for at, _ in self._runs_out.values()), default=math.inf)
+
+    async def _probe(self) -> None:
+        """Try to take the leases that ran out by now; one still held is tried again
+        shortly (the server frees a key a little after its TTL), ``PROBE_TRIES`` times."""
+        now = time.monotonic()
+        due = sorted(p for p, (at, _) in self._runs_out.items() if at <= now)
+        if not due or self._stopping.is_set():
+            return
+        if self.balance:  # the dead node's member key ran out first: the shares grew
+            await self._read_members()
+        await self._take_free(due)
+        for partition in due:
+            at, tries = self._runs_out.get(partition, (math.inf, 0))
+            if at > now:  # taken here, or written again meanwhile
+                continue
+            if partition in self.leases or tries + 1 >= PROBE_TRIES:
+                self._runs_out.pop(partition, None)
+            else:
+                self._runs_out[partition] = (time.monotonic() + PROBE_RETRY_S, tries + 1)
+
     # -- taking, renewing, losing ----------------------------------------------------------
     def _value(self, partition: int) -> bytes:
         return encode(PartitionLease(node=self.node, partition=partition))
 
-    async def _take_free(self) -> None:
+    async def _take_free(self, among: list[int] | None = None) -> None:
+        """Take free partitions (of ``among`` only, when given) up to this node's share."""
         gained: set[int] = set()
-        for partition in range(self.partitions):
+        for partition in range(self.partitions) if among is None else among:
             if len(self.leases) >= self.share():
                 break
             if partition in self.leases or self._stopping.is_set():

@@ -19,10 +19,12 @@ import asyncio
 import json
 import re
 import signal
+import time
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
@@ -198,6 +200,52 @@ async def test_a_gain_a_user_failed_to_take_is_told_again_until_it_took_it(nc):
         await until(lambda: user.served == set(range(4)), timeout=10, what="the user serving")
         assert len(user.gains) >= 2 and user.gains[-1] <= frozenset(range(4))
     finally:
+        await a.stop()
+
+
+class TimedUser:
+    """A partition user that notes when it served every partition (``time.monotonic()``)."""
+
+    def __init__(self, partitions: int) -> None:
+        self.served: set[int] = set()
+        self.partitions = partitions
+        self.all_served_at: float | None = None
+
+    async def gain(self, partitions: frozenset[int]) -> None:
+        self.served |= partitions
+        if len(self.served) == self.partitions and self.all_served_at is None:
+            self.all_served_at = time.monotonic()
+
+    async def lose(self, partitions: frozenset[int]) -> None:
+        self.served -= partitions
+
+    async def hand_over(self, partitions: frozenset[int]) -> None:
+        self.served -= partitions
+
+
+async def test_a_lease_its_holder_stopped_renewing_is_taken_when_it_runs_out_not_a_round_later(
+    nats_server: EmbeddedNats, nc: Client, monkeypatch: pytest.MonkeyPatch
+):
+    """Given node A holding every partition with a 2 s lease and standby B, whose renewal
+    rounds are made far apart, when A's connection dies, then B takes the partitions within
+    about a TTL of A's death: when the leases run out, not at B's next round."""
+    ttl = 2.0
+    a_nc = await nats.connect(nats_server.url)
+    a = PartitionLeases(a_nc, S, "node-a", 4, ttl, 1, balance=False)
+    await a.start()
+    monkeypatch.setattr("actors.leases.RENEWALS_PER_TTL", 0.05)  # B's rounds: 40 s apart
+    await a_nc.close()  # A renews nothing more: its leases run out within the TTL
+    died = time.monotonic()
+    b = PartitionLeases(nc, S, "node-b", 4, ttl, 1, balance=False)
+    user = TimedUser(4)
+    b.join(user)
+    await b.start()
+    try:
+        await until(lambda: user.all_served_at is not None, timeout=ttl + 5,
+                    what="B serving every partition")
+        assert user.all_served_at is not None and user.all_served_at - died < ttl + 1.0
+    finally:
+        await b.stop()
         await a.stop()
 
 
@@ -497,6 +545,8 @@ async def test_a_turn_cut_by_a_killed_node_ends_with_provisional_and_aborted_fro
             json.loads(m.data)["turn_id"] == cut for m in of("aborted")), timeout=30)
     finally:
         await b.terminate()
+        if a.proc.returncode is None:  # the test failed before the kill
+            await a.terminate()
     # B's own stop aborts the retried turn too: only the cut turn's events count here.
     (provisional,), (aborted,) = (
         [m for m in of(kind) if json.loads(m.data)["turn_id"] == cut]
