@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from actors.engine.bank.domains import parse_share_groups
+from actors.engine.bank.domains import LOCAL_USER, ShareGroups, parse_share_groups
 from actors.engine.bank.durable import DirectoryBackend, DurableTier
 from actors.engine.bank.meta import SnapshotMeta
 from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
@@ -56,6 +56,10 @@ def spec(session: str, messages: list[ChatMessage], ids: dict[int, tuple[int, ..
 
 async def run(engine: SlotEngine, s: TurnSpec) -> TurnOutcome:
     return await engine.run_turn(s, lambda text: None, CancelToken())
+
+
+EMBEDDED = ShareGroups(default=LOCAL_USER)
+"""The share groups of an engine loaded for the embedded server (no nats_url), as here."""
 
 
 def engine_on(model: Path, **settings: object) -> SlotEngine:
@@ -119,7 +123,7 @@ async def test_flipped_bytes_in_a_snapshot_file_are_never_restored(tiny_model: P
     corrupt, the answer is the cold compute's, and the file is gone."""
     root = tmp_path / "bank"
     first = engine_on(tiny_model)
-    tier = DurableTier([DirectoryBackend(root)])
+    tier = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
     try:
         history, ids = await bank_first_turn(first, tier)
     finally:
@@ -128,7 +132,8 @@ async def test_flipped_bytes_in_a_snapshot_file_are_never_restored(tiny_model: P
     (path,) = (root / "victim").glob("*.kv")
     raw = path.read_bytes()
     path.write_bytes(flip_kv_bytes(raw, len(raw) // 2))
-    out, left = await second_turn(tiny_model, DurableTier([DirectoryBackend(root)]), history, ids)
+    again = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
+    out, left = await second_turn(tiny_model, again, history, ids)
     cold = await cold_answer(tiny_model, history, ids)
     assert out.cache.source == "none" and out.cache.miss_reason == "corrupt"
     assert out.usage.cached_tokens == 0
@@ -148,7 +153,7 @@ async def test_an_overwritten_object_store_snapshot_is_never_restored(
     loop = asyncio.get_running_loop()
 
     def tier() -> DurableTier:
-        return DurableTier([ObjectStoreBackend(store, loop, js, S)])
+        return DurableTier([ObjectStoreBackend(store, loop, js, S)], groups=EMBEDDED)
 
     first = engine_on(tiny_model)
     written = tier()
@@ -203,13 +208,13 @@ async def test_a_model_file_with_other_weights_restores_nothing_of_the_old_one(t
     assert model_id_of(model) != model_id_of(other)
     root = tmp_path / "bank"
     first = engine_on(model)
-    tier = DurableTier([DirectoryBackend(root)])
+    tier = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
     try:
         history, ids = await bank_first_turn(first, tier)
     finally:
         tier.close()
         await first.close()
-    again = DurableTier([DirectoryBackend(root)])
+    again = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
     engine = engine_on(other)
     assert await asyncio.to_thread(again.open) == 1
     engine.bank.attach(again)  # type: ignore[union-attr]
@@ -225,7 +230,7 @@ def test_snapshot_files_are_readable_by_the_node_user_only(tmp_path: Path):
     """Given the directory tier writes a snapshot (a whole conversation as token ids), then
     the file is 0600 and its directories 0700."""
     root = tmp_path / "bank"
-    tier = DurableTier([DirectoryBackend(root)])
+    tier = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
     meta = SnapshotMeta(session="private", tokens=(1, 2, 3), nbytes=8, model_id="m")
     try:
         tier.persist(meta, b"\1" * 8).result(30)
@@ -303,6 +308,23 @@ def test_trust_domains_follow_the_agent_and_the_declared_groups():
     grouped = parse_share_groups("team=alice,bob; mesh=ring-*")
     assert grouped.domain("alice_x") == grouped.domain("bob_y") != grouped.domain("carol_z")
     assert grouped.domain("ring-0") == grouped.domain("ring-7") != grouped.domain("a-1")
+
+
+async def test_on_the_embedded_server_sessions_no_agent_claims_are_one_domain(tiny_model: Path):
+    """The embedded server has one client user, so its un-prefixed sessions (a keyless
+    gateway's forks among them) share; gateway agents stay apart; a node joining another
+    server (nats_url) cannot tell its users apart and shares nothing across sessions."""
+    embedded = engine_on(tiny_model)
+    joined = engine_on(tiny_model, nats_url="nats://127.0.0.1:4222")
+    try:
+        local = embedded.bank.groups  # type: ignore[union-attr]
+        assert local.domain("chat-1") == local.domain("editme-3f2a") == LOCAL_USER
+        assert local.domain("alice_x") != local.domain("chat-1") != local.domain("bob_y")
+        apart = joined.bank.groups  # type: ignore[union-attr]
+        assert apart.domain("chat-1") != apart.domain("editme-3f2a")
+    finally:
+        await embedded.close()
+        await joined.close()
 
 
 def test_a_malformed_share_groups_setting_is_refused_with_the_fix():

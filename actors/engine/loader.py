@@ -18,7 +18,7 @@ from typing import Protocol, cast
 import structlog
 
 from actors.engine import llama_api, llamacpp_verify, verify
-from actors.engine.bank.domains import parse_share_groups
+from actors.engine.bank.domains import LOCAL_USER, parse_share_groups
 from actors.engine.bank.store import BankStore
 from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
@@ -72,6 +72,8 @@ class EngineSettings(Protocol):
     @property
     def bank_share_groups(self) -> str: ...
     @property
+    def nats_url(self) -> str | None: ...
+    @property
     def verify_restore(self) -> bool: ...
     @property
     def llama_log(self) -> bool: ...
@@ -97,6 +99,11 @@ class LlamaCppMissingError(UnsupportedModelError):
         self.path = info.path
         self.architecture = info.architecture
         self.reason = reason
+
+
+def _default_domain(settings: EngineSettings) -> str | None:
+    """On the embedded server (no ``nats_url``) every client is one NATS user: one domain."""
+    return LOCAL_USER if settings.nats_url is None else None
 
 
 def choose_engine(requested: str, info: GgufInfo) -> str:
@@ -164,7 +171,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     if snapshots:
         bank = BankStore(
             settings.bank_ram_bytes, settings.bank_session_bytes,
-            parse_share_groups(settings.bank_share_groups),
+            parse_share_groups(settings.bank_share_groups, _default_domain(settings)),
         )
     specials = backend.tokenizer.specials
     template = select_template(

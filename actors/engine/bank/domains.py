@@ -16,6 +16,12 @@ sessions ``<agent>_<session>`` (agent names have no ``_``), so by default
 An operator may declare groups (``--bank-share-groups``): sessions or agents matching a
 group's patterns share with each other, and with nobody else. The first group that matches
 wins.
+
+On the embedded server of ``infernode up`` every client is one NATS user (the node's
+``infernode-client``, whose password is in the data directory), and a gateway without API
+keys lets every HTTP client name every session: there the sessions no agent prefix claims
+are one trust domain (``LOCAL_USER``), so an agent's forks and side requests restore what
+its main conversation banked.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class ShareGroups:
     """The groups an operator declared: name → patterns over session ids or agent names."""
 
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    default: str | None = None
+    """The domain of the sessions no group matched and no agent prefix claims; None makes
+    each of them a domain of its own."""
 
     def domain(self, session: str) -> str:
         """The trust domain of ``session`` (its snapshots are shared within it only)."""
@@ -55,18 +64,23 @@ class ShareGroups:
                     agent is not None and fnmatchcase(agent, pattern)
                 ):
                     return f"group:{name}"
-        return f"agent:{agent}" if agent is not None else f"session:{session}"
+        if agent is not None:
+            return f"agent:{agent}"
+        return self.default if self.default is not None else f"session:{session}"
 
     def salt(self, session: str) -> bytes:
         """What mixes the domain of ``session`` into content addresses."""
         return self.domain(session).encode()
 
 
+LOCAL_USER = "user:local"
+"""The one domain of the embedded server's single client user (see the module docstring)."""
+
 ISOLATED = ShareGroups()
 """No declared groups: every agent (or ungrouped session) is its own domain."""
 
 
-def parse_share_groups(text: str) -> ShareGroups:
+def parse_share_groups(text: str, default: str | None = None) -> ShareGroups:
     """``NAME=PATTERN[,PATTERN][;NAME=PATTERN...]``; ``ShareGroupsError`` when malformed."""
     groups: list[tuple[str, tuple[str, ...]]] = []
     for part in (p.strip() for p in text.split(";")):
@@ -90,4 +104,4 @@ def parse_share_groups(text: str) -> ShareGroups:
         if any(name == known for known, _ in groups):
             raise ShareGroupsError(f"bank share group {name!r} is declared twice; merge them")
         groups.append((name, patterns))
-    return ShareGroups(tuple(groups))
+    return ShareGroups(tuple(groups), default)
