@@ -24,7 +24,10 @@ prints, measured in this one run:
   ÷ first window) is printed beside it, and the engine's own buckets below it;
 - RSS of the node, sampled every 1% of the turns with the bank's metrics: RSS at the end ÷
   RSS when the RAM bank first reached its cap, i.e. first evicted (target <= 1.1: once the
-  bank is full, memory stays flat);
+  bank is full, memory stays flat). Sessions that live the whole run still add their
+  histories, which the node holds in RAM (about 3.5 KiB a turn; the line says how much a
+  turn added): ``--history-turns 4`` with a small ``--bank-ram-bytes`` shows the node
+  without them;
 - turns answered ÷ turns sent (must be 1).
 """
 
@@ -398,7 +401,9 @@ def memory_ratio(soak: Soak) -> Ratio:
         f"node RSS at {full.turns} turns (bank {full.bank_bytes / mib:.1f} of "
         f"{soak.bank_cap / mib:.1f} MiB, first evictions) {full.rss / mib:.1f} MiB, largest "
         f"after {max(s.rss for s in after) / mib:.1f} MiB, at the end {end.rss / mib:.1f} MiB "
-        f"({len(after)} samples, {end.evictions:.0f} evictions); its nats-server "
+        f"({len(after)} samples, {end.evictions:.0f} evictions; "
+        f"{(end.rss - full.rss) / max(1, end.turns - full.turns) / 1024:.1f} KiB a turn after "
+        f"it); its nats-server "
         f"{full.server_rss / mib:.1f} → {end.server_rss / mib:.1f} MiB",
     )
 
