@@ -147,6 +147,36 @@ async def test_turns_after_a_truncation_reuse_the_kept_prefix(engine_factory):
         await engine.close()
 
 
+async def test_a_request_leaving_out_what_precedes_the_window_runs_as_the_whole_one(
+    engine_factory,
+):
+    """The window the log recorded, sent with the messages before it left out and counted,
+    gives the prompt, the window and the dropped turns the whole conversation gives, in the
+    conversation's indices, and moves on alike once the window fills again."""
+    engine = engine_factory()
+    try:
+        msgs = [*long_conversation(40), user("and now the newest question")]
+        first = await run(engine, spec("whole", msgs, max_tokens=16))
+        start, gone = first.window_start, msgs[1:first.window_start]
+        longer = [*msgs, said(first.text), *long_conversation(6)[1:], user("and later")]
+        outs = []
+        for session, messages, omitted in (("w2", longer, 0), ("c2", [SYSTEM, *longer[start:]],
+                                                             len(gone))):
+            outs.append(await run(engine, TurnSpec(
+                session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
+                max_tokens=16, window_start=start, omitted=omitted,
+                omitted_turns=sum(1 for m in gone if m.role == "user") if omitted else 0,
+            )))
+        whole, cut = outs
+        assert whole.window_start > start and whole.usage.dropped_turns > first.usage.dropped_turns
+        assert cut.window_start == whole.window_start
+        assert cut.usage.dropped_turns == whole.usage.dropped_turns
+        assert cut.usage.prompt_tokens == whole.usage.prompt_tokens
+        assert cut.raw_text == whole.raw_text
+    finally:
+        await engine.close()
+
+
 async def test_a_session_driven_through_three_times_its_context_keeps_answering(make_node):
     """Through a node at --ctx 256: every ask is answered once, the window moves, and the
     history still returns every record the session ever had."""
