@@ -13,6 +13,7 @@ data path) and reads history from the record log with the reader the runners reb
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,6 +24,8 @@ from actors.session.host import RunnerHost
 from actors.session.records import read_log
 from schemas.admin import (
     BankEntryInfo,
+    CountTokensReply,
+    CountTokensRequest,
     DeleteReply,
     HealthReply,
     HistoryItemInfo,
@@ -128,6 +131,15 @@ class AdminActor(Actor):
         return HistoryReply(
             session=req.session, generation=runner.state.generation, records=tuple(records)
         )
+
+    async def on_count_tokens(self, data: bytes) -> CountTokensReply:
+        """Tokens of a fresh turn's prompt over a conversation, by this node's template and
+        tokenizer (off the loop: a long conversation takes a while to render)."""
+        req = CountTokensRequest.model_validate_json(data)
+        engine = self.node.engine
+        assert engine is not None
+        n = await asyncio.to_thread(engine.count_tokens, req.messages, req.tools)
+        return CountTokensReply(prompt_tokens=n)
 
     async def on_metrics(self, data: bytes) -> MetricsReply:
         """The node's metric families: the numbers its Prometheus endpoint serves."""

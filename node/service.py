@@ -82,6 +82,7 @@ class NodeService(Actor):
             AdminVerb.SESSION: self.admin.on_session,
             AdminVerb.METRICS: self.admin.on_metrics,
             AdminVerb.DELETE: self.admin.on_delete,
+            AdminVerb.COUNT_TOKENS: self.admin.on_count_tokens,
         }
         for verb, handler in verbs.items():
             await self.service.add_endpoint(

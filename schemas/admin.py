@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from schemas.chat import Frozen
+from schemas.chat import ChatMessage, Frozen
+from schemas.tools import Tool
 
 
 class SessionRequest(Frozen):
@@ -270,3 +271,23 @@ class ClusterMetrics(Frozen):
     """The metrics of every node that answered, by node id."""
     missing: tuple[str, ...] = ()
     """Live nodes that did not answer before the deadline."""
+
+
+class CountTokensRequest(Frozen):
+    """A conversation to render and tokenise as a turn's prompt (``admin.count_tokens``)."""
+
+    type: Literal["count_tokens.v1"] = "count_tokens.v1"
+    """Message type and version."""
+    messages: tuple[ChatMessage, ...]
+    """The whole conversation, as a stateless prompt sends it."""
+    tools: tuple[Tool, ...] = ()
+    """The tools rendered with it."""
+
+
+class CountTokensReply(Frozen):
+    """How many tokens the prompt of a fresh turn over the conversation would hold."""
+
+    type: Literal["count_tokens_reply.v1"] = "count_tokens_reply.v1"
+    """Message type and version."""
+    prompt_tokens: int
+    """Tokens of the rendered prompt (the engine's own template and tokenizer)."""

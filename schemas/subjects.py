@@ -68,6 +68,7 @@ class AdminVerb(StrEnum):
     METRICS = "metrics"
     HEALTH = "health"
     DELETE = "delete"
+    COUNT_TOKENS = "count_tokens"
 
 
 NODE_WIDE_VERBS = frozenset(

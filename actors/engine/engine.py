@@ -33,8 +33,8 @@ from actors.engine.tokens import token_hash
 from actors.engine.tool_stream import ToolCallStream
 from actors.engine.turn import decode, prefill
 from actors.engine.window import shift_kept
-from schemas.chat import CacheInfo, OverflowPolicy, Timings, ToolCall, Usage
-from schemas.tools import ToolCallDelta
+from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
+from schemas.tools import Tool, ToolCallDelta
 
 log = structlog.get_logger("engine")
 
@@ -228,6 +228,11 @@ class SlotEngine(SlotBanking):
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
         """Render the whole conversation and tokenise it, splicing known assistant token ids."""
         return self.prompts.prompt_tokens(spec)
+
+    def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[Tool]) -> int:
+        """Tokens of the prompt a first turn over ``messages`` would render (nothing spliced,
+        the whole conversation): what a stateless client's turn is charged as input."""
+        return len(self.prompts.encode(messages, {}, tools))
 
     def _prepare(
         self, slot: Slot, session: str, tokens: list[int], resumed: bool
