@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from schemas.chat import Frozen
+from schemas.chat import ChatMessage, Frozen
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -61,6 +61,25 @@ class IdempotencyEntry(Frozen):
     """The chat completion object, as JSON; None until answered."""
 
 
+class ResponseRecord(Frozen):
+    """Under ``r.<response id>``: a stored Responses API answer, for ``previous_response_id``.
+
+    The conversation is kept whole (the answer's own message last), so a request naming the
+    response sends only its new items and the gateway still knows the conversation they
+    continue; its session is where that conversation's KV state lives."""
+
+    type: Literal["gateway_response.v1"] = "gateway_response.v1"
+    """Message type and version."""
+    agent: str
+    """The agent that owns the response ('' without API keys); no other agent may use it."""
+    session: str
+    """The session id the client saw (visible, not scoped to the agent)."""
+    instructions: str | None = None
+    """The response's ``instructions`` (its system message; not carried to the next one)."""
+    messages: tuple[ChatMessage, ...]
+    """The conversation after ``instructions``, ending with the response's answer."""
+
+
 def prefix_key(link: str) -> str:
     """KV key of the conversation whose hash chain ends in ``link``."""
     return f"p.{link}"
@@ -69,6 +88,11 @@ def prefix_key(link: str) -> str:
 def session_key(session: str) -> str:
     """KV key of a named session's chain."""
     return f"s.{session}"
+
+
+def response_key(response_id: str) -> str:
+    """KV key of a stored Responses API answer."""
+    return f"r.{response_id}"
 
 
 def answer_key(digest: str) -> str:

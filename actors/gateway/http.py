@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from actors.gateway.responses import (
     retry_after,
     sse,
 )
+from actors.gateway.responses_api import ResponsesService
 from actors.gateway.wire import parse_request
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import IdempotencyEntry
@@ -65,12 +66,14 @@ class GatewayApp:
         self.service = service
         self.api_keys = api_keys
         self.limits = limits
+        self.responses_api = ResponsesService(service)
         self.asgi: ASGIApp = RequestLimit(self._starlette(), limits.max_requests)
 
     def _starlette(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             ],
@@ -114,7 +117,18 @@ class GatewayApp:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(_guarded(call, include_usage), headers=headers)
-        body = await _complete_unless_gone(request, call)
+        body = await _complete_unless_gone(request, call.complete(), call.plan.session)
+        return JSONResponse(body, headers=headers)
+
+    async def responses(self, request: Request) -> Response:
+        """``POST /v1/responses`` (OpenAI's Responses API)."""
+        agent = self._agent(request)
+        run = await self.responses_api.open(agent, await self._body(request),
+                                            request.headers.get(SESSION_HEADER), request.headers)
+        headers = {SESSION_HEADER: run.call.session}
+        if run.req.stream:
+            return EventStreamResponse(run.stream(), headers=headers)
+        body = await _complete_unless_gone(request, run.complete(), run.call.plan.session)
         return JSONResponse(body, headers=headers)
 
     # -- helpers --------------------------------------------------------------------------
@@ -208,13 +222,16 @@ async def _guarded(call: OpenCall, include_usage: bool) -> AsyncIterator[str]:
         yield SSE_DONE
 
 
-async def _complete_unless_gone(request: Request, call: OpenCall) -> dict[str, Any]:
-    answer = asyncio.ensure_future(call.complete())
+async def _complete_unless_gone(
+    request: Request, complete: Coroutine[Any, Any, dict[str, Any]], session: str
+) -> dict[str, Any]:
+    """The answer ``complete`` gives, or its call cancelled when the client goes away."""
+    answer = asyncio.ensure_future(complete)
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
     if not answer.done():
-        log.info("gateway_client_gone", session=call.plan.session)
+        log.info("gateway_client_gone", session=session)
         answer.cancel()  # the call's cleanup aborts the turn
         await asyncio.gather(answer, return_exceptions=True)
         raise ClientDisconnect()

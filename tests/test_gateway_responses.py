@@ -1,0 +1,214 @@
+"""The OpenAI Responses API door (``POST /v1/responses``) with the official `openai` SDK, on
+the real engine and the random-weight tiny model: text and item input, the typed stream,
+``previous_response_id`` continuing on the reused prefix, forced function calls and their
+outputs, Codex's tool list, JSON output, and unknown fields refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+           "required": ["city"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Weather of a city.",
+                "parameters": WEATHER, "strict": True}
+GREEDY: dict[str, Any] = {"temperature": 0, "max_output_tokens": 6}
+
+
+async def _client(make_node) -> openai.AsyncOpenAI:
+    node = await make_node(openai_port=0)
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{node.gateway.port}/v1",
+                              api_key="unused", max_retries=0)
+
+
+async def test_text_input_is_answered_as_a_typed_response_with_usage(make_node):
+    """A string input gives a completed ``response`` the SDK parses, with ``output_text``."""
+    client = await _client(make_node)
+    r = await client.responses.create(model="any", input="Hello there", temperature=0,
+                                      max_output_tokens=64)
+    assert r.id.startswith("resp_") and r.object == "response"
+    assert r.status in ("completed", "incomplete")
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
+    assert r.output_text == item.content[0].text and r.output_text
+    assert r.usage.input_tokens > 0 and r.usage.output_tokens > 0
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+async def test_an_answer_cut_at_max_output_tokens_is_incomplete(make_node):
+    """``max_output_tokens`` reached: status ``incomplete`` with its reason."""
+    client = await _client(make_node)
+    r = await client.responses.create(model="any", input="Hello", **GREEDY)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 6
+
+
+async def test_items_with_instructions_are_one_conversation_the_stream_answers_in_order(
+    make_node,
+):
+    """Instructions and message items stream as the documented events, in order, numbered,
+    ending in a response with usage that matches the deltas."""
+    client = await _client(make_node)
+    items = [{"role": "user", "content": "Hi"},
+             {"type": "message", "role": "assistant",
+              "content": [{"type": "output_text", "text": "Hello!"}]},
+             {"type": "message", "role": "developer",
+              "content": [{"type": "input_text", "text": "Be brief."}]},
+             {"type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": "How are you?"}]}]
+    stream = await client.responses.create(model="any", input=items, instructions="Be kind.",
+                                           stream=True, **GREEDY)
+    events = [e async for e in stream]
+    kinds = [e.type for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added",
+                         "response.output_text.delta"]
+    assert kinds[-5:] == ["response.output_text.delta", "response.output_text.done",
+                          "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert final.output_text == text and final.instructions == "Be kind."
+    assert final.usage.output_tokens == 6 and final.usage.input_tokens > 10
+
+
+async def test_previous_response_id_continues_the_conversation_on_its_reused_prefix(
+    make_node,
+):
+    """The second turn sends only its new item; everything before it is reused from the KV
+    state of the first turn's session (streamed through the SDK's stream helper)."""
+    client = await _client(make_node)
+    first = await client.responses.create(model="any", input="Tell me a story",
+                                          instructions="You tell stories.", **GREEDY)
+    async with client.responses.stream(
+        model="any", input=[{"role": "user", "content": "And then?"}],
+        previous_response_id=first.id, instructions="You tell stories.", **GREEDY,
+    ) as s:
+        events = [e async for e in s]
+    # Cut at max_output_tokens, it ends in response.incomplete (the helper's final
+    # response is only a completed one).
+    assert events[-1].type == "response.incomplete"
+    second = events[-1].response
+    assert second.previous_response_id == first.id
+    reusable = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens == reusable
+    assert second.usage.input_tokens > reusable
+
+
+async def test_an_unknown_previous_response_id_is_a_404_naming_it(make_node):
+    """A response id no one stored is refused 404 with ``param`` previous_response_id."""
+    client = await _client(make_node)
+    try:
+        await client.responses.create(model="any", input="hi",
+                                      previous_response_id="resp_" + "0" * 32, **GREEDY)
+    except openai.NotFoundError as e:
+        assert e.param == "previous_response_id" and "resp_000" in e.message
+    else:
+        raise AssertionError("an unknown previous_response_id was answered")
+
+
+async def test_a_forced_function_call_is_an_output_item_its_output_continues_it(make_node):
+    """``tool_choice`` naming a function gives a ``function_call`` item valid for its
+    schema, streamed as argument deltas; its ``function_call_output`` is answered next on
+    the reused prefix."""
+    client = await _client(make_node)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    stream = await client.responses.create(
+        model="any", input=ask, tools=[WEATHER_TOOL], stream=True, temperature=1.0,
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80)
+    events = [e async for e in stream]
+    first = events[-1].response
+    [call] = first.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id and call.id.startswith("fc_") and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    deltas = "".join(e.delta for e in events
+                     if e.type == "response.function_call_arguments.delta")
+    [args_done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas == args_done.arguments == call.arguments
+    answer = await client.responses.create(
+        model="any", tools=[WEATHER_TOOL], tool_choice="none", temperature=0,
+        max_output_tokens=8, input=[*ask, call.model_dump(exclude_none=True),
+                                    {"type": "function_call_output", "call_id": call.call_id,
+                                     "output": "18 C and sunny"}])
+    assert answer.output_text
+    reusable = first.usage.input_tokens + first.usage.output_tokens
+    assert answer.usage.input_tokens_details.cached_tokens == reusable
+
+
+CODEX_TOOLS = [
+    {"type": "function", "name": "shell", "description": "Runs a command.", "strict": False,
+     "parameters": {"type": "object", "properties": {
+         "command": {"type": "array", "items": {"type": "string"}}}, "required": ["command"]}},
+    {"type": "local_shell"},
+    {"type": "web_search", "search_context_size": "medium"},
+    {"type": "custom", "name": "apply_patch", "description": "Edits files.",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+]
+
+
+async def test_a_codex_style_request_with_hosted_tools_is_answered(make_node):
+    """Codex's request shape (hosted tool types, reasoning, include, store false,
+    prompt_cache_key, a session_id header) is accepted; only function tools are offered."""
+    client = await _client(make_node)
+    r = await client.responses.create(
+        model="gpt-5-codex", instructions="You are a coding agent.",
+        input=[{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "list files"}]}],
+        tools=CODEX_TOOLS, tool_choice="auto", parallel_tool_calls=False,
+        reasoning={"effort": "medium", "summary": "auto"}, store=False,
+        include=["reasoning.encrypted_content"], prompt_cache_key="conv-1234",
+        extra_headers={"session_id": "7f1c-codex-session"}, **GREEDY)
+    assert r.status == "incomplete" and r.output
+    assert [t.name for t in r.tools] == ["shell"]
+    try:
+        await client.responses.create(model="any", input="hi", previous_response_id=r.id,
+                                      **GREEDY)
+    except openai.NotFoundError as e:
+        assert e.param == "previous_response_id"  # store false: nothing kept
+    else:
+        raise AssertionError("a response made with store false was continued")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_text_format_json_schema_answers_json_that_validates(make_node, stream):
+    """``text.format`` json_schema makes the random model's answer JSON valid for it; the
+    SDK's stream helper adds the stream up to the completed response."""
+    client = await _client(make_node)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    fields: dict[str, Any] = dict(
+        model="any", input="Weather?", temperature=1.0, max_output_tokens=120,
+        text={"format": {"type": "json_schema", "name": "weather", "schema": schema,
+                         "strict": True}})
+    if stream:
+        async with client.responses.stream(**fields) as s:
+            r = await s.get_final_response()
+    else:
+        r = await client.responses.create(**fields)
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema"
+
+
+async def test_an_unknown_field_is_a_400_naming_it_and_nothing_runs(make_node):
+    """A field the Responses API does not document is refused in OpenAI's error shape."""
+    node = await make_node(openai_port=0)
+    base = f"http://127.0.0.1:{node.gateway.port}/v1"
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(f"{base}/responses", json={
+            "model": "any", "input": "hi", "max_output_tokens": 4, "temprature": 0.5})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "temprature" and error["type"] == "invalid_request_error"
+        assert "temprature" in error["message"]
+        ok = await http.post(f"{base}/responses", json={
+            "model": "any", "input": "hi", "max_output_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["object"] == "response"
