@@ -19,17 +19,21 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
+from actors.base import encode, parse_reply
 from actors.gateway.idempotency import Claim, KeyClaims
 from actors.gateway.responses import SSE_DONE, CompletionShape, answer_message
 from actors.gateway.sessions import Plan, SessionRouter
 from actors.gateway.stream import ContentFilter, ToolCallRelay
 from actors.gateway.turns import DuplicatePromptError, NodeTurn, TurnAbortedError
 from actors.gateway.wire import ChatCompletionRequest, prompt_for
+from schemas.admin import CountTokensReply, CountTokensRequest
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import IdempotencyEntry
 from schemas.messages import CommitEvent, DoneEvent, TokenEvent, ToolCallEvent
-from schemas.subjects import Subjects
+from schemas.subjects import AdminVerb, Subjects
 
 log = structlog.get_logger("gateway")
 
@@ -179,6 +183,20 @@ class ChatService:
         """Own this ``Idempotency-Key`` (run the turn), or the answer it was given, waiting
         for one in flight on any gateway."""
         return await self.claims.claim(scoped_key(agent, client_key), request, client_key)
+
+    async def count_tokens(self, req: ChatCompletionRequest) -> int:
+        """Tokens of the prompt a first turn over the request's conversation would hold,
+        rendered and tokenised by a node (admin ``count_tokens``)."""
+        body = encode(CountTokensRequest(messages=req.chat_messages(),
+                                         tools=tuple(req.tools or ())))
+        try:
+            msg = await self.nc.request(self.subjects.admin(AdminVerb.COUNT_TOKENS), body,
+                                        timeout=30)
+        except (NoRespondersError, NatsTimeoutError) as e:
+            raise InferError(ErrorCode.UNAVAILABLE, "no node answered the token count; is "
+                             "`infernode up` running against this NATS server?") from e
+        reply: CountTokensReply = parse_reply(msg.data, msg.headers, CountTokensReply)
+        return reply.prompt_tokens
 
     async def open(
         self, agent: str, req: ChatCompletionRequest, named: str | None, claim: Claim | None

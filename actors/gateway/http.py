@@ -1,14 +1,16 @@
-"""The HTTP face of the gateway: a Starlette app with OpenAI's routes and error objects.
+"""The HTTP face of the gateway: a Starlette app with OpenAI's and Anthropic's routes.
 
 Starlette parses HTTP (through uvicorn); this module only decides. Every refusal is an
-OpenAI error object with the matching status; a request is never read past the body limit,
-and past the concurrency limit a request is answered 429 before anything else is done.
+OpenAI error object (on the Messages routes, an Anthropic one) with the matching status; a
+request is never read past the body limit, and past the concurrency limit a request is
+answered 429 before anything else is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from actors.gateway.anthropic_shapes import MessageShape
+from actors.gateway.anthropic_shapes import error_body as anthropic_error
+from actors.gateway.anthropic_wire import (
+    affinity_hint,
+    parse_count,
+    parse_messages,
+    to_chat_request,
+)
 from actors.gateway.calls import ChatService, OpenCall
 from actors.gateway.idempotency import request_digest
 from actors.gateway.responses import (
@@ -32,7 +42,6 @@ from actors.gateway.responses import (
     retry_after,
     sse,
 )
-from actors.gateway.responses_api import ResponsesService
 from actors.gateway.wire import parse_request
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import IdempotencyEntry
@@ -41,6 +50,7 @@ log = structlog.get_logger("gateway")
 
 SESSION_HEADER = "X-Session-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+CLAUDE_SESSION_HEADER = "x-claude-code-session-id"
 
 
 @dataclass(frozen=True)
@@ -66,14 +76,14 @@ class GatewayApp:
         self.service = service
         self.api_keys = api_keys
         self.limits = limits
-        self.responses_api = ResponsesService(service)
         self.asgi: ASGIApp = RequestLimit(self._starlette(), limits.max_requests)
 
     def _starlette(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                Route("/v1/responses", self.responses, methods=["POST"]),
+                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             ],
@@ -120,16 +130,37 @@ class GatewayApp:
         body = await _complete_unless_gone(request, call.complete(), call.plan.session)
         return JSONResponse(body, headers=headers)
 
-    async def responses(self, request: Request) -> Response:
-        """``POST /v1/responses`` (OpenAI's Responses API)."""
+    async def messages(self, request: Request) -> Response:
+        """``POST /v1/messages`` (Anthropic's Messages API)."""
+        return await _anthropic_errors(self._messages(request))
+
+    async def _messages(self, request: Request) -> Response:
         agent = self._agent(request)
-        run = await self.responses_api.open(agent, await self._body(request),
-                                            request.headers.get(SESSION_HEADER), request.headers)
-        headers = {SESSION_HEADER: run.call.session}
-        if run.req.stream:
-            return EventStreamResponse(run.stream(), headers=headers)
-        body = await _complete_unless_gone(request, run.complete(), run.call.plan.session)
+        req = parse_messages(await self._body(request))
+        named = affinity_hint(request.headers.get(CLAUDE_SESSION_HEADER), req)
+        call = await self.service.open(agent, to_chat_request(req), named, None)
+        shape = MessageShape(f"msg_{uuid.uuid4().hex}", req.model)
+        headers = {SESSION_HEADER: call.session}
+        if req.stream:
+            return EventStreamResponse(shape.stream(call), headers=headers)
+
+        async def answer() -> dict[str, Any]:
+            await call.complete()
+            assert call.done is not None
+            return shape.message(call.done)
+
+        body = await _complete_unless_gone(request, answer(), call.plan.session)
         return JSONResponse(body, headers=headers)
+
+    async def count_tokens(self, request: Request) -> Response:
+        """``POST /v1/messages/count_tokens``: the prompt's tokens, counted by a node."""
+
+        async def count() -> Response:
+            self._agent(request)
+            req = to_chat_request(parse_count(await self._body(request)))
+            return JSONResponse({"input_tokens": await self.service.count_tokens(req)})
+
+        return await _anthropic_errors(count())
 
     # -- helpers --------------------------------------------------------------------------
     def _model_card(self) -> dict[str, Any]:
@@ -141,7 +172,9 @@ class GatewayApp:
         if not self.api_keys:
             return ""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        agent = self.api_keys.get(token.strip()) if scheme.lower() == "bearer" else None
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        agent = self.api_keys.get(token.strip())
         if agent is None:
             raise Unauthorized()
         return agent
@@ -261,6 +294,25 @@ def _replay(completion: str, session: str, stream: bool) -> Response:
         yield SSE_DONE
 
     return EventStreamResponse(lines(), headers=headers)
+
+
+async def _anthropic_errors(work: Coroutine[Any, Any, Response]) -> Response:
+    """The response of ``work``, or its failure as Anthropic's error object."""
+    try:
+        return await work
+    except InferError as e:
+        retry = retry_after(e)
+        return JSONResponse(anthropic_error(e.status, e.message), e.status,
+                            headers={"Retry-After": retry} if retry else None)
+    except Unauthorized:
+        return JSONResponse(anthropic_error(401, "a valid API key is required: send "
+                                            "`x-api-key: <key>`"), 401)
+    except ClientDisconnect:
+        raise
+    except Exception as e:
+        log.error("gateway_request_failed", error=repr(e), path="/v1/messages")
+        return JSONResponse(anthropic_error(500, f"the gateway failed: {type(e).__name__}"),
+                            500)
 
 
 def _too_large(limit: int) -> InferError:

@@ -195,9 +195,23 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise InferError(
             ErrorCode.BAD_REQUEST, _sentence(e, body), {"param": _param(e, body)}
         ) from e
+    check_request(req)
+    return req
+
+
+def check_request(req: ChatCompletionRequest) -> None:
+    """What a valid model does not say alone: every tool result answers a call of the
+    request, every message fits infernode's bounds (for requests another door translated)."""
     _check_tool_results(req.messages)
     _check_convertible(req.messages)
-    return req
+
+
+def invalid_body(e: ValidationError, body: bytes) -> InferError:
+    """The 400 of a body that failed validation, naming the field as the body spells it
+    (for any door's request model)."""
+    first = e.errors()[0] if e.error_count() else None
+    path = _body_path(first["loc"], body, first["type"] == "missing") if first else []
+    return InferError(ErrorCode.BAD_REQUEST, _sentence(e, body), {"param": ".".join(path)})
 
 
 def _check_convertible(messages: list[WireMessage]) -> None:
