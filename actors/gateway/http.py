@@ -42,6 +42,7 @@ from actors.gateway.responses import (
     retry_after,
     sse,
 )
+from actors.gateway.responses_api import ResponsesService
 from actors.gateway.wire import parse_request
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import IdempotencyEntry
@@ -76,12 +77,14 @@ class GatewayApp:
         self.service = service
         self.api_keys = api_keys
         self.limits = limits
+        self.responses_api = ResponsesService(service)
         self.asgi: ASGIApp = RequestLimit(self._starlette(), limits.max_requests)
 
     def _starlette(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
@@ -128,6 +131,17 @@ class GatewayApp:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(_guarded(call, include_usage), headers=headers)
         body = await _complete_unless_gone(request, call.complete(), call.plan.session)
+        return JSONResponse(body, headers=headers)
+
+    async def responses(self, request: Request) -> Response:
+        """``POST /v1/responses`` (OpenAI's Responses API)."""
+        agent = self._agent(request)
+        run = await self.responses_api.open(agent, await self._body(request),
+                                            request.headers.get(SESSION_HEADER), request.headers)
+        headers = {SESSION_HEADER: run.call.session}
+        if run.req.stream:
+            return EventStreamResponse(run.stream(), headers=headers)
+        body = await _complete_unless_gone(request, run.complete(), run.call.plan.session)
         return JSONResponse(body, headers=headers)
 
     async def messages(self, request: Request) -> Response:
