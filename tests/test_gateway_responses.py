@@ -198,17 +198,26 @@ async def test_text_format_json_schema_answers_json_that_validates(make_node, st
     assert r.text.format.type == "json_schema"
 
 
-async def test_an_unknown_field_is_a_400_naming_it_and_nothing_runs(make_node):
-    """A field the Responses API does not document is refused in OpenAI's error shape."""
+BAD_SCHEMA_TOOL = {"type": "function", "name": "f", "parameters": {
+    "type": "object", "properties": {"a": {"type": "nope"}}}}
+
+
+async def test_an_unknown_field_or_bad_tool_is_a_400_naming_it_and_the_door_serves_on(
+    make_node,
+):
+    """An undocumented field, or a tool schema that is no JSON Schema, is refused in
+    OpenAI's error shape with ``param`` spelled as the Responses API spells it."""
     node = await make_node(openai_port=0)
     base = f"http://127.0.0.1:{node.gateway.port}/v1"
+    body = {"model": "any", "input": "hi", "max_output_tokens": 2}
     async with httpx.AsyncClient(timeout=60) as http:
-        r = await http.post(f"{base}/responses", json={
-            "model": "any", "input": "hi", "max_output_tokens": 4, "temprature": 0.5})
-        assert r.status_code == 400, r.text
-        error = r.json()["error"]
-        assert error["param"] == "temprature" and error["type"] == "invalid_request_error"
-        assert "temprature" in error["message"]
-        ok = await http.post(f"{base}/responses", json={
-            "model": "any", "input": "hi", "max_output_tokens": 2})
+        for extra, param in [({"temprature": 0.5}, "temprature"),
+                             ({"tools": [{"type": "web_search"}, BAD_SCHEMA_TOOL]},
+                              "tools.1.parameters")]:
+            r = await http.post(f"{base}/responses", json={**body, **extra})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == param and error["type"] == "invalid_request_error"
+            assert param in error["message"], error
+        ok = await http.post(f"{base}/responses", json=body)
         assert ok.status_code == 200 and ok.json()["object"] == "response"

@@ -247,10 +247,14 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     try:
         return ResponsesRequest.model_validate_json(body)
     except ValidationError as e:
-        first = e.errors()[0]
+        # ``input`` is a string or items; for items, the string member's complaint is noise.
+        errors = e.errors()
+        first = next((x for x in errors if "str" not in x["loc"]), errors[0])
         where = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
-        what = ("is not a field of this API" if first["type"] == "extra_forbidden"
-                else first["msg"])
+        what = {"extra_forbidden": "is not a field of this API",
+                "union_tag_invalid": "this item type is not supported: send message, "
+                "function_call, function_call_output or reasoning items"}.get(
+                    first["type"], first["msg"])
         raise InferError(ErrorCode.BAD_REQUEST, f"the request is not valid: {where}: {what}",
                          {"param": where}) from e
 
@@ -319,7 +323,29 @@ def chat_request(
     if fmt is not None:
         body["response_format"] = _response_format(fmt)
     clean = {k: v for k, v in body.items() if v is not None}
-    return parse_request(json.dumps(clean, ensure_ascii=False).encode())
+    try:
+        return parse_request(json.dumps(clean, ensure_ascii=False).encode())
+    except InferError as e:
+        raise _in_responses_terms(e, req) from e
+
+
+def _in_responses_terms(e: InferError, req: ResponsesRequest) -> InferError:
+    """The chat door's refusal, naming the field as this request spells it."""
+    param = str(e.details.get("param", ""))
+    head, _, rest = param.partition(".")
+    if head == "tools" and rest.split(".")[0].isdigit():
+        n, _, field_ = rest.partition(".")
+        at = [i for i, t in enumerate(req.tools or ()) if isinstance(t, FunctionTool)][int(n)]
+        named = ".".join(p for p in ("tools", str(at), field_.removeprefix("function."))
+                         if p)
+    elif head == "response_format":
+        named = "text.format" + rest.removeprefix("json_schema")
+    else:
+        named = {"messages": "input", "max_tokens": "max_output_tokens"}.get(head, param)
+    if not param or named == param:
+        return e
+    return InferError(e.code, e.message.replace(param, named, 1),
+                      {**e.details, "param": named})
 
 
 def _response_format(fmt: TextFormat) -> dict[str, Any]:
