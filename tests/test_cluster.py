@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -438,6 +439,58 @@ async def test_a_killed_nodes_sessions_move_to_the_survivor_restored_from_the_ba
         await b.terminate()
         if a.proc.returncode is None:
             await a.terminate()
+
+
+async def poll_metrics(nc: Client, stop: asyncio.Event, waits: list[float]) -> None:
+    """Ask the nodes for their metrics every 50 ms until ``stop``; note each reply's wait."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            await nc.request(S.admin("metrics"), b"{}", timeout=5)
+        except TimeoutError:  # no node answered: the survivor froze (or none is up)
+            waits.append(5.0)
+        else:
+            waits.append(time.perf_counter() - t0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.05)
+
+
+@pytest.mark.timeout(180)
+async def test_a_survivor_keeps_answering_metrics_and_turns_while_it_indexes_moved_snapshots(
+    nats_server: EmbeddedNats, nc: Client, tiny_model: Path, tmp_path: Path
+):
+    """Given node A serving 16 sessions banked in the object store and standby B, when A is
+    SIGKILLed while metrics are asked for every 50 ms, then B answers every metrics request
+    within seconds while it takes the sessions over and indexes their snapshots, and answers
+    each session's next prompt (a turn restoring state B never held)."""
+    url, js = nats_server.url, nc.jetstream()
+    flags = ("--lease-ttl-s", TTL, "--bank-object-store", "--slots", "16", "--no-balance")
+    a = await NodeProcess.up(url, tmp_path / "a", tiny_model, *flags)
+    b = await NodeProcess.up(url, tmp_path / "b", tiny_model, *flags)
+    sessions = [f"poll-{i}" for i in range(16)]
+    commits = await EventCollector.start(nc, S.events("*", "commit"))
+    banked = await EventCollector.start(nc, f"$O.{S.bank_bucket}.M.>")
+    stop, waits = asyncio.Event(), []
+    poller = asyncio.get_running_loop().create_task(poll_metrics(nc, stop, waits))
+    try:
+        for i, session in enumerate(sessions):
+            await js.publish(S.prompt(session), prompt(f"session {i}: remember this, {i}"))
+        await commits.wait_until(lambda _: len(commits_of(commits)) == 16, timeout=60)
+        await banked.wait_until(lambda ms: len(ms) >= 32, timeout=60)  # bytes, then meta
+        await a.kill()
+        for i, session in enumerate(sessions):
+            await js.publish(S.prompt(session), prompt(f"and after the kill, {i}"))
+        await b.wait_for_line(GAINED, timeout=30)
+        await commits.wait_until(
+            lambda _: all(commits_of(commits).get(s, 0) >= 2 for s in sessions), timeout=60
+        )
+    finally:
+        stop.set()
+        await poller
+        await b.terminate()
+        if a.proc.returncode is None:
+            await a.terminate()
+    assert waits and max(waits) < 5.0, f"a metrics request waited {max(waits):.1f} s"
 
 
 # -- hand-over: a node stopped with SIGTERM --------------------------------------------------
