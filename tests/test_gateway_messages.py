@@ -4,6 +4,7 @@ tool calls and their results, counted tokens, API keys, and Anthropic error obje
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import jsonschema
 import pytest
 
 from node.client import InfernodeClient
+from tests.helpers import until
 
 WEATHER = {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
@@ -175,3 +177,24 @@ async def test_x_api_key_authenticates_and_a_wrong_key_is_an_authentication_erro
     answer = await _client(base, "alice-key-0123456789").messages.create(
         messages=[_user("hi")], **GREEDY)
     assert answer.usage.output_tokens == 6
+
+
+async def test_refusals_on_messages_routes_are_anthropic_errors(make_node):
+    """A wrong method, an unknown route under /v1/messages and the concurrency limit answer
+    in Anthropic's error shape, with Anthropic's error types."""
+    node, base = await _gateway(make_node, openai_max_requests=1)
+    # One request held open mid-body takes the only place.
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.gateway.port)
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    await until(lambda: node.gateway.app.asgi.active == 1, what="the held request counted")
+    async with httpx.AsyncClient(timeout=30) as http:
+        busy = await http.post(f"{base}/v1/messages", json=RAW)
+        writer.close()
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+        wrong = await http.get(f"{base}/v1/messages")
+        missing = await http.post(f"{base}/v1/messages/batches", json=RAW)
+    assert wrong.status_code == 405 and wrong.json()["type"] == "error"
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"

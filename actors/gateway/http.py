@@ -248,8 +248,12 @@ class RequestLimit:
             return
         if self.active >= self.limit:
             self.refused += 1
-            response = _error_response(429, "too many requests at once; retry shortly",
-                                       ErrorCode.BUSY.value, retry="1")
+            message = "too many requests at once; retry shortly"
+            response = (
+                JSONResponse(anthropic_error(429, message), 429, headers={"Retry-After": "1"})
+                if _is_messages(scope["path"])
+                else _error_response(429, message, ErrorCode.BUSY.value, retry="1")
+            )
             await response(scope, receive, send)
             return
         self.active += 1
@@ -351,8 +355,15 @@ async def _infer_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error_response(exc.status_code, f"{request.method} {request.url.path}: "
-                           f"{exc.detail}", code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if _is_messages(request.url.path):
+        return JSONResponse(anthropic_error(exc.status_code, message), exc.status_code)
+    return _error_response(exc.status_code, message, code)
+
+
+def _is_messages(path: str) -> bool:
+    """Whether ``path`` is one of Anthropic's routes (whose clients read its error shape)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 async def _unauthorized(request: Request, exc: Exception) -> Response:
