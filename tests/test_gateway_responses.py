@@ -155,16 +155,21 @@ CODEX_TOOLS = [
 
 async def test_a_codex_style_request_with_hosted_tools_is_answered(make_node):
     """Codex's request shape (hosted tool types, reasoning, include, store false,
-    prompt_cache_key, a session_id header) is accepted; only function tools are offered."""
+    prompt_cache_key, a session_id header) is accepted, also when retried whole; only
+    function tools are offered."""
     client = await _client(make_node)
-    r = await client.responses.create(
+    codex = dict(
         model="gpt-5-codex", instructions="You are a coding agent.",
         input=[{"type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": "list files"}]}],
         tools=CODEX_TOOLS, tool_choice="auto", parallel_tool_calls=False,
         reasoning={"effort": "medium", "summary": "auto"}, store=False,
         include=["reasoning.encrypted_content"], prompt_cache_key="conv-1234",
-        extra_headers={"session_id": "7f1c-codex-session"}, **GREEDY)
+        extra_headers={"session_id": "7f1c-codex-session"},
+        extra_body={"client_metadata": {"originator": "codex_cli_rs"}}, **GREEDY)
+    r = await client.responses.create(**codex)
+    again = await client.responses.create(**codex)  # a retry after a dropped stream forks
+    assert again.status == "incomplete" and again.id != r.id
     assert r.status == "incomplete" and r.output
     assert [t.name for t in r.tools] == ["shell"]
     try:

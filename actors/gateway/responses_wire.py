@@ -235,6 +235,8 @@ class ResponsesRequest(_Strict):
     """Log probabilities are not returned; only 0 is accepted."""
     prompt_cache_retention: str | None = None
     """Ignored (sessions keep their state as the node's retention decides)."""
+    client_metadata: dict[str, str] | None = None
+    """Codex's own tags of the request; ignored."""
 
     def function_tools(self) -> list[FunctionTool]:
         """The tools the model may call."""
