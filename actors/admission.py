@@ -35,6 +35,7 @@ from actors.base import (
     validation_sentence,
     wait_any,
 )
+from actors.intake_marks import IntakeMarks
 from actors.ownership import Ownership
 from actors.schema_worker import SchemaWorker
 from actors.seal import is_sealed
@@ -42,6 +43,7 @@ from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.json_depth import check_json_depth
 from schemas.messages import PromptRequest
+from schemas.records import CRASH_LIMIT
 from schemas.subjects import ANSWER_TO_HEADER, MSG_ID_HEADER, EventKind, Subjects, is_session_id
 
 TRANSIENT = frozenset({ErrorCode.UNAVAILABLE})
@@ -90,6 +92,8 @@ class Admission(Actor):
         """The prefix of the node's reply inboxes, never an ask's."""
         self.schemas = SchemaWorker()
         """Compiles the prompts' schemas in its own process (a crash there is a refusal)."""
+        self.marks = IntakeMarks(nc, subjects)
+        """Counts the deliveries of each prompt that the node's death cut."""
         self._stopping = asyncio.Event()
         self._pullers: dict[int, asyncio.Task[None]] = {}
         self._halts: dict[int, asyncio.Event] = {}
@@ -104,6 +108,7 @@ class Admission(Actor):
     async def start(self) -> None:
         """Start pulling the partitions this node owns (and later those it gains), and the
         prompts whose subject names no session (every node refuses those)."""
+        await self.marks.open()
         self.ownership.join(self)
         await self.gain(self.ownership.held())
         self._invalid = asyncio.get_running_loop().create_task(
@@ -247,12 +252,41 @@ class Admission(Actor):
             if is_session_id(session) and not self.ownership.valid(session):
                 self.log.warning("admit_skipped_lease_lapsed", session=session)
                 return
-            await self._boundary(self.on_prompt, msg)
+            await self._admit_marked(msg, session)
             if id(msg) in self._deferred_now:  # the session's later prompts wait behind this one
                 for later in msgs[i + 1:]:
                     session = self.subjects.session_of_prompt(msg.subject)
                     await self._defer(later, session, "an earlier prompt was deferred")
                 return
+
+    async def _admit_marked(self, msg: Msg, session: str) -> None:
+        """Admit one prompt, marked in flight meanwhile; one whose admission the node's death
+        cut ``CRASH_LIMIT`` times is set aside instead (``actors.intake_marks``)."""
+        if not is_session_id(session):  # refused at once: nothing there to die on
+            return await self._boundary(self.on_prompt, msg)
+        cuts, mark = await self.marks.begin(msg.metadata.sequence.stream)
+        try:
+            if cuts >= CRASH_LIMIT:
+                await self._set_aside(msg, session, cuts)
+            else:
+                await self._boundary(self.on_prompt, msg)
+        finally:  # ended with the node alive (a lost partition too): not a cut delivery
+            # Off the session's path: a deferred prompt comes back RETRY_S later at the
+            # earliest, long after the mark is gone.
+            self.spawn(self.marks.end(mark), "intake_mark")
+
+    async def _set_aside(self, msg: Msg, session: str, cuts: int) -> None:
+        """Refuse for good a prompt the node died on again and again, saying why."""
+        err = InferError(
+            ErrorCode.INTERNAL,
+            f"the node died {cuts} times while admitting this prompt, so it is set aside "
+            "and not admitted: send it again to retry",
+            {"reason": "repeated_crash", "cuts": cuts},
+        )
+        self.log.warning("prompt_set_aside", session=session, cuts=cuts,
+                         intake_seq=msg.metadata.sequence.stream)
+        await self._reject(session, err, (msg.headers or {}).get(MSG_ID_HEADER), None)
+        await self._settle(msg, rejected=True)
 
     async def on_prompt(self, msg: Msg) -> None:
         """Validate one prompt and have its runner record it."""

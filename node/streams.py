@@ -27,6 +27,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from actors.intake_marks import MARK_AGE_S
 from actors.replicas import changed, keep_replicas, placing
 from schemas.subjects import ANSWER_SEAL_KEY, Subjects
 
@@ -64,7 +65,8 @@ async def ensure_streams(
     partitions: int = PARTITIONS,
     replicas: int = 1,
 ) -> None:
-    """Create (or update) the intake and record streams, each with ``replicas`` copies.
+    """Create (or update) the intake and record streams and the marks of the prompts in
+    admission's hands (``actors.intake_marks``), each with ``replicas`` copies.
 
     The intake stores each prompt under its session's partition (a subject transform the
     server applies), so each partition's prompts have their own consumer, pulled by the
@@ -114,7 +116,17 @@ async def ensure_streams(
         discard=DiscardPolicy.OLD,
         num_replicas=replicas,
     )
-    for config in (origin, intake, records):
+    marks = StreamConfig(
+        name=subjects.intake_marks_stream,
+        subjects=[subjects.intake_mark_all()],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_msgs_per_subject=1,
+        max_age=MARK_AGE_S,
+        discard=DiscardPolicy.OLD,
+        num_replicas=replicas,
+    )
+    for config in (origin, intake, records, marks):
         async with placing(f"the stream {config.name}", replicas):
             try:
                 info = await js.stream_info(config.name)  # type: ignore[arg-type]

@@ -13,11 +13,13 @@ from pydantic import Field, TypeAdapter
 from schemas.chat import ChatMessage, Frozen, OverflowPolicy, SamplingParams
 from schemas.tools import ResponseFormat, Tool, ToolChoice
 
-
 RERUN_REASONS = frozenset({"shutdown", "node_restart", "unavailable"})
 """Abort reasons after which the node runs the turn again by itself: the node stopped or
 restarted, or the bus lost the engine's result. An agent waiting for its answer keeps
 waiting (the ``aborted`` event of such a turn is followed by a new ``started``)."""
+CRASH_LIMIT = 3
+"""Times the node's death may cut a prompt's admission, or a turn over it, before the prompt
+is set aside instead of tried again: a prompt that kills the node must not do so for ever."""
 
 
 class TurnParams(Frozen):

@@ -333,6 +333,19 @@ class Subjects:
         return f"{self.prefix}.internal.intake.origin"
 
     @property
+    def intake_marks_stream(self) -> str:
+        """Stream of the in-flight marks of the intake's prompts (``actors.intake_marks``)."""
+        return f"{self._stream_base}_INTAKE_MARKS"
+
+    def intake_mark(self, intake_seq: int) -> str:
+        """The mark of the prompt at ``intake_seq`` in the intake stream."""
+        return f"{self.prefix}.internal.intake.mark.{intake_seq}"
+
+    def intake_mark_all(self) -> str:
+        """Every in-flight mark (the marks stream's filter)."""
+        return f"{self.prefix}.internal.intake.mark.*"
+
+    @property
     def record_stream(self) -> str:
         """Stream holding every session's record log."""
         return f"{self._stream_base}_RECORDS"
@@ -351,6 +364,11 @@ class Subjects:
     def object_stream(bucket: str) -> str:
         """The JetStream stream behind object store ``bucket`` (JetStream names it so)."""
         return f"OBJ_{bucket}"
+
+    @staticmethod
+    def stream_message_delete(stream: str) -> str:
+        """JetStream's API subject that deletes one message of ``stream``."""
+        return f"$JS.API.STREAM.MSG.DELETE.{stream}"
 
     @staticmethod
     def kv_stream(bucket: str) -> str:

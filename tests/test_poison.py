@@ -3,7 +3,10 @@ never takes the node down; a turn that crashed the node again and again is set a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from schemas.messages import PromptRequest
 from schemas.records import TurnStartRecord, UserRecord
 from schemas.subjects import Subjects
 from tests.helpers import EventCollector
-from tests.test_durability import NodeProcess
+from tests.test_durability import READY, NodeProcess
 
 GREEDY = SamplingParams(temperature=0.0)
 S = Subjects()
@@ -160,3 +163,57 @@ def test_a_deep_part_reached_again_from_deep_down_counts_its_depth_from_there():
     schema["items"] = {"$ref": "#/$defs/b0"}
     assert schema_bounds_problem(ref_chain(half)) == ""
     assert "more than" in schema_bounds_problem(schema)
+
+
+async def _spawn(url: str, data: Path, model: Path) -> NodeProcess:
+    """`infernode up` started, not waited for: a prompt left in the intake is pulled at once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
+    env["INFERNODE_THREADS"] = "1"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node.cli", "up", "--nats-url", url, "--data-dir", str(data),
+        "--model", str(model), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    return NodeProcess(proc)
+
+
+@pytest.mark.timeout(300)
+async def test_a_prompt_whose_admission_three_sigkills_cut_is_set_aside_with_an_error(
+    nats_server: EmbeddedNats, nc, tiny_model: Path, tmp_path: Path
+):
+    """Given a prompt in admission each time its node is SIGKILLed (its schema is being
+    checked: the compiler's process is starting), the fourth delivery sets it aside with an
+    `error` event instead of admitting it, and the node serves on."""
+    url, data, js = nats_server.url, tmp_path / "node", nc.jetstream()
+    marks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_mark(msg) -> None:  # type: ignore[no-untyped-def]
+        marks.put_nowait(msg.data)
+
+    await nc.subscribe(S.intake_mark_all(), cb=on_mark)
+    events = await EventCollector.start(nc, S.events_all("stuck"))
+    node = await NodeProcess.up(url, data, tiny_model)
+    prompt = PromptRequest.model_validate({
+        "messages": [{"role": "user", "content": "json please"}], "max_tokens": 4,
+        "response_format": json_format({"type": "object"}),
+    })
+    await js.publish(S.prompt("stuck"), prompt.model_dump_json().encode())
+    try:
+        for cut in range(1, CRASH_LIMIT + 1):
+            # A mark's first try is seen too (the subject is plain NATS), kept or refused.
+            while await asyncio.wait_for(marks.get(), 60) != str(cut).encode():
+                pass
+            await node.kill()  # the prompt is in flight: marked, not yet settled
+            node = await _spawn(url, data, tiny_model)
+        await events.wait_until(lambda ms: kinds(events, "error"), timeout=60)
+        (error,) = kinds(events, "error")
+        assert error["code"] == "internal" and "set aside" in error["message"]
+        await node.wait_for_line(READY, timeout=60)
+        async with InfernodeClient(url) as client:
+            after = await client.complete("stuck", "hello", sampling=GREEDY, max_tokens=4,
+                                          timeout=60)
+    finally:
+        await node.terminate()  # a stopped node has taken its marks away
+    assert after.commit is not None
+    assert len(kinds(events, "accepted")) == 1  # only the later prompt was ever recorded
+    assert (await js.stream_info(S.intake_marks_stream)).state.messages == 0

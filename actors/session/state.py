@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from schemas.chat import ChatMessage
 from schemas.records import (
+    CRASH_LIMIT,
     RERUN_REASONS,
     AbortRecord,
     AssistantRecord,
@@ -41,9 +42,6 @@ RETRIED_REASONS = RERUN_REASONS
 """Abort reasons after which a turn's prompts are answered without being asked again."""
 CRASHED = "repeated_crash"
 """Abort reason of a turn whose input a node's death cut ``CRASH_LIMIT`` times: set aside."""
-CRASH_LIMIT = 3
-"""Turns over one input that a node's death (``node_restart``) may cut before the input is
-set aside instead of run again: a prompt that kills the node must not do so for ever."""
 DROPPED_REASONS = frozenset({"context_overflow", "too_large", CRASHED})
 """Abort reasons after which a turn's input is dropped: it can never be answered."""
 SEEN_PER_SESSION = 1024
