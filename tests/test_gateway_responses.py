@@ -113,30 +113,43 @@ async def test_an_unknown_previous_response_id_is_a_404_naming_it(make_node):
         raise AssertionError("an unknown previous_response_id was answered")
 
 
-async def test_a_forced_function_call_is_an_output_item_its_output_continues_it(make_node):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_forced_function_call_is_an_output_item_its_output_continues_it(
+    make_node, stream,
+):
     """``tool_choice`` naming a function gives a ``function_call`` item valid for its
-    schema, streamed as argument deltas; its ``function_call_output`` is answered next on
-    the reused prefix."""
+    schema (streamed as argument deltas); its ``function_call_output`` is answered on the
+    reused prefix, resent whole or sent alone after ``previous_response_id``."""
     client = await _client(make_node)
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    stream = await client.responses.create(
-        model="any", input=ask, tools=[WEATHER_TOOL], stream=True, temperature=1.0,
-        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80)
-    events = [e async for e in stream]
-    first = events[-1].response
+    forced = dict(model="any", input=ask, tools=[WEATHER_TOOL], temperature=1.0,
+                  tool_choice={"type": "function", "name": "get_weather"},
+                  max_output_tokens=80)
+    if stream:
+        events = [e async for e in await client.responses.create(stream=True, **forced)]
+        first = events[-1].response
+        deltas = "".join(e.delta for e in events
+                         if e.type == "response.function_call_arguments.delta")
+        [args_done] = [e for e in events
+                       if e.type == "response.function_call_arguments.done"]
+        assert deltas == args_done.arguments == first.output[0].arguments
+    else:
+        first = await client.responses.create(**forced)
+    assert first.status == "completed"
     [call] = first.output
     assert call.type == "function_call" and call.name == "get_weather"
     assert call.call_id and call.id.startswith("fc_") and call.status == "completed"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
-    deltas = "".join(e.delta for e in events
-                     if e.type == "response.function_call_arguments.delta")
-    [args_done] = [e for e in events if e.type == "response.function_call_arguments.done"]
-    assert deltas == args_done.arguments == call.arguments
-    answer = await client.responses.create(
-        model="any", tools=[WEATHER_TOOL], tool_choice="none", temperature=0,
-        max_output_tokens=8, input=[*ask, call.model_dump(exclude_none=True),
-                                    {"type": "function_call_output", "call_id": call.call_id,
-                                     "output": "18 C and sunny"}])
+    result = {"type": "function_call_output", "call_id": call.call_id,
+              "output": "18 C and sunny"}
+    after = dict(model="any", tools=[WEATHER_TOOL], tool_choice="none", temperature=0,
+                 max_output_tokens=8)
+    if stream:  # stateless: the whole conversation again, the call echoed as the SDK has it
+        answer = await client.responses.create(
+            input=[*ask, call.model_dump(exclude_none=True), result], **after)
+    else:
+        answer = await client.responses.create(input=[result], previous_response_id=first.id,
+                                               **after)
     assert answer.output_text
     reusable = first.usage.input_tokens + first.usage.output_tokens
     assert answer.usage.input_tokens_details.cached_tokens == reusable
