@@ -130,6 +130,8 @@ class GenerateResult(Frozen):
     """Parsed tool calls."""
     finish_reason: FinishReason = "stop"
     """Why generation stopped."""
+    stop_sequence: str | None = None
+    """The prompt's stop string that ended the reply, if one did."""
     usage: Usage = Usage(
         prompt_tokens=0, cached_tokens=0, new_prefill_tokens=0, completion_tokens=0
     )

@@ -250,6 +250,8 @@ class DoneEvent(Frozen):
     """Prefix reuse of this turn."""
     timings: Timings
     """Timing buckets."""
+    stop_sequence: str | None = None
+    """The prompt's stop string that ended the reply (``finish_reason`` stop), if one did."""
 
 
 class ToolCallEvent(Frozen):

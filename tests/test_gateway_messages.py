@@ -101,6 +101,24 @@ async def test_stream_sends_events_in_order_and_the_second_turn_reads_the_cache(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_stop_sequence_ends_the_answer_and_is_named(make_node, stream):
+    """An answer cut by one of stop_sequences says stop_sequence and which one."""
+    _, base = await _gateway(make_node)
+    client = _client(base)
+    free = await client.messages.create(messages=[_user("hi")], **GREEDY)
+    text = free.content[0].text
+    stop = next(c for c in text[1:] if not c.isspace())  # greedy: the same text comes again
+    request = {"messages": [_user("hi")], "stop_sequences": ["\x00never", stop], **GREEDY}
+    if stream:
+        async with client.messages.stream(**request) as s:
+            answer = await s.get_final_message()
+    else:
+        answer = await client.messages.create(**request)
+    assert answer.stop_reason == "stop_sequence" and answer.stop_sequence == stop
+    assert answer.content[0].text == text[: text.index(stop, 1)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_forced_tool_call_is_a_tool_use_block_with_parsed_input(make_node, stream):
     """tool_choice {type: tool} gives one tool_use block whose input fits the schema."""
     _, base = await _gateway(make_node)

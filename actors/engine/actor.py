@@ -172,6 +172,7 @@ class EngineActor(Actor):
                 n_tokens=out.n_tokens,
                 token_hash=out.token_hash,
                 window_start=out.window_start,
+                stop_sequence=out.stop_sequence,
             )
         except InferError as e:
             result = self._failed(req, e.code, e.message, e.details, "".join(streamed))

@@ -219,6 +219,8 @@ class SlotEngine(SlotBanking):
             n_tokens=len(slot.tokens),
             token_hash=slot.digest,
             window_start=window.start,
+            # The template's own end markers are stops too; only the prompt's are reported.
+            stop_sequence=out.stop_sequence if out.stop_sequence in spec.stop else None,
         )
         self.turn_stats.record(
             spec.session, outcome.usage, outcome.cache, outcome.timings, tier

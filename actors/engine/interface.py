@@ -149,6 +149,8 @@ class TurnOutcome:
     window_start: int = 0
     """Index in the turn's conversation (``omitted`` messages counted) of the first message
     after the system head still seen."""
+    stop_sequence: str | None = None
+    """The prompt's stop string that ended the reply, if one did."""
 
 
 @dataclass(frozen=True)

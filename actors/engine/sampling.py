@@ -169,6 +169,8 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the text, once one did."""
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -179,6 +181,7 @@ class StopMatcher:
         cut = first_stop(buffer, self.stops)
         if cut is not None:
             self.stopped, self._held = True, ""
+            self.matched = min((s for s in self.stops if buffer.startswith(s, cut)), key=len)
             return buffer[:cut], True
         keep = self._partial_stop_len(buffer)
         self._held = buffer[len(buffer) - keep :]

@@ -33,6 +33,8 @@ class DecodeResult:
     prefill_ms: float
     decode_ms: float
     first_token_at: float | None
+    stop_sequence: str | None = None
+    """The stop string that ended the reply, if one did."""
 
 
 def prefill(slot: Slot, tokens: Sequence[int]) -> tuple[int, float]:
@@ -154,4 +156,5 @@ def _finish(
         prefill_ms=0.0,
         decode_ms=(time.perf_counter() - start) * 1000,
         first_token_at=first_at,
+        stop_sequence=stopper.matched,
     )

@@ -8,8 +8,8 @@ their sum is the whole prompt (nothing is "written" to a cache at a price here:
 prompt's usage yet (the node reports it with the answer); ``message_delta`` carries all of
 it, and the SDK takes those numbers over.
 
-The node does not say which stop sequence ended an answer, so a stop is ``end_turn`` with
-``stop_sequence`` null.
+An answer a stop sequence ended is ``stop_reason`` ``stop_sequence``, naming it (the engine
+reports the prompt's stop string it matched); any other stop is ``end_turn``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ def usage(done: DoneEvent) -> dict[str, int]:
             "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
 
 
+def stop(done: DoneEvent) -> dict[str, str | None]:
+    """``stop_reason`` and ``stop_sequence`` of an answer."""
+    if done.finish_reason == "stop" and done.stop_sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": done.stop_sequence}
+    return {"stop_reason": _STOP[done.finish_reason], "stop_sequence": None}
+
+
 def _input(arguments: str) -> Any:
     try:
         return json.loads(arguments)
@@ -72,8 +79,7 @@ class MessageShape:
             content.append({"type": "text", "text": done.text})
         content += [{"type": "tool_use", "id": c.id, "name": c.function.name,
                      "input": _input(c.function.arguments)} for c in done.tool_calls]
-        return {**self._head(), "content": content, "stop_reason": _STOP[done.finish_reason],
-                "stop_sequence": None, "usage": usage(done)}
+        return {**self._head(), "content": content, **stop(done), "usage": usage(done)}
 
     async def stream(self, call: OpenCall) -> AsyncIterator[str]:
         """The answer as Anthropic's events; a failure once it began is an ``error`` event."""
@@ -108,8 +114,7 @@ class MessageShape:
 
     def _delta(self, done: DoneEvent) -> str:
         return event("message_delta", {
-            "type": "message_delta", "usage": usage(done),
-            "delta": {"stop_reason": _STOP[done.finish_reason], "stop_sequence": None},
+            "type": "message_delta", "usage": usage(done), "delta": stop(done),
         })
 
 

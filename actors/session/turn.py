@@ -71,7 +71,7 @@ async def record_commit(io: RunnerIO, st: SessionState, turn: Turn, r: GenerateR
     await io.event(s, EventKind.DONE, DoneEvent(
         session=s, turn_id=turn.id, parent_ids=turn.parent_ids, text=r.text,
         tool_calls=r.tool_calls, finish_reason=r.finish_reason, usage=r.usage, cache=r.cache,
-        timings=r.timings,
+        timings=r.timings, stop_sequence=r.stop_sequence,
     ))
     if turn.commit_records is None:
         message = ChatMessage(role="assistant", content=r.text, tool_calls=r.tool_calls or None)
