@@ -6,6 +6,7 @@ outputs, Codex's tool list, JSON output, and unknown fields refused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -101,16 +102,26 @@ async def test_previous_response_id_continues_the_conversation_on_its_reused_pre
     assert second.usage.input_tokens > reusable
 
 
-async def test_an_unknown_previous_response_id_is_a_404_naming_it(make_node):
-    """A response id no one stored is refused 404 with ``param`` previous_response_id."""
-    client = await _client(make_node)
-    try:
-        await client.responses.create(model="any", input="hi",
-                                      previous_response_id="resp_" + "0" * 32, **GREEDY)
-    except openai.NotFoundError as e:
-        assert e.param == "previous_response_id" and "resp_000" in e.message
-    else:
-        raise AssertionError("an unknown previous_response_id was answered")
+async def test_a_previous_response_id_unknown_or_of_another_agent_is_a_404_naming_it(
+    make_node, tmp_path: Path,
+):
+    """A response id no one stored, or one another API key's agent stored, is refused 404
+    with ``param`` previous_response_id; its own agent continues it."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice-key-0123456789 alice\nbob-key-0123456789ab bob\n")
+    node = await make_node(openai_port=0, api_keys=keys)
+    base = f"http://127.0.0.1:{node.gateway.port}/v1"
+    alice, bob = (openai.AsyncOpenAI(base_url=base, api_key=k, max_retries=0)
+                  for k in ("alice-key-0123456789", "bob-key-0123456789ab"))
+    first = await alice.responses.create(model="any", input="hi", **GREEDY)
+    for client, rid in [(alice, "resp_" + "0" * 32), (bob, first.id)]:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.responses.create(model="any", input="more",
+                                          previous_response_id=rid, **GREEDY)
+        assert caught.value.param == "previous_response_id" and rid in caught.value.message
+    again = await alice.responses.create(model="any", input="more",
+                                         previous_response_id=first.id, **GREEDY)
+    assert again.usage.input_tokens_details.cached_tokens > 0
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
