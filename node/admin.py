@@ -105,7 +105,7 @@ class AdminActor(Actor):
             last = engine.turn_stats.last.get(sid)
             out.append(SessionSummary(
                 session=sid, generation=runner.state.generation,
-                records=len(runner.state.history), pending=len(runner.state.pending),
+                records=runner.state.history_len(), pending=len(runner.state.pending),
                 busy=runner.turn is not None, slot=slot.index if slot else None,
                 bank=tuple(_entry_info(e) for e in entries),
                 last_cache_source=last.source if last else None,

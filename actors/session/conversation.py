@@ -4,14 +4,16 @@ The record log keeps every message, and the window only moves forward, so the me
 after the system head and before the recorded window are never shown to the model again.
 A turn leaves them out of its request (counting them in ``omitted``), so what a turn costs
 to send, decode and render stays the size of its window however long the session's log
-grows. A turn under ``refuse`` sends them all: that policy judges the whole conversation.
+grows. A turn under ``refuse`` sends them all: that policy judges the whole conversation,
+so the messages the state no longer holds (``SessionState.dropped``) are read back from the
+log for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.session.state import HistoryItem, Pending, SessionState
+from actors.session.state import HistoryItem, Pending, SessionState, system_head
 from schemas.chat import ChatMessage
 
 
@@ -68,31 +70,34 @@ class WindowCut:
 
 
 def conversation(
-    st: SessionState, taken: list[Pending], cut: WindowCut, whole: bool
+    st: SessionState, taken: list[Pending], cut: WindowCut, whole: bool,
+    history: list[HistoryItem] | None = None,
 ) -> Conversation:
-    """The request's conversation for a turn over ``taken``; ``whole`` keeps every message.
+    """The request's conversation for a turn over ``taken``; ``whole`` keeps every message,
+    those the state dropped taken from ``history`` (the whole history, read from the log).
 
     Only the system head and the window are walked, so the request is built in the
     window's time, not the log's.
     """
-    history = st.history
-    head = system_head(history)
-    start = cut.find(history, head, st.window_from)
-    if whole or start <= head or history[start].message.role != "user":
+    held = st.history
+    head = system_head(held)
+    found = cut.find(held, head, st.window_from)
+    moved = found > head and held[found].message.role == "user"
+    # In the whole conversation the dropped messages lie between the head and what is held.
+    at = max(found, head) + st.dropped if st.dropped else found
+    if whole:
+        assert history is not None or not st.dropped, "the whole history is read from the log"
+        messages, tokens, model_id = st.messages_for(taken, history)
+        return Conversation(messages, tokens, model_id, at)
+    if not moved and not st.dropped:
         messages, tokens, model_id = st.messages_for(taken)
-        return Conversation(messages, tokens, model_id, start)
-    kept = history[:head] + history[start:]
+        return Conversation(messages, tokens, model_id, at)
+    start = found if moved else head
+    kept = held[:head] + held[start:]
     tokens = {i: h.token_ids for i, h in enumerate(kept) if h.token_ids}
     model_id = next((h.model_id for h in reversed(kept) if h.model_id), None)
     messages = tuple(h.message for h in kept) + tuple(p.record.message for p in taken)
     return Conversation(
-        messages, tokens, model_id, start, omitted=start - head, omitted_turns=cut.turns,
+        messages, tokens, model_id, at, omitted=st.dropped + start - head,
+        omitted_turns=st.dropped_turns + (cut.turns if moved else 0),
     )
-
-
-def system_head(history: list[HistoryItem]) -> int:
-    """How many leading system messages there are: they always stay in the window."""
-    n = 0
-    while n < len(history) and history[n].message.role == "system":
-        n += 1
-    return n

@@ -21,6 +21,8 @@ from pydantic import BaseModel
 
 from actors.base import encode, error_headers, parse_reply
 from actors.ownership import Ownership
+from actors.session.records import read_log
+from actors.session.state import HistoryItem, SessionState, apply
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
@@ -111,6 +113,7 @@ class RunnerIO(Protocol):
         self, inbox: str, model: BaseModel, error: InferError | None = None
     ) -> None: ...
     def token_subject(self, session: str) -> str: ...
+    async def history(self, session: str) -> list[HistoryItem]: ...
 
 
 class BusIO:
@@ -316,6 +319,14 @@ class BusIO:
         await self.js.publish(
             self.subjects.prompt(target), encode(prompt), headers={MSG_ID_HEADER: key}
         )
+
+    async def history(self, session: str) -> list[HistoryItem]:
+        """The whole committed history of ``session``, replayed from its record log (what a
+        runner's state no longer holds before its window included)."""
+        state = SessionState(session, keep_history=True)
+        async for _, record in read_log(self.js, self.subjects, session):
+            apply(state, record)
+        return state.history
 
     def token_subject(self, session: str) -> str:
         """Where the engine publishes this session's tokens."""

@@ -207,7 +207,9 @@ class SessionRunner(AdmitSteps):
             session=self.session, turn_id=turn.id, parent_ids=turn.parent_ids,
             generation=st.generation,
         ))
-        convo = conversation(st, taken, self.cut, whole=params.overflow == "refuse")
+        whole = params.overflow == "refuse"
+        # The messages the state dropped are read back from the log, in the turn's task.
+        convo = conversation(st, taken, self.cut, whole=whole and not st.dropped)
         messages = len(convo.messages) + convo.omitted
         fields = chat_start_fields(turn, messages, st.generation, self.inflight())
         self.log.info("chat_start", **fields)
@@ -221,11 +223,16 @@ class SessionRunner(AdmitSteps):
             window_start=convo.window_start, omitted=convo.omitted,
             omitted_turns=convo.omitted_turns,
         )
-        self._turn_task = asyncio.get_running_loop().create_task(self._generate(turn, req))
+        reread = whole and st.dropped > 0
+        self._turn_task = asyncio.get_running_loop().create_task(
+            self._generate(turn, req, reread)
+        )
         return True
 
-    async def _generate(self, turn: Turn, req: GenerateRequest) -> None:
+    async def _generate(self, turn: Turn, req: GenerateRequest, reread: bool = False) -> None:
         try:
+            if reread:
+                req = await self._whole_request(turn, req)
             result = await self.io.generate(req)
         except InferError as e:
             result = failed_result(req, e)
@@ -235,6 +242,24 @@ class SessionRunner(AdmitSteps):
         except Exception as e:
             result = failed_result(req, InferError(ErrorCode.INTERNAL, f"the turn failed: {e}"))
         self.mailbox.put_nowait(TurnDone(turn, result))
+
+    async def _whole_request(self, turn: Turn, req: GenerateRequest) -> GenerateRequest:
+        """``req`` over the whole conversation, the messages before the window read back from
+        the record log (an ``overflow: refuse`` turn judges them all)."""
+        st = self.state
+        history = await self.io.history(self.session)
+        if len(history) != st.history_len() or history[-1:] != st.history[-1:]:
+            raise InferError(
+                ErrorCode.UNAVAILABLE,
+                f"the record log of session {self.session} did not give back its whole "
+                f"history ({len(history)} of {st.history_len()} messages); try again",
+            )
+        convo = conversation(st, turn.taken, self.cut, whole=True, history=history)
+        return req.model_copy(update={
+            "messages": convo.messages, "assistant_tokens": convo.assistant_tokens,
+            "model_id": convo.model_id, "window_start": convo.window_start,
+            "omitted": 0, "omitted_turns": 0,
+        })
 
     async def on_turn_done(self, turn: Turn, r: GenerateResult) -> None:
         """Commit, or record the honest provisional of an aborted or failed turn."""

@@ -11,6 +11,12 @@ joins the history when no turn is coming). The input of an aborted turn is *defe
 waits for a retry (a prompt with no messages), which answers it and supersedes the abort's
 provisional record; a new prompt with messages instead keeps it as plain context and leaves
 the provisional as the honest, final ABORTED turn.
+
+The history holds the system head and the window, not what lies between: the window only
+moves forward, so a commit that moves it drops the messages it passed (``dropped`` counts
+them, indexes in the whole conversation count them too). They stay in the record log, which
+the admin history and a ``refuse`` turn (judged on the whole conversation) read; a session
+that lives for thousands of turns holds the RAM of its window, not of its log.
 """
 
 from __future__ import annotations
@@ -113,6 +119,14 @@ class SessionState:
     window_from: str | None = None
     """Record id of the first message after the system head that the model still sees (the
     last commit's ``window_from``); None: the window never moved."""
+    dropped: int = 0
+    """History messages between the system head and the window no longer held (in the log)."""
+    dropped_turns: int = 0
+    """User messages among them."""
+    dropped_calls: set[str] = field(default_factory=set)
+    """Ids of the tool calls their assistant messages made (a tool result may still answer one)."""
+    keep_history: bool = False
+    """Keep every message, dropping none (a replay for the whole conversation)."""
 
     # -- admits ----------------------------------------------------------------------------
     def add_user(self, record: UserRecord) -> None:
@@ -136,9 +150,13 @@ class SessionState:
         return sum(p.nbytes for p in self.pending)
 
     def call_ids(self) -> set[str]:
-        """Ids of every tool call the conversation holds (history and pending)."""
+        """Ids of every tool call the conversation holds (history, dropped, and pending)."""
         messages = [h.message for h in self.history] + [p.record.message for p in self.pending]
-        return {c.id for m in messages for c in m.tool_calls or ()}
+        return {c.id for m in messages for c in m.tool_calls or ()} | self.dropped_calls
+
+    def history_len(self) -> int:
+        """Messages of the committed conversation, those dropped from RAM included."""
+        return len(self.history) + self.dropped
 
     def has_deferred(self) -> bool:
         """True while an aborted turn's input waits for a retry."""
@@ -193,6 +211,20 @@ class SessionState:
         self.recorded_bytes += message_bytes(assistant.message)
         self.generation = commit.generation
         self.window_from = commit.window_from
+        if not self.keep_history:
+            self.drop_before_window()
+
+    def drop_before_window(self) -> None:
+        """Forget the messages between the system head and the window: never sent again."""
+        head = system_head(self.history)
+        start = self.window_index()
+        if start <= head or self.history[start].message.role != "user":
+            return  # the window starts at the head, or where no turn starts: all is sent
+        passed = self.history[head:start]
+        self.dropped += len(passed)
+        self.dropped_turns += sum(1 for h in passed if h.message.role == "user")
+        self.dropped_calls.update(c.id for h in passed for c in h.message.tool_calls or ())
+        del self.history[head:start]
 
     def abort(self, taken: list[Pending], provisional_id: str, reason: str) -> None:
         """A turn over ``taken`` was aborted; the generation stays."""
@@ -218,29 +250,52 @@ class SessionState:
         cuts = 1 + max((p.cut for p in self.open_taken if p.wants_reply), default=0)
         return CRASHED if cuts >= CRASH_LIMIT else "node_restart"
 
+    def window_index(self) -> int:
+        """Index in ``history`` (as held) where the window starts; 0 when it never moved or
+        its record is not held. Searched from the end: the window is the history's tail."""
+        if self.window_from is None:
+            return 0
+        return next((i for i in range(len(self.history) - 1, -1, -1)
+                     if self.history[i].record_id == self.window_from), 0)
+
     def window_start(self) -> int:
-        """Index in the history (and so in ``messages_for``) where the window starts; 0 when
-        it never moved. Sent with every turn: a node that never ran the session (a move, a
-        restart) shows the model what the last one did."""
-        return next(
-            (i for i, h in enumerate(self.history) if h.record_id == self.window_from), 0
-        )
+        """Index in the whole conversation where the window starts (the dropped messages
+        counted); 0 when it never moved. Sent with every turn: a node that never ran the
+        session (a move, a restart) shows the model what the last one did."""
+        start = self.window_index()
+        return start + self.dropped if start >= system_head(self.history) else start
 
     def record_at(self, taken: list[Pending], index: int) -> str | None:
-        """Record id of message ``index`` of the conversation ``messages_for(taken)`` gave."""
+        """Record id of message ``index`` of the whole conversation over ``taken`` (the
+        dropped messages counted); one of them: the window, which never moves back."""
+        head = system_head(self.history)
+        if head <= index < head + self.dropped:
+            return self.window_from
+        if index >= head:
+            index -= self.dropped
         if index < len(self.history):
             return self.history[index].record_id
         rest = index - len(self.history)
         return taken[rest].record.id if rest < len(taken) else None
 
     def messages_for(
-        self, taken: list[Pending]
+        self, taken: list[Pending], history: list[HistoryItem] | None = None
     ) -> tuple[tuple[ChatMessage, ...], dict[int, tuple[int, ...]], str | None]:
-        """Conversation for a turn over ``taken``, with known assistant token ids."""
-        msgs = [h.message for h in self.history] + [p.record.message for p in taken]
-        tokens = {i: h.token_ids for i, h in enumerate(self.history) if h.token_ids}
-        model = next((h.model_id for h in reversed(self.history) if h.model_id), None)
+        """Conversation for a turn over ``taken``, with known assistant token ids; over
+        ``history`` (the whole one, read from the log) instead of the held one if given."""
+        held = self.history if history is None else history
+        msgs = [h.message for h in held] + [p.record.message for p in taken]
+        tokens = {i: h.token_ids for i, h in enumerate(held) if h.token_ids}
+        model = next((h.model_id for h in reversed(held) if h.model_id), None)
         return tuple(msgs), tokens, model
+
+
+def system_head(history: list[HistoryItem]) -> int:
+    """How many leading system messages there are: they always stay in the window."""
+    n = 0
+    while n < len(history) and history[n].message.role == "system":
+        n += 1
+    return n
 
 
 def _remember(seen: dict[_K, tuple[str, ...]], key: _K, record_id: str) -> None:
@@ -284,7 +339,7 @@ def apply(state: SessionState, record: Record) -> None:
     elif isinstance(record, ProvisionalRecord):
         pass
     elif isinstance(record, DeleteRecord):
-        fresh = SessionState(state.session)
+        fresh = SessionState(state.session, keep_history=state.keep_history)
         state.__dict__.update(fresh.__dict__)
 
 
@@ -312,9 +367,11 @@ def _close_open_turn(state: SessionState, parent_ids: tuple[str, ...]) -> list[P
     return taken
 
 
-def rebuild(session: str, records: Iterable[Record]) -> SessionState:
+def rebuild(
+    session: str, records: Iterable[Record], keep_history: bool = False
+) -> SessionState:
     """State of ``session`` after replaying its records."""
-    state = SessionState(session)
+    state = SessionState(session, keep_history=keep_history)
     for r in records:
         apply(state, r)
     return state
