@@ -24,10 +24,11 @@ prints, measured in this one run:
   ÷ first window) is printed beside it, and the engine's own buckets below it;
 - RSS of the node, sampled every 1% of the turns with the bank's metrics: RSS at the end ÷
   RSS when the RAM bank first reached its cap, i.e. first evicted (target <= 1.1: once the
-  bank is full, memory stays flat). Sessions that live the whole run still add their
-  histories, which the node holds in RAM (about 3.5 KiB a turn; the line says how much a
-  turn added): ``--history-turns 4`` with a small ``--bank-ram-bytes`` shows the node
-  without them;
+  bank is full, memory stays flat). A session's runner holds its system messages and its
+  window, not its whole history (the record log keeps that); what a turn still adds (the
+  line says how much) is mostly each session's bounded de-duplication memory, which
+  sessions of 300 turns never fill: ``--history-turns 4`` with a small
+  ``--bank-ram-bytes`` shows the node without it;
 - turns answered ÷ turns sent (must be 1).
 """
 
