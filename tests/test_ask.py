@@ -174,6 +174,7 @@ async def test_micro_info_lists_the_endpoints_and_stats_count_requests_and_error
         "ask": "infer.ask.*", "health": "infer.admin.health",
         "sessions": "infer.admin.sessions", "session": "infer.admin.session",
         "metrics": "infer.admin.metrics", "delete": "infer.admin.delete",
+        "count_tokens": "infer.admin.count_tokens",
     }
     answer_of(await nc.request(S.ask("st"), b"Hello", timeout=60))
     error_of(await nc.request(S.ask("st"), b"   ", timeout=30))

@@ -27,8 +27,10 @@ async def _scrape(port: int) -> tuple[str, str]:
 
 
 async def _busy_node(make_node):  # type: ignore[no-untyped-def]
-    """A node with a durable tier and one slot, after turns that evict and restore."""
-    node = await make_node(metrics_port=0, n_slots=1, bank_object_store=True)
+    """A node with a durable tier and one slot, after turns that evict and restore ("a" and
+    "b" are declared one trust domain, so "b" may restore the prompt head "a" banked)."""
+    node = await make_node(metrics_port=0, n_slots=1, bank_object_store=True,
+                           bank_share_groups="pair=a,b")
     async with InfernodeClient(node.url) as c:
         for session in ("a", "b", "a"):
             await c.complete(session, f"hello from {session}", sampling=GREEDY, max_tokens=4)
