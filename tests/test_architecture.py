@@ -1,5 +1,6 @@
-"""The code keeps the shape DESIGN.md gives it: subjects spelled only in schemas, a typed
-internal protocol (no magic bytes on the bus), and no import circles among our packages.
+"""The code keeps the shape docs/ARCHITECTURE.md §1-§2 gives it: subjects spelled only in
+schemas, a typed internal protocol (no magic bytes on the bus), and no import circles among
+our packages.
 """
 
 from __future__ import annotations

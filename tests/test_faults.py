@@ -291,7 +291,8 @@ async def test_an_engine_failing_mid_turn_leaves_a_typed_error_an_aborted_record
 async def test_a_failed_turns_provisional_record_keeps_the_text_it_streamed(
     make_node, nc, monkeypatch
 ):
-    """DESIGN 4.5: the provisional record holds the partial text, failure or abort alike."""
+    """docs/ARCHITECTURE.md §4.5: the provisional record holds the partial text, failure or
+    abort alike."""
     fail_first_decode(monkeypatch)
     node = await make_node(bank_ram_bytes=0)
     events = await EventCollector.start(nc, S.events_all("partial"))

@@ -1,4 +1,4 @@
-"""DESIGN.md §4, one test per session-runner invariant, against a real nats-server.
+"""docs/ARCHITECTURE.md §4, one test per session-runner invariant, against a real nats-server.
 
 Most tests drive the node's real actors around a scripted engine (``tests/fake_engine.py``)
 so a race can be staged exactly: a turn held at a token, a failure, an overflow. The abort

@@ -1,7 +1,7 @@
 """One runner per session: an actor whose mailbox serialises admits, turn ends and aborts.
 
-Invariants (DESIGN.md §4) hold by construction: a prompt is answered "recorded" only after
-its records are in the log; "anything pending?" and "go idle" are one mailbox step
+Invariants (docs/ARCHITECTURE.md §4) hold by construction: a prompt is answered "recorded"
+only after its records are in the log; "anything pending?" and "go idle" are one mailbox step
 (``_after_turn``); one turn at a time, later prompts coalesced into the next; the
 generation advances only on a commit; an abort leaves a provisional record and no commit;
 every way out of a turn passes ``_after_turn``, which publishes ``idle`` when nothing waits.
