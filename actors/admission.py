@@ -62,10 +62,11 @@ ACK_WAIT_S = 30.0
 """How long a pulled prompt may stay unacked before JetStream offers it again."""
 MAX_ACK_PENDING = 1024
 """Prompts of one partition pulled and not yet acked."""
-NAK_TRIES = 10
+NAK_TRIES = int(ACK_WAIT_S / RETRY_S) - 2
 """Times a deferral is sent, RETRY_S apart, until a server confirms it. A deferral sent while
 the consumer's leader is being elected (its server lost) reaches no one, and the prompt
-would wait out ACK_WAIT_S."""
+would wait out ACK_WAIT_S; so it is sent until shortly before that wait would offer it again
+anyway (an election among several streams on a loaded machine can take over 10 s)."""
 
 
 class Admission(Actor):
