@@ -12,9 +12,9 @@ from actors.session.host import RunnerHost
 from actors.session.state import SessionState, apply
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, FunctionCall, ToolCall
-from schemas.internal import GenerateRequest
 from schemas.messages import PromptRequest
 from schemas.records import AssistantRecord, CommitRecord, TurnStartRecord, UserRecord
+from tests.support.engine_requests import engine_requests
 
 SYSTEM = ChatMessage(role="system", content="You are the window keeper.")
 WINDOW_TURNS = 6
@@ -112,13 +112,7 @@ async def test_a_long_session_on_a_node_holds_its_window_and_refuse_reads_the_lo
     and the window only, and a ``refuse`` turn still sends the whole conversation, read back
     from the record log."""
     node = await make_node(n_ctx=256)
-    sent: list[GenerateRequest] = []
-
-    async def seen(msg) -> None:
-        sent.append(GenerateRequest.model_validate_json(msg.data))
-
-    await nc.subscribe(node.subjects.engine_generate(), cb=seen)
-    await nc.flush()
+    sent = await engine_requests(nc, node)
     host = next(a for a in node.actors if isinstance(a, RunnerHost))
     async with InfernodeClient(node.url) as client:
         await client.ask("mem", [SYSTEM, ChatMessage(role="user", content="start")],

@@ -17,8 +17,8 @@ from node.mesh import run_mesh
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import InferError
-from schemas.internal import GenerateRequest
 from schemas.messages import ErrorEvent, PromptRequest
+from tests.support.engine_requests import engine_requests
 
 GREEDY = SamplingParams(temperature=0.0)
 SYSTEM = ChatMessage(role="system", content="You are the window keeper. Remember rule 7.")
@@ -215,13 +215,7 @@ async def test_a_long_sessions_turns_send_its_window_not_its_whole_log(make_node
     system head and the window, counting what it leaves out, so its size stops growing with
     the session's log; the answers still count every turn left out of the window."""
     node = await make_node(n_ctx=256)
-    sent: list[GenerateRequest] = []
-
-    async def seen(msg) -> None:
-        sent.append(GenerateRequest.model_validate_json(msg.data))
-
-    await nc.subscribe(node.subjects.engine_generate(), cb=seen)
-    await nc.flush()
+    sent = await engine_requests(nc, node)
     async with InfernodeClient(node.url) as client:
         answers = [await client.ask("log", [SYSTEM, user("start the long one")], max_tokens=16)]
         for n in range(40):
