@@ -83,6 +83,17 @@ async def bank_first_turn(engine: SlotEngine, tier: DurableTier) -> tuple[list, 
     return history, {2: one.completion_ids or ()}
 
 
+async def bank_in_directory(model: Path, root: Path) -> tuple[list, dict]:  # type: ignore[type-arg]
+    """``bank_first_turn`` on a fresh engine over a directory tier at ``root``, then closed."""
+    first = engine_on(model)
+    tier = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
+    try:
+        return await bank_first_turn(first, tier)
+    finally:
+        tier.close()
+        await first.close()
+
+
 async def second_turn(
     model: Path, tier: DurableTier, history: list, ids: dict  # type: ignore[type-arg]
 ) -> tuple[TurnOutcome, int]:
@@ -122,13 +133,7 @@ async def test_flipped_bytes_in_a_snapshot_file_are_never_restored(tiny_model: P
     when the session continues on a restarted engine, then nothing is restored: the miss says
     corrupt, the answer is the cold compute's, and the file is gone."""
     root = tmp_path / "bank"
-    first = engine_on(tiny_model)
-    tier = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
-    try:
-        history, ids = await bank_first_turn(first, tier)
-    finally:
-        tier.close()
-        await first.close()
+    history, ids = await bank_in_directory(tiny_model, root)
     (path,) = (root / "victim").glob("*.kv")
     raw = path.read_bytes()
     path.write_bytes(flip_kv_bytes(raw, len(raw) // 2))
@@ -207,13 +212,7 @@ async def test_a_model_file_with_other_weights_restores_nothing_of_the_old_one(t
     assert model.stat().st_size == other.stat().st_size
     assert model_id_of(model) != model_id_of(other)
     root = tmp_path / "bank"
-    first = engine_on(model)
-    tier = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
-    try:
-        history, ids = await bank_first_turn(first, tier)
-    finally:
-        tier.close()
-        await first.close()
+    history, ids = await bank_in_directory(model, root)
     again = DurableTier([DirectoryBackend(root)], groups=EMBEDDED)
     engine = engine_on(other)
     assert await asyncio.to_thread(again.open) == 1
