@@ -18,6 +18,7 @@ start: ``EngineProbeError`` names the cause and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -162,8 +163,8 @@ def _crash(proc: subprocess.CompletedProcess[str], doing: str) -> str:
     code = proc.returncode
     how = f"exit {code}"
     if code < 0:
-        with_name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else ""
-        how = f"exit {code}{', ' + with_name if with_name else ''}"
+        with contextlib.suppress(ValueError):  # a signal number Python has no name for
+            how = f"exit {code}, {signal.Signals(-code).name}"
     tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()][-2:]
     said = f": {' | '.join(tail)[-300:]}" if tail else ""
     return f"the probe crashed {doing} ({how}){said}"
