@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import structlog
 
-from actors.constraints import (
+from actors.engine.constraints import (
     compile_problem,
     schema_bounds_problem,
     schema_questions,

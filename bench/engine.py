@@ -37,9 +37,9 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable for ``bench.common``.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.engine.backends.ctransformers.backend import CtransformersBackend  # noqa: E402
 from actors.engine.bank.meta import SnapshotMeta  # noqa: E402
 from actors.engine.bank.store import BankEntry  # noqa: E402
-from actors.engine.ctransformers_backend import CtransformersBackend  # noqa: E402
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
 from actors.engine.loader import load_engine  # noqa: E402

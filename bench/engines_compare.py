@@ -38,9 +38,9 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable for ``bench.common``.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.engine.backends.llamacpp.backend import INSTALL_HINT, llama_cpp_available  # noqa: E402
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import TurnOutcome  # noqa: E402
-from actors.engine.llamacpp_backend import INSTALL_HINT, llama_cpp_available  # noqa: E402
 from actors.engine.loader import load_engine  # noqa: E402
 from bench import real_model  # noqa: E402
 from bench.common import (  # noqa: E402

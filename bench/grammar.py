@@ -28,9 +28,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.engine.backends.llamacpp.backend import llama_cpp_available  # noqa: E402
 from actors.engine.engine import SlotEngine  # noqa: E402
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec  # noqa: E402
-from actors.engine.llamacpp_backend import llama_cpp_available  # noqa: E402
 from actors.engine.loader import load_engine  # noqa: E402
 from bench.common import (  # noqa: E402
     BenchError,

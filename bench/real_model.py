@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.engine.gguf_info import ctransformers_refusal, read_gguf_info
-from actors.engine.template_choice import select_template
+from actors.engine.templates.choice import select_template
 from bench.common import Ratio, median, spread
 from node.app import Node
 from node.client import InfernodeClient, TurnResult

@@ -19,12 +19,11 @@ import structlog
 from nats.aio.client import Client
 
 from actors.base import Actor
+from actors.engine.backends.params import LlamaLibraryError, ModelLoadError
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import ModelFileError, UnsupportedModelError
-from actors.engine.llama_api import LlamaLibraryError
-from actors.engine.llama_model import ModelLoadError
 from actors.engine.loader import load_engine
-from actors.engine.template_sandbox import TemplateError
+from actors.engine.templates.sandbox import TemplateError
 from actors.gateway import ApiKeysError, Gateway, GatewayBindError
 from actors.replicas import ReplicasError
 from node.bus import BusError, connect

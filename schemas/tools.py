@@ -2,7 +2,7 @@
 
 A tool's ``parameters`` must be a valid JSON Schema (checked with ``jsonschema`` when the
 prompt is parsed); whether a schema can also be enforced by the grammar is checked by the
-node (``actors/constraints.py``), which names any feature it cannot enforce.
+node (``actors/engine/constraints.py``), which names any feature it cannot enforce.
 """
 
 from __future__ import annotations

@@ -124,8 +124,8 @@ def test_smollm2_evaluates_multi_token_batches_on_this_cpu():
         from node.config import NodeConfig
         from node.models import resolve_model
         from actors.engine import amx
-        from actors.engine.llama_model import ModelParams
-        from actors.engine.llamacpp_backend import LlamaCppBackend
+        from actors.engine.backends.params import ModelParams
+        from actors.engine.backends.llamacpp.backend import LlamaCppBackend
         from actors.engine.loader import load_engine
         path = resolve_model(Path("smollm2"))
         engine = load_engine(NodeConfig(model=path, threads=2, n_slots=1))

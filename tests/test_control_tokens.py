@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from actors.engine.backends.llamacpp.backend import llama_cpp_available
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import TurnSpec
-from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import load_engine
 from actors.engine.tokenizer import shield_nonce
 from node.config import NodeConfig

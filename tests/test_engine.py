@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from actors.engine import llama_api
 from actors.engine import sampling as sampling_mod
+from actors.engine.backends.ctransformers import api as llama_api
+from actors.engine.backends.ctransformers.model import LlamaModel
+from actors.engine.backends.params import (
+    LlamaLibraryError,
+    ModelLoadError,
+    ModelParams,
+    ThreadShare,
+)
 from actors.engine.interface import CancelToken, TurnSpec
-from actors.engine.llama_api import LlamaLibraryError
-from actors.engine.llama_model import LlamaModel, ModelLoadError, ModelParams, ThreadShare
 from actors.engine.loader import load_engine
 from node.config import NodeConfig
 from node.models import NAMED_MODELS, installed_path

@@ -19,12 +19,11 @@ import pytest
 
 from actors.engine import loader as loader_mod
 from actors.engine import sampling as sampling_mod
+from actors.engine.backends.llamacpp.backend import llama_cpp_available
+from actors.engine.backends.params import LlamaLibraryError, ModelLoadError
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import UnsupportedModelError, read_gguf_info
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec, end_of_generation
-from actors.engine.llama_api import LlamaLibraryError
-from actors.engine.llama_model import ModelLoadError
-from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import (
     LlamaCppMissingError,
     choose_engine,
@@ -552,7 +551,7 @@ async def test_a_refused_decode_names_the_library_reason_and_where_each_sequence
 ):
     """A batch llama.cpp refuses says why (its own log line) and which positions it held, so a
     failed turn can be traced instead of reading only "code -1"."""
-    from actors.engine.llamacpp_context import LlamaCppDecodeError
+    from actors.engine.backends.llamacpp.context import LlamaCppDecodeError
 
     engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
                                     threads=1, verify_restore=False))

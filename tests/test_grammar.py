@@ -15,13 +15,13 @@ import jsonschema
 import numpy as np
 import pytest
 
-from actors.constraints import check_enforceable, schema_problem
+from actors.engine.backends.llamacpp.backend import llama_cpp_available
+from actors.engine.constraints import check_enforceable, schema_problem
 from actors.engine.interface import CancelToken, TurnSpec
-from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import load_engine
 from actors.engine.sampling import Sampler
-from actors.engine.templates import parse_tool_calls
-from actors.engine.tool_stream import ToolCallStream
+from actors.engine.templates.chat import parse_tool_calls
+from actors.engine.templates.tool_stream import ToolCallStream
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import InferError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.constraints import SCHEMA_MAX_DEPTH, schema_bounds_problem, schema_source
+from actors.engine.constraints import SCHEMA_MAX_DEPTH, schema_bounds_problem, schema_source
 from actors.schema_worker import SchemaWorker
 from actors.session.records import abort_records
 from actors.session.state import CRASH_LIMIT, CRASHED, apply, rebuild

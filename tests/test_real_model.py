@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from actors.engine.backends.llamacpp.backend import llama_cpp_available
 from actors.engine.gguf_info import read_gguf_info
-from actors.engine.llamacpp_backend import llama_cpp_available
-from actors.engine.template_choice import select_template
+from actors.engine.templates.choice import select_template
 from node.demo_model import write_llama_gguf
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall

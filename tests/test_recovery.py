@@ -39,8 +39,13 @@ from schemas.records import AssistantRecord, CommitRecord, UserRecord
 from schemas.subjects import Subjects, partition_of
 from tests.fake_engine import FakeNode
 from tests.helpers import EventCollector, until
-from tests.test_session_invariants import LogWatch, Session, records, send
-from tests.test_session_invariants import logs  # noqa: F401  (a fixture this module uses)
+from tests.test_session_invariants import (
+    LogWatch,
+    Session,
+    logs,  # noqa: F401  (a fixture this module uses)
+    records,
+    send,
+)
 
 S = Subjects()
 GREEDY = SamplingParams(temperature=0.0)

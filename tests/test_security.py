@@ -26,8 +26,8 @@ import pytest
 from nats.aio.client import Client
 from structlog.testing import capture_logs
 
-from actors.engine.template_sandbox import MAX_ITEMS
-from actors.engine.templates import ChatTemplate, TemplateError
+from actors.engine.templates.chat import ChatTemplate, TemplateError
+from actors.engine.templates.sandbox import MAX_ITEMS
 from node.app import Node, StartError
 from node.client import InfernodeClient
 from node.config import ConfigError, NodeConfig

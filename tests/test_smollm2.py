@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from actors.engine.backends.llamacpp.backend import llama_cpp_available
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import read_gguf_info
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
-from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import load_engine, probe_llamacpp
 from node.config import NodeConfig
 from node.models import NAMED_MODELS, installed_path

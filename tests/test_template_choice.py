@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from actors.engine.template_choice import select_template, turn_stops
-from actors.engine.templates import TemplateError
+from actors.engine.templates.chat import TemplateError
+from actors.engine.templates.choice import select_template, turn_stops
 from schemas.chat import ChatMessage
 
 BOS, EOS = "<bos>", "<eos>"

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.engine import template_sandbox
-from actors.engine.template_choice import select_template
-from actors.engine.templates import (
+from actors.engine.templates import sandbox as template_sandbox
+from actors.engine.templates.chat import (
     FALLBACK_SOURCES,
     TEMPLATE_CHOICES,
     ChatTemplate,
@@ -22,6 +21,7 @@ from actors.engine.templates import (
     format_tool_call,
     parse_tool_calls,
 )
+from actors.engine.templates.choice import select_template
 from schemas.chat import ChatMessage, FunctionCall, ToolCall
 
 BOS, EOS = "<s>", "</s>"

@@ -229,8 +229,8 @@ async def test_the_readme_tools_example_gets_a_valid_forced_call(make_node, nc):
 @pytest.mark.parametrize("name", ["chatml", "llama-2", "mistral"])
 def test_built_in_templates_write_the_same_tools_block_as_templates_without_tools(name: str):
     """Every built-in template lists tools exactly as a GGUF template without tools gets them."""
-    from actors.engine.templates import FALLBACK_SOURCES, ChatTemplate
-    from actors.engine.tool_text import tools_block
+    from actors.engine.templates.chat import FALLBACK_SOURCES, ChatTemplate
+    from actors.engine.templates.tool_text import tools_block
 
     tools = [WEATHER.model_dump(exclude_none=True), CLOCK.model_dump(exclude_none=True)]
     built_in = ChatTemplate(FALLBACK_SOURCES[name], "<s>", "</s>", name=name)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from actors.engine.backends.llamacpp.backend import llama_cpp_available
 from actors.engine.interface import CancelToken, TurnSpec
-from actors.engine.llamacpp_backend import llama_cpp_available
 from actors.engine.loader import load_engine
 from actors.engine.window import view
 from node.client import InfernodeClient

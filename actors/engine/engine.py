@@ -17,6 +17,7 @@ import structlog
 from actors.engine.bank.meta import Compat
 from actors.engine.bank.store import BankStore
 from actors.engine.banking import SlotBanking
+from actors.engine.decode import decode, prefill
 from actors.engine.grammar import Grammars
 from actors.engine.interface import (
     Backend,
@@ -28,10 +29,9 @@ from actors.engine.interface import (
 from actors.engine.prompt import PromptBuilder
 from actors.engine.slots import Slot, SlotPool
 from actors.engine.stats import EngineStats
-from actors.engine.templates import ChatTemplate, parse_tool_calls
+from actors.engine.templates.chat import ChatTemplate, parse_tool_calls
+from actors.engine.templates.tool_stream import ToolCallStream
 from actors.engine.tokens import token_hash
-from actors.engine.tool_stream import ToolCallStream
-from actors.engine.turn import decode, prefill
 from actors.engine.window import shift_kept
 from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
 from schemas.tools import Tool, ToolCallDelta

@@ -14,7 +14,7 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
-from actors.constraints import CLOSE, OPEN, grammar_for
+from actors.engine.constraints import CLOSE, OPEN, grammar_for
 from actors.engine.interface import Backend, TurnSpec, end_of_generation
 from schemas.errors import ErrorCode, InferError
 

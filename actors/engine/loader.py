@@ -17,10 +17,18 @@ from typing import Protocol, cast
 
 import structlog
 
-from actors.engine import llama_api, llamacpp_verify, verify
+from actors.engine.backends.ctransformers import api as llama_api
+from actors.engine.backends.ctransformers import verify as ctransformers_verify
+from actors.engine.backends.ctransformers.backend import CtransformersBackend
+from actors.engine.backends.llamacpp import verify as llamacpp_verify
+from actors.engine.backends.llamacpp.backend import (
+    INSTALL_HINT,
+    LlamaCppBackend,
+    llama_cpp_available,
+)
+from actors.engine.backends.params import ModelParams
 from actors.engine.bank.domains import LOCAL_USER, parse_share_groups
 from actors.engine.bank.store import BankStore
-from actors.engine.ctransformers_backend import CtransformersBackend
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import (
     GgufInfo,
@@ -30,10 +38,8 @@ from actors.engine.gguf_info import (
     read_gguf_info,
 )
 from actors.engine.interface import Backend, end_of_generation
-from actors.engine.llama_model import ModelParams
-from actors.engine.llamacpp_backend import INSTALL_HINT, LlamaCppBackend, llama_cpp_available
 from actors.engine.probe import ProbeVerdict, probe_engine
-from actors.engine.template_choice import select_template, turn_stops
+from actors.engine.templates.choice import select_template, turn_stops
 from schemas.chat import OverflowPolicy
 
 log = structlog.get_logger("engine")
@@ -207,7 +213,7 @@ def probe_llamacpp(model: Path, gpu_layers: int = 0, restore: bool = False) -> P
     makes it run; see ``actors.engine.probe``). For code that loads llama.cpp itself, or starts
     another llama.cpp server: a child process inherits the refusal."""
     args = llamacpp_verify.probe_args(model, gpu_layers)
-    return probe_engine("llama-cpp", "actors.engine.llamacpp_verify", args, model, restore)
+    return probe_engine("llama-cpp", llamacpp_verify.__name__, args, model, restore)
 
 
 def _restore(load: _Load) -> bool:
@@ -261,9 +267,9 @@ def _load_ctransformers(
         gpu_layers = info.n_layer + 1
     cuda = gpu_layers > 0
     lib_path = llama_api.library_path(cuda, settings.llama_lib)
-    args = verify.probe_args(lib_path, load.model, gpu_layers)
+    args = ctransformers_verify.probe_args(lib_path, load.model, gpu_layers)
     verdict = probe_engine(
-        "ctransformers", "actors.engine.verify", args, load.model, _restore(load)
+        "ctransformers", ctransformers_verify.__name__, args, load.model, _restore(load)
     )
     ok, reason = _snapshots(load, verdict)
     backend = CtransformersBackend(load.params(gpu_layers), lib_path, cuda, settings.llama_log)

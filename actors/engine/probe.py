@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 
 from actors.engine import amx
-from actors.engine.llama_model import ModelLoadError
+from actors.engine.backends.params import ModelLoadError
 
 log = structlog.get_logger("infernode.engine")
 

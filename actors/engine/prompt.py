@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from actors.engine.interface import Backend, TurnSpec
-from actors.engine.templates import ChatTemplate
+from actors.engine.templates.chat import ChatTemplate
 from actors.engine.tokenizer import assistant_mark, shield_nonce, shielded
 from actors.engine.window import Window, recorded, slide, system_head, view
 from schemas.chat import ChatMessage, OverflowPolicy

@@ -2,7 +2,7 @@
 
 These refusals need the session's state (its tool set and the calls in its history), so
 they run in the runner, before anything is recorded; checks that need only the prompt are
-in its schema (``schemas/messages.py``) and in admission (``actors/constraints.py``).
+in its schema (``schemas/messages.py``) and in admission (``actors/engine/constraints.py``).
 """
 
 from __future__ import annotations

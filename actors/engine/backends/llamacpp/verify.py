@@ -5,7 +5,7 @@ then, with ``--restore``, copy its state into sequence 1, evaluate the same two 
 both, and compare logits. A build whose restore is wrong or crashes must cost the node its
 snapshots, never its sessions.
 
-    python -m actors.engine.llamacpp_verify MODEL GPU_LAYERS [--restore] [--refuse-amx]
+    python -m actors.engine.backends.llamacpp.verify MODEL GPU_LAYERS [--restore] [--refuse-amx]
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from actors.engine.probe import PROBE_TEXT, Stage, child_main
 
 def check(args: list[str], restore: bool) -> Iterator[Stage]:
     """Load and evaluate; then snapshot, restore into another sequence, compare logits."""
-    from actors.engine.llama_model import ModelParams
-    from actors.engine.llamacpp_backend import LlamaCppBackend
+    from actors.engine.backends.llamacpp.backend import LlamaCppBackend
+    from actors.engine.backends.params import ModelParams
 
     model_path, gpu_layers = Path(args[0]), int(args[1])
     backend = LlamaCppBackend(

@@ -5,7 +5,8 @@ state's logits. A library whose restore is wrong (the KV cache offloaded to a GP
 crashes (a build without libstdc++) must not take the node down or corrupt sessions; the
 engine then runs without snapshots and logs why.
 
-    python -m actors.engine.verify LIB MODEL GPU_LAYERS [--restore] [--refuse-amx]
+    python -m actors.engine.backends.ctransformers.verify \
+        LIB MODEL GPU_LAYERS [--restore] [--refuse-amx]
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from actors.engine.probe import PROBE_TEXT, Stage, child_main
 
 def check(args: list[str], restore: bool) -> Iterator[Stage]:
     """Load and evaluate; then snapshot, restore into a second context, compare logits."""
-    from actors.engine import llama_api
-    from actors.engine.llama_model import LlamaModel, ModelParams
+    from actors.engine.backends.ctransformers import api as llama_api
+    from actors.engine.backends.ctransformers.model import LlamaModel
+    from actors.engine.backends.params import ModelParams
 
     lib_path, model_path, gpu_layers = Path(args[0]), Path(args[1]), int(args[2])
     lib = llama_api.load_library(lib_path, cuda=gpu_layers > 0)

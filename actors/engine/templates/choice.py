@@ -14,14 +14,14 @@ from pathlib import Path
 
 import structlog
 
-from actors.engine.template_families import FAMILIES
-from actors.engine.templates import (
+from actors.engine.templates.chat import (
     _PROBE_HISTORY,
     FALLBACK_SOURCES,
     TEMPLATE_CHOICES,
     ChatTemplate,
     TemplateError,
 )
+from actors.engine.templates.families import FAMILIES
 
 log = structlog.get_logger("engine")
 

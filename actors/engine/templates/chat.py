@@ -1,6 +1,6 @@
 """Chat templates: GGUF templates in a guarded sandbox, built-in fallbacks, tool calls.
 
-Templates render through ``template_sandbox`` (a GGUF template is untrusted input). The
+Templates render through ``templates/sandbox.py`` (a GGUF template is untrusted input). The
 context is HF's: ``messages`` as plain OpenAI-shaped dicts (tool-call ``arguments`` as a dict
 when they hold a JSON object, a missing ``content`` as ``""``), ``tools``, ``bos_token``,
 ``eos_token``, ``add_generation_prompt``, and the helpers ``raise_exception`` and
@@ -45,14 +45,14 @@ from collections.abc import Callable, Mapping, Sequence
 import jinja2
 import jinja2.meta
 
-from actors.engine.template_families import FAMILIES, family_source
-from actors.engine.template_sandbox import (
+from actors.engine.templates.families import FAMILIES, family_source
+from actors.engine.templates.sandbox import (
     GuardedEnvironment,
     TemplateError,
     render_guarded,
     tojson,
 )
-from actors.engine.tool_text import calls_in_content, tools_block, with_tools_in_system
+from actors.engine.templates.tool_text import calls_in_content, tools_block, with_tools_in_system
 from schemas.chat import ChatMessage, FunctionCall, ToolCall
 
 __all__ = [

@@ -26,6 +26,7 @@ from ctypes import (
 )
 from pathlib import Path
 
+from actors.engine.backends.params import LlamaLibraryError
 from actors.engine.library_log import LibraryLog
 
 llama_token = c_int
@@ -93,10 +94,6 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "llama_log_set": (None, [llama_log_callback, c_void_p]),
     "llama_print_system_info": (c_char_p, []),
 }
-
-
-class LlamaLibraryError(RuntimeError):
-    """The llama.cpp library could not be found, loaded or bound."""
 
 
 def _ctransformers_lib_dir() -> Path:

@@ -6,9 +6,10 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.engine import llama_api
+from actors.engine.backends.ctransformers import api as llama_api
+from actors.engine.backends.ctransformers.model import LlamaContext, LlamaModel
+from actors.engine.backends.params import ModelParams
 from actors.engine.gguf_info import model_id_of
-from actors.engine.llama_model import LlamaContext, LlamaModel, ModelParams
 from actors.engine.tokenizer import PromptTokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4

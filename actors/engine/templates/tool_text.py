@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from actors.engine.template_sandbox import tojson
+from actors.engine.templates.sandbox import tojson
 
 
 def tools_block(tools: Sequence[Mapping[str, object]]) -> str:

@@ -2,7 +2,7 @@
 
 It runs today's GGUF architectures (qwen2, gemma, phi3, …) and the current CUDA kernels.
 One model and one context serve every slot: slot ``i`` is sequence ``i`` of that context
-(see ``llamacpp_context``). Tokenising, special tokens and splicing go through the same
+(see ``backends/llamacpp/context.py``). Tokenising, special tokens and splicing go through the same
 ``PromptTokenizer`` as the default backend, so both engines build the same prompt ids.
 
 llama-cpp-python is an optional extra: ``pip install 'infernode[llamacpp]'``.
@@ -20,11 +20,19 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from actors.engine.backends.llamacpp.context import (
+    LlamaCppSequence,
+    SharedContext,
+    SharedContextParams,
+)
+from actors.engine.backends.params import (
+    LlamaLibraryError,
+    ModelLoadError,
+    ModelParams,
+    load_refusal,
+)
 from actors.engine.gguf_info import model_id_of
 from actors.engine.library_log import LibraryLog
-from actors.engine.llama_api import LlamaLibraryError
-from actors.engine.llama_model import ModelLoadError, ModelParams, load_refusal
-from actors.engine.llamacpp_context import LlamaCppSequence, SharedContext, SharedContextParams
 from actors.engine.tokenizer import PromptTokenizer
 
 INSTALL_HINT = "pip install 'infernode[llamacpp]'"
