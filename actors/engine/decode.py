@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors.engine.grammar import Constraint
 from actors.engine.interface import Backend, CancelToken, end_of_generation
 from actors.engine.sampling import Sampler, StopMatcher, Utf8Detokenizer
 from actors.engine.slots import Slot
+from actors.engine.speculation import Lookahead
 from actors.engine.tokens import common_prefix
 from schemas.chat import SamplingParams
 
@@ -35,6 +36,10 @@ class DecodeResult:
     first_token_at: float | None
     stop_sequence: str | None = None
     """The stop string that ended the reply, if one did."""
+    proposed_tokens: int = 0
+    """Tokens speculation proposed (``actors/engine/speculation.py``)."""
+    accepted_tokens: int = 0
+    """Of those, tokens the sampler drew as proposed."""
 
 
 def prefill(slot: Slot, tokens: Sequence[int]) -> tuple[int, float]:
@@ -57,6 +62,7 @@ def decode(
     emit: Callable[[str], None],
     cancel: CancelToken,
     constraint: Constraint | None = None,
+    draft: int = 0,
 ) -> DecodeResult:
     """Generate until EOS, a stop string, ``max_tokens``, the context end, or cancel.
 
@@ -66,7 +72,8 @@ def decode(
     (as llama-cpp-python does); otherwise its partial bytes are dropped, from the events and
     the text alike. The token that completes a stop string is counted in
     ``completion_tokens`` (it was generated) but, like the stop string, is not part of the
-    reply or the slot's tokens.
+    reply or the slot's tokens. With ``draft`` > 0 and no constraint, up to that many tokens
+    proposed by n-gram lookup are verified in each evaluation; the reply is the same.
     """
     start = time.perf_counter()
     sampler = Sampler(sampling, backend.eos_id, backend.n_vocab)
@@ -77,6 +84,7 @@ def decode(
     first_at: float | None = None
     finish = "length"
     eog = end_of_generation(backend)
+    ahead = Lookahead(slot.ctx, slot.tokens, draft if constraint is None else 0)
     while len(generated) < max_tokens or (
         detok.pending and len(generated) < max_tokens + FINISH_CHAR_TOKENS
     ):
@@ -85,7 +93,7 @@ def decode(
             break
         if len(slot.tokens) >= slot.ctx.n_ctx:
             break
-        token = _next_token(sampler, slot, sampling, eog, constraint)
+        token = _next_token(sampler, slot, sampling, eog, constraint, ahead)
         if first_at is None:
             first_at = time.perf_counter()
         if token in eog:
@@ -100,13 +108,17 @@ def decode(
         if stopped:
             finish = "stop"
             break
-        slot.ctx.eval([token], len(slot.tokens))
+        ahead.advance(token, len(slot.tokens), max_tokens - len(generated) - 1)
         slot.tokens.append(token)
         generated.append(token)
         if constraint is not None and constraint.complete:
             finish = "stop"
             break
-    return _finish(backend, detok, stopper, parts, emit, generated, finish, start, first_at)
+    ahead.settle(len(slot.tokens))
+    out = _finish(backend, detok, stopper, parts, emit, generated, finish, start, first_at)
+    return replace(
+        out, proposed_tokens=ahead.counts.proposed, accepted_tokens=ahead.counts.accepted
+    )
 
 
 def _next_token(
@@ -115,11 +127,12 @@ def _next_token(
     sampling: SamplingParams,
     eog: frozenset[int],
     constraint: Constraint | None,
+    ahead: Lookahead,
 ) -> int:
     recent = slot.tokens[-max(sampling.repeat_last_n, 1):]
     if len(eog) > 1:  # like EOS, end-of-turn markup recurs in every history: no penalty
         recent = [t for t in recent if t not in eog]
-    logits = slot.ctx.logits()
+    logits = ahead.logits()
     if constraint is None:
         return sampler.sample(logits, recent)
     return sampler.sample(logits, recent, constraint.allowed())

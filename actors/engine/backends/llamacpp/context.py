@@ -56,13 +56,16 @@ class _Work:
 
 @dataclass(eq=False)
 class _Eval(_Work):
-    """Tokens of one sequence to evaluate; gets the logits after the last one."""
+    """Tokens of one sequence to evaluate; gets the logits after the last one, or after
+    each one with ``every``."""
 
     seq: int = 0
     tokens: Sequence[int] = ()
     pos: int = 0
     trim: bool = False
     """Drop the sequence's cells from ``pos`` on first (a shorter prefix was reused)."""
+    every: bool = False
+    """Return every position's logits (verifying proposed tokens)."""
     logits: np.ndarray | None = None
     index: int = -1
 
@@ -144,9 +147,12 @@ class SharedContext:
         self._thread.start()
 
     # -- what slots call ----------------------------------------------------------------------
-    def evaluate(self, seq: int, tokens: Sequence[int], pos: int, trim: bool) -> np.ndarray:
-        """Evaluate ``tokens`` of ``seq`` at ``pos``…; the logits after the last one."""
-        work = self._wait(_Eval(seq=seq, tokens=tokens, pos=pos, trim=trim))
+    def evaluate(
+        self, seq: int, tokens: Sequence[int], pos: int, trim: bool, every: bool = False
+    ) -> np.ndarray:
+        """Evaluate ``tokens`` of ``seq`` at ``pos``…; the logits after the last one (with
+        ``every``, after each one: ``len(tokens)`` rows)."""
+        work = self._wait(_Eval(seq=seq, tokens=tokens, pos=pos, trim=trim, every=every))
         assert work.logits is not None
         return work.logits
 
@@ -210,7 +216,8 @@ class SharedContext:
             batch.append(w)
             used += len(w.tokens)
             self._queue.pop(0)
-        self._expected = {w.seq for w in batch if len(w.tokens) == 1}
+        # Decoding sequences (a token each, or a token and its proposed followers) come back.
+        self._expected = {w.seq for w in batch if len(w.tokens) == 1 or w.every}
         return batch
 
     def _run(self, batch: list[_Eval]) -> None:
@@ -229,9 +236,9 @@ class SharedContext:
                 b.pos[n] = w.pos + j
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = w.seq
-                b.logits[n] = j == last
+                b.logits[n] = w.every or j == last
                 n += 1
-            w.index = n - 1
+            w.index = n - len(w.tokens) if w.every else n - 1
         b.n_tokens = n
         start = time.perf_counter()
         with self._log.capture() if self._log else contextlib.nullcontext([]) as logged:
@@ -242,8 +249,15 @@ class SharedContext:
         if rc != 0:
             raise LlamaCppDecodeError(rc, n, self._refusal(batch, logged))
         for w in batch:
-            ptr = lib.llama_get_logits_ith(self.handle, w.index)
-            w.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            if not w.every:
+                w.logits = self._row(w.index)
+                continue
+            w.logits = np.stack([self._row(w.index + j) for j in range(len(w.tokens))])
+
+    def _row(self, index: int) -> np.ndarray:
+        """A copy of the logits of batch position ``index``."""
+        ptr = self.lib.llama_get_logits_ith(self.handle, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def _refusal(self, batch: list[_Eval], logged: list[str]) -> str:
         """The library's reason, and where each sequence of the refused batch stood."""
@@ -296,6 +310,33 @@ class LlamaCppSequence:
             self._filled = n_past + start + len(chunk)
         if self._shifted:
             self._compact()
+
+    def eval_all(self, tokens: Sequence[int], n_past: int) -> np.ndarray:
+        """Evaluate ``tokens`` at ``n_past``… in one batch (at most ``n_batch`` of them);
+        the logits after each (``len(tokens)`` × n_vocab). Later positions are discarded."""
+        if not tokens or len(tokens) > self.shared.params.n_batch:
+            raise ValueError(f"eval_all takes 1 to {self.shared.params.n_batch} tokens")
+        trim = n_past < self._filled
+        try:
+            rows = self.shared.evaluate(self.seq_id, tokens, n_past, trim, every=True)
+        except BaseException:
+            self._filled = self.shared.call(lambda: self.shared.filled(self.seq_id))
+            raise
+        self._filled = n_past + len(tokens)
+        self._logits = rows[-1]
+        if self._shifted:
+            self._compact()
+        return rows
+
+    def discard(self, n_past: int) -> None:
+        """Drop this sequence's cells from position ``n_past`` on (proposed tokens that were
+        not taken); the logits of a dropped position are gone with it."""
+        if n_past >= self._filled:
+            return
+        ctx, seq = self.shared, self.seq_id
+        ctx.call(lambda: ctx.lib.llama_memory_seq_rm(ctx.memory, seq, n_past, -1))
+        self._filled = n_past
+        self._logits = None
 
     def _compact(self) -> None:
         """Lay this sequence's cells out as a restore of their bytes does.
