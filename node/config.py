@@ -62,6 +62,9 @@ class NodeConfig:
     """When a session outgrows the context: truncate (leave its oldest whole turns out of the
     window), shift (the same, keeping the KV state of what stays where the engine can), or
     refuse (context_overflow 422)."""
+    speculate: str = "auto"
+    """Speculative decoding by n-gram lookup in the context: auto (propose where the reply's
+    last tokens occurred before, on engines that verify a batch: llama-cpp) or off."""
     bank_ram_bytes: int = GIB
     """Host RAM for banked KV snapshots; 0 turns snapshots off."""
     bank_session_bytes: int = 256 * MIB

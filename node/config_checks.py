@@ -34,6 +34,7 @@ CHAT_TEMPLATES = (
     "auto", "gguf", "chatml", "llama-2", "mistral", "llama-3", "gemma", "phi-3",
 )
 FLASH_ATTN = ("off", "on", "auto")
+SPECULATE = ("auto", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
@@ -55,6 +56,7 @@ def _check_choices(c: NodeConfig) -> None:
     choices = {
         ("engine", "--engine"): ENGINES,
         ("overflow", "--overflow"): OVERFLOW_POLICIES,
+        ("speculate", "--speculate"): SPECULATE,
         ("flash_attn", "--flash-attn"): FLASH_ATTN,
         ("log_level", "--log-level"): LOG_LEVELS,
         ("log_format", "--log-format"): LOG_FORMATS,

@@ -118,6 +118,12 @@ class NodeMetrics(Collector):
                       totals["cached_tokens"])
         yield counter("slot_evictions", "Resident sessions moved out of a slot for another.",
                       totals["slot_evictions"])
+        yield counter("speculative_proposed_tokens",
+                      "Tokens proposed by n-gram lookup and verified in a decode batch.",
+                      totals["proposed_tokens"])
+        yield counter("speculative_accepted_tokens",
+                      "Proposed tokens the sampler drew as proposed (kept in the reply).",
+                      totals["accepted_tokens"])
         misses = counter("cache_misses", "Turns that reused less than their whole prompt.",
                          labels=["reason"])
         for reason, n in sorted(stats.misses_by_reason().items()):

@@ -28,6 +28,7 @@ from actors.engine.interface import (
 )
 from actors.engine.prompt import PromptBuilder
 from actors.engine.slots import Slot, SlotPool
+from actors.engine.speculation import MAX_DRAFT, can_verify
 from actors.engine.stats import EngineStats
 from actors.engine.templates.chat import ChatTemplate, parse_tool_calls
 from actors.engine.templates.tool_stream import ToolCallStream
@@ -60,6 +61,7 @@ class SlotEngine(SlotBanking):
         snapshot_note: str = "",
         overflow: OverflowPolicy = "truncate",
         stops: tuple[str, ...] = (),
+        speculate: str = "auto",
     ) -> None:
         self.backend = backend
         self.template = template
@@ -68,6 +70,8 @@ class SlotEngine(SlotBanking):
         """Stop strings of every turn: the template's end marker where it is no end token."""
         self.bank = bank
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
+        self.draft = MAX_DRAFT if speculate == "auto" and can_verify(self.pool.slots[0].ctx) else 0
+        """Most proposed tokens verified per evaluation (0: no speculative decoding)."""
         share_cores = getattr(backend, "share_cores", None)
         if share_cores is not None:  # backends whose slots evaluate on their own threads
             share_cores(self.pool.busy_count)
@@ -182,7 +186,7 @@ class SlotEngine(SlotBanking):
 
         out = decode(
             self.backend, slot, spec.sampling, (*spec.stop, *self.stops), spec.max_tokens,
-            emit_text, cancel, constraint,
+            emit_text, cancel, constraint, self.draft,
         )
         end = time.perf_counter()
         slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along
@@ -225,6 +229,7 @@ class SlotEngine(SlotBanking):
         self.turn_stats.record(
             spec.session, outcome.usage, outcome.cache, outcome.timings, tier
         )
+        self.turn_stats.speculated(out.proposed_tokens, out.accepted_tokens)
         return outcome
 
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:

@@ -85,6 +85,8 @@ class EngineSettings(Protocol):
     def llama_log(self) -> bool: ...
     @property
     def flash_attn(self) -> str: ...
+    @property
+    def speculate(self) -> str: ...
 
 
 Progress = Callable[[float], None]
@@ -187,7 +189,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     slot_engine = SlotEngine(
         backend, template, template.name, settings.n_slots, bank, snapshot_note=note,
         overflow=cast(OverflowPolicy, settings.overflow),
-        stops=stops,
+        stops=stops, speculate=settings.speculate,
     )
     log.info(
         "engine_loaded",
@@ -204,6 +206,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         turn_stops=list(stops),
         threads=threads or "shared by busy slots",
         flash_attn=settings.flash_attn if engine == "llama-cpp" else "n/a",
+        speculate=f"n-gram, up to {slot_engine.draft} tokens" if slot_engine.draft else "off",
     )
     return slot_engine
 

@@ -44,6 +44,8 @@ class EngineStats:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.slot_evictions = 0
+        self.proposed_tokens = 0
+        self.accepted_tokens = 0
         self.misses: dict[str, int] = {}
         self.last: dict[str, LastTurn] = {}
         # Unregistered (registry=None): each engine owns its own, so two nodes in one
@@ -98,6 +100,12 @@ class EngineStats:
         if usage.new_prefill_tokens:
             self.prefill.observe(t.prefill_ms / 1000 / usage.new_prefill_tokens)
 
+    def speculated(self, proposed: int, accepted: int) -> None:
+        """Account one reply's proposed tokens and those the sampler accepted."""
+        with self._lock:
+            self.proposed_tokens += proposed
+            self.accepted_tokens += accepted
+
     def forget(self, session: str) -> None:
         """A session was deleted."""
         with self._lock:
@@ -108,11 +116,14 @@ class EngineStats:
         return (self.ttft, self.prefill, self.decode, self.restore, self.queue)
 
     def counters(self) -> dict[str, int]:
-        """Totals since start: turns, prompt and reused tokens, slot evictions."""
+        """Totals since start: turns, prompt and reused tokens, slot evictions, speculatively
+        proposed and accepted tokens."""
         with self._lock:
             return {
                 "turns": self.turns, "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "slot_evictions": self.slot_evictions,
+                "proposed_tokens": self.proposed_tokens,
+                "accepted_tokens": self.accepted_tokens,
             }
 
     def misses_by_reason(self) -> dict[str, int]:
