@@ -97,7 +97,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--data-dir", type=Path, help="where NATS data and the demo model live")
     p.add_argument("--prefix", help="subject prefix (default: infer)")
     p.add_argument("--slots", type=int, dest="n_slots", help="contexts sharing the model")
-    p.add_argument("--ctx", type=int, dest="n_ctx", help="context length of each slot")
+    p.add_argument("--ctx", type=int, dest="n_ctx", help="context length of each slot "
+                   "(0 = the model's trained context, as far as memory allows; the default)")
     p.add_argument("--threads", type=int, help="CPU threads per slot (0 = cores divided by slots)")
     p.add_argument("--gpu-layers", type=int, help="layers offloaded to CUDA (0 = CPU only)")
     p.add_argument("--llama-lib", type=Path, help="a llama.cpp library built from the sdist")

@@ -44,8 +44,9 @@ class NodeConfig:
     """Which engine runs the model: auto, llama-cpp or ctransformers."""
     n_slots: int = 2
     """Contexts sharing one copy of the weights; sessions resident at once."""
-    n_ctx: int = 2048
-    """Context length of each slot, in tokens."""
+    n_ctx: int = 0
+    """Context length of each slot, in tokens; 0 takes the model's trained context, cut to
+    what half of the memory available at start holds for every slot's KV cache."""
     n_batch: int = 512
     """Tokens evaluated per call during prefill."""
     threads: int = 0

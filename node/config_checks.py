@@ -82,7 +82,7 @@ def _check_chat_template(c: NodeConfig) -> None:
 def _check_counts(c: NodeConfig) -> None:
     minimums = {
         ("n_slots", "--slots"): 1,
-        ("n_ctx", "--ctx"): 16,
+        ("n_ctx", "--ctx"): 0,
         ("n_batch", "--batch"): 1,
         ("threads", "--threads"): 0,
         ("gpu_layers", "--gpu-layers"): 0,
@@ -105,6 +105,8 @@ def _check_counts(c: NodeConfig) -> None:
             _fail(f"{name} must be a whole number (got {value!r}); pass {flag} {max(least, 1)}")
         if value < least:
             _fail(f"{name} must be at least {least} (got {value}); pass {flag} {least} or more")
+    if 0 < c.n_ctx < 16:  # 0 is auto: the model's trained context
+        _fail(f"n_ctx must be 0 (auto) or at least 16 (got {c.n_ctx}); pass --ctx 16 or more")
 
 
 def _check_durations(c: NodeConfig) -> None:

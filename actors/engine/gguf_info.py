@@ -122,6 +122,12 @@ class GgufInfo:
     """Whether ``tokenizer.ggml.scores`` is present (the 2023 loader requires it)."""
     tokenizer_pre: str | None = None
     """``tokenizer.ggml.pre``: the pre-tokenizer of current BPE vocabularies."""
+    n_head_kv: int | None = None
+    """Heads of the KV cache (fewer than ``n_head`` under grouped-query attention)."""
+    key_length: int | None = None
+    """Width of one head's key; None: ``n_embd / n_head``."""
+    value_length: int | None = None
+    """Width of one head's value; None: ``n_embd / n_head``."""
 
 
 def read_gguf_info(path: Path) -> GgufInfo:
@@ -176,6 +182,9 @@ def _info(path: Path, reader: gguf.GGUFReader, arch: str) -> GgufInfo:
         chat_template=_string(reader, keys.Tokenizer.CHAT_TEMPLATE),
         has_scores=keys.Tokenizer.SCORES in reader.fields,
         tokenizer_pre=_string(reader, keys.Tokenizer.PRE),
+        n_head_kv=_int(reader, keys.Attention.HEAD_COUNT_KV.format(arch=arch)),
+        key_length=_int(reader, keys.Attention.KEY_LENGTH.format(arch=arch)),
+        value_length=_int(reader, keys.Attention.VALUE_LENGTH.format(arch=arch)),
     )
 
 

@@ -29,6 +29,7 @@ from actors.engine.backends.llamacpp.backend import (
 from actors.engine.backends.params import ModelParams
 from actors.engine.bank.domains import LOCAL_USER, parse_share_groups
 from actors.engine.bank.store import BankStore
+from actors.engine.context_size import available_memory, choose_context
 from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import (
     GgufInfo,
@@ -148,6 +149,8 @@ class _Load:
     model: Path
     threads: int
     progress: Progress | None
+    n_ctx: int
+    """Each slot's context: ``--ctx``, or the one ``choose_context`` chose."""
 
     @property
     def snapshots(self) -> bool:
@@ -157,7 +160,7 @@ class _Load:
     def params(self, gpu_layers: int) -> ModelParams:
         s = self.settings
         return ModelParams(
-            self.model, s.n_ctx, s.n_batch, gpu_layers, self.threads,
+            self.model, self.n_ctx, s.n_batch, gpu_layers, self.threads,
             flash_attn=s.flash_attn, progress=self.progress,
         )
 
@@ -169,7 +172,9 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     info = read_gguf_info(settings.model)
     engine = choose_engine(settings.engine, info)
     threads = settings.threads or default_threads(engine)
-    load = _Load(settings, settings.model, threads, progress)
+    context = choose_context(settings.n_ctx, info, settings.n_slots, available_memory())
+    log.info("context_chosen", n_ctx=context.n_ctx, reason=context.reason)
+    load = _Load(settings, settings.model, threads, progress, context.n_ctx)
     if engine == "llama-cpp":
         backend, (snapshots, note), library = _load_llamacpp(load)
         gpu_layers = settings.gpu_layers
@@ -189,7 +194,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     slot_engine = SlotEngine(
         backend, template, template.name, settings.n_slots, bank, snapshot_note=note,
         overflow=cast(OverflowPolicy, settings.overflow),
-        stops=stops, speculate=settings.speculate,
+        stops=stops, speculate=settings.speculate, n_batch=settings.n_batch,
     )
     log.info(
         "engine_loaded",
@@ -197,7 +202,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         model=str(settings.model),
         arch=info.architecture,
         desc=backend.description,
-        n_ctx=settings.n_ctx,
+        n_ctx=backend.n_ctx,
         slots=settings.n_slots,
         gpu_layers=gpu_layers,
         library=library,
