@@ -18,6 +18,7 @@ from actors.engine.bank.durable import DirectoryBackend, DurableBackend, Durable
 from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnSpec
+from actors.engine.service import subscribe_engine
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
     AdoptReply,
@@ -44,7 +45,7 @@ _DONE = object()
 
 
 class EngineActor(Actor):
-    """Serves ``engine.generate`` / ``cancel`` / ``snapshot`` / ``forget`` for one engine."""
+    """Serves every subject in ``actors/engine/service.py``'s table for one engine."""
 
     name = "engine"
 
@@ -70,14 +71,7 @@ class EngineActor(Actor):
     async def start(self) -> None:
         """Open the bank's durable tier (rebuilding its index), then subscribe."""
         await self._open_durable()
-        s = self.subjects
-        await self.subscribe(s.engine_generate(), self.on_generate, queue="engine")
-        await self.subscribe(s.engine_cancel_all(), self.on_cancel)
-        await self.subscribe(s.engine_turn_status(), self.on_turn_status)
-        await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
-        await self.subscribe(s.engine_forget(), self.on_forget)
-        await self.subscribe(s.engine_adopt(), self.on_adopt)
-        await self.subscribe(s.engine_bank_flush(), self.on_bank_flush)
+        await subscribe_engine(self)
 
     async def stop(self) -> None:
         """Drain, then finish queued durable writes and close the tier."""
