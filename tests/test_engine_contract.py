@@ -19,9 +19,14 @@ from nats.aio.msg import Msg
 import actors.engine.engine as engine_module
 from actors.base import encode
 from actors.engine.engine import SlotEngine
+from actors.engine.service import ENGINE_SERVES
 from node.client import InfernodeClient
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.internal import (
+    AdoptReply,
+    AdoptRequest,
+    BankFlushReply,
+    BankFlushRequest,
     CancelReply,
     CancelRequest,
     ForgetReply,
@@ -37,7 +42,7 @@ from schemas.messages import TokenEvent
 from schemas.subjects import EventKind, Subjects
 from tests.fake_engine import FakeEngine
 from tests.helpers import EventCollector
-from tests.test_session_invariants import Session, send
+from tests.support.sessions import Session, send
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -48,6 +53,15 @@ class Wire:
     def __init__(self, nc: Client, prefix: str, node: str = "") -> None:
         self.nc = nc
         self.s = Subjects(prefix, node)  # a node's engine answers on its own subjects
+        self.asked: list[str] = []
+        """Every subject a request went to, to hold the sequence to all the engine serves."""
+
+    def unasked(self) -> list[str]:
+        """The engine's subjects (``ENGINE_SERVES``) no request of this wire went to."""
+        return [
+            served.name for served in ENGINE_SERVES
+            if not any(_matches(served.subject(self.s), asked) for asked in self.asked)
+        ]
 
     def generate_request(self, session: str, turn_id: str, max_tokens: int) -> GenerateRequest:
         return GenerateRequest(
@@ -58,6 +72,7 @@ class Wire:
         )
 
     async def ask(self, subject: str, body: Any, timeout: float = 60.0) -> Msg:
+        self.asked.append(subject)
         return await self.nc.request(subject, encode(body), timeout=timeout)
 
     async def status(self, session: str, turn_id: str) -> bytes:
@@ -71,6 +86,17 @@ class Wire:
         data = (await self.ask(self.s.engine_cancel(session), cancel)).data
         CancelReply.model_validate_json(data)
         return data
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """Whether NATS delivers ``subject`` to a subscription on ``pattern`` (``*``, ``>``)."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or token not in ("*", got[i]):
+            return False
+    return len(want) == len(got)
 
 
 async def run_sequence(wire: Wire, hold_long_turn: Any) -> dict[str, Any]:
@@ -102,10 +128,9 @@ async def run_sequence(wire: Wire, hold_long_turn: Any) -> dict[str, Any]:
 
     await hold_long_turn(session)
     before = len(tokens.messages)
-    running = asyncio.ensure_future(wire.nc.request(
-        wire.s.engine_generate(), encode(wire.generate_request(session, "turn_b", 1500)),
-        timeout=60,
-    ))
+    running = asyncio.ensure_future(
+        wire.ask(wire.s.engine_generate(), wire.generate_request(session, "turn_b", 1500))
+    )
     await tokens.wait_until(lambda ms: len(ms) > before, timeout=30)
     out["status_running"] = await wire.status(session, "turn_b")
     out["status_other_turn"] = await wire.status(session, "turn_a")
@@ -113,6 +138,12 @@ async def run_sequence(wire: Wire, hold_long_turn: Any) -> dict[str, Any]:
     cut = GenerateResult.model_validate_json((await running).data)
     out["cut"] = {"finish": cut.finish_reason, "turn_id": cut.turn_id, "error": cut.error}
     out["status_after"] = await wire.status(session, "turn_b")
+    flush = await wire.ask(wire.s.engine_bank_flush(), BankFlushRequest(
+        commits={session: result.token_hash}, wait_s=5.0,
+    ))
+    out["bank_flush"] = BankFlushReply.model_validate_json(flush.data)
+    adopt = await wire.ask(wire.s.engine_adopt(), AdoptRequest(sessions=(session,)))
+    out["adopt"] = AdoptReply.model_validate_json(adopt.data)
     forget = await wire.ask(wire.s.engine_forget(), ForgetRequest(session=session))
     out["forget"] = ForgetReply.model_validate_json(forget.data)
     await tokens.stop()
@@ -124,7 +155,7 @@ async def test_the_scripted_engine_answers_the_same_sequence_as_the_real_engine_
     make_node, nc: Client
 ):
     """Given the real engine actor (tiny GGUF) and the scripted engine on one server, when
-    the same generate, status, cancel, snapshot and forget requests go to each, then their
+    the same requests go to each, one on every subject the engine serves, then their
     replies, token events and results agree in shape and in meaning."""
     node = await make_node(threads=1)  # the real engine actor, on prefix "infer"
     fake = FakeEngine(nc, Subjects("fake"))
@@ -136,11 +167,13 @@ async def test_the_scripted_engine_answers_the_same_sequence_as_the_real_engine_
     async def hold_real(session: str) -> None:
         """The real turn of 1,500 tokens is still running when it is cancelled."""
 
+    real_wire, fake_wire = Wire(nc, "infer", node.node_id), Wire(nc, "fake")
     try:
-        real = await run_sequence(Wire(nc, "infer", node.node_id), hold_real)
-        scripted = await run_sequence(Wire(nc, "fake"), hold_fake)
+        real = await run_sequence(real_wire, hold_real)
+        scripted = await run_sequence(fake_wire, hold_fake)
     finally:
         await fake.stop()
+    assert real_wire.unasked() == [] and fake_wire.unasked() == []
     assert real["first"]["finish_ok"] and real["first"]["error"] is None
     assert real["cut"] == {"finish": "aborted", "turn_id": "turn_b", "error": None}
     assert TurnStatusReply.model_validate_json(real["status_running"]).running

@@ -520,7 +520,7 @@ async def test_a_fallback_end_marker_the_model_lacks_is_a_stop_string(make_engin
 def test_llama_cpp_refusing_a_file_quotes_its_own_reason(tmp_path):
     """A GGUF whose header reads but whose tensors are missing is refused by llama.cpp; the
     error carries llama.cpp's own words, not "could not load"."""
-    from tests.test_gguf_info import write_header_only
+    from tests.support.gguf_files import write_header_only
 
     path = write_header_only(tmp_path / "hollow.gguf", "qwen2")
     with pytest.raises(ModelLoadError) as refused:

@@ -313,7 +313,7 @@ async def test_sigkill_during_a_burst_on_many_sessions_answers_every_accepted_pr
 ):
     """Turns cut on several sessions at once, prompts queued behind them and more sent while
     the node is down: after the restart every one is answered by exactly one commit."""
-    from tests.test_durability import NodeProcess
+    from tests.support.node_process import NodeProcess
 
     sessions = [f"burst-{i}" for i in range(6)]
     url, data = nats_server.url, tmp_path / "node"

@@ -16,6 +16,7 @@ from actors.engine.gguf_info import (
     read_gguf_info,
 )
 from node.demo_model import TINY, write_llama_gguf
+from tests.support.gguf_files import write_header_only
 
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
@@ -23,22 +24,6 @@ TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 @pytest.fixture(scope="module")
 def demo_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "demo.gguf")
-
-
-def write_header_only(path: Path, arch: str) -> Path:
-    """A minimal GGUF: architecture, a few keys, a tiny vocab, no tensors."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny {arch}")
-    writer.add_context_length(32768)
-    writer.add_block_count(2)
-    writer.add_token_list(["<unk>", "<|endoftext|>", "<|im_end|>"])
-    writer.add_token_scores([0.0, 0.0, 0.0])
-    writer.add_eos_token_id(2)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_demo_model_header_is_read(demo_gguf: Path):

@@ -15,7 +15,8 @@ import pytest
 from node import models
 from node.config import ConfigError, NodeConfig
 from node.models import DEMO_LABEL, NAMED_MODELS, choose_model, installed_path, resolve_model
-from tests.test_cli import READY, LineReader, _cli
+from tests.helpers import LineReader
+from tests.support.node_process import READY, cli_argv
 
 SMOLLM2 = installed_path(NAMED_MODELS[0])
 NEEDS_SMOLLM2 = pytest.mark.skipif(
@@ -68,7 +69,7 @@ def test_infernode_models_lists_each_name_where_it_is_and_the_default(monkeypatc
     """`infernode models` prints every name with its file or its install command, and marks
     the one `up` serves by default."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
-    done = subprocess.run(_cli("models"), env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cli_argv("models"), env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert re.search(r"^demo\b", done.stdout, re.M)
     if SMOLLM2 is not None:
@@ -89,7 +90,7 @@ def test_up_without_a_model_serves_smollm2_and_says_so(tmp_path: Path) -> None:
     and answers a prompt through the llama-cpp engine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNODE_")}
     env["INFERNODE_DATA_DIR"] = str(tmp_path / "data")
-    up = subprocess.Popen(_cli("up"), env=env, stdout=subprocess.PIPE,
+    up = subprocess.Popen(cli_argv("up"), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
         out = LineReader(up.stdout)
@@ -99,7 +100,7 @@ def test_up_without_a_model_serves_smollm2_and_says_so(tmp_path: Path) -> None:
         engine = re.compile(r'"?engine"?[=:] ?"?llama-cpp')
         assert any(engine.search(line) for line in out.seen), out.seen
         prompt = subprocess.run(
-            _cli("prompt", "real", "Hello", "--max-tokens", "4", "--temperature", "0"),
+            cli_argv("prompt", "real", "Hello", "--max-tokens", "4", "--temperature", "0"),
             env=env, capture_output=True, text=True, timeout=120,
         )
         assert prompt.returncode == 0, prompt.stderr

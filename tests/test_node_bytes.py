@@ -10,7 +10,7 @@ from nats.aio.client import Client
 
 from node.client import InfernodeClient
 from tests.fake_engine import FakeNode
-from tests.test_session_invariants import Session, send
+from tests.support.sessions import Session, send
 
 KIB = 1 << 10
 

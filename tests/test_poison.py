@@ -23,7 +23,7 @@ from schemas.messages import PromptRequest
 from schemas.records import TurnStartRecord, UserRecord
 from schemas.subjects import Subjects
 from tests.helpers import EventCollector
-from tests.test_durability import READY, NodeProcess
+from tests.support.node_process import READY, NodeProcess
 
 GREEDY = SamplingParams(temperature=0.0)
 S = Subjects()

@@ -39,10 +39,9 @@ from schemas.records import AssistantRecord, CommitRecord, UserRecord
 from schemas.subjects import Subjects, partition_of
 from tests.fake_engine import FakeNode
 from tests.helpers import EventCollector, until
-from tests.test_session_invariants import (
+from tests.support.sessions import (
     LogWatch,
     Session,
-    logs,  # noqa: F401  (a fixture this module uses)
     records,
     send,
 )

@@ -23,14 +23,14 @@ from node.client import InfernodeClient
 from node.config import NodeConfig
 from schemas.chat import SamplingParams
 from schemas.subjects import Subjects
-from tests import test_security
 from tests.helpers import EventCollector
-from tests.test_security import NODE_USER, PASSWORDS, QUIET, Agent
+from tests.support import agents
+from tests.support.agents import NODE_USER, PASSWORDS, QUIET, Agent
 
 S = Subjects()
 # The example-configuration server and its cleanup, as tests/test_security.py runs them.
-servers = test_security.servers
-agents_server = test_security.agents_server
+servers = agents.servers
+agents_server = agents.agents_server
 GREEDY = SamplingParams(temperature=0.0)
 
 

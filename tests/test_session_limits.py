@@ -16,7 +16,7 @@ from node.nats_server import EmbeddedNats
 from schemas.chat import ChatMessage
 from schemas.records import UserRecord
 from tests.fake_engine import FakeNode
-from tests.test_session_invariants import Session, records, send
+from tests.support.sessions import Session, records, send
 
 KIB = 1 << 10
 
