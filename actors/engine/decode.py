@@ -1,7 +1,8 @@
 """One turn on one slot: prefix reuse, prefill, then decode with our own sampler.
 
-Runs on the slot's worker thread. The cancel token is checked before every token, so an
-abort stops generation within one token.
+Runs on the slot's worker thread. The prompt is evaluated in chunks and the cancel token is
+checked before every chunk and every token, so an abort stops a prefill within one chunk and
+generation within one token.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from actors.engine.grammar import Constraint
-from actors.engine.interface import Backend, CancelToken, end_of_generation
+from actors.engine.interface import Backend, CancelToken, PrefillProgress, end_of_generation
 from actors.engine.sampling import Sampler, StopMatcher, Utf8Detokenizer
 from actors.engine.slots import Slot
 from actors.engine.speculation import Lookahead
@@ -42,15 +43,75 @@ class DecodeResult:
     """Of those, tokens the sampler drew as proposed."""
 
 
-def prefill(slot: Slot, tokens: Sequence[int]) -> tuple[int, float]:
-    """Evaluate what ``slot`` lacks of ``tokens``; returns (reused tokens, ms)."""
+PROGRESS_EVERY_S = 2.0
+"""How often a long prefill reports how far it got: a client with an idle timeout sees the
+turn alive (llama-server sends ``prompt_progress`` for the same reason)."""
+
+
+class ProgressClock:
+    """Passes a prefill's progress on, at most once every ``PROGRESS_EVERY_S`` (never for a
+    prefill shorter than that)."""
+
+    def __init__(self, report: Callable[[PrefillProgress], None], total: int) -> None:
+        self._report = report
+        self._total = total
+        self._start = self._last = time.perf_counter()
+
+    def __call__(self, reused: int, done: int) -> None:
+        """Called after each chunk: tokens reused, and the prompt tokens the slot holds."""
+        now = time.perf_counter()
+        if done >= self._total or now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        self._report(PrefillProgress(
+            done=done, total=self._total, cached=reused, elapsed_ms=(now - self._start) * 1000,
+        ))
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """What a prefill did."""
+
+    reused: int
+    """Prompt tokens the slot already held."""
+    evaluated: int
+    """Prompt tokens evaluated now."""
+    ms: float
+    complete: bool
+    """False when a cancel stopped it: the slot holds the prompt's first ``reused +
+    evaluated`` tokens, a prefix the next turn of the session reuses."""
+
+
+def prefill(
+    slot: Slot,
+    tokens: Sequence[int],
+    cancel: CancelToken | None = None,
+    chunk: Callable[[], int] = lambda: 512,
+    report: Callable[[int, int], None] | None = None,
+) -> Prefilled:
+    """Evaluate what ``slot`` lacks of ``tokens``, ``chunk()`` tokens at a time.
+
+    ``chunk`` is asked before every chunk (the engine shrinks it while other slots decode);
+    ``report`` gets the tokens reused and the prompt tokens the slot holds after each.
+    ``slot.tokens`` always names exactly the cells evaluated, so a prefill stopped by
+    ``cancel`` between chunks leaves a state as consistent as a finished one.
+    """
     start = time.perf_counter()
     # At least the last prompt token is evaluated: its logits start the reply.
     reused = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)
     slot.tokens = slot.tokens[:reused]
-    slot.ctx.eval(tokens[reused:], reused)
-    slot.tokens = list(tokens)
-    return reused, (time.perf_counter() - start) * 1000
+    done = reused
+    while done < len(tokens):
+        if cancel is not None and cancel.cancelled:
+            break
+        part = tokens[done : done + max(1, chunk())]
+        slot.ctx.eval(part, done)
+        done += len(part)
+        slot.tokens.extend(part)
+        if report is not None:
+            report(reused, done)
+    ms = (time.perf_counter() - start) * 1000
+    return Prefilled(reused, done - reused, ms, done == len(tokens))
 
 
 def decode(

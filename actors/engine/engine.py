@@ -17,12 +17,13 @@ import structlog
 from actors.engine.bank.meta import Compat
 from actors.engine.bank.store import BankStore
 from actors.engine.banking import SlotBanking
-from actors.engine.decode import decode, prefill
+from actors.engine.decode import DecodeResult, Prefilled, ProgressClock, decode, prefill
 from actors.engine.grammar import Grammars
 from actors.engine.interface import (
     Backend,
     CancelToken,
     EngineInfo,
+    PrefillProgress,
     TurnOutcome,
     TurnSpec,
 )
@@ -41,6 +42,11 @@ log = structlog.get_logger("engine")
 
 CacheSource = Literal["slot", "bank", "none"]
 NO_CALLS: tuple[ToolCall, ...] = ()
+SHARED_CHUNK = 64
+"""Prompt tokens per prefill chunk while other slots decode. Their next tokens wait for the
+chunk (on llama-cpp they ride in the same batch), so a small chunk keeps their pace; a
+prefill alone takes ``n_batch`` tokens at a time."""
+Progress = Callable[[PrefillProgress], None]
 
 
 def new_call_id() -> str:
@@ -62,6 +68,7 @@ class SlotEngine(SlotBanking):
         overflow: OverflowPolicy = "truncate",
         stops: tuple[str, ...] = (),
         speculate: str = "auto",
+        n_batch: int = 512,
     ) -> None:
         self.backend = backend
         self.template = template
@@ -69,6 +76,8 @@ class SlotEngine(SlotBanking):
         self.stops = stops
         """Stop strings of every turn: the template's end marker where it is no end token."""
         self.bank = bank
+        self.n_batch = n_batch
+        """Prompt tokens per prefill chunk while no other slot is busy."""
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
         self.draft = MAX_DRAFT if speculate == "auto" and can_verify(self.pool.slots[0].ctx) else 0
         """Most proposed tokens verified per evaluation (0: no speculative decoding)."""
@@ -101,9 +110,11 @@ class SlotEngine(SlotBanking):
         emit: Callable[[str], None],
         cancel: CancelToken,
         emit_call: Callable[[ToolCallDelta], None] | None = None,
+        progress: Progress | None = None,
     ) -> TurnOutcome:
-        """Run one turn of ``spec.session``; ``emit`` and ``emit_call`` (tool-call deltas)
-        are called from the worker thread."""
+        """Run one turn of ``spec.session``; ``emit``, ``emit_call`` (tool-call deltas) and
+        ``progress`` (a long prefill's, every few seconds) are called from the worker
+        thread."""
         # Registered before the slot is ours, so a cancel while waiting for it counts too.
         running = self._running[spec.session] = (spec.turn_id, cancel)
         try:
@@ -118,7 +129,7 @@ class SlotEngine(SlotBanking):
         lock_wait_ms = (time.perf_counter() - waited) * 1000
         try:
             job = slot.worker.submit(
-                lambda: self._turn(slot, spec, emit, cancel, lock_wait_ms, emit_call)
+                lambda: self._turn(slot, spec, emit, cancel, lock_wait_ms, emit_call, progress)
             )
             try:
                 return await asyncio.shield(job)
@@ -155,6 +166,7 @@ class SlotEngine(SlotBanking):
         cancel: CancelToken,
         lock_wait_ms: float,
         emit_call: Callable[[ToolCallDelta], None] | None = None,
+        progress: Progress | None = None,
     ) -> TurnOutcome:
         t0 = time.perf_counter()
         tokens, window = self.prompts.window_tokens(spec)
@@ -170,7 +182,8 @@ class SlotEngine(SlotBanking):
         if self.prompts.policy(spec) == "shift":
             shift_kept(slot, tokens)
         had = len(slot.tokens)
-        reused, prefill_ms = prefill(slot, tokens)
+        filled = self._prefill(slot, tokens, cancel, progress)
+        reused, prefill_ms = filled.reused, filled.ms
         if source == "slot" and reused < had and miss is None:
             miss = f"prefix_divergence_at_token {reused}"
         if reused == 0:
@@ -187,7 +200,7 @@ class SlotEngine(SlotBanking):
         out = decode(
             self.backend, slot, spec.sampling, (*spec.stop, *self.stops), spec.max_tokens,
             emit_text, cancel, constraint, self.draft,
-        )
+        ) if filled.complete else ABORTED_IN_PREFILL
         end = time.perf_counter()
         slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along
         text, calls = out.raw_text, NO_CALLS
@@ -231,6 +244,17 @@ class SlotEngine(SlotBanking):
         )
         self.turn_stats.speculated(out.proposed_tokens, out.accepted_tokens)
         return outcome
+
+    def _prefill(
+        self, slot: Slot, tokens: list[int], cancel: CancelToken, progress: Progress | None
+    ) -> Prefilled:
+        """Prefill in chunks: ``n_batch`` tokens at a time alone, ``SHARED_CHUNK`` while
+        another slot is busy, so a long prompt delays others' tokens by one small chunk."""
+        def chunk() -> int:
+            return self.n_batch if self.pool.busy_count() <= 1 else min(SHARED_CHUNK, self.n_batch)
+
+        report = ProgressClock(progress, len(tokens)) if progress else None
+        return prefill(slot, tokens, cancel, chunk, report)
 
     def prompt_tokens(self, spec: TurnSpec) -> list[int]:
         """Render the whole conversation and tokenise it, splicing known assistant token ids."""
@@ -312,6 +336,13 @@ class SlotEngine(SlotBanking):
             token.cancel("shutdown")
         await asyncio.to_thread(self.pool.close)
         self.backend.close()
+
+
+ABORTED_IN_PREFILL = DecodeResult(
+    raw_text="", finish_reason="aborted", completion_ids=(), completion_tokens=0,
+    prefill_ms=0.0, decode_ms=0.0, first_token_at=None,
+)
+"""The reply of a turn cancelled before its prompt was evaluated: none."""
 
 
 def _cache_info(

@@ -82,7 +82,8 @@ def end_of_generation(backend: Backend) -> frozenset[int]:
 
 
 class CancelToken:
-    """Crosses from the event loop to a worker thread; checked before every token."""
+    """Crosses from the event loop to a worker thread; checked before every prefill chunk
+    and every token."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -97,6 +98,20 @@ class CancelToken:
     def cancelled(self) -> bool:
         """True once cancel() was called."""
         return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    """How far a long prefill got: reported every few seconds while it runs."""
+
+    done: int
+    """Prompt tokens the slot holds now (``cached`` included)."""
+    total: int
+    """Prompt tokens of the turn."""
+    cached: int
+    """Of those, tokens reused without evaluation."""
+    elapsed_ms: float
+    """Since the prefill began."""
 
 
 @dataclass(frozen=True)
