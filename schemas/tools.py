@@ -40,7 +40,9 @@ class FunctionDef(Frozen):
     parameters: JsonSchema = {"type": "object", "properties": {}}
     """JSON Schema of the arguments object."""
     strict: bool | None = None
-    """Accepted for OpenAI compatibility; forced calls always follow the schema."""
+    """Forced calls always follow the schema, read as OpenAI's strict mode reads it (an
+    object that declares ``properties`` admits no other key unless it says
+    ``additionalProperties``); ``false`` reads it as plain JSON Schema instead."""
 
     @field_validator("parameters")
     @classmethod
@@ -92,7 +94,9 @@ class JsonSchemaSpec(Frozen):
     schema_: JsonSchema = Field(default={}, alias="schema")
     """The JSON Schema (``schema`` on the wire)."""
     strict: bool | None = None
-    """Accepted for OpenAI compatibility; the grammar always enforces the schema."""
+    """The grammar always enforces the schema, read as OpenAI's strict mode reads it (no
+    undeclared keys in an object that declares ``properties`` and says nothing of others);
+    ``false`` reads it as plain JSON Schema instead."""
 
     @field_validator("schema_")
     @classmethod

@@ -290,3 +290,28 @@ def test_a_call_echoed_with_other_json_spacing_continues_the_same_conversation()
     tight = chain("", [ChatMessage(role="user", content="hi"), said('{"city":"Paris"}')])
     other = chain("", [ChatMessage(role="user", content="hi"), said('{"city":"Rome"}')])
     assert spaced == tight and spaced[-1] != other[-1]
+
+
+OPEN_PARAMS = {"type": "object", "properties": {
+    "tz": {"enum": ["UTC", "CET"]}, "city": {"type": "string", "maxLength": 8}},
+    "required": ["tz"]}
+"""A schema that says nothing of other keys, as most agents' tool schemas do."""
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+async def test_a_forced_call_to_a_schema_without_additional_properties_has_only_its_keys(
+    make_node, seed
+):
+    """A forced call follows OpenAI strict semantics: no key the schema does not declare,
+    so the random model's call is whole and parsed within ``max_tokens``."""
+    base = await _gateway(make_node)
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": OPEN_PARAMS}}]
+    answer = await _turn(base, False, False, model="any", messages=[_user("time?")],
+                         tools=tools, tool_choice="required", temperature=1.0, seed=seed,
+                         max_tokens=150)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) <= {"tz", "city"}, arguments
+    jsonschema.validate(arguments, OPEN_PARAMS)

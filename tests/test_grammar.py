@@ -130,3 +130,40 @@ def test_streamed_deltas_add_up_to_the_parsed_calls_whatever_the_chunking():
             assert (mine[0].id, mine[0].function.name) == (call.id, call.function.name)
             streamed = "".join(d.function.arguments for d in mine)
             assert json.loads(streamed) == json.loads(call.function.arguments)
+
+
+def test_schemas_are_closed_as_openai_strict_mode_reads_them_unless_they_opt_out():
+    """An object declaring ``properties`` admits no other key; ``additionalProperties:
+    true`` keeps one open, ``allOf`` members stay open, ``strict: false`` keeps all open."""
+    from actors.engine.constraints import _call_schema, closed_schema, response_grammar
+    from schemas.tools import Tool
+
+    nested = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+        "free": {"type": "object"},
+        "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        "list": {"type": "array", "items": {"type": "object", "properties": {}}},
+        "both": {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+    }, "$defs": {"d": {"type": "object", "properties": {"q": {}}}}}
+    closed = closed_schema(nested)
+    props = closed["properties"]
+    assert closed["additionalProperties"] is False
+    assert props["a"]["additionalProperties"] is False  # type: ignore[index]
+    assert "additionalProperties" not in props["free"]  # type: ignore[operator]
+    assert props["open"]["additionalProperties"] is True  # type: ignore[index]
+    assert props["list"]["items"]["additionalProperties"] is False  # type: ignore[index]
+    assert all("additionalProperties" not in m for m in props["both"]["allOf"])  # type: ignore[index,union-attr]
+    assert closed["$defs"]["d"]["additionalProperties"] is False  # type: ignore[index]
+    assert "additionalProperties" not in nested["properties"]["a"]  # the request's is kept
+
+    def tool(strict: bool | None) -> Tool:
+        return Tool.model_validate({"type": "function", "function": {
+            "name": "f", "parameters": nested, "strict": strict}})
+
+    arguments = _call_schema(tool(None))["properties"]["arguments"]  # type: ignore[index]
+    assert arguments["additionalProperties"] is False  # type: ignore[index]
+    loose = _call_schema(tool(False))["properties"]["arguments"]  # type: ignore[index]
+    assert "additionalProperties" not in loose  # type: ignore[operator]
+    fmt = JsonSchemaFormat.model_validate({"type": "json_schema", "json_schema": {
+        "schema": {"type": "object", "properties": {"k": {}}}}})
+    assert '"additionalProperties":false' in response_grammar(fmt).replace(" ", "")

@@ -7,6 +7,11 @@ the grammar of a turn and enforces it while sampling (``actors/engine/grammar.py
 JSON is generated compact with the separators ``json.dumps`` writes (``", "``, ``": "``), so
 a forced call's arguments are already in the canonical form the templates render, and the
 streamed argument text equals the arguments ``done`` carries.
+
+Schemas are read as OpenAI's strict mode reads them (``closed_schema``): an object that
+declares ``properties`` and says nothing of other keys admits only the keys it declares, so
+a weak model cannot pad a call with keys of its own until ``max_tokens``. A schema opts out
+per object with ``additionalProperties: true``, or whole with ``strict: false``.
 """
 
 from __future__ import annotations
@@ -40,12 +45,64 @@ def _with_options(schema: JsonSchema) -> dict[str, object]:
     return {**schema, "x-guidance": JSON_OPTIONS}
 
 
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties",
+              "allOf", "anyOf", "oneOf", "$ref")
+"""Keywords by which an object says what it admits beyond its declared properties, or by
+which other subschemas may declare more keys of the same object (closing it would refuse
+theirs)."""
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+              "additionalProperties", "propertyNames", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions",
+                   "dependentSchemas")
+
+
+def closed_schema(schema: JsonSchema) -> JsonSchema:
+    """``schema`` with ``additionalProperties: false`` on every object that declares
+    ``properties`` and none of ``_OPEN_KEYS``: OpenAI's strict semantics.
+
+    ``allOf`` members are left open at their own level: closing each would refuse the keys
+    the others declare (their nested objects are closed). ``anyOf``/``oneOf`` members are
+    alternatives, each closed.
+    """
+    return _closed(schema, close=True)  # type: ignore[return-value]
+
+
+def _closed(node: object, close: bool) -> object:
+    if isinstance(node, list):  # an ``items`` list (tuples, older drafts)
+        return [_closed(n, True) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = _closed(out[key], True)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(n, True) for n in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_closed(n, False) for n in out["allOf"]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _closed(v, True) for k, v in out[key].items()}
+    if close and isinstance(node.get("properties"), dict) and not any(
+        k in node for k in _OPEN_KEYS
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _strict(schema: JsonSchema, strict: bool | None) -> JsonSchema:
+    """The schema the grammar enforces: closed unless the request said ``strict: false``."""
+    return schema if strict is False else closed_schema(schema)
+
+
 def response_grammar(fmt: JsonObjectFormat | JsonSchemaFormat) -> str:
     """The grammar of a JSON response."""
     schema: JsonSchema = {"type": "object"}
     if isinstance(fmt, JsonSchemaFormat):
-        schema = fmt.json_schema.schema_
-    _within_bounds(schema, "response_format")
+        _within_bounds(fmt.json_schema.schema_, "response_format")
+        schema = _strict(fmt.json_schema.schema_, fmt.json_schema.strict)
     return llguidance.LLMatcher.grammar_from_json_schema(_with_options(schema))
 
 
@@ -60,7 +117,7 @@ def _within_bounds(schema: JsonSchema, where: str) -> None:
 
 
 def _call_schema(tool: Tool) -> dict[str, object]:
-    params = dict(tool.function.parameters)
+    params = dict(_strict(tool.function.parameters, tool.function.strict))
     # References are written against the parameters' root; lifted to the call's root they
     # still resolve.
     defs: JsonSchema = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}

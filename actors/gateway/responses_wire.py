@@ -125,7 +125,8 @@ class FunctionTool(_Strict):
     parameters: dict[str, Any] | None = None
     """JSON Schema of the arguments object."""
     strict: bool | None = None
-    """Accepted; forced calls always follow the schema."""
+    """Forced calls always follow the schema; ``false`` admits keys it does not declare
+    (see ``schemas.tools.FunctionDef.strict``)."""
 
 
 class HostedTool(_Echoed):
