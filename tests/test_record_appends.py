@@ -19,7 +19,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NoStreamResponseError
 
 from actors.leases import PartitionLeases
-from actors.session.io import APPEND_TRIES, BusIO
+from actors.session.appender import APPEND_TRIES, RecordAppender
 from actors.session.records import read_log
 from node.streams import ensure_streams
 from schemas.chat import ChatMessage
@@ -37,16 +37,16 @@ def user_record(text: str) -> UserRecord:
 
 
 @pytest.fixture
-async def io(nc: Client) -> AsyncIterator[BusIO]:
+async def io(nc: Client) -> AsyncIterator[RecordAppender]:
     """The runners' record appender, holding every partition's lease on a real server."""
     await ensure_streams(nc.jetstream(), S, 1 << 20, partitions=4)
     leases = PartitionLeases(nc, S, "node-a", 4, 30.0, 1, balance=False)
     await leases.start()
-    yield BusIO(nc, S, 30.0, 5.0, leases)
+    yield RecordAppender(nc.jetstream(), S, leases)
     await leases.stop()
 
 
-def losing_answers(io: BusIO, lose: int, stored: bool) -> list[str]:
+def losing_answers(io: RecordAppender, lose: int, stored: bool) -> list[str]:
     """Make the next ``lose`` publishes lose their answer: the first after the record reached
     the stream when ``stored`` (a timeout), the others before (no responders); the ids of
     the records sent, in order."""
@@ -74,7 +74,7 @@ async def log_of(nc: Client) -> list[Record]:
 
 
 async def test_an_append_stored_whose_answer_was_lost_returns_and_is_in_the_log_once(
-    nc: Client, io: BusIO
+    nc: Client, io: RecordAppender
 ):
     """Given a record the stream stored but whose answer was lost twice, append returns as
     stored (the retry is refused as stale and the log's last record is this one), and the
@@ -88,7 +88,7 @@ async def test_an_append_stored_whose_answer_was_lost_returns_and_is_in_the_log_
 
 
 async def test_an_append_not_stored_whose_answer_was_lost_is_sent_again_and_stored_once(
-    nc: Client, io: BusIO
+    nc: Client, io: RecordAppender
 ):
     """Given publishes that find no responders (nothing stored), append sends the same
     record again until it is stored, once."""
@@ -100,7 +100,7 @@ async def test_an_append_not_stored_whose_answer_was_lost_is_sent_again_and_stor
 
 
 async def test_a_record_stored_whose_answers_never_came_is_not_recorded_twice(
-    nc: Client, io: BusIO
+    nc: Client, io: RecordAppender
 ):
     """Given a record the stream stored but whose every answer was lost, append gives up with
     the error (the caller defers its prompt); the session's next append, a new record for

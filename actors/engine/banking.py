@@ -1,7 +1,9 @@
 """The engine's side of the bank: snapshots of slots, evictions, and durable fetches.
 
-A mixin of ``SlotEngine`` (``actors/engine/engine.py``): the state it reads — the pool, the
-bank, the compatibility key, the running turns — is the engine's own.
+``SlotBank`` is owned by ``SlotEngine`` (``actors/engine/engine.py``), which hands it what
+it works on when it makes it: the slot pool, the bank, the compatibility key of this model,
+the counters and a read-only view of which sessions run a turn. It keeps which sessions'
+states were pushed out, so a later miss says ``evicted``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections.abc import Container
 
 import structlog
 
 from actors.engine.bank.meta import Compat, SnapshotMeta
 from actors.engine.bank.store import BankEntry, BankStore
-from actors.engine.interface import CancelToken, SnapshotOutcome
+from actors.engine.interface import SnapshotOutcome
 from actors.engine.slots import Slot, SlotPool
 from actors.engine.stats import EngineStats
 from actors.engine.tokens import token_hash
@@ -28,17 +31,32 @@ IDLE_BANK_WAIT_S = 2.0
 """How long a new session waits for idle slots to be banked before it looks for a prefix."""
 
 
-class SlotBanking:
-    """Banking of slot states for ``SlotEngine``."""
+class SlotBank:
+    """Banks the states of one engine's slots: at commits, evictions, and for new sessions."""
 
-    bank: BankStore | None
-    pool: SlotPool
-    compat: Compat
-    turn_stats: EngineStats
-    _evicted: set[str]
-    _running: dict[str, tuple[str, CancelToken]]
+    def __init__(
+        self, bank: BankStore | None, pool: SlotPool, compat: Compat, stats: EngineStats,
+        running: Container[str],
+    ) -> None:
+        self.bank = bank
+        """None when snapshots are off: evictions then only count, and snapshots refuse."""
+        self.pool = pool
+        self.compat = compat
+        self.stats = stats
+        self._running = running
+        """Sessions with a turn running or waiting for a slot (the engine's, read here)."""
+        self._evicted: set[str] = set()
+        """Sessions whose state left a slot or the RAM bank: a later miss says ``evicted``."""
 
-    async def _fetch_durable(self, session: str) -> None:
+    def was_evicted(self, session: str) -> bool:
+        """True when the session's state was pushed out of a slot since it was last here."""
+        return session in self._evicted
+
+    def forget(self, session: str) -> None:
+        """Forget a deleted session's eviction."""
+        self._evicted.discard(session)
+
+    async def fetch_durable(self, session: str) -> None:
         """Bring the snapshot a turn would restore from the durable tier into RAM, on the loop.
 
         Done before the slot is taken, so a slot thread never waits on the event loop for an
@@ -60,7 +78,7 @@ class SlotBanking:
         # Checked against its checksum before its first restore (``BankStore.check``).
         bank.put(BankEntry(meta, data, durable=True, fetched_ms=ms, checked=False))
 
-    async def _bank_idle_slots(self, session: str) -> None:
+    async def bank_idle_slots(self, session: str) -> None:
         """Bank every idle slot whose state is not banked yet, before a new session looks.
 
         A turn's commit snapshot is requested over the bus after its answer is out, so the
@@ -95,12 +113,13 @@ class SlotBanking:
             return  # that session's next turn waits behind this job: its commit banks it
         self._bank_slot(slot, persist=False)
 
-    # -- bank -----------------------------------------------------------------------------
-    def _evict(self, slot: Slot) -> None:
+    # -- states in and out of slots --------------------------------------------------------
+    def evict(self, slot: Slot) -> None:
+        """Push the slot's session out (banked in RAM first when there is a bank)."""
         old = slot.session
         assert old is not None
         self._evicted.add(old)
-        self.turn_stats.slot_evictions += 1
+        self.stats.slot_evictions += 1
         if self.bank is not None and slot.tokens:
             self._bank_slot(slot, persist=False)
         log.info("slot_evicted", slot=slot.index, session=old, tokens=len(slot.tokens))
@@ -164,7 +183,7 @@ class SlotBanking:
         # result, an agent's follow-up): a copy started first would sit on that turn's time
         # to first token. Settling a moment lets that turn take the slot; its commit banks
         # the longer state, and a new session that could share this one banks it itself
-        # before it looks (``_bank_idle_slots``).
+        # before it looks (``bank_idle_slots``).
         await asyncio.sleep(SNAPSHOT_SETTLE_S)
         slot = self.pool.resident(session)
         if slot is None:
@@ -208,6 +227,7 @@ class SlotBanking:
                 return _failed_snapshot(session, e)
         except Exception as e:
             return _failed_snapshot(session, e)
+
 
 def _failed_snapshot(session: str, e: Exception) -> SnapshotOutcome:
     """A failed copy costs this snapshot only, never the turn or its record."""

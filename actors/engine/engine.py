@@ -16,7 +16,7 @@ import structlog
 
 from actors.engine.bank.meta import Compat
 from actors.engine.bank.store import BankStore
-from actors.engine.banking import SlotBanking
+from actors.engine.banking import SlotBank
 from actors.engine.decode import DecodeResult, Prefilled, ProgressClock, decode, prefill
 from actors.engine.grammar import Grammars
 from actors.engine.interface import (
@@ -24,6 +24,7 @@ from actors.engine.interface import (
     CancelToken,
     EngineInfo,
     PrefillProgress,
+    SnapshotOutcome,
     TurnOutcome,
     TurnSpec,
 )
@@ -54,7 +55,7 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:12]}"
 
 
-class SlotEngine(SlotBanking):
+class SlotEngine:
     """N slots over one backend; a session keeps its slot while resident."""
 
     def __init__(
@@ -84,13 +85,13 @@ class SlotEngine(SlotBanking):
         share_cores = getattr(backend, "share_cores", None)
         if share_cores is not None:  # backends whose slots evaluate on their own threads
             share_cores(self.pool.busy_count)
-        self._evicted: set[str] = set()
-        """Sessions whose state left a slot or the RAM bank: a later miss says ``evicted``."""
         self._running: dict[str, tuple[str, CancelToken]] = {}
         """The turn each session runs (or waits for a slot to run): turn id and its cancel."""
         self.compat = Compat(backend.model_id, backend.n_ctx, template_name)
         self.grammars = Grammars(backend)
         self.turn_stats = EngineStats()
+        self.banking = SlotBank(bank, self.pool, self.compat, self.turn_stats, self._running)
+        """Slot states in and out of the bank (commits, evictions, durable fetches)."""
         self.info = EngineInfo(
             engine=backend.name,
             model=backend.description,
@@ -118,9 +119,9 @@ class SlotEngine(SlotBanking):
         # Registered before the slot is ours, so a cancel while waiting for it counts too.
         running = self._running[spec.session] = (spec.turn_id, cancel)
         try:
-            await self._fetch_durable(spec.session)
+            await self.banking.fetch_durable(spec.session)
             if spec.generation == 0:
-                await self._bank_idle_slots(spec.session)
+                await self.banking.bank_idle_slots(spec.session)
             waited = time.perf_counter()
             slot = await self.pool.acquire(spec.session)
         except BaseException:
@@ -276,9 +277,9 @@ class SlotEngine(SlotBanking):
         if slot.session == session:
             return "slot", None, 0.0, "slot", False
         if slot.session is not None:
-            self._evict(slot)
+            self.banking.evict(slot)
         slot.session, slot.tokens, slot.digest = session, [], None
-        lost = "evicted" if session in self._evicted or resumed else "new_session"
+        lost = "evicted" if self.banking.was_evicted(session) or resumed else "new_session"
         if self.bank is None:
             return "none", lost, 0.0, "", False
         start = time.perf_counter()  # restore time includes reading a durable snapshot
@@ -301,6 +302,10 @@ class SlotEngine(SlotBanking):
         ms = (time.perf_counter() - start) * 1000 + match.fetch_ms
         return "bank", match.miss_reason, ms, match.tier, match.shared
 
+    async def snapshot(self, session: str, digest: str, wait_s: float) -> SnapshotOutcome:
+        """Bank the exact state ``digest`` of ``session`` once its slot is idle (bounded)."""
+        return await self.banking.snapshot(session, digest, wait_s)
+
     async def forget(self, session: str) -> None:
         """Drop the slot state and every bank entry (RAM and durable) of a deleted session."""
         slot = self.pool.resident(session)
@@ -311,7 +316,7 @@ class SlotEngine(SlotBanking):
                     slot.session, slot.tokens, slot.digest = None, [], None
 
             await slot.worker.submit(clear)
-        self._evicted.discard(session)
+        self.banking.forget(session)
         self.prompts.forget(session)
         self.turn_stats.forget(session)
         if self.bank is not None:

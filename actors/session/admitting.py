@@ -1,13 +1,13 @@
-"""A session runner's admit step: record an admitted prompt, answer admission, maybe start
-a turn.
+"""A session runner's admit step: check an admitted prompt, record it, answer admission.
 
-A mixin of ``SessionRunner`` (``actors/session/runner.py``): the state it reads and the
-turn it starts are the runner's own; it runs only as a step of the runner's mailbox.
+``Admitter`` is owned by its ``SessionRunner`` (``actors/session/runner.py``) and runs only
+as a step of the runner's mailbox. It shares the runner's state and bus, is told whether a
+turn runs and whether the session is being deleted, and says whether the prompt was
+recorded; starting the next turn stays the runner's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from actors.session.admit import SessionLimits, key_conflict, prompt_bytes, refusal
@@ -16,7 +16,6 @@ from actors.session.mailbox import Admit, rejected
 from actors.session.records import new_id
 from actors.session.state import SessionState
 from actors.session.tools import tool_refusal
-from actors.session.turn import Turn
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import AcceptedEvent
@@ -24,44 +23,42 @@ from schemas.records import RelayGrantRecord, ToolsRecord, TurnParams, UserRecor
 from schemas.subjects import EventKind
 
 
-class AdmitSteps:
-    """Admits for ``SessionRunner``."""
+class Admitter:
+    """Checks and records the prompts admitted to one session."""
 
-    io: RunnerIO
-    state: SessionState
-    limits: SessionLimits
-    session: str
-    turn: Turn | None
-    deleting: asyncio.Future[None] | None
+    def __init__(self, io: RunnerIO, state: SessionState, limits: SessionLimits) -> None:
+        self.io = io
+        self.state = state
+        self.limits = limits
+        """What the session may hold and have waiting."""
+        self.session = state.session
 
-    async def _after_turn(self) -> None:
-        raise NotImplementedError  # the runner's: start the next turn or go idle
-
-    async def on_admit(self, cmd: Admit) -> None:
-        """Record the prompt's messages, answer admission, maybe start a turn."""
+    async def admit(self, cmd: Admit, running: bool, deleting: bool) -> bool:
+        """Record the prompt's messages and answer admission (``cmd.done``); True when the
+        prompt was recorded now, so a turn may start over it if none is ``running``."""
         req, st = cmd.req, self.state
         prompt = req.prompt
         seen: tuple[str, ...] = ()
         if req.intake_seq is not None:
             seen = st.intake_seqs.get(req.intake_seq, ())
         key = req.idempotency_key
-        if self.deleting is not None:
+        if deleting:
             err = InferError(ErrorCode.GONE, f"session {self.session} is being deleted")
             cmd.done.set_result(rejected(err))
-            return
+            return False
         if len(seen) >= max(len(prompt.messages), 1):  # a redelivery of what is recorded
             cmd.done.set_result(
                 AdmitReply(outcome="duplicate", message_ids=seen, generation=st.generation)
             )
-            return
+            return False
         if not seen and key and key in st.keys:
             await self._repeated_key(cmd, key)
-            return
+            return False
         if not seen:  # a redelivery of a partly recorded prompt was checked the first time
-            refused = self._refusal(req)
+            refused = self._refusal(req, running)
             if refused is not None:
                 cmd.done.set_result(rejected(refused))
-                return
+                return False
         ids = list(seen)
         await self._record(req, ids, fresh=not seen)
         if prompt.reply and not prompt.messages and prompt.accept_relays_from is None:
@@ -73,8 +70,7 @@ class AdmitSteps:
             session=self.session, message_ids=tuple(ids), generation=st.generation,
             idempotency_key=key,
         ))
-        if self.turn is None:
-            await self._after_turn()
+        return True
 
     async def _repeated_key(self, cmd: Admit, key: str) -> None:
         """A key seen before: a retry is answered ``duplicate``; another prompt is refused."""
@@ -108,8 +104,8 @@ class AdmitSteps:
             if node is not None:
                 node.reserved -= size
 
-    def _refusal(self, req: AdmitRequest) -> InferError | None:
-        refused = refusal(self.state, req.prompt, self.turn is not None, self.limits)
+    def _refusal(self, req: AdmitRequest, running: bool) -> InferError | None:
+        refused = refusal(self.state, req.prompt, running, self.limits)
         return refused or tool_refusal(self.state, req.prompt)
 
     async def _record_grant(self, sources: tuple[str, ...]) -> None:
@@ -154,4 +150,4 @@ class AdmitSteps:
             ) from e
 
 
-__all__ = ["AdmitSteps"]
+__all__ = ["Admitter"]

@@ -10,8 +10,10 @@ the node's death has cut a turn over them ``CRASH_LIMIT`` times: then they are s
 with an ``error`` event); when it
 loses partitions it drops their runners at once, recording nothing; when it hands partitions
 over (another node joined) it lets their turns in flight finish, has the engine make each
-session's last commit durable, then drops them. The bus a runner
-speaks is ``BusIO``. It also logs a periodic stats heartbeat (sessions, turns in flight, RSS).
+session's last commit durable, then drops them. The bus a runner speaks is ``BusIO``; the
+records of all of them go through one ``RecordAppender``, which the host tells what a rebuild
+found. After a deletion the host frees the engine's state and the old records itself. It
+also logs a periodic stats heartbeat (sessions, turns in flight, RSS).
 """
 
 from __future__ import annotations
@@ -26,18 +28,37 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors.balance import Heat
-from actors.base import Actor
+from actors.base import Actor, encode, parse_reply
 from actors.ownership import Ownership
 from actors.session.admit import NodeBytes, SessionLimits
+from actors.session.appender import RecordAppender
 from actors.session.io import BusIO
 from actors.session.records import close_interrupted, rebuild
 from actors.session.runner import SessionRunner
 from actors.session.state import CRASH_LIMIT, CRASHED, SessionState
 from actors.session.turn import publish_abort, publish_set_aside
 from schemas.errors import ErrorCode, InferError
-from schemas.internal import AdmitReply, AdmitRequest, SessionDeleteReply, SessionDeleteRequest
+from schemas.internal import (
+    AdmitReply,
+    AdmitRequest,
+    AdoptReply,
+    AdoptRequest,
+    BankFlushReply,
+    BankFlushRequest,
+    ForgetReply,
+    ForgetRequest,
+    SessionDeleteReply,
+    SessionDeleteRequest,
+)
 from schemas.messages import AbortRequest
 from schemas.subjects import Subjects, is_session_id
+
+FORGET_TIMEOUT_S = 5.0
+"""Longest wait for the engine to drop a deleted session's state."""
+ADOPT_TIMEOUT_S = 60.0
+"""Longest wait for the engine to index the banked snapshots of sessions that moved here."""
+FLUSH_MARGIN_S = 30.0
+"""Extra time for the durable writes of a hand-over on top of the engine's slot wait."""
 
 
 class Tombstones(OrderedDict[str, float]):
@@ -92,7 +113,11 @@ class RunnerHost(Actor):
         super().__init__(nc, subjects)
         self.settings = settings
         self.ownership = ownership
-        self.io = BusIO(nc, subjects, settings.turn_timeout_s, settings.turn_probe_s, ownership)
+        self.appender = RecordAppender(nc.jetstream(), subjects, ownership)
+        """The one writer of the record logs of the sessions served here."""
+        self.io = BusIO(
+            nc, subjects, settings.turn_timeout_s, settings.turn_probe_s, self.appender
+        )
         self.limits = SessionLimits(
             settings.max_pending, settings.max_pending_bytes, settings.max_session_bytes,
             NodeBytes(settings.max_node_bytes, self.held_bytes),
@@ -123,7 +148,7 @@ class RunnerHost(Actor):
             return
         rebuilt = await self._rebuild(partitions)
         if rebuilt:  # before their turns run: restored from the shared bank, not recomputed
-            await self.io.adopt(tuple(r.session for r in rebuilt))
+            await self._adopt(tuple(r.session for r in rebuilt))
         for runner in rebuilt:
             runner.resume()
 
@@ -146,11 +171,11 @@ class RunnerHost(Actor):
         ]
         wait_s = self.settings.stop_wait_s
         await asyncio.gather(*(r.finish_turn(wait_s) for r in leaving))
-        flushed = await self.io.bank_flush([r.session for r in leaving], wait_s)
+        flushed = await self._bank_flush(self.io.banked([r.session for r in leaving]), wait_s)
         for runner in leaving:
             if self.runners.get(runner.session) is runner:
                 del self.runners[runner.session]
-            self.io.banked.pop(runner.session, None)
+            self.io.forget_banked(runner.session)
             self._last_admit.pop(runner.session, None)
         await asyncio.gather(*(r.close() for r in leaving))
         self.log.info(
@@ -266,8 +291,8 @@ class RunnerHost(Actor):
         del self.runners[session]
         self._last_admit.pop(session, None)
         self.tombstones.add(session, time.time())
-        await self.io.forget(session)
-        await self.io.purge_records(session)
+        await self._forget_engine(session)
+        await self._purge_records(session)
 
     def _known(self, session: str) -> SessionRunner:
         if not is_session_id(session):
@@ -291,6 +316,56 @@ class RunnerHost(Actor):
     def inflight(self) -> int:
         """Turns running on this node now."""
         return sum(1 for r in self.runners.values() if r.turn is not None)
+
+    # -- the engine and the record log, for the host only ---------------------------------
+    async def _adopt(self, sessions: tuple[str, ...]) -> None:
+        """Have the engine index what another node banked for sessions that moved here."""
+        try:
+            msg = await self.nc.request(
+                self.subjects.engine_adopt(), encode(AdoptRequest(sessions=sessions)),
+                timeout=ADOPT_TIMEOUT_S,
+            )
+            parse_reply(msg.data, msg.headers, AdoptReply)
+        except Exception as e:  # their next turns recompute instead of restoring
+            self.log.warning("adopt_failed", sessions=len(sessions), error=repr(e))
+
+    async def _bank_flush(self, commits: dict[str, str], wait_s: float) -> BankFlushReply | None:
+        """Have the engine make each session's last commit (``commits``: session → its
+        token-prefix hash) durable before a hand-over; None if it did not answer (the taker
+        recomputes what is missing)."""
+        if not commits:
+            return BankFlushReply(stored=0)
+        try:
+            msg = await self.nc.request(
+                self.subjects.engine_bank_flush(),
+                encode(BankFlushRequest(commits=commits, wait_s=wait_s)),
+                timeout=wait_s + FLUSH_MARGIN_S,
+            )
+            reply: BankFlushReply = parse_reply(msg.data, msg.headers, BankFlushReply)
+            return reply
+        except Exception as e:
+            self.log.warning("bank_flush_failed", sessions=len(commits), error=repr(e))
+            return None
+
+    async def _forget_engine(self, session: str) -> None:
+        """Free a deleted session's slot and bank entries (stale bytes are only dead weight)."""
+        try:
+            msg = await self.nc.request(
+                self.subjects.engine_forget(), encode(ForgetRequest(session=session)),
+                timeout=FORGET_TIMEOUT_S,
+            )
+            parse_reply(msg.data, msg.headers, ForgetReply)
+        except Exception as e:  # the bank keeps stale bytes until LRU; not worth failing
+            self.log.warning("forget_failed", session=session, error=repr(e))
+
+    async def _purge_records(self, session: str) -> None:
+        """Drop a deleted session's records but the last, its delete: the durable tombstone."""
+        try:
+            await self.io.js.purge_stream(
+                self.subjects.record_stream, subject=self.subjects.records(session), keep=1
+            )
+        except Exception as e:  # the records are dead weight, not a wrong state
+            self.log.warning("purge_failed", session=session, error=repr(e))
 
     # -- heartbeat -------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -317,13 +392,13 @@ class RunnerHost(Actor):
             self.io.js, self.subjects,
             lambda s: self.ownership.partition(s) in partitions and s not in self.runners,
         )
-        self.io.last_seq.update(found.last_seq)
+        self.appender.learn(found.last_seq)
         for session, ts in found.deleted.items():
             self.tombstones.add(session, ts)
         rebuilt = []
         for state in found.states.values():
             if state.open_turn is not None:
-                provisional, abort, taken = await close_interrupted(self.io.append, state)
+                provisional, abort, taken = await close_interrupted(self.appender.append, state)
                 if abort.reason == CRASHED:
                     await publish_set_aside(self.io, state, abort, taken)
                     self.log.warning("turn_set_aside", session=state.session,

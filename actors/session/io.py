@@ -1,11 +1,12 @@
 """The bus as a session runner sees it: ``RunnerIO``, and ``BusIO`` that speaks it over NATS.
 
-A runner appends to its record log, publishes its events, asks the engine for a turn (and,
-while the result is late, whether the turn still runs), cancels it, hands commits to the bank
-committer, relays answers and answers asks. It reaches nothing else: the host's registry is
-the host's.
+A runner appends to its record log (through the node's ``RecordAppender``,
+``actors/session/appender.py``, which holds the cluster's fencing rules), publishes its
+events, asks the engine for a turn (and, while the result is late, whether the turn still
+runs), cancels it, hands commits to the bank committer, relays answers and answers asks. It
+reaches nothing else: what only the host does (engine clean-up after a deletion, adopting and
+handing over sessions) is the host's.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -16,24 +17,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel
 
 from actors.base import encode, error_headers, parse_reply
-from actors.ownership import Ownership
+from actors.session.appender import RecordAppender
 from actors.session.records import read_log
 from actors.session.state import HistoryItem, SessionState, apply
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
-    AdoptReply,
-    AdoptRequest,
     BankCommitRequest,
-    BankFlushReply,
-    BankFlushRequest,
     CancelRequest,
-    ForgetReply,
-    ForgetRequest,
     GenerateRequest,
     GenerateResult,
     TurnStatusReply,
@@ -43,9 +37,7 @@ from schemas.messages import PromptRequest
 from schemas.records import Record, TurnParams
 from schemas.subjects import (
     ABORTED_HEADER,
-    EXPECTED_SUBJECT_SEQ_HEADER,
     MSG_ID_HEADER,
-    NODE_HEADER,
     EventKind,
     Subjects,
 )
@@ -56,29 +48,6 @@ LATE_RESULT_GRACE_S = 2.0
 """How long a result may still arrive after the engine said the turn no longer runs."""
 PROBE_TIMEOUT_S = 5.0
 """Longest wait for the engine's answer to a turn-status probe."""
-FORGET_TIMEOUT_S = 5.0
-"""Longest wait for the engine to drop a deleted session's state."""
-ADOPT_TIMEOUT_S = 60.0
-"""Longest wait for the engine to index the banked snapshots of sessions that moved here."""
-FLUSH_MARGIN_S = 30.0
-"""Extra time for the durable writes of a hand-over on top of the engine's slot wait."""
-WRONG_LAST_SEQUENCE = 10071
-"""JetStream's error code for an expected-last-subject-sequence that does not hold."""
-SERVICE_UNAVAILABLE = 503
-"""JetStream's status while a stream has no leader: nothing stored, ask again."""
-APPEND_TRIES = 4
-APPEND_RETRY_S = 0.25
-"""An append without an answer is sent again after 0.25, 0.5 and 1 s, then given up."""
-
-
-def not_owned(session: str, why: str) -> InferError:
-    """The error of an append this node may not make: the prompt stays for the owner."""
-    return InferError(
-        ErrorCode.UNAVAILABLE,
-        f"this node no longer owns session {session} ({why}); the node that does answers it",
-    )
-
-
 def too_large_for_the_bus(size: int, max_payload: int) -> InferError:
     """The error of a turn whose conversation does not fit in one NATS message.
 
@@ -117,11 +86,11 @@ class RunnerIO(Protocol):
 
 
 class BusIO:
-    """``RunnerIO`` over one NATS connection, plus the clean-up after a session's deletion."""
+    """``RunnerIO`` over one NATS connection."""
 
     def __init__(
         self, nc: Client, subjects: Subjects, turn_timeout_s: float, probe_s: float,
-        ownership: Ownership,
+        appender: RecordAppender,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -129,89 +98,21 @@ class BusIO:
         self.turn_timeout_s = turn_timeout_s
         self.probe_s = probe_s
         """How often a turn waiting on the engine asks whether it still runs."""
-        self.ownership = ownership
-        self.last_seq: dict[str, int] = {}
-        """Stream sequence of each session's last record: the fence of its next append."""
-        self.banked: dict[str, str] = {}
+        self.appender = appender
+        self._banked: dict[str, str] = {}
         """Token-prefix hash of each session's last commit handed to the bank committer."""
 
     async def append(self, session: str, record: Record) -> None:
-        """Append a record to the session's durable log (returns once stored, exactly once).
+        """Append a record to the session's log, fenced (``RecordAppender.append``)."""
+        await self.appender.append(session, record)
 
-        Fenced twice: this node appends only while its lease on the session's partition is
-        valid by its own clock, and JetStream stores the record only if the session's last
-        record is the one this node knows (``Nats-Expected-Last-Subject-Sequence``), so a
-        node that lost the partition cannot write after the new owner did.
+    def banked(self, sessions: list[str]) -> dict[str, str]:
+        """Session → token-prefix hash of its last commit handed to the bank here."""
+        return {s: self._banked[s] for s in sessions if self._banked.get(s)}
 
-        An append whose answer is lost (a timeout, no responders, the connection gone) may
-        or may not be stored; it is sent again, a few times over about two seconds. The same
-        fence makes that safe: if the first copy was stored, the next is refused as stale,
-        and the log's last record, carrying this record's id, says it is in. Still without
-        an answer, the error is raised (the caller defers, and the record log may or may not
-        hold the record); the session's next append then finds the log ahead of what this
-        node knows and gives the partition up, so the session is rebuilt from the log rather
-        than recording a prompt or a turn twice.
-        """
-        delay = APPEND_RETRY_S
-        for attempt in range(APPEND_TRIES):
-            if not self.ownership.valid(session):
-                raise not_owned(session, "its partition's lease lapsed")
-            headers = {
-                MSG_ID_HEADER: record.id, NODE_HEADER: self.ownership.node,
-                EXPECTED_SUBJECT_SEQ_HEADER: str(self.last_seq.get(session, 0)),
-            }
-            try:
-                ack = await self.js.publish(
-                    self.subjects.records(session), encode(record), headers=headers
-                )
-            except APIError as e:
-                if e.err_code == WRONG_LAST_SEQUENCE:
-                    stored = await self._resync(session, record.id)
-                    if stored:
-                        return
-                    if stored is not None:
-                        continue
-                elif e.code != SERVICE_UNAVAILABLE or attempt == APPEND_TRIES - 1:
-                    raise
-            except Exception as e:  # the answer was lost: stored or not, it is asked again
-                if attempt == APPEND_TRIES - 1:
-                    raise
-                log.warning("append_unconfirmed", session=session, record=record.id,
-                            error=repr(e), retry_in_s=delay)
-            else:
-                self.last_seq[session] = ack.seq
-                return
-            await asyncio.sleep(delay)
-            delay *= 2
-        raise InferError(ErrorCode.UNAVAILABLE,
-                         f"the record log of session {session} could not be read; retried")
-
-    async def _resync(self, session: str, record_id: str) -> bool | None:
-        """After an append refused as stale: True when the log's last record is this very
-        record (an earlier copy was stored and its answer lost); False when the session's
-        records are gone (the stream's age or size limit), so the append may be made again;
-        None when the log could not be read now. When another node wrote last, or this node
-        wrote a record its runner never heard was stored, the partition is given up
-        (fenced): whoever owns it next rebuilds the session from the log."""
-        try:
-            last = await self.js.get_last_msg(
-                self.subjects.record_stream, self.subjects.records(session)
-            )
-        except NotFoundError:
-            self.last_seq[session] = 0
-            return False
-        except Exception as e:  # the log is unavailable now: the append is asked again
-            log.warning("append_resync_failed", session=session, error=repr(e))
-            return None
-        headers = last.headers or {}
-        if headers.get(MSG_ID_HEADER) == record_id:
-            self.last_seq[session] = last.seq or 0
-            return True
-        why = ("another node wrote to it" if headers.get(NODE_HEADER) != self.ownership.node
-               else "its log holds a record this node did not know was stored")
-        log.warning("append_fenced", actor="session_runners", session=session, why=why)
-        self.ownership.fenced(session)
-        raise not_owned(session, why)
+    def forget_banked(self, session: str) -> None:
+        """Forget what was banked for a session this node no longer serves."""
+        self._banked.pop(session, None)
 
     async def event(
         self, session: str, kind: EventKind, model: BaseModel, aborted: bool = False
@@ -295,7 +196,7 @@ class BusIO:
         self, session: str, turn_id: str, generation: int, result: GenerateResult
     ) -> None:
         """Hand the committed turn to the bank committer (fire and forget)."""
-        self.banked[session] = result.token_hash
+        self._banked[session] = result.token_hash
         await self.nc.publish(self.subjects.bank_commit(), encode(BankCommitRequest(
             session=session, turn_id=turn_id, generation=generation, n_tokens=result.n_tokens,
             token_hash=result.token_hash,
@@ -331,54 +232,3 @@ class BusIO:
     def token_subject(self, session: str) -> str:
         """Where the engine publishes this session's tokens."""
         return self.subjects.events(session, EventKind.TOKEN)
-
-    async def adopt(self, sessions: tuple[str, ...]) -> None:
-        """Have the engine index what another node banked for sessions that moved here."""
-        try:
-            msg = await self.nc.request(
-                self.subjects.engine_adopt(), encode(AdoptRequest(sessions=sessions)),
-                timeout=ADOPT_TIMEOUT_S,
-            )
-            parse_reply(msg.data, msg.headers, AdoptReply)
-        except Exception as e:  # their next turns recompute instead of restoring
-            log.warning("adopt_failed", actor="session_runners", sessions=len(sessions),
-                        error=repr(e))
-
-    async def bank_flush(self, sessions: list[str], wait_s: float) -> BankFlushReply | None:
-        """Have the engine make each session's last commit durable (before a hand-over);
-        None if it did not answer (the taker recomputes what is missing)."""
-        commits = {s: self.banked[s] for s in sessions if self.banked.get(s)}
-        if not commits:
-            return BankFlushReply(stored=0)
-        try:
-            msg = await self.nc.request(
-                self.subjects.engine_bank_flush(),
-                encode(BankFlushRequest(commits=commits, wait_s=wait_s)),
-                timeout=wait_s + FLUSH_MARGIN_S,
-            )
-            reply: BankFlushReply = parse_reply(msg.data, msg.headers, BankFlushReply)
-            return reply
-        except Exception as e:
-            log.warning("bank_flush_failed", actor="session_runners", sessions=len(commits),
-                        error=repr(e))
-            return None
-
-    async def forget(self, session: str) -> None:
-        """Free a deleted session's slot and bank entries (stale bytes are only dead weight)."""
-        try:
-            msg = await self.nc.request(
-                self.subjects.engine_forget(), encode(ForgetRequest(session=session)),
-                timeout=FORGET_TIMEOUT_S,
-            )
-            parse_reply(msg.data, msg.headers, ForgetReply)
-        except Exception as e:  # the bank keeps stale bytes until LRU; not worth failing
-            log.warning("forget_failed", actor="session_runners", session=session, error=repr(e))
-
-    async def purge_records(self, session: str) -> None:
-        """Drop a deleted session's records but the last, its delete: the durable tombstone."""
-        try:
-            await self.js.purge_stream(
-                self.subjects.record_stream, subject=self.subjects.records(session), keep=1
-            )
-        except Exception as e:  # the records are dead weight, not a wrong state
-            log.warning("purge_failed", actor="session_runners", session=session, error=repr(e))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import structlog
 
 from actors.session.admit import SessionLimits
-from actors.session.admitting import AdmitSteps
+from actors.session.admitting import Admitter
 from actors.session.conversation import WindowCut, conversation
 from actors.session.io import RunnerIO
 from actors.session.mailbox import (
@@ -62,7 +62,7 @@ MAX_RERUN_WAIT_S = 30.0
 __all__ = ["SessionRunner"]
 
 
-class SessionRunner(AdmitSteps):
+class SessionRunner:
     """The actor of one session."""
 
     def __init__(
@@ -71,8 +71,9 @@ class SessionRunner(AdmitSteps):
     ) -> None:
         self.io = io
         self.state = state
-        self.limits = limits
-        """What the session may hold and have waiting."""
+        self.admitter = Admitter(io, state, limits)
+        """Checks and records the prompts admitted here, within ``limits`` (a step of this
+        mailbox)."""
         self.inflight = inflight
         """Turns running on the node now (for the log lines)."""
         self.session = state.session
@@ -154,6 +155,12 @@ class SessionRunner(AdmitSteps):
         elif isinstance(cmd, Delete):
             await self.on_delete(cmd.done)
         elif self.turn is None:
+            await self._after_turn()
+
+    async def on_admit(self, cmd: Admit) -> None:
+        """Record the prompt (the admitter's step), then start a turn over it if none runs."""
+        recorded = await self.admitter.admit(cmd, self.turn is not None, self.deleting is not None)
+        if recorded and self.turn is None:
             await self._after_turn()
 
     def _reject_left(self) -> None:
