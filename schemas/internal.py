@@ -111,6 +111,8 @@ class GenerateRequest(Frozen):
     """How the reply may call them."""
     response_format: ResponseFormat | None = None
     """The JSON format the reply is forced into, if any."""
+    parallel_tool_calls: bool | None = None
+    """False: the reply makes at most one tool call."""
 
 
 class GenerateResult(Frozen):

@@ -90,7 +90,8 @@ class PromptRequest(Frozen):
     user: Annotated[str, Field(max_length=256)] | None = None
     """OpenAI's end-user id; accepted, not used."""
     parallel_tool_calls: Annotated[bool, Strict()] | None = None
-    """Accepted; every tool call the model makes is parsed and returned."""
+    """False: the reply makes at most one tool call (a forced reply always makes one);
+    unset or true: every call the model writes is parsed and returned."""
     tools: Annotated[tuple[Tool, ...], Field(max_length=128)] | None = None
     """The session's tool set from now on (replaces the previous set; ``[]`` clears it)."""
     tool_choice: ToolChoice | None = None

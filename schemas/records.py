@@ -41,6 +41,8 @@ class TurnParams(Frozen):
     """How the reply may call the session's tools (``auto`` when absent)."""
     response_format: ResponseFormat | None = None
     """The JSON format the reply is forced into, if any."""
+    parallel_tool_calls: bool | None = None
+    """False: the reply makes at most one tool call (unset: as many as the model writes)."""
 
 
 class UserRecord(Frozen):

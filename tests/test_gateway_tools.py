@@ -315,3 +315,33 @@ async def test_a_forced_call_to_a_schema_without_additional_properties_has_only_
     arguments = json.loads(call.function.arguments)
     assert set(arguments) <= {"tz", "city"}, arguments
     jsonschema.validate(arguments, OPEN_PARAMS)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_forced_call_cut_by_max_tokens_is_a_truncated_call_not_content(make_node, stream):
+    """Cut inside its arguments, a forced call comes back as OpenAI answers it: the call with
+    the arguments generated so far, ``finish_reason: length``, no markup in the content."""
+    base = await _gateway(make_node)
+    kwargs = {"model": "any", "messages": [_user("Weather in Paris?")], "tools": TOOLS,
+              "tool_choice": FORCE, "temperature": 1.0, "seed": 7, "max_tokens": 50}
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+    if stream:
+        chunks = [c async for c in await client.chat.completions.create(stream=True, **kwargs)]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+        assert {d.index for d in deltas} == {0}
+        name, arguments = deltas[0].function.name, "".join(
+            d.function.arguments or "" for d in deltas)
+    else:
+        answer = await client.chat.completions.create(**kwargs)
+        choice = answer.choices[0]
+        content, finish = choice.message.content or "", choice.finish_reason
+        assert "<tool_call>" not in content, content
+        [call] = choice.message.tool_calls or ()
+        name, arguments = call.function.name, call.function.arguments
+    assert finish == "length"
+    assert "<tool_call>" not in content and "{" not in content, content
+    assert name == "get_weather" and arguments.startswith('{"city": "'), arguments
+    with pytest.raises(ValueError):
+        json.loads(arguments)  # cut short, as OpenAI's would be

@@ -167,3 +167,22 @@ def test_schemas_are_closed_as_openai_strict_mode_reads_them_unless_they_opt_out
     fmt = JsonSchemaFormat.model_validate({"type": "json_schema", "json_schema": {
         "schema": {"type": "object", "properties": {"k": {}}}}})
     assert '"additionalProperties":false' in response_grammar(fmt).replace(" ", "")
+
+
+@pytest.mark.parametrize(("raw", "content", "call"), [
+    ('Sure.\n<tool_call>{"na', "Sure.", None),
+    ('<tool_call>{"name": "f", "arguments": {"a": [1, 2', "", ("f", '{"a": [1, 2')),
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool', "", ("f", '{"a": 1}')),
+], ids=["in-the-name", "in-the-arguments", "in-the-closing-tag"])
+def test_a_reply_cut_inside_a_call_keeps_its_markup_out_of_the_content(raw, content, call):
+    """Cut by ``max_tokens`` inside a call block: no markup in the content; the call goes
+    with what was streamed of it once its name was whole, and the finish stays length."""
+    from actors.engine.templates.tool_stream import reply_calls
+
+    stream = ToolCallStream(lambda: "call_1")
+    streamed = [d for piece in (raw[:9], raw[9:]) for d in stream.feed(piece)]
+    text, calls, finish = reply_calls(raw, "length", stream, CancelToken())
+    assert (text, finish) == (content, "length")
+    got = [(c.function.name, c.function.arguments) for c in calls]
+    assert got == ([call] if call else [])
+    assert "".join(d.function.arguments for d in streamed) == (call[1] if call else "")

@@ -139,6 +139,7 @@ class EngineActor(Actor):
             omitted_turns=req.omitted_turns,
             tool_choice=req.tool_choice,
             response_format=req.response_format,
+            parallel_tool_calls=req.parallel_tool_calls,
         )
         streamed: list[str] = []  # what the session has seen, kept for a failed turn's record
 

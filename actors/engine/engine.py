@@ -32,8 +32,8 @@ from actors.engine.prompt import PromptBuilder
 from actors.engine.slots import Slot, SlotPool
 from actors.engine.speculation import MAX_DRAFT, can_verify
 from actors.engine.stats import EngineStats
-from actors.engine.templates.chat import ChatTemplate, parse_tool_calls
-from actors.engine.templates.tool_stream import ToolCallStream
+from actors.engine.templates.chat import ChatTemplate
+from actors.engine.templates.tool_stream import FirstCallEnds, ToolCallStream, reply_calls
 from actors.engine.tokens import token_hash
 from actors.engine.window import shift_kept
 from schemas.chat import CacheInfo, ChatMessage, OverflowPolicy, Timings, ToolCall, Usage
@@ -191,23 +191,25 @@ class SlotEngine:
             source, tier, shared = "none", "", False
         parses_calls = spec.tool_choice != "none"
         calls_stream = ToolCallStream(new_call_id)
+        one_call = parses_calls and spec.parallel_tool_calls is False
+        ends = FirstCallEnds(cancel, calls_stream) if one_call else cancel
 
         def emit_text(text: str) -> None:
             emit(text)
-            if parses_calls and emit_call is not None:
+            if parses_calls:
                 for delta in calls_stream.feed(text):
-                    emit_call(delta)
+                    if emit_call is not None:
+                        emit_call(delta)
 
         out = decode(
             self.backend, slot, spec.sampling, (*spec.stop, *self.stops), spec.max_tokens,
-            emit_text, cancel, constraint, self.draft,
+            emit_text, ends, constraint, self.draft,
         ) if filled.complete else ABORTED_IN_PREFILL
         end = time.perf_counter()
         slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along
-        text, calls = out.raw_text, NO_CALLS
-        if parses_calls and "<tool_call>" in out.raw_text:
-            text, calls = parse_tool_calls(out.raw_text, calls_stream.next_id)
-        finish = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+        text, calls, finish = out.raw_text, NO_CALLS, out.finish_reason
+        if parses_calls:
+            text, calls, finish = reply_calls(out.raw_text, finish, calls_stream, ends)
         ttft = ((out.first_token_at or end) - t0) * 1000
         outcome = TurnOutcome(
             raw_text=out.raw_text,

@@ -137,6 +137,8 @@ class TurnSpec:
     """How the reply may call them; ``none`` leaves tool-call markup as text."""
     response_format: ResponseFormat | None = None
     """A JSON format the reply is forced into."""
+    parallel_tool_calls: bool | None = None
+    """False: the reply makes at most one tool call (it ends after the first)."""
     window_start: int | None = None
     """Where the session's record log says its window starts (an index in the conversation:
     ``messages`` with the ``omitted`` ones); None: the engine's own memory decides."""

@@ -119,6 +119,7 @@ class Admitter:
             sampling=prompt.sampling, stop=prompt.stop, max_tokens=prompt.max_tokens,
             relay_to=prompt.relay_to, answer_to=req.answer_to, overflow=prompt.overflow,
             tool_choice=prompt.tool_choice, response_format=prompt.response_format,
+            parallel_tool_calls=prompt.parallel_tool_calls,
         )
         if prompt.tools is not None and prompt.tools != self.state.tools and not ids:
             await self._append_or_retry(ToolsRecord(

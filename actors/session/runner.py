@@ -227,6 +227,7 @@ class SessionRunner:
             stop=params.stop, max_tokens=params.max_tokens, overflow=params.overflow,
             token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
             tools=st.tools, tool_choice=params.tool_choice, response_format=params.response_format,
+            parallel_tool_calls=params.parallel_tool_calls,
             window_start=convo.window_start, omitted=convo.omitted,
             omitted_turns=convo.omitted_turns,
         )
