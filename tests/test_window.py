@@ -129,6 +129,38 @@ async def test_a_newest_turn_longer_than_the_context_is_still_refused(engine_fac
         await engine.close()
 
 
+async def test_truncate_keeps_every_message_the_request_ends_with(engine_factory):
+    """A request ending in two user messages (an agent's compaction summary, then its new
+    question) keeps both in the window, however far the window moves, and counts what it
+    dropped."""
+    engine = engine_factory()
+    try:
+        summary = user("summary: " + "the node " * 16)
+        msgs = [*long_conversation(30), summary, user("and now the newest question")]
+        alone = len(engine.prompt_tokens(spec("c", [SYSTEM, *msgs[-2:]], max_tokens=16)))
+        assert 120 < alone < 240, f"the kept tail is {alone} tokens; it must exceed half the"
+        out = await run(engine, spec("c", msgs, max_tokens=16))
+        assert out.window_start == len(msgs) - 2
+        assert out.usage.prompt_tokens == alone and out.usage.dropped_tokens > 0
+    finally:
+        await engine.close()
+
+
+async def test_messages_the_request_ends_with_that_cannot_fit_are_a_context_overflow(
+    engine_factory,
+):
+    """When the user messages a request ends with do not fit together, the turn is refused
+    with context_overflow rather than answered without the first of them."""
+    engine = engine_factory()
+    try:
+        msgs = [*long_conversation(4), user("hello there " * 200), user("so?")]
+        with pytest.raises(InferError) as info:
+            await run(engine, spec("tail", msgs))
+        assert info.value.code.value == "context_overflow"
+    finally:
+        await engine.close()
+
+
 async def test_turns_after_a_truncation_reuse_the_kept_prefix(engine_factory):
     """Once the window moved, the following turns keep its start and reuse its KV state."""
     engine = engine_factory(n_slots=1)

@@ -4,7 +4,10 @@ The record log keeps every message; the window is a view over it. With the ``tru
 policy the oldest whole turns go first — a turn is a user message with everything that
 answers it (assistant replies, tool calls and their results) — while the leading system
 messages, the tool set (it lives in the system part of the template) and the newest turn
-always stay. A tool call and its result are in one turn, so they are never split.
+always stay. A tool call and its result are in one turn, so they are never split. What the
+request ends with — its trailing user and tool messages, such as an agent's summary of the
+work so far followed by its new question — is what the client just sent: it stays whole, and
+when it cannot fit the turn is a context overflow rather than an answer to part of it.
 
 When the window has to move, it moves further than the bare minimum (to half of what the
 context holds for the prompt), and it stays where it is while the conversation still fits:
@@ -46,6 +49,14 @@ def turn_starts(messages: Sequence[ChatMessage]) -> list[int]:
     """Index of every user message that starts a turn (after the leading system messages)."""
     head = system_head(messages)
     return [i for i in range(head, len(messages)) if messages[i].role == "user"]
+
+
+def sent_tail(messages: Sequence[ChatMessage]) -> int:
+    """Index of the first of the user and tool messages the conversation ends with."""
+    n = len(messages)
+    while n > 0 and messages[n - 1].role in ("user", "tool"):
+        n -= 1
+    return n
 
 
 def system_head(messages: Sequence[ChatMessage]) -> int:
@@ -104,7 +115,8 @@ def slide(
     length = measure(start)
     if length <= budget:
         return current, length
-    starts = [s for s in turn_starts(messages) if s > start]
+    tail = sent_tail(messages)
+    starts = [s for s in turn_starts(messages) if start < s <= tail]
     if not starts:  # only the newest turn is left: it cannot be cut
         return current, length
     target = int(budget * KEEP_FRACTION)
