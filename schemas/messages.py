@@ -268,6 +268,26 @@ class ToolCallEvent(Frozen):
     """The delta: the name first (with the call id), then pieces of the arguments."""
 
 
+class PromptProgressEvent(Frozen):
+    """How far the prompt's prefill got, every few seconds while a long one runs (before
+    the first token): a sign of life for clients that give up on a silent stream."""
+
+    type: Literal["prompt_progress.v1"] = "prompt_progress.v1"
+    """Message type and version."""
+    session: str
+    """The session."""
+    turn_id: str
+    """Id of the turn."""
+    done: int = Field(ge=0)
+    """Prompt tokens evaluated or reused so far."""
+    total: int = Field(ge=0)
+    """Prompt tokens of the turn."""
+    cached: int = Field(ge=0)
+    """Of those, tokens reused from the session's state without evaluation."""
+    elapsed_ms: float = Field(ge=0)
+    """Since the prefill began."""
+
+
 class CommitEvent(Frozen):
     """The turn is committed to the record log."""
 

@@ -52,6 +52,7 @@ class EventKind(StrEnum):
     STARTED = "started"
     TOKEN = "token"
     TOOL_CALL = "tool_call"
+    PROMPT_PROGRESS = "prompt_progress"
     PROVISIONAL = "provisional"
     COMMIT = "commit"
     ABORTED = "aborted"

@@ -1,8 +1,9 @@
 """The engine actor: turns, cancels and snapshots requested over NATS.
 
 Token events go straight from here to the session's public ``token`` subject, in order,
-through one publisher task per turn; the result goes to the runner's reply inbox only after
-the last token was published, so a subscriber sees every token before ``done``.
+through one publisher task per turn (with a long prefill's ``prompt_progress`` before them);
+the result goes to the runner's reply inbox only after the last token was published, so a
+subscriber sees every token before ``done``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from actors.base import Actor, encode
 from actors.engine.bank.durable import DirectoryBackend, DurableBackend, DurableTier
 from actors.engine.bank.objects import ObjectStoreBackend, open_object_store
 from actors.engine.engine import SlotEngine
-from actors.engine.interface import CancelToken, TurnSpec
+from actors.engine.interface import CancelToken, PrefillProgress, TurnSpec
 from actors.engine.service import subscribe_engine
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import (
@@ -37,7 +38,7 @@ from schemas.internal import (
     TurnStatusReply,
     TurnStatusRequest,
 )
-from schemas.messages import TokenEvent, ToolCallEvent
+from schemas.messages import PromptProgressEvent, TokenEvent, ToolCallEvent
 from schemas.subjects import EventKind, Subjects
 from schemas.tools import ToolCallDelta
 
@@ -150,8 +151,11 @@ class EngineActor(Actor):
         def emit_call(delta: ToolCallDelta) -> None:  # same queue: order with the text kept
             loop.call_soon_threadsafe(pieces.put_nowait, delta)
 
+        def progress(step: PrefillProgress) -> None:  # a long prefill's, every few seconds
+            loop.call_soon_threadsafe(pieces.put_nowait, step)
+
         try:
-            out = await self.engine.run_turn(spec, emit, cancel, emit_call)
+            out = await self.engine.run_turn(spec, emit, cancel, emit_call, progress)
             result = GenerateResult(
                 session=req.session,
                 turn_id=req.turn_id,
@@ -202,6 +206,9 @@ class EngineActor(Actor):
             item = await pieces.get()
             if item is _DONE:
                 return
+            if isinstance(item, PrefillProgress):
+                await self._publish_progress(req, item)
+                continue
             if isinstance(item, ToolCallDelta):
                 call = ToolCallEvent(session=req.session, turn_id=req.turn_id, tool_calls=(item,))
                 await self.nc.publish(calls_subject, encode(call))
@@ -211,6 +218,14 @@ class EngineActor(Actor):
             )
             await self.nc.publish(req.token_subject, encode(event))
             index += 1
+
+    async def _publish_progress(self, req: GenerateRequest, step: PrefillProgress) -> None:
+        event = PromptProgressEvent(
+            session=req.session, turn_id=req.turn_id, done=step.done, total=step.total,
+            cached=step.cached, elapsed_ms=step.elapsed_ms,
+        )
+        subject = self.subjects.events(req.session, EventKind.PROMPT_PROGRESS)
+        await self.nc.publish(subject, encode(event))
 
     async def on_cancel(self, msg: Msg) -> None:
         """Stop the session's turn if it is the one named."""

@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.gateway.calls import OpenCall
-from actors.gateway.stream import ContentFilter, ToolCallRelay
+from actors.gateway.stream import ContentFilter, ToolCallRelay, progress_comment
 from schemas.errors import InferError
-from schemas.messages import DoneEvent, TokenEvent, ToolCallEvent
+from schemas.messages import DoneEvent, PromptProgressEvent, TokenEvent, ToolCallEvent
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -98,9 +98,11 @@ class MessageShape:
         # The engine parses calls unless tool_choice is none; only then is markup shown.
         shown = ContentFilter(hides_calls=call.turn.prompt.tool_choice != "none")
         relay, blocks = ToolCallRelay(), _Blocks()
-        async with contextlib.aclosing(call.events()) as events:
+        async with contextlib.aclosing(call.events(progress=True)) as events:
             async for ev in events:
-                if isinstance(ev, TokenEvent):
+                if isinstance(ev, PromptProgressEvent):
+                    lines = [progress_comment(ev)]
+                elif isinstance(ev, TokenEvent):
                     lines = blocks.text(shown.feed(ev.text))
                 elif isinstance(ev, ToolCallEvent):
                     lines = [x for d in relay.deltas(ev) for x in blocks.call(d)]

@@ -26,13 +26,19 @@ from actors.base import encode, parse_reply
 from actors.gateway.idempotency import Claim, KeyClaims
 from actors.gateway.responses import SSE_DONE, CompletionShape, answer_message
 from actors.gateway.sessions import Plan, SessionRouter
-from actors.gateway.stream import ContentFilter, ToolCallRelay
+from actors.gateway.stream import ContentFilter, ToolCallRelay, progress_comment
 from actors.gateway.turns import DuplicatePromptError, NodeTurn, TurnAbortedError
 from actors.gateway.wire import ChatCompletionRequest, prompt_for
 from schemas.admin import CountTokensReply, CountTokensRequest
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import IdempotencyEntry
-from schemas.messages import CommitEvent, DoneEvent, TokenEvent, ToolCallEvent
+from schemas.messages import (
+    CommitEvent,
+    DoneEvent,
+    PromptProgressEvent,
+    TokenEvent,
+    ToolCallEvent,
+)
 from schemas.subjects import AdminVerb, Subjects
 
 log = structlog.get_logger("gateway")
@@ -57,11 +63,13 @@ class OpenCall:
         """The session id the client sees."""
         return self.plan.visible
 
-    async def events(self) -> AsyncGenerator[TokenEvent | ToolCallEvent | DoneEvent]:
-        """The turn's tokens, tool-call deltas and done event; the commit is recorded before
-        this ends."""
+    async def events(
+        self, progress: bool = False
+    ) -> AsyncGenerator[TokenEvent | ToolCallEvent | DoneEvent | PromptProgressEvent]:
+        """The turn's tokens, tool-call deltas and done event (with ``progress``, a long
+        prefill's progress first); the commit is recorded before this ends."""
         try:
-            async for event in self.turn.events():
+            async for event in self.turn.events(progress):
                 if isinstance(event, CommitEvent):
                     await self._committed(event)
                     return
@@ -94,9 +102,11 @@ class OpenCall:
         calls = ToolCallRelay()
         yield self.shape.chunk({"role": "assistant", "content": ""})
         # Closed with the stream, so a client leaving mid-answer aborts the turn at once.
-        async with contextlib.aclosing(self.events()) as events:
+        async with contextlib.aclosing(self.events(progress=True)) as events:
             async for event in events:
-                if isinstance(event, TokenEvent):
+                if isinstance(event, PromptProgressEvent):
+                    yield progress_comment(event)
+                elif isinstance(event, TokenEvent):
                     text = shown.feed(event.text)
                     if text:
                         yield self.shape.chunk({"content": text})

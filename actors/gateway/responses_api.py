@@ -37,11 +37,11 @@ from actors.gateway.responses_wire import (
     input_messages,
     parse_responses_request,
 )
-from actors.gateway.stream import ContentFilter, ToolCallRelay
+from actors.gateway.stream import ContentFilter, ToolCallRelay, progress_comment
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import ResponseRecord, response_key
-from schemas.messages import DoneEvent, TokenEvent, ToolCallEvent
+from schemas.messages import DoneEvent, PromptProgressEvent, TokenEvent, ToolCallEvent
 from schemas.subjects import is_session_id
 
 log = structlog.get_logger("gateway")
@@ -240,8 +240,11 @@ class ResponseRun:
         for kind in ("response.created", "response.in_progress"):
             yield event(kind, seq, response=self.shape.body("in_progress", []))
         try:
-            async with contextlib.aclosing(self.call.events()) as events:
+            async with contextlib.aclosing(self.call.events(progress=True)) as events:
                 async for ev in events:
+                    if isinstance(ev, PromptProgressEvent):
+                        yield progress_comment(ev)
+                        continue
                     for line in out.feed(ev):
                         yield line
             done = self.call.done

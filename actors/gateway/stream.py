@@ -8,15 +8,20 @@ arrives as tokens; it is held back from ``content`` once a call opens, as the no
 answer leaves it out. At ``done`` whatever of its parsed calls the stream did not carry is
 sent too (a call it missed whole, the tail of cut arguments), so a client that adds the
 deltas up holds every call ``done`` holds.
+
+Before the first token, a long prefill's progress goes out as an SSE comment (as
+llama-server's ``prompt_progress``): clients skip comments, and one with an idle timeout
+sees the stream alive while the prompt is evaluated.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.chat import ToolCall
-from schemas.messages import DoneEvent, ToolCallEvent
+from schemas.messages import DoneEvent, PromptProgressEvent, ToolCallEvent
 
 _TOOL_OPEN = "<tool_call>"
 
@@ -94,6 +99,13 @@ class ToolCallRelay:
                 out.append({"index": seen.index,
                             "function": {"arguments": arguments[len(seen.arguments):]}})
         return out
+
+
+def progress_comment(event: PromptProgressEvent) -> str:
+    """A prefill's progress as an SSE comment: ``: prompt_progress {"done":…,"total":…}``."""
+    body = {"done": event.done, "total": event.total, "cached": event.cached,
+            "elapsed_ms": round(event.elapsed_ms)}
+    return f": prompt_progress {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def _whole(call: ToolCall, index: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the publish (one connection keeps order), so no event of the turn can be missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from schemas.messages import (
     CommitEvent,
     DoneEvent,
     ErrorEvent,
+    PromptProgressEvent,
     PromptRequest,
     StartedEvent,
     TokenEvent,
@@ -39,11 +41,14 @@ _EVENTS: dict[str, type[BaseModel]] = {
     EventKind.STARTED: StartedEvent,
     EventKind.TOKEN: TokenEvent,
     EventKind.TOOL_CALL: ToolCallEvent,
+    EventKind.PROMPT_PROGRESS: PromptProgressEvent,
     EventKind.DONE: DoneEvent,
     EventKind.COMMIT: CommitEvent,
     EventKind.ABORTED: AbortedEvent,
     EventKind.ERROR: ErrorEvent,
 }
+TurnEvent = TokenEvent | ToolCallEvent | DoneEvent | CommitEvent | PromptProgressEvent
+"""What following a turn yields."""
 _QUEUE_LIMIT = 65_536
 """Events one turn may have waiting (a client that reads slower than the model writes)."""
 
@@ -114,10 +119,9 @@ class NodeTurn:
             if isinstance(event, ErrorEvent) and event.idempotency_key == self.key:
                 raise InferError(event.code, event.message, event.details)
 
-    async def events(
-        self,
-    ) -> AsyncIterator[TokenEvent | ToolCallEvent | DoneEvent | CommitEvent]:
-        """Tokens and tool-call deltas, then done, then commit; raises on an error or abort."""
+    async def events(self, progress: bool = False) -> AsyncIterator[TurnEvent]:
+        """Tokens and tool-call deltas, then done, then commit; raises on an error or abort.
+        With ``progress``, a long prefill's ``prompt_progress`` events come first."""
         while self.commit is None:
             event = await self._next()
             if isinstance(event, StartedEvent) and set(event.parent_ids) & set(self.message_ids):
@@ -128,6 +132,9 @@ class NodeTurn:
                 raise InferError(event.code, event.message, event.details)
             elif isinstance(event, AbortedEvent):
                 raise TurnAbortedError(event)
+            elif isinstance(event, PromptProgressEvent):
+                if progress:
+                    yield event
             elif isinstance(event, TokenEvent | ToolCallEvent | DoneEvent | CommitEvent):
                 if isinstance(event, DoneEvent):
                     self.done = event
@@ -146,10 +153,8 @@ class NodeTurn:
     async def close(self) -> None:
         """Stop listening."""
         if self._sub is not None:
-            try:
+            with contextlib.suppress(Exception):  # a closed connection: nothing to undo
                 await self._sub.unsubscribe()
-            except Exception:  # a closed connection has nothing to unsubscribe
-                pass
             self._sub = None
 
     async def _next(self) -> BaseModel:
