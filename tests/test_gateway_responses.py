@@ -166,18 +166,14 @@ async def test_a_forced_function_call_is_an_output_item_its_output_continues_it(
     assert answer.usage.input_tokens_details.cached_tokens == reusable
 
 
-async def test_a_turn_failing_after_the_stream_opened_is_a_failed_response(make_node):
-    """A prompt the context cannot hold is refused by the node after the stream opened: the
-    stream ends in ``response.failed`` carrying the node's sentence (a 422 unstreamed)."""
+async def test_a_prompt_the_context_cannot_hold_is_a_422_streamed_or_not(make_node):
+    """A prompt the context cannot hold is refused before a stream opens: the SDK raises
+    UnprocessableEntityError carrying the node's sentence, streamed as unstreamed."""
     client = await _client(make_node)
     too_long = "hello " * 3000
-    stream = await client.responses.create(model="any", input=too_long, stream=True,
-                                           **GREEDY)
-    events = [e async for e in stream]
-    assert [e.type for e in events] == ["response.created", "response.in_progress",
-                                        "response.failed"]
-    failed = events[-1].response
-    assert failed.status == "failed" and "context holds" in failed.error.message
+    with pytest.raises(openai.UnprocessableEntityError) as streamed:
+        await client.responses.create(model="any", input=too_long, stream=True, **GREEDY)
+    assert "context holds" in str(streamed.value)
     with pytest.raises(openai.UnprocessableEntityError):
         await client.responses.create(model="any", input=too_long, **GREEDY)
 

@@ -41,11 +41,13 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 
 def usage(done: DoneEvent) -> dict[str, int]:
-    """Anthropic usage: evaluated input, reused input, output."""
+    """Anthropic usage: evaluated input, reused input, output, and what the context window
+    left out of the history (infernode's ``dropped_input_tokens``, ``dropped_turns``)."""
     u = done.usage
     return {"input_tokens": u.prompt_tokens - u.cached_tokens,
             "output_tokens": u.completion_tokens,
-            "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
+            "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0,
+            "dropped_input_tokens": u.dropped_tokens, "dropped_turns": u.dropped_turns}
 
 
 def stop(done: DoneEvent) -> dict[str, str | None]:

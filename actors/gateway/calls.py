@@ -57,17 +57,37 @@ class OpenCall:
     done: DoneEvent | None = None
     _released: bool = field(default=False, repr=False)
     _answered: bool = field(default=False, repr=False)
+    _opened: tuple[AsyncGenerator[Any], list[Any]] | None = field(default=None, repr=False)
 
     @property
     def session(self) -> str:
         """The session id the client sees."""
         return self.plan.visible
 
+    async def opened(self) -> None:
+        """Wait for the turn's first event (its prefill's progress, a token, a call), so a
+        turn the node refuses before answering — a prompt the context cannot hold — is an
+        HTTP error status, not an error inside a stream already answered 200. A stream then
+        starts with that event (``events`` gives it again)."""
+        follow = self.events(progress=True)
+        first: list[Any] = []
+        with contextlib.suppress(StopAsyncIteration):
+            first.append(await anext(follow))
+        self._opened = (follow, first)
+
     async def events(
         self, progress: bool = False
     ) -> AsyncGenerator[TokenEvent | ToolCallEvent | DoneEvent | PromptProgressEvent]:
         """The turn's tokens, tool-call deltas and done event (with ``progress``, a long
         prefill's progress first); the commit is recorded before this ends."""
+        if self._opened is not None:  # what ``opened`` started, from its first event on
+            (follow, first), self._opened = self._opened, None
+            async with contextlib.aclosing(follow):
+                for event in first:
+                    yield event
+                async for event in follow:
+                    yield event
+            return
         try:
             async for event in self.turn.events(progress):
                 if isinstance(event, CommitEvent):

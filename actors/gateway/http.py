@@ -129,6 +129,7 @@ class GatewayApp:
         headers = {SESSION_HEADER: call.session}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            await _first_event(request, call)
             return EventStreamResponse(_guarded(call, include_usage), headers=headers)
         body = await _complete_unless_gone(request, call.complete(), call.plan.session)
         return JSONResponse(body, headers=headers)
@@ -140,6 +141,7 @@ class GatewayApp:
                                             request.headers.get(SESSION_HEADER), request.headers)
         headers = {SESSION_HEADER: run.call.session}
         if run.req.stream:
+            await _first_event(request, run.call)
             return EventStreamResponse(run.stream(), headers=headers)
         body = await _complete_unless_gone(request, run.complete(), run.call.plan.session)
         return JSONResponse(body, headers=headers)
@@ -156,6 +158,7 @@ class GatewayApp:
         shape = MessageShape(f"msg_{uuid.uuid4().hex}", req.model)
         headers = {SESSION_HEADER: call.session}
         if req.stream:
+            await _first_event(request, call)
             return EventStreamResponse(shape.stream(call), headers=headers)
 
         async def answer() -> dict[str, Any]:
@@ -271,6 +274,17 @@ async def _guarded(call: OpenCall, include_usage: bool) -> AsyncIterator[str]:
     except InferError as e:
         yield sse(infer_error_body(e))
         yield SSE_DONE
+
+
+async def _first_event(request: Request, call: OpenCall) -> None:
+    """Before a stream's first byte, its turn's first event, or the node's refusal raised:
+    a prompt the context cannot hold is then a 422 in the door's own error shape."""
+
+    async def first() -> dict[str, Any]:
+        await call.opened()
+        return {}
+
+    await _complete_unless_gone(request, first(), call.plan.session)
 
 
 async def _complete_unless_gone(

@@ -60,12 +60,16 @@ def answer_message(done: DoneEvent) -> ChatMessage:
 
 
 def usage(done: DoneEvent) -> dict[str, Any]:
-    """OpenAI usage, with the reused prefix in ``prompt_tokens_details.cached_tokens``."""
+    """OpenAI usage, with the reused prefix in ``prompt_tokens_details.cached_tokens``, and
+    what the context window left out of the history (infernode's ``dropped_tokens`` and
+    ``dropped_turns``, also under ``prompt_tokens_details``)."""
     u = done.usage
     return {
         "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens,
+                                  "dropped_tokens": u.dropped_tokens},
+        "dropped_tokens": u.dropped_tokens, "dropped_turns": u.dropped_turns,
     }
 
 

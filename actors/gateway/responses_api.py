@@ -194,12 +194,16 @@ def output_items(shape: ResponseShape, done: DoneEvent) -> list[dict[str, Any]]:
 
 
 def usage(done: DoneEvent) -> dict[str, Any]:
-    """Responses usage, with the reused prefix in ``input_tokens_details.cached_tokens``."""
+    """Responses usage, with the reused prefix in ``input_tokens_details.cached_tokens`` and
+    what the context window left out of the history in its ``dropped_tokens`` and
+    ``dropped_turns`` (infernode's)."""
     u = done.usage
     return {
         "input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0,
+                                 "dropped_tokens": u.dropped_tokens,
+                                 "dropped_turns": u.dropped_turns},
         "output_tokens_details": {"reasoning_tokens": 0},
     }
 
