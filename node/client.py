@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 
+from actors.turn_follower import TurnAborted, TurnFollower, read_event
 from node.bus import connect
 from node.config import NodeConfig
 from node.local_auth import client_config
@@ -42,10 +43,8 @@ from schemas.messages import (
     DoneEvent,
     ErrorEvent,
     PromptRequest,
-    StartedEvent,
     TokenEvent,
 )
-from schemas.records import RERUN_REASONS
 from schemas.subjects import (
     ERROR_HEADER,
     MSG_ID_HEADER,
@@ -57,23 +56,7 @@ from schemas.subjects import (
 
 M = TypeVar("M", bound=BaseModel)
 
-_EVENT_TYPES: dict[str, type[BaseModel]] = {
-    "accepted": AcceptedEvent,
-    "started": StartedEvent,
-    "token": TokenEvent,
-    "done": DoneEvent,
-    "commit": CommitEvent,
-    "aborted": AbortedEvent,
-    "error": ErrorEvent,
-}
-
-
-class TurnAborted(Exception):
-    """The turn answering the prompt was aborted."""
-
-    def __init__(self, event: AbortedEvent) -> None:
-        super().__init__(f"turn {event.turn_id} was aborted ({event.reason})")
-        self.event = event
+__all__ = ["InfernodeClient", "TurnAborted", "TurnResult", "read_reply"]
 
 
 @dataclass
@@ -183,15 +166,8 @@ class InfernodeClient:
         )
         extra = _openai_extra(tools, tool_choice, response_format)
         out = result if result is not None else TurnResult()
-        queue: asyncio.Queue[tuple[str, BaseModel]] = asyncio.Queue()
-
-        async def on_event(msg: Msg) -> None:
-            _, kind = self.subjects.event_of(msg.subject)
-            model = _EVENT_TYPES.get(kind)
-            if model is not None:
-                queue.put_nowait((kind, model.model_validate_json(msg.data)))
-
-        sub = await self.nc.subscribe(self.subjects.events_all(session), cb=on_event)
+        queue = _EventQueue(self.subjects)
+        sub = await self.nc.subscribe(self.subjects.events_all(session), cb=queue.on_event)
         try:
             await self.send(session, prompt, extra)
             async for token in _follow(queue, prompt.idempotency_key or "", out, timeout):
@@ -209,21 +185,15 @@ class InfernodeClient:
         prompt = PromptRequest(
             accept_relays_from=tuple(sources), reply=False, idempotency_key=uuid.uuid4().hex
         )
-        queue: asyncio.Queue[tuple[str, BaseModel]] = asyncio.Queue()
-
-        async def on_event(msg: Msg) -> None:
-            _, kind = self.subjects.event_of(msg.subject)
-            model = _EVENT_TYPES[kind]
-            queue.put_nowait((kind, model.model_validate_json(msg.data)))
-
+        queue = _EventQueue(self.subjects)
         subs = [
-            await self.nc.subscribe(self.subjects.events(session, kind), cb=on_event)
+            await self.nc.subscribe(self.subjects.events(session, kind), cb=queue.on_event)
             for kind in (EventKind.ACCEPTED, EventKind.ERROR)
         ]
         try:
             await self.send(session, prompt)
             while True:
-                _, event = await asyncio.wait_for(queue.get(), timeout)
+                event = await asyncio.wait_for(queue.get(), timeout)
                 if getattr(event, "idempotency_key", None) != prompt.idempotency_key:
                     continue
                 if isinstance(event, ErrorEvent):
@@ -272,7 +242,9 @@ class InfernodeClient:
         msg = await self.nc.request(self.subjects.ask(session), body, timeout=timeout)
         return read_reply(msg, AnswerReply)
 
-    async def abort(self, session: str, reason: str = "client", timeout: float = 30.0) -> AbortReply:
+    async def abort(
+        self, session: str, reason: str = "client", timeout: float = 30.0
+    ) -> AbortReply:
         """Abort the running turn of ``session``."""
         msg = await self.nc.request(
             self.subjects.abort(session), AbortRequest(reason=reason).model_dump_json().encode(),
@@ -343,36 +315,40 @@ def _body(prompt: PromptRequest, extra: Mapping[str, Any] | None) -> bytes:
     return json.dumps({**prompt.model_dump(mode="json"), **extra}).encode()
 
 
+class _EventQueue(asyncio.Queue[BaseModel]):
+    """A session's events, read as the turn follower reads them, in arrival order."""
+
+    def __init__(self, subjects: Subjects) -> None:
+        super().__init__()
+        self.subjects = subjects
+
+    async def on_event(self, msg: Msg) -> None:
+        """A subscription's callback: queue the event if it is one a follower reads."""
+        event = read_event(self.subjects.event_kind(msg.subject), msg.data)
+        if event is not None:
+            self.put_nowait(event)
+
+
 async def _follow(
-    queue: asyncio.Queue[tuple[str, BaseModel]], key: str, out: TurnResult, timeout: float
+    queue: asyncio.Queue[BaseModel], key: str, out: TurnResult, timeout: float
 ) -> AsyncIterator[TokenEvent]:
+    """The turn's tokens (a rerun's after the cut turn's); ``out`` takes in what it said."""
+    follower = TurnFollower(key)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while out.commit is None:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise TimeoutError(f"no committed answer within {timeout:.0f} s")
-        kind, event = await asyncio.wait_for(queue.get(), remaining)
-        if isinstance(event, AcceptedEvent) and event.idempotency_key == key:
-            out.message_ids = event.message_ids
-        elif isinstance(event, ErrorEvent) and (
-            event.idempotency_key == key or (event.turn_id and event.turn_id == out.turn_id)
-        ):
-            raise InferError(event.code, event.message, event.details)
-        elif isinstance(event, StartedEvent) and set(out.message_ids) & set(event.parent_ids):
-            out.turn_id = event.turn_id
-        elif out.turn_id is None:
-            continue
-        elif isinstance(event, TokenEvent) and event.turn_id == out.turn_id:
+        event = follower.step(await asyncio.wait_for(queue.get(), remaining))
+        out.message_ids, out.turn_id = follower.message_ids, follower.turn_id
+        if isinstance(event, TokenEvent):
             out.tokens.append(event)
             out.text += event.text
             yield event
-        elif isinstance(event, DoneEvent) and event.turn_id == out.turn_id:
+        elif isinstance(event, DoneEvent):
             out.done = event
-        elif isinstance(event, CommitEvent) and event.turn_id == out.turn_id:
+        elif isinstance(event, CommitEvent):
             out.commit = event
-        elif isinstance(event, AbortedEvent) and event.turn_id == out.turn_id:
-            if event.reason not in RERUN_REASONS:
-                raise TurnAborted(event)
-            # The node runs the turn again by itself; its ``started`` names the same parents.
-            out.turn_id, out.text, out.tokens = None, "", []
+        elif isinstance(event, AbortedEvent):  # run again by the node: its rerun follows
+            out.text, out.tokens = "", []

@@ -115,6 +115,9 @@ class FakeEngine(Actor):
     def __init__(self, nc: Client, subjects: Subjects) -> None:
         super().__init__(nc, subjects)
         self.scripts: dict[str, deque[Script]] = defaultdict(deque)
+        self.any_scripts: deque[Script] = deque()
+        """How the next turns of sessions without a script of their own go (a session id a
+        gateway picks is not known beforehand)."""
         self.requests: list[GenerateRequest] = []
         self.cancels: list[CancelRequest] = []
         self.snapshots: list[SnapshotRequest] = []
@@ -136,6 +139,12 @@ class FakeEngine(Actor):
         """Hold the next turn of ``session`` after ``after`` pieces; the gate releases it."""
         gate = Gate()
         self.script(session, Script(tokens, after, gate, ignore_cancel))
+        return gate
+
+    def hold_any(self, after: int = 1, tokens: tuple[str, ...] = ("par", "tial")) -> Gate:
+        """Hold the next turn of whichever unscripted session comes first, as ``hold``."""
+        gate = Gate()
+        self.any_scripts.append(Script(tokens, after, gate))
         return gate
 
     def fail(self, session: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
@@ -165,7 +174,7 @@ class FakeEngine(Actor):
         if req.session in self.running:
             self.overlaps += 1
         run = self.running[req.session] = _Running(req.turn_id)
-        queue = self.scripts.get(req.session)
+        queue = self.scripts.get(req.session) or self.any_scripts
         script = queue.popleft() if queue else Script()
         start = time.perf_counter()
         try:

@@ -2,7 +2,10 @@
 
 The gateway is a client like any agent: the prompt goes into the intake stream and the
 answer is read from ``<prefix>.events.<session>.*``. The events subscription is made before
-the publish (one connection keeps order), so no event of the turn can be missed.
+the publish (one connection keeps order), so no event of the turn can be missed. The events
+are read by the one ``TurnFollower`` (``actors/turn_follower.py``) the client library uses
+too: a turn the node runs again by itself (it restarted, the bus lost the result) is
+followed into its rerun, so the HTTP client gets the rerun's answer.
 """
 
 from __future__ import annotations
@@ -18,47 +21,25 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from actors.turn_follower import TurnAborted, TurnEvent, TurnFollower, read_event
 from schemas.errors import ErrorCode, InferError
 from schemas.messages import (
     AbortedEvent,
     AbortRequest,
     AcceptedEvent,
-    CommitEvent,
-    DoneEvent,
-    ErrorEvent,
     PromptProgressEvent,
     PromptRequest,
-    StartedEvent,
-    TokenEvent,
-    ToolCallEvent,
 )
-from schemas.subjects import MSG_ID_HEADER, EventKind, Subjects
+from schemas.subjects import MSG_ID_HEADER, Subjects
 
-_EVENTS: dict[str, type[BaseModel]] = {
-    EventKind.ACCEPTED: AcceptedEvent,
-    EventKind.STARTED: StartedEvent,
-    EventKind.TOKEN: TokenEvent,
-    EventKind.TOOL_CALL: ToolCallEvent,
-    EventKind.PROMPT_PROGRESS: PromptProgressEvent,
-    EventKind.DONE: DoneEvent,
-    EventKind.COMMIT: CommitEvent,
-    EventKind.ABORTED: AbortedEvent,
-    EventKind.ERROR: ErrorEvent,
-}
-TurnEvent = TokenEvent | ToolCallEvent | DoneEvent | CommitEvent | PromptProgressEvent
-"""What following a turn yields."""
 _QUEUE_LIMIT = 65_536
 """Events one turn may have waiting (a client that reads slower than the model writes)."""
 
 
-class TurnAbortedError(Exception):
-    """The turn was aborted (by a client, an operator or a shutdown)."""
-
-    def __init__(self, event: AbortedEvent) -> None:
-        super().__init__(f"the turn was aborted ({event.reason})")
-        self.event = event
+TurnAbortedError = TurnAborted
+"""The turn was aborted (by a client, an operator, a deletion) and is not run again."""
 
 
 class DuplicatePromptError(Exception):
@@ -74,13 +55,14 @@ class NodeTurn:
     session: str
     prompt: PromptRequest
     timeout: float
-    turn_id: str | None = None
-    message_ids: tuple[str, ...] = ()
-    done: DoneEvent | None = None
-    commit: CommitEvent | None = None
+    follower: TurnFollower = field(init=False)
+    """Where the turn stands, read from the session's events."""
     _queue: asyncio.Queue[BaseModel] = field(default_factory=lambda: asyncio.Queue(_QUEUE_LIMIT))
     _sub: Subscription | None = None
     _deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.follower = TurnFollower(self.key)
 
     @property
     def key(self) -> str:
@@ -113,34 +95,22 @@ class NodeTurn:
             raise DuplicatePromptError(self.key)
         while True:
             event = await self._next()
-            if isinstance(event, AcceptedEvent) and event.idempotency_key == self.key:
-                self.message_ids = event.message_ids
+            self.follower.step(event)  # raises the prompt's error
+            if self.follower.accepted:
+                assert isinstance(event, AcceptedEvent)
                 return event
-            if isinstance(event, ErrorEvent) and event.idempotency_key == self.key:
-                raise InferError(event.code, event.message, event.details)
 
     async def events(self, progress: bool = False) -> AsyncIterator[TurnEvent]:
-        """Tokens and tool-call deltas, then done, then commit; raises on an error or abort.
-        With ``progress``, a long prefill's ``prompt_progress`` events come first."""
-        while self.commit is None:
-            event = await self._next()
-            if isinstance(event, StartedEvent) and set(event.parent_ids) & set(self.message_ids):
-                self.turn_id = event.turn_id
-            elif self.turn_id is None or getattr(event, "turn_id", None) != self.turn_id:
+        """Tokens and tool-call deltas, then done, then commit; raises on an error or an
+        abort the node does not rerun (a rerun is followed: its events come next). With
+        ``progress``, a long prefill's ``prompt_progress`` events come first."""
+        while self.follower.commit is None:
+            event = self.follower.step(await self._next())
+            if event is None or isinstance(event, AbortedEvent):
                 continue
-            elif isinstance(event, ErrorEvent):
-                raise InferError(event.code, event.message, event.details)
-            elif isinstance(event, AbortedEvent):
-                raise TurnAbortedError(event)
-            elif isinstance(event, PromptProgressEvent):
-                if progress:
-                    yield event
-            elif isinstance(event, TokenEvent | ToolCallEvent | DoneEvent | CommitEvent):
-                if isinstance(event, DoneEvent):
-                    self.done = event
-                elif isinstance(event, CommitEvent):
-                    self.commit = event
-                yield event
+            if isinstance(event, PromptProgressEvent) and not progress:
+                continue
+            yield event
 
     async def abort(self, reason: str) -> None:
         """Ask the node to stop this session's running turn (best effort)."""
@@ -171,13 +141,8 @@ class NodeTurn:
             ) from None
 
     async def _on_event(self, msg: Msg) -> None:
-        kind = self.subjects.event_kind(msg.subject)
-        model = _EVENTS.get(kind)
-        if model is None:
-            return
-        try:
-            event = model.model_validate_json(msg.data)
-        except ValidationError:  # another node version's event: not ours to read
+        event = read_event(self.subjects.event_kind(msg.subject), msg.data)
+        if event is None:  # not about a turn, or another node version's event
             return
         if self._queue.full():  # a stalled reader; the turn fails rather than grows memory
             return
