@@ -135,7 +135,12 @@ def test_streamed_deltas_add_up_to_the_parsed_calls_whatever_the_chunking():
 def test_schemas_are_closed_as_openai_strict_mode_reads_them_unless_they_opt_out():
     """An object declaring ``properties`` admits no other key; ``additionalProperties:
     true`` keeps one open, ``allOf`` members stay open, ``strict: false`` keeps all open."""
-    from actors.engine.constraints import _call_schema, closed_schema, response_grammar
+    from actors.engine.constraints import (
+        _call_schema,
+        closed_schema,
+        response_grammar,
+        schema_questions,
+    )
     from schemas.tools import Tool
 
     nested = {"type": "object", "properties": {
@@ -144,6 +149,7 @@ def test_schemas_are_closed_as_openai_strict_mode_reads_them_unless_they_opt_out
         "open": {"type": "object", "properties": {}, "additionalProperties": True},
         "list": {"type": "array", "items": {"type": "object", "properties": {}}},
         "both": {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+        "elsewhere": {"type": "object", "properties": {}, "required": ["z"]},
     }, "$defs": {"d": {"type": "object", "properties": {"q": {}}}}}
     closed = closed_schema(nested)
     props = closed["properties"]
@@ -154,6 +160,7 @@ def test_schemas_are_closed_as_openai_strict_mode_reads_them_unless_they_opt_out
     assert props["list"]["items"]["additionalProperties"] is False  # type: ignore[index]
     assert all("additionalProperties" not in m for m in props["both"]["allOf"])  # type: ignore[index,union-attr]
     assert closed["$defs"]["d"]["additionalProperties"] is False  # type: ignore[index]
+    assert "additionalProperties" not in props["elsewhere"]  # type: ignore[operator]
     assert "additionalProperties" not in nested["properties"]["a"]  # the request's is kept
 
     def tool(strict: bool | None) -> Tool:
@@ -167,6 +174,8 @@ def test_schemas_are_closed_as_openai_strict_mode_reads_them_unless_they_opt_out
     fmt = JsonSchemaFormat.model_validate({"type": "json_schema", "json_schema": {
         "schema": {"type": "object", "properties": {"k": {}}}}})
     assert '"additionalProperties":false' in response_grammar(fmt).replace(" ", "")
+    [question] = schema_questions(PromptRequest(response_format=fmt))  # admission reads alike
+    assert question.schema["additionalProperties"] is False
 
 
 @pytest.mark.parametrize(("raw", "content", "call"), [

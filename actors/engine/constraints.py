@@ -59,7 +59,8 @@ _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions",
 
 def closed_schema(schema: JsonSchema) -> JsonSchema:
     """``schema`` with ``additionalProperties: false`` on every object that declares
-    ``properties`` and none of ``_OPEN_KEYS``: OpenAI's strict semantics.
+    ``properties`` (every key it requires among them) and none of ``_OPEN_KEYS``: OpenAI's
+    strict semantics.
 
     ``allOf`` members are left open at their own level: closing each would refuse the keys
     the others declare (their nested objects are closed). ``anyOf``/``oneOf`` members are
@@ -85,11 +86,18 @@ def _closed(node: object, close: bool) -> object:
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {k: _closed(v, True) for k, v in out[key].items()}
-    if close and isinstance(node.get("properties"), dict) and not any(
-        k in node for k in _OPEN_KEYS
-    ):
+    if close and _declares_all(node) and not any(k in node for k in _OPEN_KEYS):
         out["additionalProperties"] = False
     return out
+
+
+def _declares_all(node: dict[str, object]) -> bool:
+    """Whether ``node`` declares ``properties`` and each key it requires is one of them (a
+    required key declared nowhere would make the closed object unsatisfiable)."""
+    props, required = node.get("properties"), node.get("required", [])
+    return isinstance(props, dict) and isinstance(required, list) and all(
+        k in props for k in required
+    )
 
 
 def _strict(schema: JsonSchema, strict: bool | None) -> JsonSchema:
@@ -282,11 +290,12 @@ class SchemaQuestion(NamedTuple):
 
 
 def schema_questions(prompt: PromptRequest) -> list[SchemaQuestion]:
-    """The schemas of ``prompt`` the grammar would compile: tools' parameters, then the
-    response format's."""
+    """The schemas of ``prompt`` the grammar would compile, as it would read them (closed
+    unless ``strict: false``): tools' parameters, then the response format's. Bodies nest at
+    most ``MAX_JSON_DEPTH`` levels, so closing one cannot exhaust the stack."""
     questions = [
         SchemaQuestion(
-            tool.function.parameters,
+            _strict(tool.function.parameters, tool.function.strict),
             f"tools[{i}] ({tool.function.name}): its parameters schema cannot be enforced "
             "when the call is forced",
             {"tool": tool.function.name, "param": f"tools.{i}.function.parameters"},
@@ -296,7 +305,8 @@ def schema_questions(prompt: PromptRequest) -> list[SchemaQuestion]:
     fmt = prompt.response_format
     if isinstance(fmt, JsonSchemaFormat):
         questions.append(SchemaQuestion(
-            fmt.json_schema.schema_, "response_format: the schema cannot be enforced",
+            _strict(fmt.json_schema.schema_, fmt.json_schema.strict),
+            "response_format: the schema cannot be enforced",
             {"param": "response_format.json_schema.schema"},
         ))
     return questions
