@@ -126,3 +126,13 @@ def test_quick_cluster_benchmark_moves_the_sessions_and_prints_both_ratios() -> 
     from the bank."""
     lines = _check_quick_run("cluster.py", CLUSTER_RATIO_LINES, timeout=170)
     assert any("(cache bank)" in x for x in lines), "\n".join(lines)
+
+
+@pytest.mark.timeout(90)
+def test_quick_speculation_benchmark_prints_its_ratio_and_exits_0() -> None:
+    """`python bench/speculation.py --quick` prints the speculation on / off ratio, exit 0."""
+    from actors.engine.backends.llamacpp.backend import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("speculation runs on the llama-cpp engine, which is not installed")
+    _check_quick_run("speculation.py", ("decode tok/s: speculation on / off",))
