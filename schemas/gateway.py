@@ -43,6 +43,20 @@ class SessionChain(Frozen):
     """True once a turn of this conversation was aborted: later calls start a fork."""
 
 
+class HintSessions(Frozen):
+    """Under ``h.<hint hash>``: the sessions an agent's affinity hint (its own conversation id,
+    such as opencode's ``x-session-id``) has committed turns in, most recently used first.
+
+    One hint holds several conversations (an agent's title or summary requests run under its
+    main conversation's id with another system prompt), so a call continues whichever of them
+    its messages extend."""
+
+    type: Literal["gateway_hint.v1"] = "gateway_hint.v1"
+    """Message type and version."""
+    sessions: tuple[str, ...]
+    """The node's session ids, most recently committed first."""
+
+
 class IdempotencyEntry(Frozen):
     """Under ``i.<key hash>``: a request with an ``Idempotency-Key``, claimed, then answered.
 
@@ -88,6 +102,11 @@ def prefix_key(link: str) -> str:
 def session_key(session: str) -> str:
     """KV key of a named session's chain."""
     return f"s.{session}"
+
+
+def hint_key(digest: str) -> str:
+    """KV key of the sessions under an affinity hint (``digest``: the hint scoped to its agent)."""
+    return f"h.{digest}"
 
 
 def response_key(response_id: str) -> str:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from actors.gateway import Gateway, GatewaySettings, HttpLimits
+from node.client import InfernodeClient
 from node.streams import ensure_streams
 from schemas.subjects import Subjects
 from tests.helpers import EventCollector, publish_prompt, until
@@ -74,8 +75,11 @@ async def test_routes_and_models_that_do_not_exist_are_openai_404s(make_node):
         _error(await http.get(f"{base}/chat/completions"), 405)
 
 
-async def test_a_named_session_with_unrecorded_history_is_a_409(make_node, nc):
-    """A session that took prompts over NATS (not through a gateway) is not appended blindly."""
+async def test_a_named_session_with_unrecorded_history_is_forked_not_appended_blindly(
+    make_node, nc
+):
+    """A session that took prompts over NATS (not through a gateway) is not appended blindly:
+    a call naming it is answered in a fork, and the session keeps only its own turn."""
     node, base = await _gateway_node(make_node)
     events = await EventCollector.start(nc, S.events_all("nats-made"))
     await publish_prompt(nc, "nats-made", "hello", max_tokens=2)
@@ -83,7 +87,12 @@ async def test_a_named_session_with_unrecorded_history_is_a_409(make_node, nc):
     async with httpx.AsyncClient(timeout=30) as http:
         r = await http.post(f"{base}/chat/completions", json=CHAT,
                             headers={"X-Session-Id": "nats-made"})
-    assert _error(r, 409)["code"] == "conflict"
+    assert r.status_code == 200, r.text
+    assert r.headers["x-session-id"].startswith("nats-made-")
+    async with InfernodeClient(node.url) as c:
+        history = await c.history("nats-made")
+    assert [r.content for r in history.records if r.kind == "user"] == ["hello"]
+    assert history.generation == 1
 
 
 async def test_a_history_longer_than_the_context_is_a_422(make_node):

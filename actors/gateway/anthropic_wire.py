@@ -13,7 +13,6 @@ it, so a typo never silently does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -22,12 +21,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from actors.gateway.wire import ChatCompletionRequest, check_request, invalid_body
 from schemas.errors import ErrorCode, InferError
 from schemas.json_depth import check_json_depth
-from schemas.subjects import is_session_id
 
 MAX_TOKENS = 32_768
 """Most tokens one answer may ask for here; Claude Code asks for more, and is given this."""
-_HINT_CHARS = 64
-"""Longest hint used as a session id as it is; a longer one is named by its digest."""
 
 
 class _Strict(BaseModel):
@@ -163,7 +159,7 @@ class Metadata(_Strict):
     """``metadata``."""
 
     user_id: str | None = None
-    """The end user; a conversation's affinity hint here (see ``affinity_hint``)."""
+    """The end user; a conversation's affinity hint here (``sessions.affinity_hint``)."""
 
 
 class JsonFormat(_Strict):
@@ -292,17 +288,6 @@ def to_chat_request(req: Conversation) -> ChatCompletionRequest:
         raise invalid_body(e, json.dumps(body).encode()) from e
     check_request(chat)
     return chat
-
-
-def affinity_hint(header: str | None, req: MessagesRequest) -> str | None:
-    """The session a conversation is named by: Claude Code's session header, else
-    ``metadata.user_id``; one that is not a short session id is named by its digest."""
-    hint = header or (req.metadata.user_id if req.metadata else None)
-    if not hint:
-        return None
-    if is_session_id(hint) and len(hint) <= _HINT_CHARS:
-        return hint
-    return "h-" + hashlib.sha256(hint.encode()).hexdigest()[:32]
 
 
 def _tool_choice(choice: ToolChoiceParam) -> dict[str, Any]:

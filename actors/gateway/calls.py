@@ -1,9 +1,11 @@
 """One chat completion end to end: plan the session, run the turn, answer in OpenAI's shape.
 
 A call holds its session's lock (on this gateway) from the publish until the commit, so two
-calls of one conversation never race into one coalesced turn; across gateways the
-``expect_generation`` check turns such a race into a fork instead. A call whose client goes
-away before the answer aborts the turn, and the conversation index forgets that branch.
+calls of one conversation never race into one coalesced turn: a call whose session is busy
+forks instead of waiting (it cannot know whether it extends the running turn's answer), and
+across gateways the ``expect_generation`` check turns such a race into a fork too. A call
+whose client goes away before the answer aborts the turn, and the conversation index
+forgets that branch.
 """
 
 from __future__ import annotations
@@ -229,23 +231,26 @@ class ChatService:
         return reply.prompt_tokens
 
     async def open(
-        self, agent: str, req: ChatCompletionRequest, named: str | None, claim: Claim | None
+        self, agent: str, req: ChatCompletionRequest, hint: str | None, claim: Claim | None
     ) -> OpenCall:
-        """Plan the call, publish its prompt and return once the session recorded it."""
+        """Plan the call (under the affinity ``hint``, if any), publish its prompt and return
+        once the session recorded it."""
         try:
-            return await self._open(agent, req, named, claim)
+            return await self._open(agent, req, hint, claim)
         except BaseException:
             if claim is not None:  # unanswered: the key is free for a retry
                 await asyncio.shield(self.claims.release(claim))
             raise
 
     async def _open(
-        self, agent: str, req: ChatCompletionRequest, named: str | None, claim: Claim | None
+        self, agent: str, req: ChatCompletionRequest, hint: str | None, claim: Claim | None
     ) -> OpenCall:
-        plan = await self.router.plan(agent, named, req.chat_messages())
+        plan = await self.router.plan(agent, hint, req.chat_messages(), self._busy)
         for attempt in range(2):
+            if self._busy(plan.session):
+                plan = self.router.fork(plan)
             lock = self._locks.setdefault(plan.session, asyncio.Lock())
-            await lock.acquire()
+            await lock.acquire()  # free: nothing ran since the check
             key = _attempt_key(claim, plan, attempt)
             turn = NodeTurn(self.nc, self.subjects, plan.session,
                             prompt_for(req, plan.new_messages, key, plan.expect_generation),
@@ -255,14 +260,11 @@ class ChatService:
             except InferError as e:
                 await turn.close()
                 lock.release()
-                if e.code != ErrorCode.CONFLICT or attempt or (plan.base == 0 and not named):
+                if e.code != ErrorCode.CONFLICT or attempt or (
+                    plan.base == 0 and plan.hint is None
+                ):
                     raise
-                if plan.base == 0:
-                    raise InferError(
-                        ErrorCode.CONFLICT, f"session {plan.visible} has history this gateway "
-                        "has not recorded; send its new messages to another session id",
-                        e.details,
-                    ) from e
+                # The session moved on, on another gateway or over NATS: never append blindly.
                 plan = self.router.fork(plan)
                 continue
             except DuplicatePromptError:
@@ -279,6 +281,11 @@ class ChatService:
             shape = CompletionShape(f"chatcmpl-{uuid.uuid4().hex}", self.model)
             return OpenCall(self, plan, turn, shape, lock, claim)
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _busy(self, session: str) -> bool:
+        """Whether a call on this gateway holds ``session`` (its turn not yet committed)."""
+        lock = self._locks.get(session)
+        return lock is not None and lock.locked()
 
 
 def scoped_key(agent: str, client_key: str) -> str:

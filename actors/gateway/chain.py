@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -26,13 +26,15 @@ from actors.replicas import keep_replicas, placing
 from schemas.chat import ChatMessage
 from schemas.gateway import (
     ConversationEntry,
+    HintSessions,
     SessionChain,
+    hint_key,
     prefix_key,
     session_key,
 )
 from schemas.subjects import Subjects
 
-M = TypeVar("M", ConversationEntry, SessionChain)
+M = TypeVar("M", ConversationEntry, SessionChain, HintSessions)
 
 ANSWER_TTL_S = 24 * 3600.0
 """How long an ``Idempotency-Key`` answer is kept for retries."""
@@ -40,6 +42,9 @@ KNOWN_ENTRIES = 65_536
 """Prefix entries a gateway keeps in memory (about 10 MiB)."""
 MAX_LOOKUPS = 64
 """Longest conversations try their 64 longest prefixes (a new conversation stops there)."""
+SESSIONS_PER_HINT = 8
+"""Sessions one affinity hint keeps (least recently committed out first): a main
+conversation and its side requests, and a few forks of it."""
 
 
 def canonical(message: ChatMessage) -> bytes:
@@ -154,6 +159,33 @@ class ConversationIndex:
         """Record a named session's committed conversation."""
         await self.conversations.put(session_key(value.session), value.model_dump_json().encode())
 
+    async def hint_sessions(self, hint: str) -> tuple[str, ...]:
+        """The sessions under the affinity hint ``hint`` (a digest), most recent first."""
+        entry = await self._get(self.conversations, hint_key(hint), HintSessions)
+        return entry.sessions if entry is not None else ()
+
+    async def hinted(self, hint: str, session: str) -> None:
+        """``session`` committed a turn under ``hint``: it goes first, the oldest past
+        ``SESSIONS_PER_HINT`` out. Compare-and-set, so gateways committing at once under one
+        hint lose none of each other's sessions."""
+        key = hint_key(hint)
+        for _ in range(8):
+            try:
+                entry = await self.conversations.get(key)
+            except KeyNotFoundError:
+                entry = None
+            known = _hint_list(entry)
+            sessions = (session, *(s for s in known if s != session))[:SESSIONS_PER_HINT]
+            value = HintSessions(sessions=sessions).model_dump_json().encode()
+            try:
+                if entry is None:
+                    await self.conversations.create(key, value)
+                else:
+                    await self.conversations.update(key, value, last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # another commit under the hint came first: read it again
+
     @staticmethod
     async def _get(
         kv: KeyValue, key: str, model: type[M]
@@ -168,6 +200,15 @@ class ConversationIndex:
             return model.model_validate_json(entry.value)
         except ValidationError:  # written by another version: treat as unknown
             return None
+
+
+def _hint_list(entry: KeyValue.Entry | None) -> tuple[str, ...]:
+    if entry is None or not entry.value:
+        return ()
+    try:
+        return HintSessions.model_validate_json(entry.value).sessions
+    except ValidationError:  # written by another version: the hint starts afresh
+        return ()
 
 
 async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

@@ -26,12 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.gateway.anthropic_shapes import MessageShape
 from actors.gateway.anthropic_shapes import error_body as anthropic_error
-from actors.gateway.anthropic_wire import (
-    affinity_hint,
-    parse_count,
-    parse_messages,
-    to_chat_request,
-)
+from actors.gateway.anthropic_wire import parse_count, parse_messages, to_chat_request
 from actors.gateway.calls import ChatService, OpenCall
 from actors.gateway.idempotency import request_digest
 from actors.gateway.responses import (
@@ -43,6 +38,7 @@ from actors.gateway.responses import (
     sse,
 )
 from actors.gateway.responses_api import ResponsesService
+from actors.gateway.sessions import affinity_hint
 from actors.gateway.wire import parse_request
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import IdempotencyEntry
@@ -51,7 +47,6 @@ log = structlog.get_logger("gateway")
 
 SESSION_HEADER = "X-Session-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-CLAUDE_SESSION_HEADER = "x-claude-code-session-id"
 
 
 @dataclass(frozen=True)
@@ -116,16 +111,16 @@ class GatewayApp:
         """``POST /v1/chat/completions``."""
         agent = self._agent(request)
         req = parse_request(await self._body(request))
-        named = request.headers.get(SESSION_HEADER) or req.session_hint()
+        hint = affinity_hint(request.headers, req.session_hint())
         key = request.headers.get(IDEMPOTENCY_HEADER)
         claim = None
         if key is not None:
-            held = await self.service.claim(agent, key, request_digest(req, named))
+            held = await self.service.claim(agent, key, request_digest(req, hint))
             if isinstance(held, IdempotencyEntry):
                 assert held.completion is not None and held.session is not None
                 return _replay(held.completion, held.session, req.stream)
             claim = held
-        call = await self.service.open(agent, req, named, claim)
+        call = await self.service.open(agent, req, hint, claim)
         headers = {SESSION_HEADER: call.session}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -137,8 +132,7 @@ class GatewayApp:
     async def responses(self, request: Request) -> Response:
         """``POST /v1/responses`` (OpenAI's Responses API)."""
         agent = self._agent(request)
-        run = await self.responses_api.open(agent, await self._body(request),
-                                            request.headers.get(SESSION_HEADER), request.headers)
+        run = await self.responses_api.open(agent, await self._body(request), request.headers)
         headers = {SESSION_HEADER: run.call.session}
         if run.req.stream:
             await _first_event(request, run.call)
@@ -153,8 +147,8 @@ class GatewayApp:
     async def _messages(self, request: Request) -> Response:
         agent = self._agent(request)
         req = parse_messages(await self._body(request))
-        named = affinity_hint(request.headers.get(CLAUDE_SESSION_HEADER), req)
-        call = await self.service.open(agent, to_chat_request(req), named, None)
+        hint = affinity_hint(request.headers, req.metadata.user_id if req.metadata else None)
+        call = await self.service.open(agent, to_chat_request(req), hint, None)
         shape = MessageShape(f"msg_{uuid.uuid4().hex}", req.model)
         headers = {SESSION_HEADER: call.session}
         if req.stream:

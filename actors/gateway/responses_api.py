@@ -13,7 +13,6 @@ those are affinity hints, the session the conversation goes to.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import re
 import time
@@ -37,17 +36,15 @@ from actors.gateway.responses_wire import (
     input_messages,
     parse_responses_request,
 )
+from actors.gateway.sessions import affinity_hint
 from actors.gateway.stream import ContentFilter, ToolCallRelay, progress_comment
 from schemas.chat import ChatMessage
 from schemas.errors import ErrorCode, InferError
 from schemas.gateway import ResponseRecord, response_key
 from schemas.messages import DoneEvent, PromptProgressEvent, TokenEvent, ToolCallEvent
-from schemas.subjects import is_session_id
 
 log = structlog.get_logger("gateway")
 
-HINT_HEADERS = ("session_id", "session-id", "thread-id")
-"""Headers agents send with their own conversation id (Codex sends ``session_id``)."""
 _RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{32}$")
 
 
@@ -87,34 +84,25 @@ class ResponsesService:
         self.chat = chat
         self.store = ResponseStore(chat.router.index.conversations)
 
-    async def open(
-        self, agent: str, body: bytes, named: str | None, headers: Mapping[str, str]
-    ) -> ResponseRun:
-        """Parse, plan and publish the call; return once the session recorded its prompt."""
+    async def open(self, agent: str, body: bytes, headers: Mapping[str, str]) -> ResponseRun:
+        """Parse, plan and publish the call; return once the session recorded its prompt.
+
+        The stored response a request continues names its session; else the agent's own
+        conversation id (a header, ``prompt_cache_key``, ``metadata.session_id``) is the
+        call's affinity hint."""
         req = parse_responses_request(body)
         history: tuple[ChatMessage, ...] = ()
         if req.previous_response_id is not None:
             record = await self.store.get(agent, req.previous_response_id)
-            history, named = record.messages, record.session
-        elif named is None:
-            named = _hinted_session(req, headers)
+            history, hint = record.messages, record.session
+        else:
+            hint = affinity_hint(headers, req.prompt_cache_key,
+                                 (req.metadata or {}).get("session_id"))
         system = (ChatMessage(role="system", content=req.instructions),) if req.instructions else ()
         chat = chat_request(req, [*system, *history, *input_messages(req)])
-        call = await self.chat.open(agent, chat, named, None)
+        call = await self.chat.open(agent, chat, hint, None)
         shape = ResponseShape(f"resp_{uuid.uuid4().hex}", self.chat.model, req)
         return ResponseRun(self, req, call, shape, agent, len(system))
-
-
-def _hinted_session(req: ResponsesRequest, headers: Mapping[str, str]) -> str | None:
-    """The session an agent's own conversation id points to (a valid session id made of it
-    when it is not one)."""
-    hint = next((headers[h] for h in HINT_HEADERS if headers.get(h)), None)
-    hint = hint or req.prompt_cache_key or (req.metadata or {}).get("session_id")
-    if not hint:
-        return None
-    if is_session_id(hint) and len(hint) <= 64:
-        return hint
-    return "hint-" + hashlib.sha256(hint.encode()).hexdigest()[:32]
 
 
 @dataclass

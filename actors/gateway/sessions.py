@@ -1,29 +1,56 @@
 """Which session a chat completion continues, and what it must send so the turn pays only
 for its new messages.
 
-A named session (``X-Session-Id`` or ``metadata.session_id``) is compared with the
-conversation the gateways recorded for it at its last commit; a stateless call (the OpenAI
-default: the whole conversation every time) is matched against every committed
-conversation of its agent by hash chain. Either way only the unseen messages are sent, with
-``expect_generation`` so a session that moved on meanwhile is never appended to blindly: the
-node answers 409 and the call forks instead. A fork is a new session seeded with the whole
-conversation; the engine's bank is content-addressed, so its KV state up to the divergence
-is restored from the snapshots the original session left, not recomputed.
+A stateless call (the OpenAI default: the whole conversation every time) is matched against
+every committed conversation of its agent by hash chain. A call with an affinity hint (the
+agent's own conversation id: ``X-Session-Id``, Claude Code's and Codex's session headers,
+``prompt_cache_key``, ``metadata``) continues the session under that hint whose committed
+conversation is the longest prefix of its messages; one hint holds a few sessions (an
+agent's title and summary requests run under its main conversation's id with another
+system prompt), and a session with a turn running is no candidate. A call no session
+extends forks. Either way only the unseen messages are sent, with ``expect_generation`` so
+a session that moved on meanwhile is never appended to blindly: the node answers 409 and
+the call forks instead. A fork is a new session seeded with the whole conversation; the
+engine's bank is content-addressed, so its KV state up to the divergence is restored from
+the snapshots the original session left, not recomputed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from actors.gateway.chain import ConversationIndex, chain, common_prefix
 from schemas.chat import ChatMessage
-from schemas.errors import ErrorCode, InferError
 from schemas.gateway import SessionChain
 from schemas.subjects import is_session_id
 
 _MAX_SESSION = 128
+_HINT_CHARS = 64
+"""Longest hint used as a session id as it is (with a 32-character agent and a fork's
+suffix it still fits ``_MAX_SESSION``); a longer or odd one is named by its digest."""
+HINT_HEADERS = (
+    "x-session-id", "x-claude-code-session-id", "session_id", "session-id",
+    "conversation_id", "conversation-id", "thread-id", "thread_id",
+)
+"""Headers agents send with their own conversation id, first found wins: opencode's
+``x-session-id``, Claude Code's, Codex's ``session_id`` (older ones ``conversation_id``)."""
+
+
+def affinity_hint(headers: Mapping[str, str], *in_body: str | None) -> str | None:
+    """The conversation id a request carries (its headers first, then the body's own keys
+    in the order given), as a session id: one that is not a short session id is named by
+    its digest."""
+    hint = next((headers[h] for h in HINT_HEADERS if headers.get(h)), None)
+    hint = hint or next((h for h in in_body if h), None)
+    if not hint:
+        return None
+    if is_session_id(hint) and len(hint) <= _HINT_CHARS:
+        return hint
+    return "h-" + hashlib.sha256(hint.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,8 @@ class Plan:
     """The generation the session must be at."""
     forked: bool = False
     """True when this call starts a fork."""
+    hint: str | None = None
+    """The affinity hint the call came with; its commit files the session under it."""
 
     @property
     def new_messages(self) -> tuple[ChatMessage, ...]:
@@ -58,6 +87,16 @@ def node_session(agent: str, visible: str) -> str:
     return f"{agent}_{visible}" if agent else visible
 
 
+def visible_session(agent: str, session: str) -> str:
+    """The id a client sees of the node's session ``session``."""
+    return session[len(agent) + 1:] if agent else session
+
+
+def hint_digest(agent: str, hint: str) -> str:
+    """The key of an agent's hint (another agent's same hint is another key)."""
+    return hashlib.sha256(f"{agent}\0{hint}".encode()).hexdigest()
+
+
 class SessionRouter:
     """Plans calls against the conversation index, and records what they committed."""
 
@@ -65,25 +104,27 @@ class SessionRouter:
         self.index = index
 
     async def plan(
-        self, agent: str, named: str | None, messages: Sequence[ChatMessage]
+        self, agent: str, hint: str | None, messages: Sequence[ChatMessage],
+        busy: Callable[[str], bool] = lambda session: False,
     ) -> Plan:
-        """Where a call with ``messages`` goes."""
+        """Where a call with ``messages`` goes; a session for which ``busy`` is true (a turn
+        of it running) is not continued."""
         msgs = tuple(messages)
         links = tuple(chain(agent, msgs))
-        if named is not None:
-            return await self._plan_named(agent, _check_visible(agent, named), msgs, links)
+        if hint is not None:
+            return await self._plan_hinted(agent, hint, msgs, links, busy)
         hit = await self.index.longest_prefix(links, len(msgs) - 1)
         if hit is None:
             return self._fresh(agent, _new_id("chat"), msgs, links)
         n, entry = hit
-        visible = entry.session[len(agent) + 1:] if agent else entry.session
-        return Plan(agent, visible, entry.session, msgs, links, n, entry.generation)
+        return Plan(agent, visible_session(agent, entry.session), entry.session, msgs, links,
+                    n, entry.generation)
 
     def fork(self, plan: Plan) -> Plan:
         """A new session seeded with the call's whole conversation."""
         stem = plan.visible[: _MAX_SESSION - len(plan.agent) - 14]
         fresh = self._fresh(plan.agent, _new_id(stem), plan.messages, plan.links)
-        return replace(fresh, forked=True)
+        return replace(fresh, forked=True, hint=plan.hint)
 
     async def committed(self, plan: Plan, answer: ChatMessage, generation: int) -> None:
         """The call's turn committed ``answer`` at ``generation``: index the conversation."""
@@ -92,6 +133,8 @@ class SessionRouter:
         await self.index.put_session_chain(
             SessionChain(session=plan.session, generation=generation, chain=links)
         )
+        if plan.hint is not None:
+            await self.index.hinted(hint_digest(plan.agent, plan.hint), plan.session)
 
     async def aborted(self, plan: Plan) -> None:
         """The call's turn was aborted: the session holds its input as unanswered context,
@@ -105,25 +148,30 @@ class SessionRouter:
             retired=True,
         ))
 
-    async def _plan_named(
-        self, agent: str, visible: str, msgs: tuple[ChatMessage, ...], links: tuple[str, ...]
+    async def _plan_hinted(
+        self, agent: str, hint: str, msgs: tuple[ChatMessage, ...], links: tuple[str, ...],
+        busy: Callable[[str], bool],
     ) -> Plan:
-        session = node_session(agent, visible)
-        known = await self.index.session_chain(session)
-        if known is None:
-            return Plan(agent, visible, session, msgs, links, 0, 0)
-        plan = Plan(agent, visible, session, msgs, links, len(known.chain), known.generation)
-        shared = common_prefix(links, known.chain)
-        if known.retired or shared < len(known.chain):
-            return self.fork(plan)
-        if shared == len(msgs):
-            raise InferError(
-                ErrorCode.BAD_REQUEST,
-                f"session {visible} already holds every message of this request; add the "
-                "new message to answer",
-                {"param": "messages"},
-            )
-        return plan
+        """The longest session under ``hint`` that the call extends, else the hint's own
+        session while it is new, else a fork."""
+        own = node_session(agent, hint)
+        under = await self.index.hint_sessions(hint_digest(agent, hint))
+        names = [s for s in dict.fromkeys((*under, own)) if not busy(s)]
+        chains = await asyncio.gather(*(self.index.session_chain(s) for s in names))
+        best: SessionChain | None = None
+        for known in chains:
+            if known is None or known.retired or len(known.chain) >= len(links):
+                continue
+            if common_prefix(links, known.chain) == len(known.chain) and (
+                best is None or len(known.chain) > len(best.chain)
+            ):
+                best = known
+        if best is not None:
+            return Plan(agent, visible_session(agent, best.session), best.session, msgs, links,
+                        len(best.chain), best.generation, hint=hint)
+        plan = Plan(agent, hint, own, msgs, links, 0, 0, hint=hint)
+        fresh = own in names and own not in under and chains[names.index(own)] is None
+        return plan if fresh else self.fork(plan)
 
     @staticmethod
     def _fresh(
@@ -134,14 +182,3 @@ class SessionRouter:
 
 def _new_id(stem: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:12]}"
-
-
-def _check_visible(agent: str, visible: str) -> str:
-    if not is_session_id(visible) or len(node_session(agent, visible)) > _MAX_SESSION:
-        raise InferError(
-            ErrorCode.BAD_REQUEST,
-            f"session id {visible[:64]!r} is not valid: use 1-{_MAX_SESSION - len(agent) - 1} "
-            "letters, digits, '_' or '-'",
-            {"param": "X-Session-Id"},
-        )
-    return visible
