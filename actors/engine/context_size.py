@@ -4,7 +4,8 @@ An agent's first prompt (system prompt and tool definitions) is often 20k tokens
 default is the context the model was trained for (``<arch>.context_length`` in its GGUF
 header), as llama.cpp's own ``n_ctx = 0`` takes it. The KV cache of every slot must fit in
 memory beside everything else, so the context is cut to what half of the memory available
-at start holds for all slots; the start log says which of the two decided it.
+at start holds for all slots (rounded down to a power of two, so a restart finds the same
+length and its banked snapshots still fit); the start log says which of the two decided it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ KV_BYTES_PER_VALUE = 2
 """The cache holds f16 keys and values (both engines' default cache type)."""
 MEMORY_SHARE = 0.5
 """Share of the available memory the KV caches of all slots may take."""
-ROUND = 256
-"""A context cut to fit memory is a multiple of this many tokens."""
 MIN_CTX = 256
 """The smallest context chosen automatically, however little memory there is."""
 
@@ -79,7 +78,9 @@ def choose_context(
     fits = budget // (n_slots * per_token)
     if fits >= wanted:
         return ContextChoice(wanted, f"{source}; KV {kv} for {n_slots} slots")
-    n_ctx = max(MIN_CTX, fits // ROUND * ROUND)
+    # A power of two: the free memory differs a little at every start, and a context that
+    # changed with it would leave every banked snapshot (keyed by n_ctx) unusable.
+    n_ctx = max(MIN_CTX, 1 << (max(fits, 1).bit_length() - 1))
     return ContextChoice(n_ctx, (
         f"bounded by RAM: {wanted} tokens ({source}) need KV {kv} for {n_slots} slots, "
         f"half of the {_size(available)} available holds {n_ctx}; pass --ctx to choose"
