@@ -248,6 +248,7 @@ class ChatService:
         plan = await self.router.plan(agent, hint, req.chat_messages(), self._busy)
         for attempt in range(2):
             if self._busy(plan.session):
+                log.info("gateway_busy_forked", session=plan.session)
                 plan = self.router.fork(plan)
             lock = self._locks.setdefault(plan.session, asyncio.Lock())
             await lock.acquire()  # free: nothing ran since the check

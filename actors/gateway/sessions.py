@@ -23,10 +23,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import structlog
+
 from actors.gateway.chain import ConversationIndex, chain, common_prefix
 from schemas.chat import ChatMessage
 from schemas.gateway import SessionChain
 from schemas.subjects import is_session_id
+
+log = structlog.get_logger("gateway")
 
 _MAX_SESSION = 128
 _HINT_CHARS = 64
@@ -170,8 +174,11 @@ class SessionRouter:
             return Plan(agent, visible_session(agent, best.session), best.session, msgs, links,
                         len(best.chain), best.generation, hint=hint)
         plan = Plan(agent, hint, own, msgs, links, 0, 0, hint=hint)
-        fresh = own in names and own not in under and chains[names.index(own)] is None
-        return plan if fresh else self.fork(plan)
+        if own in names and own not in under and chains[names.index(own)] is None:
+            return plan
+        log.info("gateway_hint_forked", hint=hint, sessions=len(under),
+                 busy=len({*under, own}) - len(names))
+        return self.fork(plan)
 
     @staticmethod
     def _fresh(
