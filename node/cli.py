@@ -99,12 +99,14 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--slots", type=int, dest="n_slots", help="contexts sharing the model")
     p.add_argument("--ctx", type=int, dest="n_ctx", help="context length of each slot "
                    "(0 = the model's trained context, as far as memory allows; the default)")
-    p.add_argument("--threads", type=int, help="CPU threads per slot (0 = cores divided by slots)")
+    p.add_argument("--threads", type=int, help="CPU threads per evaluation "
+                   "(0 = the idle cores, decided per evaluation; the default)")
     p.add_argument("--gpu-layers", type=int, help="layers offloaded to CUDA (0 = CPU only)")
     p.add_argument("--llama-lib", type=Path, help="a llama.cpp library built from the sdist")
     p.add_argument("--chat-template", help="auto, gguf, chatml, llama-2, mistral, llama-3, "
                    "gemma, phi-3, or a .jinja file")
-    p.add_argument("--flash-attn", help="off (default), on or auto (llama-cpp engine)")
+    p.add_argument("--flash-attn", help="auto (default: on where llama.cpp supports it), on or off "
+                   "(llama-cpp engine)")
     p.add_argument(
         "--overflow", help="truncate (default), shift or refuse: a session outgrowing --ctx"
     )
@@ -123,7 +125,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="sessions or agents that share KV prefixes (default: each agent alone)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus text on this port")
     p.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
-    p.add_argument("--batch", type=int, dest="n_batch", help="prompt tokens per evaluation")
+    p.add_argument("--batch", type=int, dest="n_batch", help="prompt tokens per evaluation "
+                   "(0 = the engine's own: 2048 on llama-cpp, 512 on ctransformers)")
     p.add_argument("--max-pending", type=int, dest="max_pending_per_session",
                    help="prompts a session may have waiting before busy (429)")
     p.add_argument("--max-pending-bytes", type=int,

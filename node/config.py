@@ -47,18 +47,22 @@ class NodeConfig:
     n_ctx: int = 0
     """Context length of each slot, in tokens; 0 takes the model's trained context, cut to
     what half of the memory available at start holds for every slot's KV cache."""
-    n_batch: int = 512
-    """Tokens evaluated per call during prefill."""
+    n_batch: int = 0
+    """Prompt tokens per evaluation during prefill; 0 takes the engine's own: llama-server's
+    2,048 on llama-cpp (evaluated in micro-batches of 512), 512 on ctransformers."""
     threads: int = 0
-    """CPU threads per evaluation; 0 uses every core."""
+    """CPU threads per evaluation; 0 decides per evaluation from the idle cores: llama-cpp's
+    one batch (every running session's tokens together) gets them all, ctransformers' busy
+    slots split them."""
     gpu_layers: int = 0
     """Layers offloaded to CUDA; 0 runs on the CPU only."""
     llama_lib: Path | None = None
     """A llama.cpp shared library to use instead of the bundled one."""
     chat_template: str = "auto"
     """auto, gguf (the model's own), a built-in family's name, or a .jinja file."""
-    flash_attn: str = "off"
-    """Flash attention on the llama-cpp engine: off (as llama-cpp-python), on or auto."""
+    flash_attn: str = "auto"
+    """Flash attention on the llama-cpp engine: auto (on where llama.cpp supports it, as
+    llama-server), on or off (as llama-cpp-python)."""
     overflow: str = "truncate"
     """When a session outgrows the context: truncate (leave its oldest whole turns out of the
     window), shift (the same, keeping the KV state of what stays where the engine can), or

@@ -83,7 +83,7 @@ def _check_counts(c: NodeConfig) -> None:
     minimums = {
         ("n_slots", "--slots"): 1,
         ("n_ctx", "--ctx"): 0,
-        ("n_batch", "--batch"): 1,
+        ("n_batch", "--batch"): 0,
         ("threads", "--threads"): 0,
         ("gpu_layers", "--gpu-layers"): 0,
         ("bank_ram_bytes", "--bank-ram-bytes"): 0,

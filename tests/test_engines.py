@@ -545,6 +545,110 @@ async def test_flash_attention_setting_reaches_the_llama_context(tiny_model, set
         await engine.close()
 
 
+class _ThreadLog:
+    """llama.cpp's bindings, recording the threads set and the sequences of every decode."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.threads: tuple[int, int] | None = None
+        self.steps: list[tuple[tuple[int, int] | None, frozenset[int]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def llama_set_n_threads(self, ctx: Any, n_threads: int, n_threads_batch: int) -> None:
+        self.threads = (n_threads, n_threads_batch)
+        self._lib.llama_set_n_threads(ctx, n_threads, n_threads_batch)
+
+    def llama_decode(self, ctx: Any, batch: Any) -> int:
+        seqs = frozenset(batch.seq_id[i][0] for i in range(batch.n_tokens))
+        self.steps.append((self.threads, seqs))
+        return int(self._lib.llama_decode(ctx, batch))
+
+
+def test_defaults_are_flash_attention_auto_idle_cores_and_llama_servers_batch():
+    """With no flags the node asks for flash attention where supported, threads decided per
+    evaluation and the engine's own batch; the env still sets each."""
+    config = NodeConfig()
+    assert (config.flash_attn, config.threads, config.n_batch) == ("auto", 0, 0)
+    assert loader_mod.default_batch("llama-cpp") == 2048
+    assert loader_mod.default_batch("ctransformers") == 512
+    env = {"INFERNODE_FLASH_ATTN": "off", "INFERNODE_THREADS": "3", "INFERNODE_N_BATCH": "256"}
+    got = NodeConfig.from_env(env)
+    assert (got.flash_attn, got.threads, got.n_batch) == ("off", 3, 256)
+
+
+@NEEDS_LLAMA_CPP
+async def test_the_llama_cpp_engine_loads_with_the_winning_defaults_and_says_so(tiny_model):
+    """No flags: flash attention auto, every idle core, batch 2048 in micro-batches of 512,
+    all three in the engine_loaded line."""
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=2,
+                                        n_ctx=256, verify_restore=False))
+    try:
+        shared = engine.backend.shared
+        assert shared.params.flash_attn == -1 and shared.params.threads == 0
+        assert (engine.n_batch, shared.n_ubatch) == (2048, 512)
+        loaded = next(e for e in logs if e["event"] == "engine_loaded")
+        assert loaded["flash_attn"].startswith("auto") and "every idle core" in loaded["threads"]
+        assert (loaded["n_batch"], loaded["n_ubatch"]) == (2048, 512)
+    finally:
+        await engine.close()
+
+
+@NEEDS_LLAMA_CPP
+async def test_a_lone_turn_uses_every_core_and_concurrent_turns_share_them_in_one_batch(
+    tiny_model,
+):
+    """By default each llama_decode runs on every idle core: a lone turn's steps and the
+    steps two concurrent turns share alike; cores other processes hold are left to them."""
+    from actors.engine.backends.params import ThreadShare
+
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=2,
+                                    n_ctx=256, verify_restore=False))
+    try:
+        shared = engine.backend.shared
+        shared.lib = lib = _ThreadLog(shared.lib)
+        shared.share = ThreadShare(0, cores=2, load=lambda: 0.0)
+        await run(engine, spec("lone", [user("hello there")], max_tokens=6))
+        assert lib.steps and {t for t, _ in lib.steps} == {(2, 2)}
+        lib.steps.clear()
+        # Two slots' evaluations queued while the decode thread is held: its next step
+        # carries both, as two running turns' decode steps do.
+        held, release = threading.Event(), threading.Event()
+        blocker = asyncio.create_task(asyncio.to_thread(
+            shared.call, lambda: (held.set(), release.wait(10))))
+        await asyncio.to_thread(held.wait, 10)
+        evals = [asyncio.create_task(asyncio.to_thread(slot.ctx.eval, [5, 6, 7], 0))
+                 for slot in engine.pool.slots]
+        await until(lambda: len(shared._queue) == 2, what="both evaluations queued")
+        release.set()
+        await asyncio.gather(blocker, *evals)
+        assert lib.steps == [((2, 2), frozenset({0, 1}))]
+        lib.steps.clear()
+        shared.share = ThreadShare(0, cores=2, load=lambda: 1.0)  # another process holds one
+        await run(engine, spec("busy", [user("hello again")], max_tokens=4))
+        assert {t for t, _ in lib.steps} == {(1, 1)}
+    finally:
+        await engine.close()
+
+
+@NEEDS_LLAMA_CPP
+async def test_threads_and_batch_flags_fix_what_the_llama_cpp_engine_uses(tiny_model):
+    """--threads N sets N threads for every step; --batch sets the prefill chunk."""
+    engine = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", n_slots=1,
+                                    n_ctx=256, threads=1, n_batch=64, verify_restore=False))
+    try:
+        shared = engine.backend.shared
+        shared.lib = lib = _ThreadLog(shared.lib)
+        await run(engine, spec("fixed", [user("hello there " * 20)], max_tokens=4))
+        assert {t for t, _ in lib.steps} == {(1, 1)} and engine.n_batch == 64
+    finally:
+        await engine.close()
+
+
 @NEEDS_LLAMA_CPP
 async def test_a_refused_decode_names_the_library_reason_and_where_each_sequence_stood(
     tiny_model,

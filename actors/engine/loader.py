@@ -132,13 +132,35 @@ def choose_engine(requested: str, info: GgufInfo) -> str:
 
 
 def default_threads(engine: str, cores: int | None = None) -> int:
-    """Threads per evaluation when none are configured; 0 means "decided per evaluation".
+    """Threads one evaluation takes on an idle machine when none are configured; 0 means
+    "split among the busy slots".
 
     llama-cpp evaluates every slot in one ``llama_decode`` at a time, which takes all the
-    cores. ctransformers evaluates each slot on its own threads: the idle cores are shared
+    (idle) cores. ctransformers evaluates each slot on its own threads: the idle cores are shared
     among the slots busy at that moment (``ThreadShare``), so one session alone gets them.
     """
     return (cores or os.cpu_count() or 1) if engine == "llama-cpp" else 0
+
+
+LLAMA_CPP_BATCH = 2048
+"""llama-server's default ``--batch-size``; llama.cpp evaluates it in micro-batches of 512."""
+CTRANSFORMERS_BATCH = 512
+"""ctransformers' llama.cpp has no micro-batches: its scratch buffers grow with the batch."""
+
+
+def default_batch(engine: str) -> int:
+    """Prompt tokens per evaluation when ``--batch`` is 0 (the default)."""
+    return LLAMA_CPP_BATCH if engine == "llama-cpp" else CTRANSFORMERS_BATCH
+
+
+def threads_said(engine: str, threads: int, cores: int | None = None) -> str:
+    """The thread choice as the start log says it."""
+    if threads:
+        return f"{threads} per evaluation (--threads)"
+    if engine == "llama-cpp":
+        return (f"every idle core of {default_threads(engine, cores)}, for the one batch "
+                "all running sessions share")
+    return f"the idle cores of {cores or os.cpu_count() or 1}, split among the slots evaluating"
 
 
 @dataclass(frozen=True)
@@ -148,6 +170,8 @@ class _Load:
     settings: EngineSettings
     model: Path
     threads: int
+    n_batch: int
+    """Prompt tokens per evaluation: ``--batch``, or the engine's own."""
     progress: Progress | None
     n_ctx: int
     """Each slot's context: ``--ctx``, or the one ``choose_context`` chose."""
@@ -160,7 +184,7 @@ class _Load:
     def params(self, gpu_layers: int) -> ModelParams:
         s = self.settings
         return ModelParams(
-            self.model, self.n_ctx, s.n_batch, gpu_layers, self.threads,
+            self.model, self.n_ctx, self.n_batch, gpu_layers, self.threads,
             flash_attn=s.flash_attn, progress=self.progress,
         )
 
@@ -171,10 +195,12 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         raise ValueError("no model file to load: pass --model PATH.gguf")
     info = read_gguf_info(settings.model)
     engine = choose_engine(settings.engine, info)
-    threads = settings.threads or default_threads(engine)
+    # 0 reaches both engines as "decided per evaluation from the idle cores".
+    threads = settings.threads
+    n_batch = settings.n_batch or default_batch(engine)
     context = choose_context(settings.n_ctx, info, settings.n_slots, available_memory())
     log.info("context_chosen", n_ctx=context.n_ctx, reason=context.reason)
-    load = _Load(settings, settings.model, threads, progress, context.n_ctx)
+    load = _Load(settings, settings.model, threads, n_batch, progress, context.n_ctx)
     if engine == "llama-cpp":
         backend, (snapshots, note), library = _load_llamacpp(load)
         gpu_layers = settings.gpu_layers
@@ -194,7 +220,7 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
     slot_engine = SlotEngine(
         backend, template, template.name, settings.n_slots, bank, snapshot_note=note,
         overflow=cast(OverflowPolicy, settings.overflow),
-        stops=stops, speculate=settings.speculate, n_batch=settings.n_batch,
+        stops=stops, speculate=settings.speculate, n_batch=n_batch,
     )
     log.info(
         "engine_loaded",
@@ -209,11 +235,25 @@ def load_engine(settings: EngineSettings, progress: Progress | None = None) -> S
         snapshots=bank is not None,
         template=template.name,
         turn_stops=list(stops),
-        threads=threads or "shared by busy slots",
-        flash_attn=settings.flash_attn if engine == "llama-cpp" else "n/a",
+        threads=threads_said(engine, threads),
+        flash_attn=_flash_said(engine, settings.flash_attn),
+        n_batch=n_batch,
+        n_ubatch=backend_ubatch(backend, n_batch),
         speculate=f"n-gram, up to {slot_engine.draft} tokens" if slot_engine.draft else "off",
     )
     return slot_engine
+
+
+def _flash_said(engine: str, setting: str) -> str:
+    if engine != "llama-cpp":
+        return "n/a (ctransformers has none)"
+    return "auto (on where llama.cpp supports it)" if setting == "auto" else setting
+
+
+def backend_ubatch(backend: Backend, n_batch: int) -> int:
+    """Tokens one graph evaluates: llama-cpp's micro-batch, else the whole batch."""
+    shared = getattr(backend, "shared", None)
+    return int(getattr(shared, "n_ubatch", n_batch))
 
 
 def probe_llamacpp(model: Path, gpu_layers: int = 0, restore: bool = False) -> ProbeVerdict:

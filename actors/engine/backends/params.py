@@ -38,7 +38,7 @@ class ModelParams:
     gpu_layers: int = 0
     """Layers offloaded to CUDA (0 = CPU only)."""
     threads: int = 1
-    """Threads per evaluation; 0 shares the cores among the slots running a turn."""
+    """Threads per evaluation; 0 decides per evaluation from the idle cores."""
     flash_attn: str = "off"
     """Flash attention on the llama-cpp engine: auto, on or off."""
     seed: int = 0
@@ -63,8 +63,10 @@ def load_refusal(library: str, path: Path, logged: list[str], current: bool = Fa
 class ThreadShare:
     """Threads for one evaluation: a fixed count, or the idle cores split among busy slots.
 
-    Each slot evaluates on its own threads; a slot alone should use every idle core, two
-    busy slots half each. Idle means idle on the machine too: ggml's workers spin at a
+    On ctransformers each slot evaluates on its own threads; a slot alone should use every
+    idle core, two busy slots half each. On llama-cpp one batch carries every running
+    slot's tokens, so ``busy`` stays 1 and that batch takes every idle core.
+    Idle means idle on the machine too: ggml's workers spin at a
     barrier after every operation, so a thread whose core another process holds stalls the
     others (measured on 2 loaded cores: 2 threads took 3-50x as long as 1). Cores other
     processes keep busy are the 1-minute load average less our own evaluating threads,

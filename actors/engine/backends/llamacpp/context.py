@@ -28,8 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from actors.engine.backends.params import ThreadShare
 from actors.engine.library_log import LibraryLog, summary
 
+UBATCH = 512
+"""Tokens one graph evaluates (llama-server's ``--ubatch-size``); a longer batch runs as
+several."""
 _GRACE_CAP_S = 0.005
 """Longest the decode thread waits for the previous step's sequences."""
 
@@ -89,7 +93,7 @@ class SharedContextParams:
     n_batch: int
     """Tokens one prefill request carries at most."""
     threads: int
-    """Threads per evaluation."""
+    """Threads per evaluation; 0 takes every idle core, decided before each step."""
     offload_kv: bool
     """Keep the KV cache on the GPU (with offloaded layers)."""
     flash_attn: int = 0
@@ -116,10 +120,13 @@ class SharedContext:
         # Room for one prefill chunk plus a decode token of every other sequence.
         self.capacity = params.n_batch + params.n_seq
         cp.n_batch = self.capacity
-        cp.n_ubatch = min(self.capacity, 512)
+        cp.n_ubatch = self.n_ubatch = min(self.capacity, UBATCH)
         cp.n_seq_max = params.n_seq
-        cp.n_threads = params.threads
-        cp.n_threads_batch = params.threads
+        # One step evaluates every running sequence at once, so it is never split among
+        # slots (busy stays 1): a lone turn and two turns in one batch get the same cores.
+        self.share = ThreadShare(params.threads)
+        self.threads = cp.n_threads = cp.n_threads_batch = self.share.threads()
+        """Threads of the latest step (for the start log and benchmarks)."""
         cp.offload_kqv = params.offload_kv
         cp.flash_attn_type = params.flash_attn
         cp.kv_unified = False  # a stream per sequence: sessions share no prefix
@@ -216,8 +223,10 @@ class SharedContext:
             batch.append(w)
             used += len(w.tokens)
             self._queue.pop(0)
-        # Decoding sequences (a token each, or a token and its proposed followers) come back.
-        self._expected = {w.seq for w in batch if len(w.tokens) == 1 or w.every}
+        # Every sequence of this step comes back: a decoding one with its next token (or
+        # its proposed followers), a prefilling one with its next chunk, which then joins
+        # the decoders' step instead of racing them for the next.
+        self._expected = {w.seq for w in batch}
         return batch
 
     def _run(self, batch: list[_Eval]) -> None:
@@ -240,6 +249,9 @@ class SharedContext:
                 n += 1
             w.index = n - len(w.tokens) if w.every else n - 1
         b.n_tokens = n
+        # Set every step: the idle cores change as other processes come and go.
+        self.threads = self.share.threads()
+        lib.llama_set_n_threads(self.handle, self.threads, self.threads)
         start = time.perf_counter()
         with self._log.capture() if self._log else contextlib.nullcontext([]) as logged:
             rc = lib.llama_decode(self.handle, b)
