@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -77,10 +78,26 @@ class Sizes:
     machine did just then)."""
     n_ctx: int
     """Context length of one slot."""
+    trace_agents: int = 8
+    """Agents of the agent trace (t)."""
+    trace_prompt: int = 20_000
+    """Tokens of the agents' shared first prompt (system + tool definitions)."""
+    trace_turns: int = 4
+    """Turns per agent in (t), the restart's round included."""
+    trace_add: tuple[int, int] = (200, 2000)
+    """Fewest and most new tokens of a later turn (tool results, short user messages)."""
+    cache_ram_mib: int = 2048
+    """Host RAM of every system's prompt cache alike (llama-server's --cache-ram, the
+    node's bank RAM tier, llama_cpp.server's cache)."""
 
 
-FULL = Sizes(600, 8, (4, 16), 3, 1000, 8, 4, 128, 3, 4096)
-QUICK = Sizes(40, 4, (2,), 2, 60, 3, 2, 8, 1, 512)
+FULL = Sizes(600, 8, (4, 16), 3, 1000, 8, 4, 128, 3, 32768)
+SMALL = Sizes(600, 8, (4,), 3, 1000, 8, 4, 64, 1, 8192, trace_agents=8, trace_prompt=3000,
+              trace_turns=3, trace_add=(200, 800), cache_ram_mib=256)
+"""The bench model at sizes that run in minutes: the issue's interleaved workload as it is,
+the agent trace scaled down (3,000-token first prompt, 256 MiB of cache for 8 agents)."""
+QUICK = Sizes(40, 4, (2,), 2, 60, 3, 2, 8, 1, 512, trace_agents=3, trace_prompt=60,
+              trace_turns=3, trace_add=(10, 30), cache_ram_mib=64)
 
 Ms = dict[str, list[float]]
 """Measurement name → values."""
@@ -154,6 +171,31 @@ async def shared_prefix(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
     return out
 
 
+async def agent_trace(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
+    """(t): agents shaped like a coding agent: one shared first prompt (system + tools) and a
+    task each, then turns adding tool results of ``trace_add`` tokens, round-robin on the
+    slots; before the last round the server restarts, and each agent's turn after it is
+    ``restart``."""
+    rng = random.Random(11)
+    system = {"role": "system", "content": words.text(sizes.trace_prompt)}
+    out: Ms = {"first": [], "later": [], "restart": []}
+    for t in range(sizes.trace_turns):
+        if t and t == sizes.trace_turns - 1:
+            began = time.perf_counter()
+            await side.restart()
+            print(f"t restart of {side.name}: {time.perf_counter() - began:.1f} s",
+                  file=sys.stderr)
+        for a in range(sizes.trace_agents):
+            if t == 0:
+                new = [system, user(f"Task {a}: {words.text(40)}")]
+            else:
+                new = [user(f"Tool result:\n{words.text(rng.randint(*sizes.trace_add))}")]
+            r = await side.chat(f"{tag}-agent{a}", new, sizes.out)
+            key = "first" if t == 0 else "restart" if t == sizes.trace_turns - 1 else "later"
+            record(out, key, r)
+    return out
+
+
 async def streams(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
     """(c): concurrent streams, aggregate completion tokens over the wall time, in
     ``sizes.rounds`` rounds. Each stream's session takes a short untimed turn first, so the
@@ -221,12 +263,15 @@ async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str
             *((f"a{n}", lambda s, tag, n=n: interleaved(s, words, sizes, n, tag))
               for n in sizes.sessions),
             ("b", lambda s, tag: shared_prefix(s, words, sizes, tag)),
+            ("t", lambda s, tag: agent_trace(s, words, sizes, tag)),
             ("c", lambda s, tag: streams(s, words, sizes, tag)),
         ]
         for step, run in steps:
             if step[0] not in workloads:
                 continue
             for name, side in sides.items():
+                if step == "t" and name == CT:
+                    continue  # its ratio is the interleaved one; the trace would take long
                 began = time.perf_counter()
                 words.again()
                 try:
@@ -300,6 +345,9 @@ def ratios(results: dict[str, Ms | str], sizes: Sizes) -> list[Ratio]:
         detail += f"\nllama-server: {results.get(LS)}"
     out.append(Ratio(f"(c) {sizes.streams} streams, decode tok/s: ours / llama-server",
                      over(ours_rate, ls_rate), 1.0, False, detail))
+    out.append(vs_best(results, f"(t a) {sizes.trace_agents} agents on the slots, TTFT turns "
+                       ">= 2", "t.later", 0.3))
+    out.append(vs_best(results, "(t b) first turn after a restart", "t.restart", 0.1))
     key = f"a{first}.later"
     ct, lc = value(results, CT, key), value(results, OURS, key)
     note = results.get(CT) if isinstance(results.get(CT), str) else ""
@@ -313,6 +361,7 @@ def absolute_table(results: dict[str, Ms | str], sizes: Sizes) -> None:
     """Every system's own numbers, one line each."""
     keys = [(f"a{n}.{k}", f"a{n} {k}") for n in sizes.sessions for k in ("first", "later", "b2b")]
     keys += [("b.agent1", "b agent1"), ("b.agents2+", "b agents2+"), ("b.later", "b later"),
+             ("t.first", "t first"), ("t.later", "t later"), ("t.restart", "t restart"),
              ("c.tok/s", "c tok/s")]
     print("mean per system (ms; c: tokens/s)")
     print(f"{'system':<24}" + "".join(f"{label:>12}" for _, label in keys))
@@ -350,9 +399,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, nargs="+", default=None, help="session counts of (a)")
     p.add_argument("--skip", nargs="*", default=[], choices=[OURS, CT, LS, LCP],
                    help="systems left out of this run (named as in the table)")
-    p.add_argument("--workloads", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+    p.add_argument("--workloads", nargs="+", default=["a", "b", "t", "c"],
+                   choices=["a", "b", "t", "c"],
                    help="the workloads to run (the others' ratios print n/a)")
     p.add_argument("--quick", action="store_true", help="tiny model, few turns: a smoke run")
+    p.add_argument("--small", action="store_true",
+                   help="the bench model at sizes that finish in minutes (see SMALL)")
+    p.add_argument("--trace-prompt", type=int, default=0,
+                   help="tokens of the agent trace's first prompt")
+    p.add_argument("--cache-ram-mib", type=int, default=0,
+                   help="prompt-cache RAM of every system alike (MiB)")
     return p.parse_args(argv)
 
 
@@ -360,21 +416,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every workload on every system and print the tables; 0 whatever the verdicts."""
     args = parse_args(argv)
     quiet_logs()
-    sizes = QUICK if args.quick else FULL
+    sizes = QUICK if args.quick else SMALL if args.small else FULL
     sizes = replace(sizes, turn_tokens=args.turn_tokens or sizes.turn_tokens,
-                    sessions=tuple(args.sessions or sizes.sessions))
+                    sessions=tuple(args.sessions or sizes.sessions),
+                    trace_prompt=args.trace_prompt or sizes.trace_prompt,
+                    cache_ram_mib=args.cache_ram_mib or sizes.cache_ram_mib)
     if args.model:
         model = resolve_model(Path(args.model)) or Path(args.model)
     else:
         model = bench_model(TINY, "tiny") if args.quick else bench_model(BENCH, "bench")
     threads = args.threads or os.cpu_count() or 1
-    setup = Setup(model, threads, sizes.n_ctx, args.slots)
+    # The anchors get -t; the node its own default unless --threads names a count. The node
+    # keeps a durable bank tier, which is what survives its restart in (t).
+    setup = Setup(model, threads, sizes.n_ctx, args.slots, cache_ram_mib=sizes.cache_ram_mib,
+                  node_threads=args.threads, bank_dir=True)
     binary = find_llama_server(args.llama_server)
     start = time.perf_counter()
     results = asyncio.run(measure(setup, sizes, binary, set(args.skip),
                                   "".join(args.workloads)))
-    title = (f"anchor: model {model.name}, {threads} threads, {args.slots} slots, "
-             f"n_ctx {sizes.n_ctx}")
+    title = (f"anchor: model {model.name}, {threads} threads (infernode: "
+             f"{args.threads or 'its default'}), {args.slots} slots, n_ctx {sizes.n_ctx}, "
+             f"cache RAM {sizes.cache_ram_mib} MiB each, trace {sizes.trace_agents} agents x "
+             f"{sizes.trace_turns} turns from a {sizes.trace_prompt}-token prompt")
     if args.quick:
         title += " (--quick: sizes too small for the targets to mean anything)"
     absolute_table(results, sizes)

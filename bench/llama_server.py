@@ -69,20 +69,26 @@ def refuse_amx_where_it_faults(model: Path) -> None:
 
 
 def llama_server_cmd(binary: Path, model: Path, port: int, threads: int, n_ctx: int,
-                     slots: int, extra: Sequence[str] = ()) -> list[str]:
-    """``llama-server`` with ``slots`` slots of ``n_ctx`` tokens each and a RAM prompt cache."""
+                     slots: int, extra: Sequence[str] = (), cache_ram_mib: int = 2048
+                     ) -> list[str]:
+    """``llama-server`` with ``slots`` slots of ``n_ctx`` tokens each and a RAM prompt cache of
+    ``cache_ram_mib``; flash attention and batch sizes are its own defaults (auto, 2048/512)."""
     refuse_amx_where_it_faults(model)
     return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(threads), "-tb", str(threads), "-np", str(slots),
             # -c is the whole KV cache; each of the -np slots gets an equal share.
-            "-c", str(n_ctx * slots), "--cache-ram", "2048", "--no-webui",
-            "-fa", "off", *extra]
+            "-c", str(n_ctx * slots), "--cache-ram", str(cache_ram_mib), "--no-webui",
+            *extra]
 
 
-def llama_cpp_python_cmd(model: Path, port: int, threads: int, n_ctx: int) -> list[str]:
-    """llama-cpp-python's OpenAI server with its RAM prompt cache."""
+def llama_cpp_python_cmd(model: Path, port: int, threads: int, n_ctx: int,
+                         cache_bytes: int | None = None) -> list[str]:
+    """llama-cpp-python's OpenAI server with its RAM prompt cache (``cache_bytes``, else its
+    default of 2 GiB)."""
     refuse_amx_where_it_faults(model)
+    size = [] if cache_bytes is None else ["--cache_size", str(cache_bytes)]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--cache", "true",
+            *size,
             "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--verbose", "false",
             # Its default cuts a running stream when another request arrives; queue instead.

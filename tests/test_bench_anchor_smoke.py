@@ -41,14 +41,17 @@ def test_quick_anchor_benchmark_measures_everything_but_the_missing_llama_server
     tmp_path: Path,
 ) -> None:
     """`python bench/anchor.py --quick` without llama-server measures every ratio against
-    llama_cpp.server and both engines, prints the llama-server-only ratio as n/a, exit 0."""
+    llama_cpp.server and both engines (the agent trace with each server restarted
+    mid-trace among them), prints the llama-server-only ratio as n/a, exit 0."""
     pytest.importorskip("llama_cpp.server")
     out = _quick_run_without_llama_server("anchor.py", tmp_path, timeout=230)
     for name in ("(a) 2 sessions, TTFT turns >= 2: ours / best anchor",
                  "(a) back-to-back warm TTFT: ours / best anchor",
                  "(b) first turn TTFT agents 2+ / agent 1 (ours)",
                  "(b) first turn TTFT agents 2+: ours / best anchor",
-                 "(a) 2 sessions TTFT: ctransformers / llama-cpp engine"):
+                 "(a) 2 sessions TTFT: ctransformers / llama-cpp engine",
+                 "(t a) 3 agents on the slots, TTFT turns >= 2: ours / best anchor",
+                 "(t b) first turn after a restart: ours / best anchor"):
         float(_ratio(out, name))
     assert _ratio(out, "(c) 2 streams, decode tok/s: ours / llama-server") == "n/a"
 
