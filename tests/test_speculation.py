@@ -17,7 +17,7 @@ from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
 from actors.engine.loader import load_engine
 from actors.engine.slots import Slot
-from actors.engine.speculation import MAX_DRAFT, MAX_MATCH, NgramProposer
+from actors.engine.speculation import MAX_DRAFT, MAX_MATCH, DraftPolicy, NgramProposer
 from node.config import ConfigError, NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.tools import JsonObjectFormat
@@ -55,6 +55,36 @@ def test_proposer_prefers_a_match_with_the_whole_proposal_after_it() -> None:
     proposer = NgramProposer([4, 5] * (MAX_MATCH // 2 + 4), capacity=64)
     assert proposer.propose(3) == [4, 5, 4]
     assert NgramProposer([4, 5, 4, 5, 4, 5], capacity=16).propose(3) == [4, 5]
+
+
+# -- the draft policy -------------------------------------------------------------------------
+def _policy(t1: float, per_extra: float, kept_of_8: int) -> DraftPolicy:
+    policy = DraftPolicy(MAX_DRAFT)
+    for _ in range(30):  # enough samples to outweigh the priors
+        policy.timed(1, t1)
+        policy.timed(9, t1 + 8 * per_extra)
+        policy.verified(min(kept_of_8 + 1, 8), kept_of_8)
+    return policy
+
+
+def test_policy_proposes_whole_where_a_batch_costs_about_one_token() -> None:
+    """Verification as cheap as one token (a GPU): every proposal is verified whole."""
+    assert _policy(0.010, 0.0001, kept_of_8=6).length(8) == 8
+
+
+def test_policy_proposes_nothing_where_verifying_costs_per_token_and_little_is_kept() -> None:
+    """Each verified token costing as much as a decode step and few kept: no proposal,
+    except one in 16 that keeps measuring."""
+    policy = _policy(0.050, 0.040, kept_of_8=1)
+    lengths = [policy.length(8) for _ in range(32)]
+    assert lengths.count(0) == 30 and lengths.count(2) == 2
+
+
+def test_policy_proposes_some_where_a_per_token_cost_meets_a_high_acceptance() -> None:
+    """Costly verification but most proposed tokens kept: a proposal, shorter than the limit
+    where the tail rarely survives."""
+    assert 0 < _policy(0.050, 0.030, kept_of_8=8).length(8) <= 8
+    assert _policy(0.050, 0.030, kept_of_8=8).length(8) > _policy(0.050, 0.030, 5).length(8)
 
 
 # -- the acceptance law, at unit level -----------------------------------------------------
@@ -100,6 +130,13 @@ class _FixedLogits:
         pass
 
 
+class _Always(DraftPolicy):
+    """Verifies every proposal whole, whatever it costs."""
+
+    def length(self, room: int) -> int:
+        return min(room, self.limit)
+
+
 # After its last token 4, the pair (4, x) is followed by (x + 1) % 4: whatever the first
 # token drawn, the next is proposed, and each of the four tokens is proposed after one of them.
 PROMPT = [4, 0, 1, 4, 1, 2, 4, 2, 3, 4, 3, 0, 4]
@@ -120,7 +157,7 @@ def test_a_proposed_token_is_accepted_with_its_probability_else_drawn_from_the_r
             slot.tokens = list(PROMPT)
             params = SAMPLED.model_copy(update={"seed": seed})
             out = decode(_Tokens(), slot, params, (), 2, lambda _t: None, CancelToken(),
-                         draft=2)
+                         speculation=_Always(2))
             assert out.completion_ids is not None and len(out.completion_ids) == 2
             draft, second = ctx.verified[-1][1], out.completion_ids[1]
             offered[draft] += 1

@@ -15,7 +15,7 @@ from actors.engine.grammar import Constraint
 from actors.engine.interface import Backend, CancelToken, PrefillProgress, end_of_generation
 from actors.engine.sampling import Sampler, StopMatcher, Utf8Detokenizer
 from actors.engine.slots import Slot
-from actors.engine.speculation import Lookahead
+from actors.engine.speculation import DraftPolicy, Lookahead
 from actors.engine.tokens import common_prefix
 from schemas.chat import SamplingParams
 
@@ -123,7 +123,7 @@ def decode(
     emit: Callable[[str], None],
     cancel: CancelToken,
     constraint: Constraint | None = None,
-    draft: int = 0,
+    speculation: DraftPolicy | None = None,
 ) -> DecodeResult:
     """Generate until EOS, a stop string, ``max_tokens``, the context end, or cancel.
 
@@ -133,7 +133,7 @@ def decode(
     (as llama-cpp-python does); otherwise its partial bytes are dropped, from the events and
     the text alike. The token that completes a stop string is counted in
     ``completion_tokens`` (it was generated) but, like the stop string, is not part of the
-    reply or the slot's tokens. With ``draft`` > 0 and no constraint, up to that many tokens
+    reply or the slot's tokens. With a ``speculation`` policy and no constraint, tokens
     proposed by n-gram lookup are verified in each evaluation; the reply is the same.
     """
     start = time.perf_counter()
@@ -145,7 +145,7 @@ def decode(
     first_at: float | None = None
     finish = "length"
     eog = end_of_generation(backend)
-    ahead = Lookahead(slot.ctx, slot.tokens, draft if constraint is None else 0)
+    ahead = Lookahead(slot.ctx, slot.tokens, speculation if constraint is None else None)
     while len(generated) < max_tokens or (
         detok.pending and len(generated) < max_tokens + FINISH_CHAR_TOKENS
     ):

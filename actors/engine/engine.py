@@ -30,7 +30,7 @@ from actors.engine.interface import (
 )
 from actors.engine.prompt import PromptBuilder
 from actors.engine.slots import Slot, SlotPool
-from actors.engine.speculation import MAX_DRAFT, can_verify
+from actors.engine.speculation import MAX_DRAFT, DraftPolicy, can_verify
 from actors.engine.stats import EngineStats
 from actors.engine.templates.chat import ChatTemplate
 from actors.engine.templates.tool_stream import FirstCallEnds, ToolCallStream, reply_calls
@@ -82,6 +82,7 @@ class SlotEngine:
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
         self.draft = MAX_DRAFT if speculate == "auto" and can_verify(self.pool.slots[0].ctx) else 0
         """Most proposed tokens verified per evaluation (0: no speculative decoding)."""
+        self.speculation = DraftPolicy(self.draft) if self.draft else None
         share_cores = getattr(backend, "share_cores", None)
         if share_cores is not None:  # backends whose slots evaluate on their own threads
             share_cores(self.pool.busy_count)
@@ -203,7 +204,7 @@ class SlotEngine:
 
         out = decode(
             self.backend, slot, spec.sampling, (*spec.stop, *self.stops), spec.max_tokens,
-            emit_text, ends, constraint, self.draft,
+            emit_text, ends, constraint, self.speculation,
         ) if filled.complete else ABORTED_IN_PREFILL
         end = time.perf_counter()
         slot.digest = token_hash(slot.tokens)  # the one hash of this state: passed along

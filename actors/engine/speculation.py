@@ -25,6 +25,7 @@ the matcher to roll back on every rejection.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -34,8 +35,7 @@ import numpy as np
 from actors.engine.interface import BackendContext
 
 MAX_DRAFT = 8
-"""Most tokens proposed at once: a batch of 9 costs a CPU little more than one token, and
-agents' repeated spans are rarely cut short before that."""
+"""Most tokens proposed at once (``DraftPolicy`` proposes fewer where more do not pay)."""
 MIN_MATCH = 2
 """Shortest suffix match that proposes: a lone recurring token (a space, a newline) predicts
 too little to pay for the wider batch."""
@@ -105,6 +105,67 @@ class NgramProposer:
         return [int(t) for t in ids[at + 1 : min(at + 1 + k, n)]]
 
 
+_DECAY = 0.9
+"""Weight of the past in the policy's moving averages (about the last ten samples count)."""
+_EXPLORE_EVERY = 16
+"""While proposing does not pay, one proposal in this many is still verified, so a change
+(a reply that starts copying, a quieter machine) is seen."""
+
+
+class DraftPolicy:
+    """How many tokens to propose: the number that maximises expected tokens per second.
+
+    Verifying ``k`` proposed tokens costs one evaluation of ``1 + k`` tokens, about
+    ``t1 + k·extra``; it keeps ``1 + a + a² + … + a^k`` tokens on average, where ``a`` is the
+    chance that a proposed token is drawn as proposed. A GPU evaluates 9 tokens for about
+    the price of one (``extra`` ≈ 0: propose many); a CPU running a small quantized model
+    one core at a time pays nearly 9 times (``extra`` ≈ ``t1``: propose only what is likely
+    kept, or nothing). ``t1``, ``extra`` and ``a`` are moving averages of what this engine's
+    evaluations took and kept, shared by its slots; until both costs are measured every
+    proposal is verified whole. Decisions change only speed: the reply is the same.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._t1: float | None = None
+        self._extra: float | None = None
+        self._kept, self._seen = 1.0, 2.0  # a = 0.5 before any verification
+        self._idle = 0
+
+    def length(self, room: int) -> int:
+        """Tokens to propose now, at most ``room``."""
+        room = min(room, self.limit)
+        if room <= 0 or self._t1 is None or self._extra is None:
+            return room
+        a, t1, extra = self._kept / self._seen, self._t1, max(self._extra, 0.0)
+        best, best_rate, kept = 0, 1.0 / t1, 1.0
+        for k in range(1, room + 1):
+            kept += a**k
+            if kept / (t1 + k * extra) > best_rate:
+                best, best_rate = k, kept / (t1 + k * extra)
+        if best == 0:
+            self._idle += 1
+            if self._idle % _EXPLORE_EVERY == 0:
+                return min(room, 2)
+        return best
+
+    def timed(self, n_tokens: int, seconds: float) -> None:
+        """An evaluation of ``n_tokens`` (one kept token and its proposal) took ``seconds``."""
+        if n_tokens == 1:
+            self._t1 = _mix(self._t1, seconds)
+        elif self._t1 is not None:
+            self._extra = _mix(self._extra, (seconds - self._t1) / (n_tokens - 1))
+
+    def verified(self, examined: int, kept: int) -> None:
+        """Of a proposal's first ``examined`` tokens, the first ``kept`` were drawn."""
+        self._kept = self._kept * _DECAY + kept
+        self._seen = self._seen * _DECAY + examined
+
+
+def _mix(old: float | None, new: float) -> float:
+    return new if old is None else old * _DECAY + new * (1 - _DECAY)
+
+
 @dataclass
 class SpeculationCounts:
     """Proposed and accepted tokens of one reply."""
@@ -122,14 +183,18 @@ class Lookahead:
     a grammar, or a context that cannot verify) it evaluates one token at a time.
     """
 
-    def __init__(self, ctx: BackendContext, tokens: Sequence[int], draft: int) -> None:
+    def __init__(
+        self, ctx: BackendContext, tokens: Sequence[int], policy: DraftPolicy | None
+    ) -> None:
         self.ctx = ctx
         self.counts = SpeculationCounts()
-        self._verifier = cast(Verifying, ctx) if draft and can_verify(ctx) else None
-        self._draft = draft if self._verifier is not None else 0
-        self._proposer = NgramProposer(tokens, ctx.n_ctx) if self._draft else None
+        self._verifier = cast(Verifying, ctx) if policy and can_verify(ctx) else None
+        self._policy = policy if self._verifier is not None else None
+        self._proposer = NgramProposer(tokens, ctx.n_ctx) if self._policy else None
         self._logits: np.ndarray | None = None
         self._ahead: list[tuple[int, np.ndarray]] = []
+        self._proposal = (0, 0)
+        """Length of the proposal being verified, and its tokens drawn so far."""
 
     def logits(self) -> np.ndarray:
         """Logits for the token after those the slot holds."""
@@ -140,26 +205,49 @@ class Lookahead:
         ``budget`` more tokens will be wanted after it."""
         if self._ahead and self._ahead[0][0] == token:
             self.counts.accepted += 1
+            self._proposal = (self._proposal[0], self._proposal[1] + 1)
             self._logits = self._ahead.pop(0)[1]
             self._note(token)
+            if not self._ahead:
+                self._verified(0)
             return
+        self._verified(1 if self._ahead else 0)
         self._ahead = []  # the evaluation below starts at n_past: it drops their cells
         self._note(token)
-        room = min(self._draft, budget, self.ctx.n_ctx - n_past - 2)
-        drafts = self._proposer.propose(room) if self._proposer is not None else []
+        drafts = self._propose(min(budget, self.ctx.n_ctx - n_past - 2))
+        start = time.perf_counter()
         if not drafts or self._verifier is None:
             self._logits = None
             self.ctx.eval([token], n_past)
-            return
-        rows = self._verifier.eval_all([token, *drafts], n_past)
-        self.counts.proposed += len(drafts)
-        self._logits = rows[0]
-        self._ahead = list(zip(drafts, rows[1:], strict=True))
+        else:
+            rows = self._verifier.eval_all([token, *drafts], n_past)
+            self.counts.proposed += len(drafts)
+            self._logits = rows[0]
+            self._ahead = list(zip(drafts, rows[1:], strict=True))
+            self._proposal = (len(drafts), 0)
+        if self._policy is not None:
+            self._policy.timed(1 + len(drafts), time.perf_counter() - start)
+
+    def _propose(self, room: int) -> list[int]:
+        if self._proposer is None or self._policy is None:
+            return []
+        # The policy is asked only when there is a proposal: a step without one says nothing
+        # about whether proposing pays.
+        drafts = self._proposer.propose(room)
+        return drafts[: self._policy.length(len(drafts))] if drafts else []
+
+    def _verified(self, rejected: int) -> None:
+        """The proposal being verified ended; ``rejected``: its next token was not drawn."""
+        length, kept = self._proposal
+        if length and self._policy is not None:
+            self._policy.verified(kept + rejected, kept)
+        self._proposal = (0, 0)
 
     def settle(self, n_past: int) -> None:
         """The reply ended with ``n_past`` tokens in the slot: drop the cells of proposed
         tokens never taken, so the KV cache holds exactly the slot's tokens."""
         if self._ahead and self._verifier is not None:
+            self._verified(0)
             self._ahead = []
             self._logits = None
             self._verifier.discard(n_past)
