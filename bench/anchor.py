@@ -49,6 +49,10 @@ from node.demo_model import BENCH, TINY  # noqa: E402
 from node.models import resolve_model  # noqa: E402
 
 OURS, CT = "infernode llama-cpp", "infernode ctransformers"
+BEFORE = "infernode llama-cpp, former defaults"
+"""``--before``: the flags that were the defaults (flash attention off, batch 512, a fixed
+thread count), beside today's defaults in the same run."""
+FORMER = (("flash_attn", "off"), ("n_batch", 512))
 LS, LCP = "llama-server", "llama_cpp.server"
 ANCHORS = (LS, LCP)
 
@@ -222,10 +226,13 @@ async def streams(side: Side, words: Words, sizes: Sizes, tag: str) -> Ms:
 Opener = Callable[[], contextlib.AbstractAsyncContextManager[Side | str]]
 
 
-def openers(setup: Setup, binary: Path | None) -> dict[str, Opener | str]:
+def openers(setup: Setup, binary: Path | None, before: bool = False
+            ) -> dict[str, Opener | str]:
     """Each system's opener, or why it is n/a before it starts."""
+    former = replace(setup, node_threads=setup.threads, node_flags=FORMER)
     return {
         OURS: lambda: node_side(OURS, "llama-cpp", setup),
+        **({BEFORE: lambda: node_side(BEFORE, "llama-cpp", former)} if before else {}),
         CT: lambda: node_side(CT, "ctransformers", setup),
         LS: (lambda: llama_server_side(binary, setup)) if binary else not_built_note(),
         LCP: lambda: llama_cpp_python_side(setup),
@@ -244,12 +251,12 @@ async def all_up(opens: dict[str, Opener | str]) -> AsyncIterator[dict[str, Side
 
 
 async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str],
-                  workloads: str = "abc") -> dict[str, Ms | str]:
+                  workloads: str = "abc", before: bool = False) -> dict[str, Ms | str]:
     """Run the workloads on every system; name → measurements, or why it is n/a."""
     words = Words(setup.model, 3)
     results: dict[str, Ms | str] = {}
     opens = {n: ("n/a (left out with --skip)" if n in skip else o)
-             for n, o in openers(setup, binary).items()}
+             for n, o in openers(setup, binary, before).items()}
     async with all_up(opens) as up:
         for name, side in up.items():
             if isinstance(side, str):
@@ -270,8 +277,8 @@ async def measure(setup: Setup, sizes: Sizes, binary: Path | None, skip: set[str
             if step[0] not in workloads:
                 continue
             for name, side in sides.items():
-                if step == "t" and name == CT:
-                    continue  # its ratio is the interleaved one; the trace would take long
+                if step == "t" and name in (CT, BEFORE):
+                    continue  # their ratios are the interleaved ones; the trace takes long
                 began = time.perf_counter()
                 words.again()
                 try:
@@ -313,11 +320,12 @@ def over(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def vs_best(results: dict[str, Ms | str], title: str, key: str, target: float) -> Ratio:
-    """Ours ÷ the best anchor on a TTFT ``key``."""
-    ours = value(results, OURS, key)
+def vs_best(results: dict[str, Ms | str], title: str, key: str, target: float,
+            system: str = OURS) -> Ratio:
+    """``system`` (ours) ÷ the best anchor on a TTFT ``key``."""
+    ours = value(results, system, key)
     theirs, who = best_anchor(results, key)
-    detail = "; ".join(f"{n} {fmt(value(results, n, key))}" for n in (OURS, *ANCHORS))
+    detail = "; ".join(f"{n} {fmt(value(results, n, key))}" for n in (system, *ANCHORS))
     if not isinstance(results.get(LS), dict):
         detail += f"\nllama-server: {results.get(LS)}"
     return Ratio(f"{title}: ours / best anchor", over(ours, theirs), target, True,
@@ -331,6 +339,9 @@ def ratios(results: dict[str, Ms | str], sizes: Sizes) -> list[Ratio]:
     out += [vs_best(results, f"(a) {n} sessions, TTFT turns >= 2", f"a{n}.later", 0.5)
             for n in rest]
     out.append(vs_best(results, "(a) back-to-back warm TTFT", f"a{first}.b2b", 1.0))
+    if isinstance(results.get(BEFORE), dict):
+        out.append(vs_best(results, f"(a) {first} sessions, TTFT turns >= 2, former defaults",
+                           f"a{first}.later", 0.9, BEFORE))
     a1, a2 = value(results, OURS, "b.agent1"), value(results, OURS, "b.agents2+")
     out.append(Ratio("(b) first turn TTFT agents 2+ / agent 1 (ours)", over(a2, a1), 0.2, True,
                      f"agent 1 {fmt(a1)}, agents 2+ mean {fmt(a2)}; the anchors: " + "; ".join(
@@ -364,12 +375,12 @@ def absolute_table(results: dict[str, Ms | str], sizes: Sizes) -> None:
              ("t.first", "t first"), ("t.later", "t later"), ("t.restart", "t restart"),
              ("c.tok/s", "c tok/s")]
     print("mean per system (ms; c: tokens/s)")
-    print(f"{'system':<24}" + "".join(f"{label:>12}" for _, label in keys))
+    print(f"{'system':<38}" + "".join(f"{label:>12}" for _, label in keys))
     for name, got in results.items():
         if isinstance(got, str):
-            print(f"{name:<24}{got}")
+            print(f"{name:<38}{got}")
             continue
-        print(f"{name:<24}" + "".join(
+        print(f"{name:<38}" + "".join(
             f"{'n/a' if not got.get(k) else f'{mean(got[k]):.0f}':>12}" for k, _ in keys))
 
 
@@ -378,7 +389,7 @@ def breakdown(results: dict[str, Ms | str]) -> None:
     own TTFT, restore and prefill (the rest is the bus, the runner and thread hand-offs)."""
     print("infernode breakdown (means, ms): client TTFT = engine ttft (restore + prefill + "
           "tokenize + first token) + the rest")
-    for name in (OURS, CT):
+    for name in (OURS, BEFORE, CT):
         got = results.get(name)
         if not isinstance(got, dict):
             continue
@@ -397,12 +408,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--llama-server", type=Path, default=None, help="the llama-server binary")
     p.add_argument("--turn-tokens", type=int, default=0, help="new tokens per turn of (a)")
     p.add_argument("--sessions", type=int, nargs="+", default=None, help="session counts of (a)")
-    p.add_argument("--skip", nargs="*", default=[], choices=[OURS, CT, LS, LCP],
+    p.add_argument("--skip", nargs="*", default=[], choices=[OURS, BEFORE, CT, LS, LCP],
                    help="systems left out of this run (named as in the table)")
     p.add_argument("--workloads", nargs="+", default=["a", "b", "t", "c"],
                    choices=["a", "b", "t", "c"],
                    help="the workloads to run (the others' ratios print n/a)")
     p.add_argument("--quick", action="store_true", help="tiny model, few turns: a smoke run")
+    p.add_argument("--before", action="store_true",
+                   help=f"also run {BEFORE!r}: flash attention off, batch 512, -t threads")
     p.add_argument("--small", action="store_true",
                    help="the bench model at sizes that finish in minutes (see SMALL)")
     p.add_argument("--trace-prompt", type=int, default=0,
@@ -433,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     binary = find_llama_server(args.llama_server)
     start = time.perf_counter()
     results = asyncio.run(measure(setup, sizes, binary, set(args.skip),
-                                  "".join(args.workloads)))
+                                  "".join(args.workloads), args.before))
     title = (f"anchor: model {model.name}, {threads} threads (infernode: "
              f"{args.threads or 'its default'}), {args.slots} slots, n_ctx {sizes.n_ctx}, "
              f"cache RAM {sizes.cache_ram_mib} MiB each, trace {sizes.trace_agents} agents x "

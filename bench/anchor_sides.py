@@ -68,6 +68,8 @@ class Setup:
     """The node's ``--threads``; None gives it ``threads`` too (0: its own default)."""
     bank_dir: bool = False
     """Give the node a durable bank tier on disk (what a restart finds)."""
+    node_flags: tuple[tuple[str, object], ...] = ()
+    """Further node settings (name, value), as its flags would set them."""
 
     @property
     def node_bank_bytes(self) -> int:
@@ -151,7 +153,7 @@ def _node_config(engine: str, setup: Setup, tmp: Path) -> NodeConfig:
                       bank_dir=tmp / "bank" if setup.bank_dir else None,
                       # The agents of one mesh, as its operator would declare them: the
                       # anchors share cached prefixes among all their clients.
-                      bank_share_groups="mesh=*")
+                      bank_share_groups="mesh=*", **dict(setup.node_flags))
 
 
 async def _open_node(config: NodeConfig) -> tuple[contextlib.AsyncExitStack, InfernodeClient]:
