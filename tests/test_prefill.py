@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from actors.engine import decode as decode_mod
-from actors.engine import engine as engine_mod
 from actors.engine.backends.llamacpp.backend import llama_cpp_available
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, PrefillProgress, TurnOutcome, TurnSpec
@@ -126,9 +125,13 @@ async def test_a_cancel_during_a_long_prefill_stops_it_within_one_chunk(
 
 
 @NEEDS_LLAMA_CPP
-async def test_another_sessions_tokens_keep_coming_during_a_long_prefill(make_engine):
+async def test_another_sessions_tokens_keep_coming_during_a_long_prefill(
+    make_engine, monkeypatch
+):
     """While one session prefills a long prompt, another's decode steps run between its
     chunks: it gets a token per small chunk, not one per ``n_batch`` of the prompt."""
+    # The tiny model evaluates n_batch tokens within any step budget: ask for the smallest.
+    monkeypatch.setattr(decode_mod, "STEP_BUDGET_S", 0.0)
     engine = make_engine("llama-cpp", n_slots=2, n_batch=512)
     decoding = CancelToken()
     stamps: list[float] = []
@@ -151,7 +154,24 @@ async def test_another_sessions_tokens_keep_coming_during_a_long_prefill(make_en
     evaluated = out.usage.new_prefill_tokens
     assert evaluated > 3 * 512
     # One step per chunk, and the other session has a token in every step.
-    assert len(during) >= evaluated / engine_mod.SHARED_CHUNK / 2, (len(during), evaluated)
+    assert len(during) >= evaluated / decode_mod.MIN_CHUNK / 2, (len(during), evaluated)
+
+
+def test_a_shared_chunk_is_sized_to_the_step_budget_from_the_measured_pace(monkeypatch):
+    """Alone, a chunk is n_batch; beside a busy slot, what the last chunk's pace evaluates in
+    the step budget, never below MIN_CHUNK nor above n_batch."""
+    clock = iter([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    monkeypatch.setattr(decode_mod.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(decode_mod, "STEP_BUDGET_S", 0.05)
+    shared = [False, True, True, True, True, True]
+    size = decode_mod.ChunkSize(512, lambda: shared.pop(0))
+    assert size() == 512  # alone
+    assert size() == 256  # 512 tokens took 0.1 s: 5,120 tok/s, 256 in 0.05 s
+    assert size() == 128  # 256 in 0.1 s
+    assert size() == 64
+    assert size() == decode_mod.MIN_CHUNK  # 640 tok/s would give 32; the floor holds
+    monkeypatch.setattr(decode_mod, "STEP_BUDGET_S", 10.0)
+    assert size() == 512
 
 
 async def test_a_long_prefill_reports_its_progress_and_a_short_one_does_not(

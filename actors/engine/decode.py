@@ -68,6 +68,39 @@ class ProgressClock:
         ))
 
 
+STEP_BUDGET_S = 0.05
+"""How long one prefill chunk may hold the other slots' next tokens: while another slot is
+busy, a chunk is sized from the prefill's measured pace to take about this long (on a CPU
+some tens of tokens, on a GPU a whole ``n_batch``)."""
+MIN_CHUNK = 32
+"""Fewest tokens of a shared chunk: below this a step's fixed cost dominates."""
+
+
+class ChunkSize:
+    """Tokens of the next prefill chunk: ``n_batch`` while the slot runs alone; while
+    ``shared()`` says another slot is busy, what the pace of the latest chunk evaluates in
+    ``STEP_BUDGET_S``, between ``MIN_CHUNK`` and ``n_batch``."""
+
+    def __init__(self, n_batch: int, shared: Callable[[], bool]) -> None:
+        self._n_batch = n_batch
+        self._shared = shared
+        self._last: tuple[float, int] | None = None
+        self._pace: float | None = None
+        """Tokens per second of the latest chunk (with what rode in its steps)."""
+
+    def __call__(self) -> int:
+        """Called before each chunk: the time since the last call is that chunk's."""
+        now = time.perf_counter()
+        if self._last is not None:
+            self._pace = self._last[1] / max(now - self._last[0], 1e-6)
+        size = self._n_batch
+        if self._shared():
+            guess = 2 * MIN_CHUNK if self._pace is None else int(self._pace * STEP_BUDGET_S)
+            size = max(MIN_CHUNK, min(self._n_batch, guess))
+        self._last = (now, size)
+        return size
+
+
 @dataclass(frozen=True)
 class Prefilled:
     """What a prefill did."""

@@ -17,7 +17,14 @@ import structlog
 from actors.engine.bank.meta import Compat
 from actors.engine.bank.store import BankStore
 from actors.engine.banking import SlotBank
-from actors.engine.decode import DecodeResult, Prefilled, ProgressClock, decode, prefill
+from actors.engine.decode import (
+    ChunkSize,
+    DecodeResult,
+    Prefilled,
+    ProgressClock,
+    decode,
+    prefill,
+)
 from actors.engine.grammar import Grammars
 from actors.engine.interface import (
     Backend,
@@ -43,10 +50,6 @@ log = structlog.get_logger("engine")
 
 CacheSource = Literal["slot", "bank", "none"]
 NO_CALLS: tuple[ToolCall, ...] = ()
-SHARED_CHUNK = 64
-"""Prompt tokens per prefill chunk while other slots decode. Their next tokens wait for the
-chunk (on llama-cpp they ride in the same batch), so a small chunk keeps their pace; a
-prefill alone takes ``n_batch`` tokens at a time."""
 Progress = Callable[[PrefillProgress], None]
 
 
@@ -252,11 +255,10 @@ class SlotEngine:
     def _prefill(
         self, slot: Slot, tokens: list[int], cancel: CancelToken, progress: Progress | None
     ) -> Prefilled:
-        """Prefill in chunks: ``n_batch`` tokens at a time alone, ``SHARED_CHUNK`` while
-        another slot is busy, so a long prompt delays others' tokens by one small chunk."""
-        def chunk() -> int:
-            return self.n_batch if self.pool.busy_count() <= 1 else min(SHARED_CHUNK, self.n_batch)
-
+        """Prefill in chunks: ``n_batch`` tokens at a time alone, smaller ones while another
+        slot is busy (``ChunkSize``). Their next tokens wait for each chunk (on llama-cpp they
+        ride in its batch), so a long prompt delays them by one short step at a time."""
+        chunk = ChunkSize(self.n_batch, lambda: self.pool.busy_count() > 1)
         report = ProgressClock(progress, len(tokens)) if progress else None
         return prefill(slot, tokens, cancel, chunk, report)
 
