@@ -14,7 +14,10 @@ equals it. For a proposal treated as a point mass this is standard speculative s
 the draft ``t`` is accepted with probability p(t), and when it is not the drawn token is
 distributed as p with ``t`` removed, renormalised. So greedy output is token-for-token what
 decoding without speculation gives, a seeded sampled reply draws the same random numbers in
-the same order, and penalties see the same recent tokens. A rejected proposal's cells are
+the same order, and penalties see the same recent tokens, wherever the backend gives a
+batch's positions the logits it gives lone tokens (llama.cpp's kernels may round a batch
+differently, as they do a prefill: on a quantized model a near-tie can then go the other
+way, the same as between a prompt prefilled and one decoded token by token). A rejected proposal's cells are
 dropped from the KV cache by the next evaluation, which starts at the first wrong position
 (``BackendContext.eval`` discards later positions), or by ``settle`` when the reply ends.
 
