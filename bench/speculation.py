@@ -18,7 +18,11 @@ of this repository; the reply repeats about 60% of it:
   that writes that edit pays.
 
 Both engines (``--speculate off`` and ``auto``) are loaded in this process and run
-alternately; the ratio is of medians. It exits 0 whatever the verdict.
+alternately; the ratio is of medians. On the model's own copy, when ``llama-server`` is
+built (``bench/build_llama_server.sh``), the same request is sent to it with its n-gram
+speculation (``--spec-type ngram-simple``, its defaults otherwise) and its own decode tok/s
+(``timings.predicted_per_second``) is the anchor of a second ratio. It exits 0 whatever the
+verdicts.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +57,14 @@ from bench.common import (  # noqa: E402
     quiet_logs,
     spread,
 )
+from bench.llama_server import (  # noqa: E402
+    find_llama_server,
+    free_port,
+    http_server,
+    llama_server_cmd,
+    not_built_note,
+    stream_chat,
+)
 from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY  # noqa: E402
 from schemas.chat import ChatMessage  # noqa: E402
@@ -62,6 +75,9 @@ COPY = "You are a copy machine: you repeat the user's text exactly, with no comm
 EDIT_WORDS = "# changed here: the queue is bounded and a full one refuses the job\n"
 TARGET = 1.5
 """Decode tok/s with speculation ÷ without, on a reply that repeats 60% of a prompt file."""
+ANCHOR_TARGET = 1.0
+"""Decode tok/s with speculation ÷ llama-server's with its n-gram speculation."""
+SPEC_TYPE = "ngram-simple"
 
 
 def default_model() -> Path | None:
@@ -135,7 +151,7 @@ def load(model: Path, speculate: str, threads: int) -> SlotEngine:
     ))
 
 
-async def measure(args: argparse.Namespace, model: Path, forced: bool) -> Ratio:
+async def measure(args: argparse.Namespace, model: Path, forced: bool) -> list[Ratio]:
     off = Side(await asyncio.to_thread(load, model, "off", args.threads), [], [])
     on = Side(await asyncio.to_thread(load, model, "auto", args.threads), [], [])
     try:
@@ -160,7 +176,42 @@ async def measure(args: argparse.Namespace, model: Path, forced: bool) -> Ratio:
     finally:
         await off.engine.close()
         await on.engine.close()
-    return ratio_of(off, on)
+    ratios = [ratio_of(off, on)]
+    if not forced:
+        ratios.append(await anchor_ratio(args, model, messages, max_tokens, on.rates))
+    return ratios
+
+
+async def anchor_ratio(
+    args: argparse.Namespace, model: Path, messages: tuple[ChatMessage, ...],
+    max_tokens: int, ours: list[float],
+) -> Ratio:
+    """Ours with speculation ÷ llama-server with its n-gram speculation, same request."""
+    name = f"decode tok/s: ours / llama-server {SPEC_TYPE}"
+    binary = find_llama_server(args.llama_server)
+    if binary is None:
+        return Ratio(name, None, ANCHOR_TARGET, False, not_built_note())
+    port = free_port()
+    threads = args.threads or (os.cpu_count() or 1)
+    cmd = llama_server_cmd(binary, model, port, threads, 4096, 1,
+                           extra=("--spec-type", SPEC_TYPE))
+    rates: list[float] = []
+    drafted = accepted = 0
+    body = [{"role": m.role, "content": str(m.content)} for m in messages]
+    async with http_server(cmd, port, "llama-server") as base:
+        if base is None:
+            return Ratio(name, None, ANCHOR_TARGET, False, "llama-server did not start")
+        for _ in range(args.runs):
+            out = await stream_chat(base, body, max_tokens)
+            timings = out.usage.get("timings")
+            if not isinstance(timings, dict):
+                return Ratio(name, None, ANCHOR_TARGET, False, "no timings from llama-server")
+            rates.append(float(timings["predicted_per_second"]))
+            drafted += int(timings.get("draft_n", 0))
+            accepted += int(timings.get("draft_n_accepted", 0))
+    return Ratio(name, median(ours) / median(rates), ANCHOR_TARGET, False,
+                 f"ours {spread(ours)} tok/s, llama-server {spread(rates)} tok/s "
+                 f"({threads} threads); it drafted {drafted}, accepted {accepted}")
 
 
 def ratio_of(off: Side, on: Side) -> Ratio:
@@ -191,7 +242,7 @@ async def run_all(args: argparse.Namespace) -> list[Ratio]:
         model, forced = real, args.forced
     else:
         model, forced = bench_model(BENCH, "bench"), True
-    return [await measure(args, model, forced)]
+    return await measure(args, model, forced)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -201,6 +252,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="replies per side")
     p.add_argument("--forced", action="store_true",
                    help="force the edit-shaped reply instead of letting the model copy")
+    p.add_argument("--llama-server", type=Path, help="llama-server binary for the anchor")
     p.add_argument("--quick", action="store_true", help="tiny model, short file: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
