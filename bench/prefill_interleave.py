@@ -83,6 +83,8 @@ class Run:
     """The decoders' gaps before the long prompt came."""
     prompt_tokens: int
     """Of the long prompt."""
+    steps: int
+    """``llama_decode`` calls during the prefill."""
 
 
 async def measure(engine: SlotEngine, text: str, tag: str) -> Run:
@@ -101,11 +103,14 @@ async def measure(engine: SlotEngine, text: str, tag: str) -> Run:
         if any(d.done() for d in decoders):
             raise BenchError("a decoder ended before the long prompt came")
         await asyncio.sleep(0.05)
+    shared = engine.backend.shared  # type: ignore[attr-defined]
+    steps = shared.steps
     begin = time.perf_counter()
     out = await engine.run_turn(
         spec_of(f"{tag}-long", [user(text)], max_tokens=1), lambda _t: None, CancelToken()
     )
     end = begin + out.timings.ttft_ms / 1000
+    steps = shared.steps - steps
     stop.cancel("client")
     await asyncio.gather(*decoders)
     gaps, alone = [], []
@@ -115,7 +120,7 @@ async def measure(engine: SlotEngine, text: str, tag: str) -> Run:
                 gaps.append((b - a) * 1000)
             elif b < begin:
                 alone.append((b - a) * 1000)
-    return Run(gaps, out.timings.prefill_ms, alone, out.usage.prompt_tokens)
+    return Run(gaps, out.timings.prefill_ms, alone, out.usage.prompt_tokens, steps)
 
 
 async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[str, list[Ratio]]:
@@ -159,7 +164,8 @@ def ratios(before: Run, after: Run, n_batch: int) -> list[Ratio]:
     def line(run: Run, name: str) -> str:
         return (f"{name}: p50 {median(run.gaps_ms):.0f} ms, p99 {pct(run.gaps_ms, 0.99):.0f} ms "
                 f"over {len(run.gaps_ms)} gaps during the prefill (decoding alone: p50 "
-                f"{median(run.alone_ms):.0f} ms); prefill {run.prefill_ms:.0f} ms")
+                f"{median(run.alone_ms):.0f} ms); prefill {run.prefill_ms:.0f} ms in "
+                f"{run.steps} steps")
 
     p99 = pct(after.gaps_ms, 0.99) / pct(before.gaps_ms, 0.99)
     detail = f"{line(after, 'chunked')}\n{line(before, f'chunks of {n_batch}')}"

@@ -68,12 +68,13 @@ class ProgressClock:
         ))
 
 
-STEP_BUDGET_S = 0.05
+STEP_BUDGET_S = 0.1
 """How long one prefill chunk may hold the other slots' next tokens: while another slot is
 busy, a chunk is sized from the prefill's measured pace to take about this long (on a CPU
-some tens of tokens, on a GPU a whole ``n_batch``)."""
-MIN_CHUNK = 32
-"""Fewest tokens of a shared chunk: below this a step's fixed cost dominates."""
+about a hundred tokens, on a GPU a whole ``n_batch``)."""
+MIN_CHUNK = 64
+"""Fewest tokens of a shared chunk: every step pays a fixed cost (a pass over the weights
+per micro-batch), which smaller chunks would multiply."""
 
 
 class ChunkSize:
