@@ -130,7 +130,7 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[
     engine = await asyncio.to_thread(load_engine, NodeConfig(
         model=model, engine="llama-cpp", n_slots=DECODERS + 1, n_ctx=prompt + 1024,
         n_batch=sizes.n_batch, threads=threads, gpu_layers=args.gpu_layers,
-        bank_ram_bytes=0, verify_restore=False,
+        bank_ram_bytes=0, verify_restore=False, speculate=args.speculate,
     ))
     budget = decode_mod.STEP_BUDGET_S
     try:
@@ -143,7 +143,8 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, model: Path) -> tuple[
         decode_mod.STEP_BUDGET_S = budget
         await engine.close()
     header = (f"model {model.name} ({engine.info.model}), engine {engine.info.engine}, "
-              f"threads {threads}, {DECODERS} decoding sessions, one {after.prompt_tokens}-token "
+              f"threads {threads}, speculate {args.speculate}, {DECODERS} decoding sessions, "
+              f"one {after.prompt_tokens}-token "
               "prompt, "
               f"n_batch {sizes.n_batch}, step budget while others decode {budget * 1000:.0f} ms")
     return header, ratios(before, after, sizes.n_batch)
@@ -185,6 +186,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=0, help="tokens of the long prompt")
     p.add_argument("--threads", type=int, default=0, help="threads per evaluation (0: all)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to CUDA")
+    p.add_argument("--speculate", default="auto", choices=("auto", "off"),
+                   help="the decoders' n-gram speculation (the node's --speculate)")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run")
     return p.parse_args(argv)
 
