@@ -19,8 +19,13 @@ from tests.helpers import EventCollector
 
 S = Subjects()
 CHUNK = 64
-LONG = " ".join(f"word{i % 97}" for i in range(150))
-"""About 750 prompt tokens on the tiny model: a dozen chunks of ``CHUNK``."""
+def long_text(seed: int) -> str:
+    """About 750 prompt tokens on the tiny model (a dozen chunks of ``CHUNK``), sharing no
+    prefix with another seed's, so no request reuses another's cached prompt."""
+    return " ".join(f"w{seed}x{i % 97}" for i in range(150))
+
+
+LONG = long_text(0)
 COMMENT = ": prompt_progress "
 
 
@@ -79,14 +84,15 @@ async def test_every_streaming_door_sends_progress_comments_that_the_sdks_skip(
     """The Responses and Messages streams carry the comments too; the openai and anthropic
     SDKs read every stream through them, and a non-streamed answer is the same text."""
     base = await _base(make_node)
-    user = [{"role": "user", "content": LONG}]
     responses = await _raw_stream(f"{base}/v1/responses", {
-        "model": "any", "input": LONG, "stream": True, "max_output_tokens": 4,
+        "model": "any", "input": long_text(1), "stream": True, "max_output_tokens": 4,
         "temperature": 0,
     })
     messages = await _raw_stream(f"{base}/v1/messages", {
-        "model": "any", "messages": user, "stream": True, "max_tokens": 4, "temperature": 0,
+        "model": "any", "messages": [{"role": "user", "content": long_text(2)}],
+        "stream": True, "max_tokens": 4, "temperature": 0,
     })
+    user = [{"role": "user", "content": LONG}]
     assert _progress(responses) and _progress(messages)
     chat = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     stream = await chat.chat.completions.create(
