@@ -186,7 +186,9 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 def _opencode_config(project: Path, base: str) -> None:
     provider = {"npm": "@ai-sdk/openai-compatible", "name": "infernode",
                 "options": {"baseURL": f"{base}/v1", "apiKey": "unused"},
-                "models": {"local": {"name": "local"}}}
+                # A cap on the answer: a random-weight model never ends its own.
+                "models": {"local": {"name": "local",
+                                     "limit": {"context": 131072, "output": 256}}}}
     (project / "opencode.json").write_text(json.dumps(
         {"provider": {"infernode": provider}, "model": "infernode/local",
          "autoupdate": False, "share": "disabled"}))
