@@ -256,7 +256,10 @@ def run_client(client: str, tool: Path, turns: int, base: str, timeout_s: float,
             tail = " / ".join(line.strip() for line in said.strip().splitlines()[-3:])
             print(f"  {client} turn {turn + 1}: rc {done.returncode} in "
                   f"{time.monotonic() - start:.0f} s: {tail[:240]}", flush=True)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
+            said = [part.decode() if isinstance(part, bytes) else part or ""
+                    for part in (e.stdout, e.stderr)]
+            (root / f"turn-{turn + 1}.log").write_text("".join(said))
             print(f"  {client} turn {turn + 1}: timed out after {timeout_s:.0f} s", flush=True)
 
 
