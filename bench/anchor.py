@@ -96,10 +96,11 @@ class Sizes:
 
 
 FULL = Sizes(600, 8, (4, 16), 3, 1000, 8, 4, 128, 3, 32768)
-SMALL = Sizes(600, 8, (4,), 3, 1000, 8, 4, 64, 1, 8192, trace_agents=8, trace_prompt=3000,
-              trace_turns=3, trace_add=(200, 800), cache_ram_mib=256)
-"""The bench model at sizes that run in minutes: the issue's interleaved workload as it is,
-the agent trace scaled down (3,000-token first prompt, 256 MiB of cache for 8 agents)."""
+SMALL = Sizes(600, 8, (4,), 3, 1000, 8, 4, 64, 1, 4096, trace_agents=8, trace_prompt=2500,
+              trace_turns=3, trace_add=(150, 500), cache_ram_mib=256)
+"""The bench model at sizes that run in minutes: the interleaved workload as in the full run,
+the agent trace scaled down (2,500-token first prompt, 256 MiB of cache for 8 agents) to fit
+the bench model's trained context of 4,096, past which llama-server refuses a prompt."""
 QUICK = Sizes(40, 4, (2,), 2, 60, 3, 2, 8, 1, 512, trace_agents=3, trace_prompt=60,
               trace_turns=3, trace_add=(10, 30), cache_ram_mib=64)
 

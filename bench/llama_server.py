@@ -175,7 +175,11 @@ async def stream_chat(base: str, messages: Sequence[dict[str, str]], max_tokens:
     usage: dict[str, object] = {}
     async with httpx.AsyncClient(timeout=600, headers=CLOSE) as http, \
             http.stream("POST", f"{base}/chat/completions", json=body) as response:
-        response.raise_for_status()
+        if response.is_error:  # the server's own sentence says why
+            await response.aread()
+            raise httpx.HTTPStatusError(
+                f"{response.status_code} from {base}: {response.text[:300]}",
+                request=response.request, response=response)
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
