@@ -97,9 +97,10 @@ async def test_opencode_first_turn_beside_its_title_request_streams_and_its_next
     assert second.prompt_tokens_details.cached_tokens >= usage.prompt_tokens
 
 
-@pytest.mark.xfail(strict=True, reason="aider names no session: a turn whose last user "
-                   "message was rewritten does not fork from the conversation it extends, so "
-                   "nothing of the history is reused (turns that fork restore the shared part)")
+@pytest.mark.xfail(strict=True, reason="the turn restores the whole history before the "
+                   "rewritten message (1,298 of its 2,003 tokens), but aider's reminder, a "
+                   "third of this short prompt, now follows the new messages: its KV would "
+                   "have to move to a later position, which exact prefix reuse cannot do")
 async def test_aider_turn_with_its_reminder_moved_still_reuses_the_history(base):
     """aider's first turn (its system prompt and example exchanges, no usage asked for)
     streams chat chunks; its next turn, which rewrites only the last user message, reuses

@@ -34,6 +34,7 @@ from actors.engine.engine import SlotEngine
 from actors.engine.gguf_info import model_id_of
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
 from actors.engine.loader import load_engine
+from actors.gateway.sessions import node_session, stateless_id
 from node.config import ConfigError, NodeConfig
 from node.demo_model import ModelShape, write_llama_gguf
 from schemas.chat import ChatMessage, SamplingParams
@@ -307,6 +308,17 @@ def test_trust_domains_follow_the_agent_and_the_declared_groups():
     grouped = parse_share_groups("team=alice,bob; mesh=ring-*")
     assert grouped.domain("alice_x") == grouped.domain("bob_y") != grouped.domain("carol_z")
     assert grouped.domain("ring-0") == grouped.domain("ring-7") != grouped.domain("a-1")
+
+
+def test_a_keyless_gateways_stateless_sessions_are_one_domain_apart_from_every_agent():
+    """Without API keys the gateway's stateless sessions (and their forks) share one domain,
+    which holds no keyed agent's session and no session a client named itself."""
+    plain = parse_share_groups("")
+    one, two = stateless_id(""), stateless_id("")
+    assert plain.domain(one) == plain.domain(two) == plain.domain(f"{one}-3f2a")
+    assert plain.domain(node_session("alice", stateless_id("alice"))) != plain.domain(one)
+    assert plain.domain(node_session("alice", one)) != plain.domain(one)
+    assert plain.domain("editme") != plain.domain(one)
 
 
 async def test_on_the_embedded_server_sessions_no_agent_claims_are_one_domain(tiny_model: Path):

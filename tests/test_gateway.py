@@ -136,6 +136,25 @@ async def test_edited_history_forks_a_session_restored_up_to_the_divergence(make
     assert (await _history(node.url, fork)).generation == 1
 
 
+async def test_a_stateless_call_rewriting_its_last_message_restores_the_history_before_it(
+    make_node,
+):
+    """Without API keys or share groups, a stateless call whose last user message was
+    rewritten (aider moves its reminder) forks into the keyless calls' one trust domain and
+    restores everything before that message from the bank."""
+    node, base = await _gateway_node(make_node)
+    client = _client(base)
+    history = [{"role": "system", "content": "You edit code. Reply with a diff. " * 12}]
+    first = await client.chat.completions.create(
+        model="any", messages=[*history, _user("add a test\n\nReply in the diff format.")],
+        **GREEDY)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="any", messages=[*history, _user("add a test"), _user("now run it")], **GREEDY)
+    reused = raw.parse().usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens * 0.8 <= reused < raw.parse().usage.prompt_tokens
+    assert raw.headers["x-session-id"].startswith("chat_")
+
+
 async def test_a_second_gateway_continues_a_conversation_the_first_one_started(make_node, nc):
     """The conversation index lives in JetStream KV: another gateway (or a restart) finds it."""
     node, base = await _gateway_node(make_node)

@@ -13,6 +13,13 @@ a session that moved on meanwhile is never appended to blindly: the node answers
 the call forks instead. A fork is a new session seeded with the whole conversation; the
 engine's bank is content-addressed, so its KV state up to the divergence is restored from
 the snapshots the original session left, not recomputed.
+
+The bank shares a prefix only within one trust domain (``actors/engine/bank/domains.py``):
+an agent's sessions ``<agent>_<rest>`` are its domain. A gateway without API keys lets every
+HTTP client name every session, so its clients are one principal; it names the stateless
+sessions it starts ``chat_<id>`` (and their forks ``chat_<id>-<id>``), one domain, so a call
+that rewrites an earlier message (aider moves its reminder into the newest user message)
+still restores the history it shares with the conversation it came from.
 """
 
 from __future__ import annotations
@@ -119,7 +126,7 @@ class SessionRouter:
             return await self._plan_hinted(agent, hint, msgs, links, busy)
         hit = await self.index.longest_prefix(links, len(msgs) - 1)
         if hit is None:
-            return self._fresh(agent, _new_id("chat"), msgs, links)
+            return self._fresh(agent, stateless_id(agent), msgs, links)
         n, entry = hit
         return Plan(agent, visible_session(agent, entry.session), entry.session, msgs, links,
                     n, entry.generation)
@@ -185,6 +192,18 @@ class SessionRouter:
         agent: str, visible: str, msgs: tuple[ChatMessage, ...], links: tuple[str, ...]
     ) -> Plan:
         return Plan(agent, visible, node_session(agent, visible), msgs, links, 0, 0)
+
+
+STATELESS_STEM = "chat"
+"""The stem of stateless sessions; without API keys also their trust domain's name."""
+
+
+def stateless_id(agent: str) -> str:
+    """A new stateless session's visible id: an agent's ``chat-<id>`` (its sessions are its
+    domain already), without API keys ``chat_<id>``, in the one domain of keyless calls."""
+    if agent:
+        return _new_id(STATELESS_STEM)
+    return f"{STATELESS_STEM}_{uuid.uuid4().hex[:12]}"
 
 
 def _new_id(stem: str) -> str:
