@@ -33,6 +33,7 @@ from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
 from node.demo_model import ModelShape, write_llama_gguf
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 
 MIB = 1 << 20
 GREEDY = SamplingParams(temperature=0.0)
@@ -106,9 +107,8 @@ def spec_of(
         session=session,
         turn_id=uuid.uuid4().hex,
         messages=tuple(messages),
-        sampling=GREEDY,
-        max_tokens=max_tokens,
         assistant_tokens=ids or {},
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
     )
 
 

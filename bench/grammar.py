@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY  # noqa: E402
 from schemas.chat import ChatMessage, SamplingParams  # noqa: E402
+from schemas.records import ReplyParams
 from schemas.tools import JsonSchemaFormat, Tool  # noqa: E402
 
 SCHEMA = {
@@ -89,9 +90,13 @@ async def decode_ratio(engine: SlotEngine, repeats: int, max_tokens: int) -> Rat
     for i in range(repeats + 1):  # the first pair warms up (and builds the mask tokenizer)
         for constrained in (False, True):
             spec = TurnSpec(
-                session="decode", turn_id=uuid.uuid4().hex, messages=prompt,
-                sampling=SamplingParams(temperature=0.8, seed=i, repeat_penalty=1.0),
-                max_tokens=max_tokens, response_format=fmt if constrained else None,
+                session="decode",
+                turn_id=uuid.uuid4().hex,
+                messages=prompt,
+                params=ReplyParams(
+                    sampling=SamplingParams(temperature=0.8, seed=i, repeat_penalty=1.0),
+                    max_tokens=max_tokens, response_format=fmt if constrained else None,
+                ),
             )
             out = await run(engine, spec)
             if i and out.usage.completion_tokens > 1:
@@ -116,9 +121,15 @@ async def tool_loop_ratio(engine: SlotEngine, turns: int) -> Ratio:
     left = 0
     for n in range(1, turns + 1):
         spec = TurnSpec(
-            session="loop", turn_id=uuid.uuid4().hex, messages=tuple(messages),
-            sampling=SamplingParams(temperature=0.7, seed=n), max_tokens=64,
-            assistant_tokens=dict(ids), tools=TOOLS, tool_choice="required",
+            session="loop",
+            turn_id=uuid.uuid4().hex,
+            messages=tuple(messages),
+            assistant_tokens=dict(ids),
+            tools=TOOLS,
+            params=ReplyParams(
+                sampling=SamplingParams(temperature=0.7, seed=n), max_tokens=64,
+                tool_choice="required",
+            ),
         )
         out = await run(engine, spec)
         if n >= 2:

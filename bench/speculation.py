@@ -68,6 +68,7 @@ from bench.llama_server import (  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
 from node.demo_model import BENCH, TINY  # noqa: E402
 from schemas.chat import ChatMessage  # noqa: E402
+from schemas.records import ReplyParams
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = ROOT / "actors" / "engine" / "slots.py"
@@ -137,8 +138,12 @@ class Side:
 
 
 async def one_reply(side: Side, messages: tuple[ChatMessage, ...], max_tokens: int) -> None:
-    spec = TurnSpec(session="edit", turn_id="t", messages=messages, sampling=GREEDY,
-                    max_tokens=max_tokens)
+    spec = TurnSpec(
+        session="edit",
+        turn_id="t",
+        messages=messages,
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
+    )
     out = await side.engine.run_turn(spec, lambda _text: None, CancelToken())
     side.outs.append(out)
     side.rates.append(out.usage.completion_tokens / (out.timings.decode_ms / 1000))

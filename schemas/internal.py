@@ -8,15 +8,14 @@ from schemas.chat import (
     CacheInfo,
     ChatMessage,
     Frozen,
-    OverflowPolicy,
-    SamplingParams,
     Timings,
     ToolCall,
     Usage,
 )
 from schemas.errors import ErrorCode
 from schemas.messages import FinishReason, PromptRequest
-from schemas.tools import ResponseFormat, Tool, ToolChoice
+from schemas.records import ReplyParams
+from schemas.tools import Tool
 
 
 class ErrorBody(Frozen):
@@ -67,7 +66,7 @@ class AdmitReply(Frozen):
 class GenerateRequest(Frozen):
     """Runner → engine: run one turn over the session's window of its history."""
 
-    type: Literal["generate.v3"] = "generate.v3"
+    type: Literal["generate.v4"] = "generate.v4"
     """Message type and version."""
     session: str
     """The session (its slot and bank entries)."""
@@ -88,14 +87,8 @@ class GenerateRequest(Frozen):
     generation: int = 0
     """The session's committed generation; 0 for a session that never had a turn (a cache
     miss is then ``new_session`` even when its messages include assistant turns)."""
-    sampling: SamplingParams
-    """Sampling parameters."""
-    stop: tuple[str, ...] = ()
-    """Stop strings."""
-    max_tokens: int
-    """Most tokens to generate."""
-    overflow: OverflowPolicy | None = None
-    """Window policy of the turn; None takes the engine's default."""
+    params: ReplyParams
+    """How the reply is generated (the prompt's own, carried whole)."""
     window_start: int | None = None
     """Index in the conversation (``messages`` with the ``omitted`` ones) where the session's
     recorded window starts (after the system head); None leaves the window to the engine's
@@ -107,12 +100,6 @@ class GenerateRequest(Frozen):
     measured it (the one measure the log and the ``done`` event both report)."""
     tools: tuple[Tool, ...] = ()
     """The session's tool set, rendered into the prompt."""
-    tool_choice: ToolChoice | None = None
-    """How the reply may call them."""
-    response_format: ResponseFormat | None = None
-    """The JSON format the reply is forced into, if any."""
-    parallel_tool_calls: bool | None = None
-    """False: the reply makes at most one tool call."""
 
 
 class GenerateResult(Frozen):

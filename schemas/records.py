@@ -22,8 +22,9 @@ CRASH_LIMIT = 3
 is set aside instead of tried again: a prompt that kills the node must not do so for ever."""
 
 
-class TurnParams(Frozen):
-    """How a prompt asked to be answered; kept so a restarted node answers it alike."""
+class ReplyParams(Frozen):
+    """How a reply is generated: the one parameters object a turn carries whole, from the
+    prompt's record through the runner's ``GenerateRequest`` to the engine's ``TurnSpec``."""
 
     sampling: SamplingParams = SamplingParams()
     """Sampling parameters."""
@@ -31,18 +32,29 @@ class TurnParams(Frozen):
     """Stop strings."""
     max_tokens: int = 256
     """Most tokens of the reply."""
-    relay_to: str | None = None
-    """Session that receives the answer as a prompt."""
     overflow: OverflowPolicy | None = None
     """The prompt's window policy; None takes the node's."""
-    answer_to: str | None = None
-    """Inbox of the ask that sent the prompt: the turn's answer is published there."""
     tool_choice: ToolChoice | None = None
     """How the reply may call the session's tools (``auto`` when absent)."""
     response_format: ResponseFormat | None = None
     """The JSON format the reply is forced into, if any."""
     parallel_tool_calls: bool | None = None
     """False: the reply makes at most one tool call (unset: as many as the model writes)."""
+
+    @classmethod
+    def of(cls, source: object) -> ReplyParams:
+        """The reply parameters ``source`` (a prompt, or a record's ``TurnParams``) holds."""
+        return ReplyParams(**{name: getattr(source, name) for name in ReplyParams.model_fields})
+
+
+class TurnParams(ReplyParams):
+    """How a prompt asked to be answered; kept so a restarted node answers it alike: the
+    reply's parameters and where its answer goes."""
+
+    relay_to: str | None = None
+    """Session that receives the answer as a prompt."""
+    answer_to: str | None = None
+    """Inbox of the ask that sent the prompt: the turn's answer is published there."""
 
 
 class UserRecord(Frozen):

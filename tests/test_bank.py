@@ -20,6 +20,7 @@ from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
+from schemas.records import ReplyParams
 from schemas.subjects import Subjects
 from tests.helpers import EventCollector, until
 
@@ -173,8 +174,13 @@ async def test_a_failed_snapshot_is_dropped_with_its_reason_and_the_record_stays
 
 # -- the engine directly --------------------------------------------------------------------
 def spec(session: str, messages, tokens=None, max_tokens: int = 8) -> TurnSpec:
-    return TurnSpec(session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-                    max_tokens=max_tokens, assistant_tokens=tokens or {})
+    return TurnSpec(
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        assistant_tokens=tokens or {},
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
+    )
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from actors.gateway.sessions import node_session, stateless_id
 from node.config import ConfigError, NodeConfig
 from node.demo_model import ModelShape, write_llama_gguf
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 from schemas.subjects import Subjects
 
 S = Subjects()
@@ -51,8 +52,13 @@ def user(text: str) -> ChatMessage:
 
 def spec(session: str, messages: list[ChatMessage], ids: dict[int, tuple[int, ...]] | None = None,
          ) -> TurnSpec:
-    return TurnSpec(session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-                    max_tokens=6, assistant_tokens=ids or {})
+    return TurnSpec(
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        assistant_tokens=ids or {},
+        params=ReplyParams(sampling=GREEDY, max_tokens=6),
+    )
 
 
 async def run(engine: SlotEngine, s: TurnSpec) -> TurnOutcome:

@@ -24,6 +24,7 @@ from actors.engine.tokenizer import shield_nonce
 from node.config import NodeConfig
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 
 NEEDS_LLAMA_CPP = pytest.mark.skipif(
     not llama_cpp_available(),
@@ -63,11 +64,13 @@ async def engine(request: pytest.FixtureRequest, tiny_model: Path) -> AsyncItera
 def prompt_ids(engine: SlotEngine, user_text: str) -> list[int]:
     """The prompt tokens of a system message and one user message."""
     spec = TurnSpec(
-        session="s", turn_id="t", sampling=SamplingParams(temperature=0.0),
+        session="s",
+        turn_id="t",
         messages=(
             ChatMessage(role="system", content="Be kind."),
             ChatMessage(role="user", content=user_text),
         ),
+        params=ReplyParams(sampling=SamplingParams(temperature=0.0)),
     )
     return engine.prompt_tokens(spec)
 

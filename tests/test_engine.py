@@ -23,6 +23,7 @@ from actors.engine.loader import load_engine
 from node.config import NodeConfig
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 from tests.helpers import until
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -34,8 +35,11 @@ def user(text: str) -> ChatMessage:
 
 def spec(session: str, messages, tokens=None, max_tokens: int = 8) -> TurnSpec:
     return TurnSpec(
-        session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-        max_tokens=max_tokens, assistant_tokens=tokens or {},
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        assistant_tokens=tokens or {},
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
     )
 
 

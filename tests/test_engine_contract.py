@@ -39,6 +39,7 @@ from schemas.internal import (
     TurnStatusRequest,
 )
 from schemas.messages import TokenEvent
+from schemas.records import ReplyParams
 from schemas.subjects import EventKind, Subjects
 from tests.fake_engine import FakeEngine
 from tests.helpers import EventCollector
@@ -65,10 +66,12 @@ class Wire:
 
     def generate_request(self, session: str, turn_id: str, max_tokens: int) -> GenerateRequest:
         return GenerateRequest(
-            session=session, turn_id=turn_id,
+            session=session,
+            turn_id=turn_id,
             messages=(ChatMessage(role="user", content="say something"),),
-            sampling=GREEDY, max_tokens=max_tokens,
-            token_subject=self.s.events(session, EventKind.TOKEN), queue_ms=0.0,
+            token_subject=self.s.events(session, EventKind.TOKEN),
+            queue_ms=0.0,
+            params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
         )
 
     async def ask(self, subject: str, body: Any, timeout: float = 60.0) -> Msg:

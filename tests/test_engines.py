@@ -34,6 +34,7 @@ from node.client import InfernodeClient, TurnResult
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import ErrorCode, InferError
+from schemas.records import ReplyParams
 from tests.helpers import until
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -76,8 +77,11 @@ def spec(
     max_tokens: int = 8,
 ) -> TurnSpec:
     return TurnSpec(
-        session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-        max_tokens=max_tokens, assistant_tokens=ids or {},
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        assistant_tokens=ids or {},
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
     )
 
 
@@ -270,7 +274,10 @@ async def test_repeat_penalty_never_sees_end_of_generation_tokens(tiny_model, mo
         eog = end_of_generation(engine.backend)
         history = [user("hello"), ChatMessage(role="assistant", content="hi"), user("again")]
         sampling = SamplingParams(temperature=0.8, repeat_penalty=1.5, seed=3)
-        turn_spec = dataclasses.replace(spec("p", history, max_tokens=4), sampling=sampling)
+        turn_spec = spec("p", history, max_tokens=4)
+        turn_spec = dataclasses.replace(
+            turn_spec, params=turn_spec.params.model_copy(update={"sampling": sampling})
+        )
         assert eog & set(engine.prompt_tokens(turn_spec)[-64:])
         monkeypatch.setattr(sampling_mod.Sampler, "sample", spy)
         await run(engine, turn_spec)
@@ -481,7 +488,8 @@ async def test_the_token_completing_a_stop_string_counts_in_completion_tokens(
     them), the reply is "x"."""
     engine = make_engine(n_slots=1)
     _script(monkeypatch, [_byte(ord(c)) for c in "xyzw"])
-    turn = dataclasses.replace(spec("stop", [user("hi")], max_tokens=8), stop=("yz",))
+    turn = spec("stop", [user("hi")], max_tokens=8)
+    turn = dataclasses.replace(turn, params=turn.params.model_copy(update={"stop": ("yz",)}))
     out = await run(engine, turn)
     assert out.raw_text == "x" and out.finish_reason == "stop"
     assert out.usage.completion_tokens == 3

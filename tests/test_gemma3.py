@@ -23,6 +23,7 @@ from node import models
 from node.config import NodeConfig
 from node.models import ModelNameError, ModelPart, NamedModel, installed_path, resolve_model
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 
 GEMMA3 = next(m for m in models.NAMED_MODELS if m.name == "gemma3")
 
@@ -124,8 +125,12 @@ async def test_gemma3_answers_a_turn_in_the_gemma_template_with_its_32k_context(
         text = engine.template.render(list(messages), add_generation_prompt=True)
         assert text.endswith("<start_of_turn>user\nWhat is the capital of France?"
                              "<end_of_turn>\n<start_of_turn>model\n")
-        spec = TurnSpec(session="g", turn_id="t", messages=messages,
-                        sampling=SamplingParams(temperature=0.0), max_tokens=16)
+        spec = TurnSpec(
+            session="g",
+            turn_id="t",
+            messages=messages,
+            params=ReplyParams(sampling=SamplingParams(temperature=0.0), max_tokens=16),
+        )
         out = await engine.run_turn(spec, lambda _: None, CancelToken())
         assert out.usage.completion_tokens > 0 and out.text.strip()
         assert "<end_of_turn>" not in out.text

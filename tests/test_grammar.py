@@ -26,6 +26,7 @@ from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.errors import InferError
 from schemas.messages import PromptRequest
+from schemas.records import ReplyParams
 from schemas.tools import JsonSchemaFormat
 
 SCHEMA = {
@@ -46,8 +47,13 @@ ENGINES = ["ctransformers", pytest.param("llama-cpp", marks=pytest.mark.skipif(
 
 def _spec(i: int, fmt: JsonSchemaFormat | None) -> TurnSpec:
     return TurnSpec(
-        session=f"s{i}", turn_id=f"t{i}", messages=(ChatMessage(role="user", content="data"),),
-        sampling=SamplingParams(temperature=1.0, seed=i), max_tokens=200, response_format=fmt,
+        session=f"s{i}",
+        turn_id=f"t{i}",
+        messages=(ChatMessage(role="user", content="data"),),
+        params=ReplyParams(
+            sampling=SamplingParams(temperature=1.0, seed=i), max_tokens=200,
+            response_format=fmt,
+        ),
     )
 
 

@@ -20,6 +20,7 @@ from actors.engine.interface import CancelToken, PrefillProgress, TurnOutcome, T
 from actors.engine.loader import load_engine
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 from tests.helpers import until
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -54,8 +55,12 @@ async def make_engine(tiny_model: Path) -> AsyncIterator[Callable[..., SlotEngin
 
 def long_spec(session: str, words: int, max_tokens: int = 4) -> TurnSpec:
     text = " ".join(f"word{i % 97}" for i in range(words))
-    return TurnSpec(session=session, turn_id=f"{session}-t", sampling=GREEDY,
-                    messages=(ChatMessage(role="user", content=text),), max_tokens=max_tokens)
+    return TurnSpec(
+        session=session,
+        turn_id=f"{session}-t",
+        messages=(ChatMessage(role="user", content=text),),
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens),
+    )
 
 
 def count_evaluations(engine: SlotEngine, name: str, seen: Callable[[int], None]) -> None:

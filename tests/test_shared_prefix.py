@@ -18,6 +18,7 @@ from actors.engine.loader import load_engine
 from actors.engine.tokens import token_hash
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 
 GREEDY = SamplingParams(temperature=0.0)
 MESH = "mesh=a,b,s*"
@@ -34,8 +35,13 @@ def user(text: str) -> ChatMessage:
 
 
 def spec(session: str, messages, tokens=None) -> TurnSpec:  # type: ignore[no-untyped-def]
-    return TurnSpec(session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-                    max_tokens=3, assistant_tokens=tokens or {})
+    return TurnSpec(
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        assistant_tokens=tokens or {},
+        params=ReplyParams(sampling=GREEDY, max_tokens=3),
+    )
 
 
 async def run(engine: SlotEngine, s: TurnSpec) -> TurnOutcome:

@@ -23,6 +23,7 @@ from actors.engine.loader import load_engine, probe_llamacpp
 from node.config import NodeConfig
 from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 
 SMOLLM2 = installed_path(NAMED_MODELS[0])
 pytestmark = [
@@ -100,8 +101,14 @@ def library() -> Iterator[Any]:
 
 def spec(session: str, messages: list[ChatMessage], generation: int = 0,
          ids: dict[int, tuple[int, ...]] | None = None) -> TurnSpec:
-    return TurnSpec(session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-                    max_tokens=MAX_TOKENS, assistant_tokens=ids or {}, generation=generation)
+    return TurnSpec(
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        assistant_tokens=ids or {},
+        generation=generation,
+        params=ReplyParams(sampling=GREEDY, max_tokens=MAX_TOKENS),
+    )
 
 
 async def run(engine: SlotEngine, s: TurnSpec) -> TurnOutcome:

@@ -20,6 +20,7 @@ from actors.engine.slots import Slot
 from actors.engine.speculation import MAX_DRAFT, MAX_MATCH, DraftPolicy, NgramProposer
 from node.config import ConfigError, NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
+from schemas.records import ReplyParams
 from schemas.tools import JsonObjectFormat
 
 NEEDS_LLAMA_CPP = pytest.mark.skipif(
@@ -197,8 +198,9 @@ def _spec(
     ids: dict[int, tuple[int, ...]] | None = None, **kw: Any,
 ) -> TurnSpec:
     return TurnSpec(
-        session=session, turn_id="t", messages=tuple(messages), sampling=sampling,
-        max_tokens=max_tokens, assistant_tokens=ids or {}, generation=1 if ids else 0, **kw,
+        session=session, turn_id="t", messages=tuple(messages),
+        params=ReplyParams(sampling=sampling, max_tokens=max_tokens, **kw),
+        assistant_tokens=ids or {}, generation=1 if ids else 0,
     )
 
 

@@ -18,6 +18,7 @@ from node.client import InfernodeClient
 from node.config import NodeConfig
 from schemas.chat import ChatMessage, SamplingParams
 from schemas.messages import PromptRequest
+from schemas.records import ReplyParams
 from schemas.subjects import Subjects
 from schemas.tools import Tool
 from tests.helpers import EventCollector, turn
@@ -184,22 +185,34 @@ async def test_a_change_of_tools_costs_only_the_tokens_after_the_first_differenc
                                         verify_restore=False))
     try:
         greedy = SamplingParams(temperature=0.0)
-        first = TurnSpec(session="s", turn_id="t1", messages=(user("weather?"),),
-                         sampling=greedy, max_tokens=4, tools=(WEATHER,))
+        first = TurnSpec(
+            session="s",
+            turn_id="t1",
+            messages=(user("weather?"),),
+            tools=(WEATHER,),
+            params=ReplyParams(sampling=greedy, max_tokens=4),
+        )
         out = await engine.run_turn(first, lambda _: None, CancelToken())
         had = list(engine.pool.slots[0].tokens)
         reply = ChatMessage(role="assistant", content=out.raw_text)
         second = TurnSpec(
-            session="s", turn_id="t2", messages=(user("weather?"), reply, user("and time?")),
-            sampling=greedy, max_tokens=4, tools=(WEATHER, CLOCK),
+            session="s",
+            turn_id="t2",
+            messages=(user("weather?"), reply, user("and time?")),
+            tools=(WEATHER, CLOCK),
             assistant_tokens={1: out.completion_ids or ()},
+            params=ReplyParams(sampling=greedy, max_tokens=4),
         )
         tokens = engine.prompt_tokens(second)
         shared = common_prefix(had, tokens)
         after = await engine.run_turn(second, lambda _: None, CancelToken())
         unchanged = engine.prompt_tokens(TurnSpec(
-            session="x", turn_id="x", messages=(user("weather?"),), sampling=greedy,
-            tools=(WEATHER,)))
+            session="x",
+            turn_id="x",
+            messages=(user("weather?"),),
+            tools=(WEATHER,),
+            params=ReplyParams(sampling=greedy),
+        ))
         # The tools block lists WEATHER first: everything up to CLOCK's entry is reused.
         assert shared > len(unchanged) // 2
         assert after.usage.cached_tokens == shared

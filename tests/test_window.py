@@ -18,6 +18,7 @@ from node.models import NAMED_MODELS, installed_path
 from schemas.chat import ChatMessage, FunctionCall, SamplingParams, ToolCall
 from schemas.errors import InferError
 from schemas.messages import ErrorEvent, PromptRequest
+from schemas.records import ReplyParams
 from tests.support.engine_requests import engine_requests
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -55,8 +56,10 @@ def long_conversation(turns: int) -> list[ChatMessage]:
 
 def spec(session: str, messages, max_tokens: int = 8, overflow=None) -> TurnSpec:
     return TurnSpec(
-        session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-        max_tokens=max_tokens, overflow=overflow,
+        session=session,
+        turn_id="t",
+        messages=tuple(messages),
+        params=ReplyParams(sampling=GREEDY, max_tokens=max_tokens, overflow=overflow),
     )
 
 
@@ -195,9 +198,13 @@ async def test_a_request_leaving_out_what_precedes_the_window_runs_as_the_whole_
         for session, messages, omitted in (("w2", longer, 0), ("c2", [SYSTEM, *longer[start:]],
                                                              len(gone))):
             outs.append(await run(engine, TurnSpec(
-                session=session, turn_id="t", messages=tuple(messages), sampling=GREEDY,
-                max_tokens=16, window_start=start, omitted=omitted,
+                session=session,
+                turn_id="t",
+                messages=tuple(messages),
+                window_start=start,
+                omitted=omitted,
                 omitted_turns=sum(1 for m in gone if m.role == "user") if omitted else 0,
+                params=ReplyParams(sampling=GREEDY, max_tokens=16),
             )))
         whole, cut = outs
         assert whole.window_start > start and whole.usage.dropped_turns > first.usage.dropped_turns
@@ -293,8 +300,13 @@ async def _until_the_window_moves(engine) -> tuple[int, int]:
     msgs, ids = [SYSTEM], {}
     for n in range(100):
         msgs.append(user(f"and then what happened to bicycle number {n} in the story"))
-        out = await run(engine, TurnSpec(session="s", turn_id=f"t{n}", messages=tuple(msgs),
-                                         sampling=GREEDY, max_tokens=16, assistant_tokens=ids))
+        out = await run(engine, TurnSpec(
+            session="s",
+            turn_id=f"t{n}",
+            messages=tuple(msgs),
+            assistant_tokens=ids,
+            params=ReplyParams(sampling=GREEDY, max_tokens=16),
+        ))
         if out.usage.dropped_turns:
             asked = engine.backend.tokenizer.encode(msgs[-1].content, add_bos=False)
             return out.usage.new_prefill_tokens, len(asked)

@@ -127,10 +127,7 @@ class EngineActor(Actor):
             session=req.session,
             turn_id=req.turn_id,
             messages=req.messages,
-            sampling=req.sampling,
-            stop=req.stop,
-            max_tokens=req.max_tokens,
-            overflow=req.overflow,
+            params=req.params,
             assistant_tokens=tokens,
             generation=req.generation,
             queue_ms=req.queue_ms,
@@ -138,9 +135,6 @@ class EngineActor(Actor):
             window_start=req.window_start,
             omitted=req.omitted,
             omitted_turns=req.omitted_turns,
-            tool_choice=req.tool_choice,
-            response_format=req.response_format,
-            parallel_tool_calls=req.parallel_tool_calls,
         )
         streamed: list[str] = []  # what the session has seen, kept for a failed turn's record
 

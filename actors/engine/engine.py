@@ -193,9 +193,9 @@ class SlotEngine:
             miss = f"prefix_divergence_at_token {reused}"
         if reused == 0:
             source, tier, shared = "none", "", False
-        parses_calls = spec.tool_choice != "none"
+        parses_calls = spec.params.tool_choice != "none"
         calls_stream = ToolCallStream(new_call_id)
-        one_call = parses_calls and spec.parallel_tool_calls is False
+        one_call = parses_calls and spec.params.parallel_tool_calls is False
         ends = FirstCallEnds(cancel, calls_stream) if one_call else cancel
 
         def emit_text(text: str) -> None:
@@ -205,8 +205,9 @@ class SlotEngine:
                     if emit_call is not None:
                         emit_call(delta)
 
+        reply = spec.params
         out = decode(
-            self.backend, slot, spec.sampling, (*spec.stop, *self.stops), spec.max_tokens,
+            self.backend, slot, reply.sampling, (*reply.stop, *self.stops), reply.max_tokens,
             emit_text, ends, constraint, self.speculation,
         ) if filled.complete else ABORTED_IN_PREFILL
         end = time.perf_counter()
@@ -244,7 +245,7 @@ class SlotEngine:
             token_hash=slot.digest,
             window_start=window.start,
             # The template's own end markers are stops too; only the prompt's are reported.
-            stop_sequence=out.stop_sequence if out.stop_sequence in spec.stop else None,
+            stop_sequence=out.stop_sequence if out.stop_sequence in spec.params.stop else None,
         )
         self.turn_stats.record(
             spec.session, outcome.usage, outcome.cache, outcome.timings, tier

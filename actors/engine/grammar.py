@@ -68,7 +68,7 @@ class Grammars:
         """The constraint of ``spec``'s reply, or None when it is free text."""
         specials = self.backend.tokenizer
         grammar = grammar_for(
-            spec.tools, spec.tool_choice, spec.response_format,
+            spec.tools, spec.params.tool_choice, spec.params.response_format,
             specials.special_id(OPEN), specials.special_id(CLOSE),
         )
         if grammar is None:

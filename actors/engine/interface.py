@@ -18,13 +18,12 @@ from actors.engine.tokenizer import PromptTokenizer
 from schemas.chat import (
     CacheInfo,
     ChatMessage,
-    OverflowPolicy,
-    SamplingParams,
     Timings,
     ToolCall,
     Usage,
 )
-from schemas.tools import ResponseFormat, Tool, ToolChoice
+from schemas.records import ReplyParams
+from schemas.tools import Tool
 
 
 class BackendContext(Protocol):
@@ -121,24 +120,15 @@ class TurnSpec:
     session: str
     turn_id: str
     messages: tuple[ChatMessage, ...]
-    sampling: SamplingParams
-    stop: tuple[str, ...] = ()
-    max_tokens: int = 256
+    params: ReplyParams
+    """How the reply is generated: sampling, stops, length, window policy, tool use."""
     assistant_tokens: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     """Exact token ids generated for assistant messages, by message index."""
     generation: int = 0
     """The session's committed generation (0: it never had a turn)."""
     queue_ms: float = 0.0
-    overflow: OverflowPolicy | None = None
-    """What to do when the history outgrows the context; None takes the engine's default."""
     tools: tuple[Tool, ...] = ()
     """The session's tools, rendered into the prompt."""
-    tool_choice: ToolChoice | None = None
-    """How the reply may call them; ``none`` leaves tool-call markup as text."""
-    response_format: ResponseFormat | None = None
-    """A JSON format the reply is forced into."""
-    parallel_tool_calls: bool | None = None
-    """False: the reply makes at most one tool call (it ends after the first)."""
     window_start: int | None = None
     """Where the session's record log says its window starts (an index in the conversation:
     ``messages`` with the ``omitted`` ones); None: the engine's own memory decides."""

@@ -32,7 +32,7 @@ class PromptBuilder:
 
     def policy(self, spec: TurnSpec) -> OverflowPolicy:
         """The window policy of this turn: the prompt's own, else the node's."""
-        return spec.overflow or self.overflow
+        return spec.params.overflow or self.overflow
 
     def forget(self, session: str) -> None:
         """Drop the window of a deleted session."""
@@ -52,7 +52,7 @@ class PromptBuilder:
                 cache[start] = self.encode(msgs, ids, spec.tools)
                 return len(cache[start])
 
-            budget = max(1, n_ctx - spec.max_tokens)
+            budget = max(1, n_ctx - spec.params.max_tokens)
             current = self._windows.get(spec.session, Window())
             if spec.window_start is not None and spec.window_start != current.start:
                 # The log's window, not this node's memory of it: a session that moved

@@ -19,7 +19,7 @@ from actors.session.tools import tool_refusal
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import AcceptedEvent
-from schemas.records import RelayGrantRecord, ToolsRecord, TurnParams, UserRecord
+from schemas.records import RelayGrantRecord, ReplyParams, ToolsRecord, TurnParams, UserRecord
 from schemas.subjects import EventKind
 
 
@@ -116,10 +116,8 @@ class Admitter:
     async def _record_messages(self, req: AdmitRequest, ids: list[str]) -> None:
         prompt = req.prompt
         params = TurnParams(
-            sampling=prompt.sampling, stop=prompt.stop, max_tokens=prompt.max_tokens,
-            relay_to=prompt.relay_to, answer_to=req.answer_to, overflow=prompt.overflow,
-            tool_choice=prompt.tool_choice, response_format=prompt.response_format,
-            parallel_tool_calls=prompt.parallel_tool_calls,
+            **ReplyParams.of(prompt).model_dump(), relay_to=prompt.relay_to,
+            answer_to=req.answer_to,
         )
         if prompt.tools is not None and prompt.tools != self.state.tools and not ids:
             await self._append_or_retry(ToolsRecord(

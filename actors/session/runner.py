@@ -47,6 +47,7 @@ from schemas.internal import AdmitReply, AdmitRequest, GenerateRequest, Generate
 from schemas.messages import AbortReply, StartedEvent, StatusEvent
 from schemas.records import (
     DeleteRecord,
+    ReplyParams,
     TurnParams,
     TurnStartRecord,
 )
@@ -223,11 +224,9 @@ class SessionRunner:
         req = GenerateRequest(
             session=self.session, turn_id=turn.id, messages=convo.messages,
             assistant_tokens=convo.assistant_tokens, model_id=convo.model_id,
-            generation=st.generation, sampling=params.sampling,
-            stop=params.stop, max_tokens=params.max_tokens, overflow=params.overflow,
+            generation=st.generation, params=ReplyParams.of(params),
             token_subject=self.io.token_subject(self.session), queue_ms=turn.queue_ms,
-            tools=st.tools, tool_choice=params.tool_choice, response_format=params.response_format,
-            parallel_tool_calls=params.parallel_tool_calls,
+            tools=st.tools,
             window_start=convo.window_start, omitted=convo.omitted,
             omitted_turns=convo.omitted_turns,
         )
