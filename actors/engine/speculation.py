@@ -17,9 +17,10 @@ decoding without speculation gives, a seeded sampled reply draws the same random
 the same order, and penalties see the same recent tokens, wherever the backend gives a
 batch's positions the logits it gives lone tokens (llama.cpp's kernels may round a batch
 differently, as they do a prefill: on a quantized model a near-tie can then go the other
-way, the same as between a prompt prefilled and one decoded token by token). A rejected proposal's cells are
-dropped from the KV cache by the next evaluation, which starts at the first wrong position
-(``BackendContext.eval`` discards later positions), or by ``settle`` when the reply ends.
+way, the same as between a prompt prefilled and one decoded token by token). A rejected
+proposal's cells are dropped from the KV cache by the next evaluation, which starts at the
+first wrong position (``BackendContext.eval`` discards later positions), or by ``settle``
+when the reply ends.
 
 Grammar-constrained turns (JSON schema, forced tool calls) do not speculate: their tokens
 come from a mask the grammar recomputes per token, and speculating through it would need
