@@ -396,6 +396,26 @@ def test_hf_style_template_sees_messages_tools_and_helpers():
     )
 
 
+def test_tojson_renders_a_tool_whose_schema_nests_many_levels_deep():
+    """A tool's JSON Schema nested 40 objects deep (Codex's request_user_input is 10) goes
+    through tojson whole instead of being measured as past the output limit."""
+    schema: dict = {"type": "string"}
+    for _ in range(40):
+        schema = {"type": "object", "properties": {"x": schema}}
+    tools = [{"type": "function", "function": {"name": "deep", "parameters": schema}}]
+    text = ChatTemplate("{{ tools | tojson }}").render([user("hi")], tools=tools)
+    assert json.loads(text) == tools
+
+
+def test_tojson_of_a_value_nested_past_the_depth_limit_is_refused_with_a_sentence():
+    """A template that nests a list in itself in a loop is stopped by the depth bound
+    before tojson recurses into it."""
+    source = ("{% set ns = namespace(x=[]) %}{% for i in range(2000) %}{% set ns.x = [ns.x] %}"
+              "{% endfor %}{{ ns.x | tojson }}")
+    with pytest.raises(TemplateError, match="nested more than 256 levels deep"):
+        ChatTemplate(source).render([user("hi")])
+
+
 # -- selection ------------------------------------------------------------------------------
 def test_auto_uses_the_gguf_template_when_it_renders():
     """auto prefers the model's own template."""

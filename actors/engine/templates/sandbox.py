@@ -39,6 +39,10 @@ MAX_WIDTH = 10_000
 """Largest integer argument to padding-like filters and methods (center, indent, …)."""
 MAX_INT_BITS = 1 << 16
 """Largest integer, in bits, a template may compute."""
+MAX_DEPTH = 256
+"""Most levels of lists and dicts inside one another a value the template handles may nest:
+twice what a request body may (``schemas.json_depth.MAX_JSON_DEPTH``), far under Python's
+recursion limit, so ``tojson`` of a self-nesting value built in a loop is refused first."""
 _WIDTH_ARGS = frozenset(
     {"center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap", "truncate",
      "slice", "batch", "tojson", "pprint"}
@@ -104,14 +108,26 @@ def _approx_len(value: object, limit: int, depth: int = 0) -> int:
         return len(value)
     if not isinstance(value, list | tuple | dict | set | frozenset):
         return 8
-    if depth >= 16:
-        return limit + 1
+    if depth >= MAX_DEPTH:
+        raise TemplateError(f"the chat template used a value nested more than {MAX_DEPTH} "
+                            "levels deep")
     total = 2
-    for item in value.items() if isinstance(value, dict) else value:
+    # A dict's key and value sit one level down, as in its JSON: a tool's schema nested as
+    # deep as a request may carry (schemas.json_depth) is measured, not refused.
+    for item in _parts(value):
         total += _approx_len(item, limit, depth + 1) + 2
         if total > limit:
             break
     return total
+
+
+def _parts(value: list | tuple | dict | set | frozenset) -> Iterator[object]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield item
+    else:
+        yield from value
 
 
 def _materialised(args: tuple[Any, ...]) -> tuple[Any, ...]:
