@@ -113,6 +113,19 @@ def test_a_feature_the_grammar_cannot_enforce_is_refused_by_name():
     assert "tools[0] (f)" in caught.value.message
 
 
+def test_a_record_whose_keys_are_named_strings_is_enforceable():
+    """zod's record schema (``propertyNames: {"type": "string"}``, as in Claude Code's
+    TaskCreate tool) says nothing a JSON key does not already satisfy, so a tool with one
+    is admitted; a propertyNames that does constrain the keys is still refused by name."""
+    record = {"type": "object", "properties": {"metadata": {
+        "type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}}}}
+    tool = {"type": "function", "function": {"name": "task", "parameters": record}}
+    check_enforceable(PromptRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "tools": [tool]}))
+    assert "propertyNames" in schema_problem({"type": "object",
+                                              "propertyNames": {"maxLength": 3}})
+
+
 def test_streamed_deltas_add_up_to_the_parsed_calls_whatever_the_chunking():
     """However the text is split, the deltas give each parsed call's id, name and arguments."""
     text = (

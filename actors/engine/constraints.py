@@ -75,6 +75,10 @@ def _closed(node: object, close: bool) -> object:
     if not isinstance(node, dict):
         return node
     out = dict(node)
+    if out.get("propertyNames") == {"type": "string"}:
+        # Every JSON key is a string, so this says nothing, and llguidance has no
+        # propertyNames: zod's records (Claude Code's tools) write it on every map.
+        del out["propertyNames"]
     for key in _SUBSCHEMA:
         if key in out:
             out[key] = _closed(out[key], True)
