@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -168,6 +169,32 @@ def _crash(proc: subprocess.CompletedProcess[str], doing: str) -> str:
     tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()][-2:]
     said = f": {' | '.join(tail)[-300:]}" if tail else ""
     return f"the probe crashed {doing} ({how}){said}"
+
+def eval_and_restore(
+    new_context: Callable[[], Any], tokens: list[int], restore: bool,
+    compare_on_restore: bool = False,
+) -> Iterator[Stage]:
+    """A probe child's stages over a backend's contexts: evaluate ``tokens``; then, with
+    ``restore``, set a fresh context to the live one's state and compare the logits both
+    give for two more tokens. ``compare_on_restore`` also compares the logits right after
+    the restore, for a backend whose state keeps them."""
+    import numpy as np
+
+    live = new_context()
+    live.eval(tokens, 0)
+    yield {"stage": "eval", "tokens": len(tokens)}
+    if not restore:
+        return
+    restored = new_context()
+    state = live.state_bytes()
+    restored.set_state(state)
+    diffs = [float(np.abs(live.logits() - restored.logits()).max())] if compare_on_restore else []
+    live.eval(tokens[1:3], len(tokens))
+    restored.eval(tokens[1:3], len(tokens))
+    diffs.append(float(np.abs(live.logits() - restored.logits()).max()))
+    yield {"stage": "restore", "ok": max(diffs) == 0.0, "max_diff": max(diffs),
+           "nbytes": len(state)}
+
 
 
 def child_main(argv: list[str], check: Callable[[list[str], bool], Iterator[Stage]]) -> None:

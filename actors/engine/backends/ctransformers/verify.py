@@ -15,9 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
-from actors.engine.probe import PROBE_TEXT, Stage, child_main
+from actors.engine.probe import PROBE_TEXT, Stage, child_main, eval_and_restore
 
 
 def check(args: list[str], restore: bool) -> Iterator[Stage]:
@@ -29,21 +27,8 @@ def check(args: list[str], restore: bool) -> Iterator[Stage]:
     lib_path, model_path, gpu_layers = Path(args[0]), Path(args[1]), int(args[2])
     lib = llama_api.load_library(lib_path, cuda=gpu_layers > 0)
     model = LlamaModel(lib, ModelParams(model_path, n_ctx=256, gpu_layers=gpu_layers, threads=1))
-    live = model.new_context()
     tokens = model.tokenize(PROBE_TEXT, True)
-    live.eval(tokens, 0)
-    yield {"stage": "eval", "tokens": len(tokens)}
-    if not restore:
-        return
-    restored = model.new_context()
-    state = live.state_bytes()
-    restored.set_state(state)
-    diffs = [float(np.abs(live.logits() - restored.logits()).max())]
-    live.eval(tokens[1:3], len(tokens))
-    restored.eval(tokens[1:3], len(tokens))
-    diffs.append(float(np.abs(live.logits() - restored.logits()).max()))
-    yield {"stage": "restore", "ok": max(diffs) == 0.0, "max_diff": max(diffs),
-           "nbytes": len(state)}
+    yield from eval_and_restore(model.new_context, tokens, restore, compare_on_restore=True)
 
 
 def probe_args(lib_path: Path, model_path: Path, gpu_layers: int) -> list[str]:

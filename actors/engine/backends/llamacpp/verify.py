@@ -14,9 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
-from actors.engine.probe import PROBE_TEXT, Stage, child_main
+from actors.engine.probe import PROBE_TEXT, Stage, child_main, eval_and_restore
 
 
 def check(args: list[str], restore: bool) -> Iterator[Stage]:
@@ -28,19 +26,8 @@ def check(args: list[str], restore: bool) -> Iterator[Stage]:
     backend = LlamaCppBackend(
         ModelParams(model_path, n_ctx=256, gpu_layers=gpu_layers, threads=1), n_seq=2
     )
-    live = backend.new_context()
     tokens = backend.tokenizer.encode(PROBE_TEXT, True)
-    live.eval(tokens, 0)
-    yield {"stage": "eval", "tokens": len(tokens)}
-    if not restore:
-        return
-    restored = backend.new_context()
-    state = live.state_bytes()
-    restored.set_state(state)
-    live.eval(tokens[1:3], len(tokens))
-    restored.eval(tokens[1:3], len(tokens))
-    diff = float(np.abs(live.logits() - restored.logits()).max())
-    yield {"stage": "restore", "ok": diff == 0.0, "max_diff": diff, "nbytes": len(state)}
+    yield from eval_and_restore(backend.new_context, tokens, restore)
 
 
 def probe_args(model_path: Path, gpu_layers: int) -> list[str]:
