@@ -35,8 +35,9 @@ class FunctionDef(Frozen):
 
     name: FunctionName
     """Function name (letters, digits, ``_``, ``.``, ``-``; at most 64)."""
-    description: Annotated[str, Field(max_length=8192)] | None = None
-    """What the function does, for the model."""
+    description: Annotated[str, Field(max_length=65_536)] | None = None
+    """What the function does, for the model (agents write long ones: Claude Code's
+    longest is about 19k characters)."""
     parameters: JsonSchema = {"type": "object", "properties": {}}
     """JSON Schema of the arguments object."""
     strict: bool | None = None

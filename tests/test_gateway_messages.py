@@ -182,6 +182,35 @@ async def test_unknown_field_is_an_anthropic_400_naming_it_and_records_nothing(m
         assert (await c.sessions()).sessions == ()
 
 
+async def test_a_system_message_inside_messages_and_context_management_are_accepted(make_node):
+    """Claude Code's shapes: a ``system`` message after the first user message (text or
+    blocks) is part of the prompt, and ``context_management`` is accepted and ignored."""
+    _, base = await _gateway(make_node)
+    clearing = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    inside = [_user("hi"), {"role": "system", "content": [{"type": "text", "text": "Be terse."}]}]
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{base}/v1/messages", json={
+            **RAW, "messages": inside, "context_management": clearing})
+        counted = await http.post(f"{base}/v1/messages/count_tokens", json={
+            "model": "claude-test", "messages": inside, "context_management": clearing})
+        bare = await http.post(f"{base}/v1/messages/count_tokens", json={
+            "model": "claude-test", "messages": [_user("hi")]})
+    assert r.status_code == 200, r.text
+    assert r.json()["content"][0]["type"] == "text"
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["input_tokens"] > bare.json()["input_tokens"]
+
+
+async def test_a_tool_described_in_19k_characters_is_accepted(make_node):
+    """Claude Code's longest tool description (about 19k characters) is not refused."""
+    _, base = await _gateway(make_node)
+    long_tool = {"name": "Workflow", "description": "Plan the work. " * 1270,
+                 "input_schema": WEATHER}
+    counted = await _client(base).messages.count_tokens(
+        model="claude-test", messages=[_user("hi")], tools=[long_tool])
+    assert counted.input_tokens > 19_000 // 4
+
+
 async def test_x_api_key_authenticates_and_a_wrong_key_is_an_authentication_error(
     make_node, tmp_path: Path
 ):

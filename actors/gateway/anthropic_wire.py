@@ -6,9 +6,13 @@ assistant's call) and ``tool_result`` (a user's answer to one) map onto OpenAI's
 ``tool_calls`` and ``tool`` messages, so a conversation is indexed, forked and cached exactly
 as the OpenAI door's is. ``image`` and ``document`` blocks are refused with a 400 naming the
 block (this node serves a text model); ``thinking`` blocks, ``cache_control`` marks and the
-``thinking`` option are accepted and ignored, as are Anthropic's server tools (a tool whose
-``type`` is not ``custom``): the node cannot run them. Any other unknown field is a 400 naming
-it, so a typo never silently does nothing.
+``thinking`` option are accepted and ignored, as are ``context_management`` (server-side
+clearing of old blocks) and Anthropic's server tools (a tool whose ``type`` is not
+``custom``): the node cannot run them. A ``system`` message inside ``messages`` (Claude Code
+sends one after the first user message) stays a system message at its place, as the chat door
+keeps one, so the conversation's prefix, and its cache, is the same turn after turn; the
+model's chat template renders it. Any other unknown field is a 400 naming it, so a typo never
+silently does nothing.
 """
 
 from __future__ import annotations
@@ -104,8 +108,8 @@ Block = Annotated[
 class Message(_Strict):
     """One message of ``messages``."""
 
-    role: Literal["user", "assistant"]
-    """Who speaks."""
+    role: Literal["user", "assistant", "system"]
+    """Who speaks; Claude Code puts ``system`` messages inside ``messages`` too."""
     content: str | list[Block]
     """Text, or content blocks."""
 
@@ -199,6 +203,10 @@ class Conversation(_Strict):
     """Anthropic's automatic prompt caching; ignored (every prefix is cached here)."""
     output_config: OutputConfig | None = None
     """``format`` asks for JSON of a schema; ``effort`` is ignored."""
+    context_management: dict[str, Any] | None = None
+    """Which old thinking blocks and tool results Anthropic may clear server-side; ignored
+    (thinking blocks are dropped anyway, and clearing tool results would change a prefix the
+    cache reuses)."""
 
     def sampling(self) -> dict[str, Any]:
         """The chat-completions fields that shape the answer (none for a count)."""
@@ -311,6 +319,8 @@ def _messages(req: Conversation) -> list[dict[str, Any]]:
     for i, m in enumerate(req.messages):
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
+        elif m.role == "system":
+            out.append({"role": "system", "content": _text(m.content, f"messages.{i}.content")})
         elif m.role == "assistant":
             out.append(_assistant(m.content, f"messages.{i}.content"))
         else:
