@@ -8,8 +8,9 @@ message, ``input`` items are messages (``function_call`` items are an assistant'
 request is translated once and then checked and run exactly as a chat completion is.
 
 What has no meaning for a text model on this node is accepted and ignored: ``reasoning``
-items, hosted tool types (``web_search``, ``file_search``, ``local_shell``, ``custom``, ...:
-the model is never offered them, so it never calls them), ``include``, ``reasoning``,
+items, hosted tool types (``web_search``, ``file_search``, ``local_shell``, ``custom``, and
+Codex's ``namespace`` of sub-agent tools, ...: the model is never offered them, so it never
+calls them), ``include``, ``reasoning``,
 ``truncation``, ``service_tier``. Fields OpenAI does not document are refused with 400
 naming the field, as the chat door does.
 """
