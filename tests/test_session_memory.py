@@ -130,6 +130,6 @@ async def test_a_long_session_on_a_node_holds_its_window_and_refuse_reads_the_lo
                                 timeout=60)
         history = await client.history("mem")
     whole = sent[-1]
-    assert whole.overflow == "refuse" and whole.omitted == 0
+    assert whole.params.overflow == "refuse" and whole.omitted == 0
     logged = [r for r in history.records if r.role is not None and r.kind != "provisional"]
     assert [m.content for m in whole.messages] == [r.content for r in logged]
