@@ -186,7 +186,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=0, help="tokens of the long prompt")
     p.add_argument("--threads", type=int, default=0, help="threads per evaluation (0: all)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to CUDA")
-    p.add_argument("--speculate", default="auto", choices=("auto", "off"),
+    p.add_argument("--speculate", default="auto", choices=("auto", "on", "off"),
                    help="the decoders' n-gram speculation (the node's --speculate)")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run")
     return p.parse_args(argv)

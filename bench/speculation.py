@@ -17,7 +17,7 @@ of this repository; the reply repeats about 60% of it:
   still evaluated by the model and every proposal verified, so the cost is what a model
   that writes that edit pays.
 
-Both engines (``--speculate off`` and ``auto``) are loaded in this process and run
+Both engines (``--speculate off`` and ``on``) are loaded in this process and run
 alternately; the ratio is of medians. On the model's own copy, when ``llama-server`` is
 built (``bench/build_llama_server.sh``), the same request is sent to it with its n-gram
 speculation (``--spec-type ngram-simple``, its defaults otherwise) and its own decode tok/s
@@ -158,7 +158,7 @@ def load(model: Path, speculate: str, threads: int) -> SlotEngine:
 
 async def measure(args: argparse.Namespace, model: Path, forced: bool) -> list[Ratio]:
     off = Side(await asyncio.to_thread(load, model, "off", args.threads), [], [])
-    on = Side(await asyncio.to_thread(load, model, "auto", args.threads), [], [])
+    on = Side(await asyncio.to_thread(load, model, "on", args.threads), [], [])
     try:
         text = FILE.read_text()[: 600 if args.quick else 3000]
         file_ids = off.engine.backend.tokenizer.continuation(text)

@@ -110,8 +110,8 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--overflow", help="truncate (default), shift or refuse: a session outgrowing --ctx"
     )
-    p.add_argument("--speculate", help="auto (default: verify tokens proposed by n-gram lookup "
-                   "in the context, llama-cpp engine) or off")
+    p.add_argument("--speculate", help="auto (default: on with a GPU, off on a CPU), on or off: "
+                   "verify tokens proposed by n-gram lookup in the context (llama-cpp engine)")
     p.add_argument("--bank-ram-bytes", type=int, help="host RAM for KV snapshots (0 = off)")
     p.add_argument("--bank-session-bytes", type=int, help="RAM bank cap of one session")
     p.add_argument("--commit-wait-s", type=float,

@@ -34,7 +34,7 @@ CHAT_TEMPLATES = (
     "auto", "gguf", "chatml", "llama-2", "mistral", "llama-3", "gemma", "phi-3",
 )
 FLASH_ATTN = ("off", "on", "auto")
-SPECULATE = ("auto", "off")
+SPECULATE = ("auto", "on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")

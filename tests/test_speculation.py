@@ -15,7 +15,7 @@ from actors.engine.backends.llamacpp.backend import llama_cpp_available
 from actors.engine.decode import decode
 from actors.engine.engine import SlotEngine
 from actors.engine.interface import CancelToken, TurnOutcome, TurnSpec
-from actors.engine.loader import load_engine
+from actors.engine.loader import load_engine, speculation_for
 from actors.engine.slots import Slot
 from actors.engine.speculation import MAX_DRAFT, MAX_MATCH, DraftPolicy, NgramProposer
 from node.config import ConfigError, NodeConfig
@@ -184,6 +184,7 @@ async def make_engine(tiny_model: Path) -> AsyncIterator[MakeEngine]:
 
     def make(**kw: Any) -> SlotEngine:
         kw.setdefault("verify_restore", False)
+        kw.setdefault("speculate", "on")
         loaded = load_engine(NodeConfig(model=tiny_model, engine="llama-cpp", threads=1, **kw))
         made.append(loaded)
         return loaded
@@ -338,6 +339,20 @@ async def test_the_ctransformers_engine_does_not_speculate(tiny_model):
 def test_speculate_comes_from_the_environment_and_is_checked() -> None:
     """INFERNODE_SPECULATE sets it (default auto); another value is refused naming the flag."""
     assert NodeConfig().speculate == "auto"
+    assert NodeConfig.from_env({"INFERNODE_SPECULATE": "on"}).speculate == "on"
     assert NodeConfig.from_env({"INFERNODE_SPECULATE": "off"}).speculate == "off"
     with pytest.raises(ConfigError, match="--speculate"):
         NodeConfig.from_env({"INFERNODE_SPECULATE": "maybe"})
+
+
+def test_auto_speculates_on_a_gpu_and_not_on_a_cpu() -> None:
+    """``--speculate auto`` is on where layers run on a GPU and off on a CPU, where verifying
+    costs almost a step per token and a greedy reply must keep a plain decode's tokens."""
+    assert speculation_for("auto", 0) == "off"
+    assert speculation_for("auto", 99) == "on"
+    assert speculation_for("on", 0) == "on" and speculation_for("off", 99) == "off"
+
+
+async def test_the_default_engine_on_a_cpu_does_not_speculate(make_engine):
+    """An engine loaded with the default setting on a CPU proposes nothing."""
+    assert make_engine(speculate="auto").draft == 0

@@ -71,7 +71,7 @@ class SlotEngine:
         snapshot_note: str = "",
         overflow: OverflowPolicy = "truncate",
         stops: tuple[str, ...] = (),
-        speculate: str = "auto",
+        speculate: str = "off",
         n_batch: int = 512,
     ) -> None:
         self.backend = backend
@@ -83,7 +83,7 @@ class SlotEngine:
         self.n_batch = n_batch
         """Prompt tokens per prefill chunk while no other slot is busy."""
         self.pool = SlotPool([Slot(i, backend.new_context()) for i in range(n_slots)])
-        self.draft = MAX_DRAFT if speculate == "auto" and can_verify(self.pool.slots[0].ctx) else 0
+        self.draft = MAX_DRAFT if speculate == "on" and can_verify(self.pool.slots[0].ctx) else 0
         """Most proposed tokens verified per evaluation (0: no speculative decoding)."""
         self.speculation = DraftPolicy(self.draft) if self.draft else None
         share_cores = getattr(backend, "share_cores", None)
