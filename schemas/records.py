@@ -6,7 +6,7 @@ assistant turns, provisional (aborted) turns, and the markers around them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, TypeAdapter
 
@@ -42,9 +42,10 @@ class ReplyParams(Frozen):
     """False: the reply makes at most one tool call (unset: as many as the model writes)."""
 
     @classmethod
-    def of(cls, source: object) -> ReplyParams:
-        """The reply parameters ``source`` (a prompt, or a record's ``TurnParams``) holds."""
-        return ReplyParams(**{name: getattr(source, name) for name in ReplyParams.model_fields})
+    def of(cls, source: object, **more: object) -> Self:
+        """The reply parameters ``source`` (a prompt, or a record's ``TurnParams``) holds, as
+        this class, with ``more`` of its own fields."""
+        return cls(**{name: getattr(source, name) for name in ReplyParams.model_fields}, **more)
 
 
 class TurnParams(ReplyParams):

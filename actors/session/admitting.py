@@ -19,7 +19,7 @@ from actors.session.tools import tool_refusal
 from schemas.errors import ErrorCode, InferError
 from schemas.internal import AdmitReply, AdmitRequest
 from schemas.messages import AcceptedEvent
-from schemas.records import RelayGrantRecord, ReplyParams, ToolsRecord, TurnParams, UserRecord
+from schemas.records import RelayGrantRecord, ToolsRecord, TurnParams, UserRecord
 from schemas.subjects import EventKind
 
 
@@ -115,10 +115,7 @@ class Admitter:
 
     async def _record_messages(self, req: AdmitRequest, ids: list[str]) -> None:
         prompt = req.prompt
-        params = TurnParams(
-            **ReplyParams.of(prompt).model_dump(), relay_to=prompt.relay_to,
-            answer_to=req.answer_to,
-        )
+        params = TurnParams.of(prompt, relay_to=prompt.relay_to, answer_to=req.answer_to)
         if prompt.tools is not None and prompt.tools != self.state.tools and not ids:
             await self._append_or_retry(ToolsRecord(
                 id=new_id("tools"), tools=prompt.tools, intake_seq=req.intake_seq,
